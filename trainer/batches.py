@@ -1,0 +1,192 @@
+"""Global, length-grouped batches and each rank's slice of them. Pure numpy.
+
+The order of samples is a pure function of (sample lengths, global batch,
+seed, epoch). Every rank computes the *same* global micro-batches and then
+takes its own strided slice, so:
+
+* N ranks at per-rank batch b see exactly the global batches that one process
+  at batch N*b sees, in the same order;
+* within an epoch the ranks' shards are disjoint and together cover every
+  sample (the last global batch of an epoch may be partial; ranks short of
+  rows get all-padding rows with an empty loss mask);
+* every rank pads to the same width, so all ranks do the same work per step;
+* every rank knows the global token count of every batch without
+  communicating, which is what the loss is normalised by.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Samples are shuffled, then sorted by length inside groups of this many
+# global batches, so a batch holds similar lengths (little padding) while
+# batches still vary from epoch to epoch.
+LENGTH_GROUP_BATCHES = 64
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One rank's micro-batch, ready for the model.
+
+    Attributes:
+        inputs: (rows, width-1) int32 tokens fed to the model.
+        targets: (rows, width-1) int32 next tokens.
+        mask: (rows, width-1) float32, 1 where a target counts in the loss.
+        tokens: loss tokens in this rank's rows.
+        global_tokens: loss tokens in the whole global micro-batch (all ranks).
+        indices: sample indices of this rank's rows (no padding rows).
+        segments: (rows, width-1) int32 sample id per position when samples
+            are packed (attention stays within a sample), else ``None``.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    tokens: int
+    global_tokens: int
+    indices: np.ndarray
+    segments: np.ndarray | None = None
+
+
+def loss_tokens(lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
+    """Targets that count in the loss per sample: positions 1..len-1 not in the prompt."""
+    return lengths - np.maximum(prompt_lengths, 1)
+
+
+def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> list[np.ndarray]:
+    """Split one epoch into global micro-batches of sample indices.
+
+    Args:
+        lengths (np.ndarray): Token length of every sample.
+        global_batch (int): Sequences per global micro-batch (per-rank batch x ranks).
+        seed (int): Data-order seed.
+        epoch (int): Epoch number; each epoch reshuffles.
+        shuffle (bool): Shuffle samples and batch order. ``False`` gives a
+            fixed, length-sorted order (for evaluation). Default: ``True``.
+
+    Returns:
+        list[np.ndarray]: Index arrays, each sorted by decreasing length; all
+        have ``global_batch`` entries except possibly the last.
+    """
+    n = len(lengths)
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n)
+        group = global_batch * LENGTH_GROUP_BATCHES
+    else:
+        order = np.arange(n)
+        group = n
+    batches = []
+    for start in range(0, n, group):
+        idx = order[start:start + group]
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]
+        batches.extend(idx[i:i + global_batch] for i in range(0, len(idx), global_batch))
+    full = [b for b in batches if len(b) == global_batch]
+    partial = [b for b in batches if len(b) < global_batch]
+    if shuffle:
+        full = [full[i] for i in rng.permutation(len(full))]
+    return full + partial
+
+
+def batches_per_epoch(num_samples: int, global_batch: int) -> int:
+    return -(-num_samples // global_batch)
+
+
+def rank_rows(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's rows of a length-sorted global batch: every world_size-th.
+
+    Striding a length-sorted batch gives every rank a similar token count.
+    """
+    return batch[rank::world_size]
+
+
+def padded_width(max_length: int, pad_multiple: int) -> int:
+    """Row width (tokens) so that the model input width is a multiple of pad_multiple."""
+    inputs = max(1, max_length - 1)
+    return 1 + -(-inputs // pad_multiple) * pad_multiple
+
+
+def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
+               pad_multiple: int) -> Batch:
+    """Assemble this rank's padded arrays for one global micro-batch.
+
+    Args:
+        split: A tokenized split (see ``trainer.data.TokenizedSplit``): it has
+            ``lengths``, ``loss_counts``, ``sample(i)``, ``target_mask(i)`` and
+            ``segment_ids(i)`` (``None`` unless samples are packed).
+        batch (np.ndarray): The global micro-batch's sample indices.
+        rank (int): This rank.
+        world_size (int): Number of ranks.
+        rows (int): Rows per rank (the per-rank batch size); short ranks get
+            padding rows.
+        pad_multiple (int): See :func:`padded_width`.
+    """
+    width = padded_width(int(split.lengths[batch].max()), pad_multiple)
+    mine = rank_rows(batch, rank, world_size)
+    tokens = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width - 1), np.float32)
+    segments = None
+    for row, i in enumerate(mine):
+        sample = split.sample(i)
+        tokens[row, :len(sample)] = sample
+        mask[row, :len(sample) - 1] = split.target_mask(i)
+        seg = split.segment_ids(i)
+        if seg is not None:
+            if segments is None:
+                # Padding positions get their own segment id so they attend nowhere real.
+                segments = np.full((rows, width - 1), -1, np.int32)
+            segments[row, :len(sample) - 1] = seg[:-1]
+    counts = split.loss_counts[batch]
+    return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask,
+                 tokens=int(counts[rank::world_size].sum()), global_tokens=int(counts.sum()),
+                 indices=mine, segments=segments)
+
+
+class BatchStream:
+    """Endless stream of this rank's micro-batches over epochs, with a resumable position.
+
+    The position is ``(epoch, index)``: the next global micro-batch to serve.
+    It is all that a checkpoint needs to continue the data order exactly.
+    """
+
+    def __init__(self, split, per_rank_batch: int, rank: int, world_size: int, seed: int,
+                 pad_multiple: int, shuffle: bool = True, epoch: int = 0, index: int = 0):
+        self.split = split
+        self.rows = per_rank_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch = per_rank_batch * world_size
+        self.seed = seed
+        self.pad_multiple = pad_multiple
+        self.shuffle = shuffle
+        self.epoch = epoch
+        self.index = index
+        self._plan = None
+        self._plan_epoch = None
+
+    def _batches(self) -> list[np.ndarray]:
+        if self._plan_epoch != self.epoch:
+            self._plan = epoch_batches(self.split.lengths, self.global_batch, self.seed, self.epoch, self.shuffle)
+            self._plan_epoch = self.epoch
+        return self._plan
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        plan = self._batches()
+        if self.index >= len(plan):
+            self.epoch += 1
+            self.index = 0
+            plan = self._batches()
+        batch = plan[self.index]
+        self.index += 1
+        return make_batch(self.split, batch, self.rank, self.world_size, self.rows, self.pad_multiple)
+
+    def epoch_progress(self) -> float:
+        """Epochs completed, fractional."""
+        return self.epoch + self.index / max(1, len(self._batches()))

@@ -1,0 +1,204 @@
+"""Checkpoints that resume exactly, written atomically by rank 0.
+
+Layout of ``checkpoint.dir``::
+
+    adapters.safetensors, adapter_config.json   latest weights, mlx-lm format
+    config.yaml                                  the resolved recipe
+    metrics.jsonl, status.json                   reports and the run's state
+    checkpoints/step_0000100/                    one resumable checkpoint:
+        adapters.safetensors, adapter_config.json   (loadable by mlx-lm too)
+        optimizer.safetensors                       optimizer state (incl. step)
+        rng.safetensors                             mx.random state
+        state.json                                  progress, world, versions
+
+A checkpoint directory is written under a temporary name, every file is
+fsynced, and then it is renamed into place, so a crash mid-save never damages
+an earlier checkpoint. Arrays are safetensors and metadata JSON; no pickle.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step_"
+FORMAT_VERSION = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    _fsync_file(path)
+
+
+def check_writable(run_dir: Path, min_free_bytes: int = 0) -> None:
+    """Fail early if the run directory cannot hold checkpoints.
+
+    Args:
+        run_dir (Path): ``checkpoint.dir``.
+        min_free_bytes (int): Space one checkpoint needs. Default: ``0``.
+    """
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint.dir {run_dir} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise CheckpointError(f"checkpoint.dir {run_dir} has {free / 1e6:.0f} MB free but a checkpoint needs "
+                              f"about {min_free_bytes / 1e6:.0f} MB")
+
+
+def save_adapters(directory: Path, weights: dict, adapter_config: dict) -> None:
+    """Write ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's format), each atomically."""
+    tmp = directory / f".adapters.safetensors.tmp{os.getpid()}.safetensors"
+    _save_arrays(tmp, weights)
+    os.replace(tmp, directory / "adapters.safetensors")
+    write_json(directory / "adapter_config.json", adapter_config)
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: dict, rng_state: list,
+                    adapter_config: dict, state: dict, config_yaml: str) -> Path:
+    """Write one resumable checkpoint atomically; return its directory.
+
+    Args:
+        run_dir (Path): ``checkpoint.dir``.
+        step (int): Optimizer updates done.
+        weights (dict): Flat trainable weights.
+        optimizer_state (dict): ``optimizer.state`` (a tree).
+        rng_state (list): ``mx.random.state``.
+        adapter_config (dict): mlx-lm adapter config.
+        state (dict): Progress and provenance (JSON-serialisable).
+        config_yaml (str): The resolved recipe.
+    """
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        _save_arrays(tmp / "adapters.safetensors", weights)
+        write_json(tmp / "adapter_config.json", adapter_config)
+        _save_arrays(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer_state)))
+        _save_arrays(tmp / "rng.safetensors", {f"state.{i}": a for i, a in enumerate(rng_state)})
+        (tmp / "config.yaml").write_text(config_yaml)
+        _fsync_file(tmp / "config.yaml")
+        write_json(tmp / "state.json", {**state, "format_version": FORMAT_VERSION, "step": step})
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from None
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (temporary ones are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, sparing ``keep``."""
+    found = list_checkpoints(run_dir)
+    for path in found[:-keep_last]:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _load_arrays(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # truncated or corrupt safetensors
+        raise CheckpointError(f"checkpoint file {path} ({what}) cannot be read; it is truncated or corrupt "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint directory into ``{weights, optimizer, rng, state}``."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no state.json)")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'state.json'} is not valid JSON ({e.msg})") from None
+    rng = _load_arrays(path / "rng.safetensors", "random state")
+    return {
+        "weights": _load_arrays(path / "adapters.safetensors", "weights"),
+        "optimizer": tree_unflatten(list(_load_arrays(path / "optimizer.safetensors", "optimizer state").items())),
+        "rng": [rng[f"state.{i}"] for i in range(len(rng))],
+        "state": state,
+        "path": path,
+    }
+
+
+def find_resume(run_dir: Path, explicit: str | None) -> Path:
+    """The checkpoint to resume: ``explicit`` if given, else the newest complete one in ``run_dir``."""
+    if explicit:
+        path = Path(explicit)
+        if path.is_dir() and not (path / "state.json").exists() and list_checkpoints(path):
+            return list_checkpoints(path)[-1]  # a run directory was given
+        if not path.exists():
+            raise CheckpointError(f"--resume {explicit}: no such checkpoint")
+        return path
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+    return found[-1]
+
+
+def check_weights_match(weights: dict, trainable: dict, source: Path) -> None:
+    """Refuse a checkpoint whose tensors do not fit this model's trainable parameters."""
+    missing = sorted(set(trainable) - set(weights))
+    extra = sorted(set(weights) - set(trainable))
+    wrong = sorted(k for k in set(weights) & set(trainable) if weights[k].shape != trainable[k].shape)
+    if missing or extra or wrong:
+        detail = (f"{len(missing)} missing" if missing else "") + (f", {len(extra)} unexpected" if extra else "") \
+            + (f", {len(wrong)} of another shape (e.g. {wrong[0]} {tuple(weights[wrong[0]].shape)} vs "
+               f"{tuple(trainable[wrong[0]].shape)})" if wrong else "")
+        raise CheckpointError(f"checkpoint {source} does not fit this model and method "
+                              f"({detail.strip(', ')}); it comes from a different model or recipe")

@@ -1,0 +1,128 @@
+"""`mlx-dp`: train, evaluate, export, benchmark, list recipes, launch locally.
+
+    mlx-dp train RECIPE [section.key=value ...] [--resume [PATH]]
+    mlx-dp eval RECIPE [--checkpoint PATH] [section.key=value ...]
+    mlx-dp export RECIPE --out DIR [--checkpoint PATH]
+    mlx-dp bench comm|scaling ...
+    mlx-dp recipes list | cp NAME DEST | keys
+    mlx-dp launch -n N -- COMMAND ...
+
+Under a launcher every rank runs the same command:
+``mlx.launch -n 2 -- .venv/bin/mlx-dp train recipes/tiny-lora.yaml``.
+
+Problems a user can fix end with one line on stderr and exit code 2 (3 for
+a lost or disagreeing peer), never a traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import ConfigError, UserError
+
+
+def _local_ranks() -> int:
+    """Ranks that share this machine, from the ring hostfile (for dividing cores)."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path or not os.path.isfile(path):
+        return 1
+    try:
+        hosts = json.load(open(path))
+        rank = int(os.environ.get("MLX_RANK", "0"))
+        mine = hosts[rank][0].rsplit(":", 1)[0]
+        return max(1, sum(1 for h in hosts if h and h[0].rsplit(":", 1)[0] == mine))
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError):
+        return 1
+
+
+def _prepare_runtime() -> None:
+    """Things that must happen before mlx.core is imported."""
+    from . import fastblas
+
+    fastblas.maybe_enable(local_ranks=_local_ranks())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    _prepare_runtime()
+    from .loop import train
+
+    resume = None
+    if args.resume is not None:
+        resume = True if args.resume == "" else args.resume
+    train(cfg, resume=resume)
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from . import recipes
+
+    if args.action == "list":
+        for name, summary in recipes.list_recipes():
+            print(f"{name:28s} {summary}")
+        return 0
+    if args.action == "cp":
+        if not args.name or not args.dest:
+            raise ConfigError("usage: mlx-dp recipes cp NAME DEST")
+        print(recipes.copy_recipe(args.name, args.dest))
+        return 0
+    from .config import describe_keys
+
+    for key, default, doc in describe_keys():
+        print(f"{key:32s} {default:14s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-dp", description="Data-parallel fine-tuning on MLX from YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune from a recipe (run under a launcher for several ranks)")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from the newest checkpoint in checkpoint.dir, or from PATH")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("recipes", help="list, copy or explain recipes")
+    p.add_argument("action", choices=["list", "cp", "keys"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("dest", nargs="?")
+    p.set_defaults(func=_cmd_recipes)
+    return parser
+
+
+def _print_error(error: UserError) -> None:
+    from .parallel import launched_rank
+
+    rank = launched_rank()
+    if isinstance(error, ConfigError) and rank != 0:
+        return  # every rank reads the same recipe; rank 0 says it once
+    prefix = f"[rank {rank}] " if rank else ""
+    print(f"mlx-dp: error: {prefix}{error}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from .launch import main as launch_main
+
+        sys.exit(launch_main(argv[1:]))
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        sys.exit(bench_main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        _print_error(e)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("mlx-dp: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

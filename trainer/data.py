@@ -1,0 +1,392 @@
+"""Datasets: load with `datasets`, tokenize with mlx-lm's formats, cache, check.
+
+A split goes from rows (JSONL/Parquet/CSV file, a directory of split files, or
+a hub dataset) to a :class:`TokenizedSplit`: one flat token array plus
+per-sample start, length and prompt length. Tokenizing happens once: the
+result is stored by ``datasets``' own map cache under a fingerprint of the
+raw data, the tokenizer and the format settings.
+
+Row formats are mlx-lm's (``text``, ``prompt``/``completion``, chat
+``messages``), tokenized by mlx-lm's own dataset classes so that prompts are
+rendered and masked exactly as ``mlx_lm.lora`` does.
+
+Batching and sharding are in ``trainer.batches``; this module imports no MLX.
+"""
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import DataError
+
+SPLIT_FILE_NAMES = {
+    "train": ("train",),
+    "valid": ("valid", "validation", "val", "dev"),
+    "test": ("test",),
+}
+HUB_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "val", "dev"), "test": ("test",)}
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Bump when tokenization output changes meaning, to invalidate old caches.
+TOKENIZE_VERSION = 1
+
+
+@dataclass
+class TokenizedSplit:
+    """A tokenized split: flat tokens with per-sample start, length and prompt length."""
+
+    name: str
+    source: str
+    tokens: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def loss_counts(self) -> np.ndarray:
+        """Targets per sample that count in the loss."""
+        return self.lengths - np.maximum(self.prompt_lengths, 1)
+
+    def sample(self, i: int) -> np.ndarray:
+        return self.tokens[self.starts[i]:self.starts[i] + self.lengths[i]]
+
+    def target_mask(self, i: int) -> np.ndarray:
+        mask = np.zeros(int(self.lengths[i]) - 1, np.float32)
+        mask[max(int(self.prompt_lengths[i]), 1) - 1:] = 1.0
+        return mask
+
+    def segment_ids(self, i: int):
+        return None
+
+    def fingerprint(self) -> str:
+        """Hash of exactly what training will see (for cross-rank agreement)."""
+        h = hashlib.sha1()
+        for i in range(len(self)):
+            h.update(self.sample(i).tobytes())
+        h.update(self.lengths.astype(np.int64).tobytes())
+        h.update(self.prompt_lengths.astype(np.int64).tobytes())
+        return h.hexdigest()
+
+    def total_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one split's rows come from."""
+
+    split: str
+    description: str  # a file path or "hub-id[split]" for messages
+    builder: str  # "json", "parquet", "csv" or a hub id
+    data_files: str | None = None
+    hub_split: str | None = None
+    hub_name: str | None = None
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and Path(text).suffix.lower() not in EXTENSIONS
+
+
+def _file_source(split: str, path: Path) -> Source:
+    builder = EXTENSIONS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"data file {path} has an unsupported extension; use .jsonl, .json, .parquet or .csv")
+    return Source(split, str(path), builder, data_files=str(path))
+
+
+def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
+    """Map split names (train, valid, test) to their sources.
+
+    ``data.path`` may be a file (the train split), a directory holding
+    ``train``/``valid``/``test`` files, or a hub id. ``data.hf_dataset``
+    takes a hub id with explicit split expressions, like mlx-lm's.
+    """
+    if cfg.hf_dataset is not None:
+        hf = cfg.hf_dataset
+        splits = {"train": hf.get("train_split", "train"), "valid": hf.get("valid_split"),
+                  "test": hf.get("test_split")}
+        return {s: Source(s, f"{hf['path']}[{expr}]", hf["path"], hub_split=expr, hub_name=hf.get("name"))
+                for s, expr in splits.items() if expr}
+    path = Path(os.path.expanduser(cfg.path))
+    if path.is_file():
+        return {"train": _file_source("train", path)}
+    if path.is_dir():
+        sources = {}
+        for split, names in SPLIT_FILE_NAMES.items():
+            for name in names:
+                hits = [path / f"{name}{ext}" for ext in EXTENSIONS if (path / f"{name}{ext}").is_file()]
+                if hits:
+                    sources[split] = _file_source(split, hits[0])
+                    break
+        if "train" not in sources:
+            raise DataError(f"data.path {path} has no train file (train.jsonl, train.parquet or train.csv)")
+        return sources
+    if _looks_like_hub_id(cfg.path):
+        return {s: Source(s, f"{cfg.path}[{s}]", cfg.path, hub_split=s) for s in SPLIT_FILE_NAMES}
+    raise DataError(f"data.path {cfg.path} does not exist (and is not a hub id like org/name)")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _first_bad_jsonl_line(path: str) -> str | None:
+    """Find the first line of a JSONL file that is not a JSON object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"{path} line {number} is not a JSON object (got {type(row).__name__})"
+    return None
+
+
+def _row_location(source: Source, row: int) -> str:
+    """Human location of a row: file line for JSONL, row number otherwise."""
+    if source.builder == "json" and source.data_files and source.data_files.endswith(".jsonl"):
+        seen = -1
+        with open(source.data_files, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    seen += 1
+                    if seen == row:
+                        return f"{source.description} line {number}"
+    if source.builder == "csv":
+        return f"{source.description} line {row + 2}"
+    return f"{source.description} row {row}"
+
+
+def load_rows(source: Source, cache_dir: str | None = None, required: bool = True):
+    """Load one split as a ``datasets.Dataset``; ``None`` when an optional hub split is absent."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    try:
+        if source.data_files is not None:
+            if os.path.getsize(source.data_files) == 0:
+                raise DataError(f"data file {source.description} is empty")
+            ds = datasets.load_dataset(source.builder, data_files=source.data_files, split="train",
+                                       cache_dir=cache_dir)
+        else:
+            ds = _load_hub_split(source, cache_dir, required)
+            if ds is None:
+                return None
+    except DataError:
+        raise
+    except Exception as e:  # datasets wraps parser errors in many types
+        if source.builder == "json" and source.data_files:
+            bad = _first_bad_jsonl_line(source.data_files)
+            if bad:
+                raise DataError(bad) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not load {source.description}: {reason}") from None
+    if len(ds) == 0:
+        raise DataError(f"data file {source.description} has no rows")
+    return ds
+
+
+def _load_hub_split(source: Source, cache_dir, required):
+    import datasets
+
+    names = [source.hub_split]
+    if source.hub_split in HUB_SPLIT_NAMES:  # plain split names: accept the usual aliases
+        names = list(HUB_SPLIT_NAMES[source.hub_split])
+    last = None
+    for name in names:
+        try:
+            return datasets.load_dataset(source.builder, source.hub_name, split=name, cache_dir=cache_dir)
+        except ValueError as e:  # unknown split name
+            last = e
+            if "split" not in str(e).lower():
+                raise
+    if required:
+        raise DataError(f"hub dataset {source.builder} has no split {source.hub_split!r} ({last})")
+    return None
+
+
+# --------------------------------------------------------------------------- tokenizing
+
+
+def detect_format(columns: list[str], cfg: DataConfig, source: Source) -> str:
+    if cfg.format != "auto":
+        needed = {"text": [cfg.text_feature], "completion": [cfg.prompt_feature, cfg.completion_feature],
+                  "chat": [cfg.chat_feature]}[cfg.format]
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise DataError(f"rows of {source.description} have no {', '.join(missing)} field "
+                            f"(data.format={cfg.format}); found {columns}")
+        return cfg.format
+    if cfg.prompt_feature in columns and cfg.completion_feature in columns:
+        return "completion"
+    if cfg.chat_feature in columns:
+        return "chat"
+    if cfg.text_feature in columns:
+        return "text"
+    raise DataError(
+        f"rows of {source.description} have no usable field: expected '{cfg.text_feature}', "
+        f"'{cfg.prompt_feature}' + '{cfg.completion_feature}' or '{cfg.chat_feature}', found {columns}")
+
+
+def _processor(fmt: str, tokenizer, cfg: DataConfig):
+    """mlx-lm's own dataset class for the format; we only use its ``process(row)``."""
+    from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
+
+    if fmt == "completion":
+        return CompletionsDataset([], tokenizer, cfg.prompt_feature, cfg.completion_feature, cfg.mask_prompt)
+    if fmt == "chat":
+        return ChatDataset([], tokenizer, chat_key=cfg.chat_feature, mask_prompt=cfg.mask_prompt)
+    return TextDataset([], tokenizer, text_key=cfg.text_feature)
+
+
+def _check_row(row: dict, fmt: str, cfg: DataConfig) -> str | None:
+    """Why a row cannot be used, or None."""
+    if fmt == "text":
+        value = row.get(cfg.text_feature)
+        return None if isinstance(value, str) and value.strip() else f"'{cfg.text_feature}' is empty or not a string"
+    if fmt == "completion":
+        for key in (cfg.prompt_feature, cfg.completion_feature):
+            if not isinstance(row.get(key), str):
+                return f"'{key}' is missing or not a string"
+        return None
+    messages = row.get(cfg.chat_feature)
+    if not isinstance(messages, list) or not messages:
+        return f"'{cfg.chat_feature}' is missing or not a list of messages"
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m.get("content") is None:
+            return f"'{cfg.chat_feature}' has a message without a role and content"
+    return None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what determines token ids: the vocabulary/merges and the chat template."""
+    h = hashlib.sha1()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    return h.hexdigest()
+
+
+def tokenize_split(source: Source, ds, tokenizer, cfg: DataConfig, tok_fp: str, show_progress: bool):
+    """Tokenize rows with datasets' map; cached by an explicit fingerprint.
+
+    Returns the mapped dataset with ``input_ids`` and ``prompt_len`` columns.
+    """
+    import datasets
+
+    fmt = detect_format(ds.column_names, cfg, source)
+    proc = _processor(fmt, tokenizer, cfg)
+    settings = [fmt, cfg.text_feature, cfg.prompt_feature, cfg.completion_feature, cfg.chat_feature,
+                cfg.mask_prompt, TOKENIZE_VERSION]
+    key = hashlib.sha1(json.dumps([ds._fingerprint, tok_fp, settings]).encode()).hexdigest()[:16]
+
+    def tokenize(batch, indices):
+        ids, prompt = [], []
+        for j, index in enumerate(indices):
+            row = {k: batch[k][j] for k in batch}
+            problem = _check_row(row, fmt, cfg)
+            if problem:
+                raise DataError(f"{_row_location(source, index)}: {problem}")
+            try:
+                tokens, offset = proc.process(row)
+            except DataError:
+                raise
+            except Exception as e:
+                if "chat_template" in str(e) or "chat template" in str(e):
+                    raise DataError(f"data format {fmt} needs a chat template, but the tokenizer has none; "
+                                    "use text rows or a model with a chat template") from None
+                raise DataError(f"{_row_location(source, index)}: cannot tokenize ({e})") from None
+            ids.append(list(tokens))
+            prompt.append(int(offset))
+        return {"input_ids": ids, "prompt_len": prompt}
+
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "prompt_len": datasets.Value("int32")})
+    if not show_progress:
+        datasets.disable_progress_bars()
+    try:
+        return ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names,
+                      features=features, new_fingerprint=key, load_from_cache_file=True,
+                      desc=f"tokenizing {source.description}")
+    finally:
+        datasets.enable_progress_bars()
+
+
+def to_split(name: str, source: Source, mapped, cfg: DataConfig) -> TokenizedSplit:
+    """Arrow columns to numpy, then apply the max_seq_length policy."""
+    column = mapped.data.column("input_ids").combine_chunks()
+    tokens = column.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    starts, lengths = offsets[:-1], np.diff(offsets).astype(np.int64)
+    prompt = np.asarray(mapped.data.column("prompt_len").to_numpy(), np.int64)
+    notes = []
+    n = len(lengths)
+    keep = np.ones(n, bool)
+    too_long = lengths > cfg.max_seq_length
+    if too_long.any():
+        if too_long.all() and cfg.long_samples == "drop":
+            raise DataError(
+                f"all {n} samples of {source.description} are longer than data.max_seq_length="
+                f"{cfg.max_seq_length} tokens (shortest: {int(lengths.min())}); raise data.max_seq_length "
+                "or set data.long_samples=truncate")
+        if cfg.long_samples == "drop":
+            keep &= ~too_long
+            notes.append(f"dropped {int(too_long.sum())} of {n} samples over {cfg.max_seq_length} tokens")
+        else:
+            lengths = np.minimum(lengths, cfg.max_seq_length)
+            notes.append(f"truncated {int(too_long.sum())} of {n} samples to {cfg.max_seq_length} tokens")
+    empty = (lengths - np.maximum(prompt, 1)) <= 0
+    if (empty & keep).any():
+        keep &= ~empty
+        notes.append(f"dropped {int(empty.sum())} samples with no tokens to learn (prompt fills them)")
+    if not keep.any():
+        raise DataError(f"no usable samples remain in {source.description} ({'; '.join(notes)})")
+    return TokenizedSplit(name, source.description, tokens, starts[keep], lengths[keep], prompt[keep], notes)
+
+
+def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_progress: bool = True):
+    """Load, tokenize (cached) and check the requested splits.
+
+    Args:
+        cfg (DataConfig): The recipe's data section.
+        tokenizer: mlx-lm's TokenizerWrapper (or a Hugging Face tokenizer).
+        splits (tuple[str]): Which splits to load; ``train`` is required when
+            asked for, others are skipped when absent. Default: ``("train", "valid")``.
+        show_progress (bool): Show datasets' progress bars. Default: ``True``.
+
+    Returns:
+        dict[str, TokenizedSplit]: The splits that exist.
+    """
+    sources = resolve_sources(cfg)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    out = {}
+    for name in splits:
+        if name not in sources:
+            continue
+        required = name == "train" or cfg.hf_dataset is not None
+        ds = load_rows(sources[name], cfg.cache_dir, required=required)
+        if ds is None:
+            continue
+        mapped = tokenize_split(sources[name], ds, tokenizer, cfg, tok_fp, show_progress)
+        out[name] = to_split(name, sources[name], mapped, cfg)
+    if "train" in splits and "train" not in out:
+        raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset}")
+    return out

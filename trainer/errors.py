@@ -1,0 +1,34 @@
+"""Errors meant for people, not tracebacks.
+
+Anything a user can fix (a recipe typo, a missing file, a malformed row, a
+peer that died) raises a subclass of :class:`UserError`. The CLI prints its
+message as one line and exits with :attr:`UserError.exit_code`.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """The recipe or a command-line override is invalid."""
+
+
+class DataError(UserError):
+    """A dataset is missing, malformed, or too small."""
+
+
+class ModelError(UserError):
+    """A model or checkpoint cannot be loaded or does not fit the recipe."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or read."""
+
+
+class DistributedError(UserError):
+    """Ranks disagree, a peer was lost, or a collective stalled."""
+
+    exit_code = 3

@@ -1,0 +1,319 @@
+"""Every collective of the trainer lives here.
+
+* :class:`World`: the process group, rank helpers (``print0``) and blocking
+  scalar reductions, barrier and gathers. Every rank must reach every
+  collective in the same order.
+* :func:`check_agreement`: ranks compare what must be identical before training.
+* :class:`GradientReducer`: gradient buckets and their ``all_sum``s, filled in
+  the order backward produces gradients and each dispatched as soon as its
+  gradients exist (see the class docstring).
+
+This module depends only on MLX and the standard library.
+"""
+
+import hashlib
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .errors import DistributedError
+
+MiB = 1024 * 1024
+
+
+class _NullMonitor:
+    """Stands in for the watchdog (``trainer.health``) when none is installed."""
+
+    def phase(self, name: str, step: int | None = None):
+        pass
+
+
+_monitor = _NullMonitor()
+
+
+def set_monitor(monitor) -> None:
+    """Install the object told about each blocking phase (the watchdog)."""
+    global _monitor
+    _monitor = monitor or _NullMonitor()
+
+
+def launched_rank() -> int:
+    """This process's rank from the launcher's environment, before any init."""
+    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _is_launched() -> bool:
+    return any(v in os.environ for v in ("MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE",
+                                         "PMI_SIZE", "NCCL_HOST_IP", "MLX_WORLD_SIZE"))
+
+
+@dataclass
+class World:
+    """The process group and this process's place in it."""
+
+    group: "mx.distributed.Group"
+    rank: int
+    size: int
+    host: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print0(self, *args, **kwargs) -> None:
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+    # -- blocking collectives: each is a sync point on every rank ----------------
+
+    def all_sum(self, values: list[float], phase: str = "all_sum") -> list[float]:
+        """Sum a few floats over ranks, in float64 on the CPU. Blocking."""
+        if self.size == 1:
+            return [float(v) for v in values]
+        _monitor.phase(phase)
+        x = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group, stream=mx.cpu)
+        return [float(v) for v in x.tolist()]  # note: sync point
+
+    def barrier(self, phase: str = "barrier") -> None:
+        """Wait until every rank arrives."""
+        self.all_sum([1.0], phase=phase)
+
+    def all_gather_bytes(self, data: bytes, phase: str = "all_gather") -> list[bytes]:
+        """Gather one short byte string from every rank (rank order). Blocking."""
+        if self.size == 1:
+            return [data]
+        _monitor.phase(phase)
+        lengths = mx.distributed.all_gather(mx.array([len(data)], mx.int32), group=self.group, stream=mx.cpu)
+        width = max(lengths.tolist())
+        padded = mx.array(list(data.ljust(width, b"\0")), mx.int32)
+        rows = mx.distributed.all_gather(padded, group=self.group, stream=mx.cpu).reshape(self.size, width)
+        return [bytes(r[:n]) for r, n in zip(rows.tolist(), lengths.tolist())]
+
+    def rank0_first(self, fn):
+        """Run ``fn`` on rank 0, then on the others (e.g. to fill a shared cache once).
+
+        If rank 0 fails, the others stop with a pointer to rank 0's message
+        instead of waiting forever.
+        """
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 (re-raised below)
+                error = e
+        ok = self.all_sum([0.0 if error else 1.0], phase="rank0_first")[0]
+        if error is not None:
+            raise error
+        if ok < 1.0:
+            raise DistributedError("rank 0 failed while preparing; see its message above")
+        return fn() if self.rank != 0 else result
+
+
+def init_world(backend: str = "any") -> World:
+    """Join the process group started by the launcher (or a group of one).
+
+    Args:
+        backend (str): ``any``, ``ring``, ``jaccl``, ``mpi`` or ``nccl``. Default: ``"any"``.
+    """
+    launched = _is_launched()
+    try:
+        group = mx.distributed.init(strict=launched, backend=backend)
+    except RuntimeError as e:
+        raise DistributedError(f"could not join the distributed group (backend {backend}): {e}") from None
+    return World(group=group, rank=group.rank(), size=group.size(), host=socket.gethostname())
+
+
+# ---------------------------------------------------------------------- agreement
+
+
+def digest(*parts) -> str:
+    """Short stable hash of strings/bytes, for comparing state across ranks."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def check_agreement(world: World, items: dict[str, str]) -> None:
+    """Stop before training unless every rank holds the same value for every item.
+
+    Args:
+        world (World): The group.
+        items (dict[str, str]): What must agree, e.g. ``{"recipe": hash, "mlx": "0.32.4"}``.
+
+    Raises:
+        DistributedError: Naming each differing item and the ranks and hosts
+            that differ from rank 0.
+    """
+    if world.size == 1:
+        return
+    payload = "\n".join(f"{k}={v}" for k, v in sorted(items.items())) + f"\nhost={world.host}"
+    gathered = world.all_gather_bytes(payload.encode(), phase="agreement")
+    tables = [dict(line.split("=", 1) for line in g.decode().splitlines()) for g in gathered]
+    problems = []
+    for key in sorted(items):
+        ref = tables[0].get(key)
+        odd = [r for r, t in enumerate(tables) if t.get(key) != ref]
+        if odd:
+            who = ", ".join(f"rank {r} ({tables[r]['host']}: {tables[r].get(key)})" for r in odd)
+            problems.append(f"{key} differs from rank 0 ({tables[0]['host']}: {ref}) on {who}")
+    if problems:
+        raise DistributedError("ranks disagree before training: " + "; ".join(problems)
+                               + ". A stale checkout or a different dataset on one machine is the usual cause.")
+
+
+# ---------------------------------------------------------------------- gradient buckets
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A group of gradients reduced by one ``all_sum``."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: tuple[int, ...]
+    dtypes: tuple  # gradient dtype of each name
+    comm_dtype: "mx.Dtype"  # dtype on the wire
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes) * self.comm_dtype.size
+
+
+def plan_buckets(order: list[str], shapes: dict, dtypes: dict, bucket_bytes: int, first_bucket_bytes: int,
+                 comm_dtype=None) -> list[Bucket]:
+    """Group gradients into buckets in backward order.
+
+    One bucket is open per wire dtype; it closes once it holds at least its
+    capacity (``first_bucket_bytes`` for the first bucket closed,
+    ``bucket_bytes`` after). Buckets are returned in the order they close,
+    which is the order they become ready during backward.
+
+    Args:
+        order (list[str]): Parameter names in the order backward produces
+            their gradients.
+        shapes (dict): Name to shape.
+        dtypes (dict): Name to gradient dtype.
+        bucket_bytes (int): Capacity of every bucket but the first.
+        first_bucket_bytes (int): Capacity of the first bucket.
+        comm_dtype (mx.Dtype | None): Reduce every gradient in this dtype;
+            ``None`` keeps one bucket set per gradient dtype. Default: ``None``.
+    """
+    buckets: list[Bucket] = []
+    open_: dict = {}
+
+    def close(wire):
+        names = open_.pop(wire)
+        buckets.append(Bucket(tuple(names), tuple(tuple(shapes[n]) for n in names),
+                              tuple(_size(shapes[n]) for n in names), tuple(dtypes[n] for n in names), wire))
+
+    for name in order:
+        wire = comm_dtype or dtypes[name]
+        open_.setdefault(wire, []).append(name)
+        capacity = first_bucket_bytes if not buckets else bucket_bytes
+        if sum(_size(shapes[n]) for n in open_[wire]) * wire.size >= capacity:
+            close(wire)
+    for wire in list(open_):
+        close(wire)
+    return buckets
+
+
+def _size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def plan_digest(buckets: list[Bucket]) -> str:
+    return digest(*[f"{b.names}|{b.shapes}|{b.dtypes}|{b.comm_dtype}" for b in buckets])
+
+
+class GradientReducer:
+    """Sums gradients over ranks in buckets, overlapping with backward.
+
+    With ``overlap=True`` each bucket is concatenated, summed with
+    ``all_sum`` on a dedicated communication stream, and handed to
+    ``mx.async_eval`` in bucket order, before anything consumes it. Because
+    MLX evaluates lazily, ``async_eval`` of the first bucket schedules only the
+    part of backward that bucket depends on (the last layers), and its
+    ``all_sum`` starts on the communication stream as soon as those gradients
+    exist, while the compute stream goes on with the rest of backward. The
+    optimizer update, which consumes the reduced buckets, is only built after
+    every bucket has been dispatched.
+
+    With ``overlap=False`` (the serial path, kept for comparison) the whole
+    backward is evaluated first and the buckets are reduced afterwards.
+
+    Gradients are *summed*, not averaged: the loss is already normalised by
+    the global token count (see ``trainer.step``).
+
+    Args:
+        world (World): The group.
+        buckets (list[Bucket]): From :func:`plan_buckets`.
+        overlap (bool): See above. Default: ``True``.
+    """
+
+    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True):
+        self.world = world
+        self.buckets = buckets
+        self.overlap = overlap
+        self.stream = mx.new_stream(mx.default_device()) if world.size > 1 else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buckets)
+
+    def check_plan(self) -> None:
+        """Verify, before any gradient is sent, that every rank has the same bucket plan."""
+        check_agreement(self.world, {"gradient bucket plan": plan_digest(self.buckets)})
+
+    def reduce(self, grads: dict, extra: "mx.array | None" = None):
+        """Sum flat gradients (and an optional float32 vector ``extra``) over ranks.
+
+        Args:
+            grads (dict[str, mx.array]): Flat name-to-gradient map (lazy arrays).
+            extra (mx.array | None): Small float32 vector summed with the last
+                bucket, e.g. the step's loss sum. Default: ``None``.
+
+        Returns:
+            tuple: ``(summed grads dict, summed extra or None)``, both lazy.
+        """
+        if self.world.size == 1:
+            return grads, extra
+        if not self.overlap:
+            mx.eval(grads, extra)  # serial path: finish backward before communicating (sync point)
+        sent = []
+        for i, bucket in enumerate(self.buckets):
+            flat = mx.concatenate([grads[n].reshape(-1).astype(bucket.comm_dtype) for n in bucket.names])
+            carries_extra = extra is not None and i == len(self.buckets) - 1 and bucket.comm_dtype == mx.float32
+            if carries_extra:
+                flat = mx.concatenate([flat, extra])
+            total = mx.distributed.all_sum(flat, group=self.world.group, stream=self.stream)
+            mx.async_eval(total)  # dispatch now: backward for later buckets keeps computing meanwhile
+            sent.append((bucket, total, carries_extra))
+        if extra is not None and not any(c for _, _, c in sent):
+            extra_total = mx.distributed.all_sum(extra, group=self.world.group, stream=self.stream)
+            mx.async_eval(extra_total)
+        else:
+            extra_total = None
+        out = {}
+        for bucket, total, carries_extra in sent:
+            if carries_extra:
+                extra_total = total[-extra.size:]
+                total = total[:-extra.size]
+            offsets, pos = [], 0
+            for size in bucket.sizes[:-1]:
+                pos += size
+                offsets.append(pos)
+            parts = mx.split(total, offsets) if offsets else [total]
+            for name, shape, dtype, part in zip(bucket.names, bucket.shapes, bucket.dtypes, parts):
+                out[name] = part.reshape(shape).astype(dtype)
+        return out, extra_total

@@ -1,0 +1,63 @@
+"""The recipe library under ``recipes/``: list and copy.
+
+A recipe's first comment line is its one-line summary.
+"""
+
+import shutil
+from pathlib import Path
+
+from .errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def all_recipes(root: Path = RECIPES_DIR) -> list[Path]:
+    """Every recipe file under ``root``, recursively, sorted."""
+    return sorted(p for p in root.rglob("*.yaml") if p.is_file())
+
+
+def summary(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text.startswith("#") and text.lstrip("#").strip():
+            return text.lstrip("#").strip()
+        if text and not text.startswith("#"):
+            break
+    return ""
+
+
+def recipe_name(path: Path, root: Path = RECIPES_DIR) -> str:
+    return str(path.relative_to(root).with_suffix(""))
+
+
+def list_recipes(root: Path = RECIPES_DIR) -> list[tuple[str, str]]:
+    """(name, one-line summary) of every recipe."""
+    return [(recipe_name(p, root), summary(p)) for p in all_recipes(root)]
+
+
+def find_recipe(name: str, root: Path = RECIPES_DIR) -> Path:
+    """A recipe by name (``qwen3-0.6b-lora``), by file name, or by path."""
+    direct = Path(name)
+    if direct.is_file():
+        return direct
+    for path in all_recipes(root):
+        if name in (recipe_name(path, root), path.stem, path.name):
+            return path
+    import difflib
+
+    close = difflib.get_close_matches(name, [recipe_name(p, root) for p in all_recipes(root)], n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; see mlx-dp recipes list"
+    raise ConfigError(f"no recipe named {name}{hint}")
+
+
+def copy_recipe(name: str, dest: str, root: Path = RECIPES_DIR) -> Path:
+    """Copy a recipe to ``dest`` (a file or a directory) for editing; never overwrites."""
+    source = find_recipe(name, root)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise ConfigError(f"{target} already exists; choose another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target

@@ -1,0 +1,140 @@
+"""The training step: token-summed loss, compiled gradient and update functions.
+
+All the maths of an optimizer update lives here; ``trainer.loop`` only
+schedules it. The loss of a micro-batch is a *sum* of token cross-entropies,
+scaled by ``1 / T`` where ``T`` is the number of loss tokens in the whole
+update: every rank's micro-batches of this update, summed over ranks. The
+data plan makes ``T`` known to every rank without communicating (see
+``trainer.batches``). Gradients are then summed over micro-batches and ranks,
+so N ranks at batch b compute the same update as one process at batch N*b.
+"""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .batches import Batch
+
+
+def token_loss_sum(model: nn.Module, inputs, targets, mask) -> mx.array:
+    """Sum of masked next-token cross-entropies, in float32."""
+    logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    return ce.astype(mx.float32).sum()
+
+
+def to_arrays(batch: Batch):
+    return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+
+
+def _select_inplace(tree, old, keep_new: mx.array) -> None:
+    """Where ``keep_new`` is false, put ``old``'s leaves back into ``tree`` (in place)."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in list(items):
+        if isinstance(value, (dict, list)):
+            _select_inplace(value, old[key], keep_new)
+        elif isinstance(value, mx.array):
+            tree[key] = mx.where(keep_new, value, old[key])
+
+
+class StepFunctions:
+    """Compiled pieces of one optimizer update.
+
+    * ``grads(inputs, targets, mask, scale)``: forward + backward of one
+      micro-batch, returning ``(loss_sum, grads)``; the gradient is of
+      ``loss_sum * scale``.
+    * ``update(grads, loss_sum)``: clip, check finiteness, apply the optimizer.
+      A non-finite loss or gradient norm leaves weights and optimizer state
+      untouched. Inputs are already summed over ranks, so every rank takes
+      the same decision.
+
+    Args:
+        model (nn.Module): The model with its trainable parameters set.
+        optimizer (optim.Optimizer): The optimizer (initialised here).
+        max_grad_norm (float | None): Clip the global norm to this; ``None`` disables.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float | None):
+        self.model = model
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        optimizer.init(model.trainable_parameters())
+
+        def scaled_loss(inputs, targets, mask, scale):
+            loss_sum = token_loss_sum(model, inputs, targets, mask)
+            return loss_sum * scale, loss_sum
+
+        value_and_grad = nn.value_and_grad(model, scaled_loss)
+        # model.state is an output too: nn.value_and_grad calls model.update()
+        # while tracing, which would otherwise leave tracers in the model.
+        grad_state = [model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=grad_state, outputs=grad_state)
+        def grads(inputs, targets, mask, scale):
+            (_, loss_sum), g = value_and_grad(inputs, targets, mask, scale)
+            return loss_sum, g
+
+        update_state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=update_state, outputs=update_state)
+        def update(g, loss_sum):
+            if max_grad_norm is not None:
+                g, norm = optim.clip_grad_norm(g, max_grad_norm)
+            else:
+                norm = mx.sqrt(sum(mx.sum(x.astype(mx.float32) ** 2) for _, x in tree_flatten(g)))
+            finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
+            params = model.trainable_parameters()
+            old_state = tree_map(lambda x: x, optimizer.state)
+            new_params = optimizer.apply_gradients(g, params)
+            model.update(tree_map(lambda new, old: mx.where(finite, new, old), new_params, params))
+            _select_inplace(optimizer.state, old_state, finite)
+            return norm, finite
+
+        self.grads = grads
+        self.update = update
+
+
+def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False):
+    """One optimizer update over ``micro_batches`` (this rank's share).
+
+    Args:
+        fns (StepFunctions): Compiled step pieces.
+        reducer (trainer.parallel.GradientReducer): Sums gradients over ranks.
+        micro_batches (list[Batch]): ``grad_accumulation`` micro-batches.
+        stop (bool): This rank wants to stop after this update (a signal
+            arrived). Summed over ranks with the gradients, so every rank
+            learns of it at the same update. Default: ``False``.
+
+    Returns:
+        dict: Lazy arrays ``loss_sum`` (summed over ranks and micro-batches),
+        ``grad_norm``, ``finite`` and ``stop`` (ranks that asked to stop),
+        plus the int ``tokens`` (global loss tokens of this update). The
+        caller evaluates them with the model state.
+    """
+    total_tokens = sum(b.global_tokens for b in micro_batches)
+    scale = mx.array(1.0 / total_tokens, mx.float32)
+    acc, local_loss = None, mx.array(0.0, mx.float32)
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        loss_sum, grads = fns.grads(*to_arrays(batch), scale)
+        local_loss = local_loss + loss_sum
+        grads = grads if acc is None else tree_map(mx.add, acc, grads)
+        if i < last:
+            acc = grads
+            # note: sync point per micro-batch, so only one micro-batch's graph is alive
+            mx.eval(acc, local_loss)
+    # The loss sum and the stop flag ride with the last gradient bucket: the
+    # logged loss, the finiteness check and the stop decision are then global,
+    # at no extra collective.
+    extra = mx.stack([local_loss, mx.array(float(stop), mx.float32)])
+    summed, extra = reducer.reduce(dict(tree_flatten(grads)), extra=extra)
+    norm, finite = fns.update(tree_unflatten(list(summed.items())), extra[0])
+    return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "tokens": total_tokens}
+
+
+def make_eval_loss(model: nn.Module):
+    """Compiled ``(inputs, targets, mask) -> loss_sum`` for validation."""
+    return mx.compile(partial(token_loss_sum, model), inputs=[model.state], outputs=[model.state])
