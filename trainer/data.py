@@ -293,12 +293,15 @@ def tokenize_split(source: Source, ds, tokenizer, cfg: DataConfig, tok_fp: str, 
     import datasets
 
     fmt = detect_format(ds.column_names, cfg, source)
-    proc = _processor(fmt, tokenizer, cfg)
+    procs = []  # built on first use: a cache hit never tokenizes
     settings = [fmt, cfg.text_feature, cfg.prompt_feature, cfg.completion_feature, cfg.chat_feature,
                 cfg.mask_prompt, TOKENIZE_VERSION]
     key = hashlib.sha1(json.dumps([ds._fingerprint, tok_fp, settings]).encode()).hexdigest()[:16]
 
     def tokenize(batch, indices):
+        if not procs:
+            procs.append(_processor(fmt, tokenizer, cfg))
+        proc = procs[0]
         ids, prompt = [], []
         for j, index in enumerate(indices):
             row = {k: batch[k][j] for k in batch}

@@ -189,14 +189,24 @@ def install(world, run_dir: Path, timeout_s: float, peers=None) -> None:
 
 def uninstall() -> None:
     """Stop watching (end of training); restore signal handlers."""
+    thread = _state["thread"]
     _state["thread"] = None
     parallel.set_monitor(None)
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and _state["old_handlers"]:
         for sig, handler in _state["old_handlers"].items():
             signal.signal(sig, handler)
         _state["old_handlers"] = {}
         signal.set_wakeup_fd(_state["old_wakeup"])
     if _state["pipe"] is not None:
+        # Wake the watchdog and wait for it before closing its pipe: closing an
+        # fd that another thread still reads lets the number be reused by the
+        # next open(), and the thread would then eat that file's bytes.
+        try:
+            os.write(_state["pipe"][1], b"x")
+        except OSError:
+            pass
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
         for fd in _state["pipe"]:
             try:
                 os.close(fd)

@@ -1,0 +1,78 @@
+"""Shared test helpers: the shipped tiny model, recipes in tmp dirs, CLI runners.
+
+Multi-process tests launch real processes (the lean launcher, or mlx.launch)
+on loopback; nothing of MLX is mocked.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+MLX_DP = str(BIN / "mlx-dp")
+TINY_MODEL = Path(os.environ.get("MLX_DP_TEST_MODEL", ROOT / "data" / "tiny-llama"))
+TINY_DATA = ROOT / "data" / "tiny-task"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_env(tmp_path_factory):
+    """Keep caches in a temp dir and never reach for the network."""
+    cache = tmp_path_factory.mktemp("hf-cache")
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "datasets")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.pop("MLX_DP_BLAS", None)
+    yield
+
+
+def tiny_recipe(tmp_path: Path, name: str = "recipe.yaml", **sections) -> Path:
+    """A small LoRA recipe on the shipped tiny model, with section overrides.
+
+    ``tiny_recipe(tmp, training={"steps": 3})`` merges into the defaults.
+    """
+    recipe = {
+        "model": {"path": str(TINY_MODEL)},
+        "data": {"path": str(TINY_DATA), "max_seq_length": 128},
+        "method": {"type": "lora", "rank": 4, "scale": 4.0},
+        "training": {"batch_size": 4, "steps": 4, "learning_rate": 1e-3, "seed": 0},
+        "eval": {"every": 0, "at_start": False, "max_batches": 2},
+        "checkpoint": {"dir": str(tmp_path / "run"), "every": 2},
+        "logging": {"every": 1, "progress_bar": False},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command, capturing text output."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          cwd=ROOT)
+
+
+def mlx_dp(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``mlx-dp ARGS`` in one process."""
+    return run([MLX_DP, *args], timeout=timeout, env=env)
+
+
+def launched(n: int, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``mlx-dp ARGS`` on n local ranks through the lean launcher."""
+    return run([MLX_DP, "launch", "-n", str(n), "--", MLX_DP, *args], timeout=timeout, env=env)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The single error line of a failed run; fails the test if there is a traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mlx-dp: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]

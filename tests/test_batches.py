@@ -1,0 +1,89 @@
+"""Sharding maths: global batches, rank slices, balance, determinism. Pure numpy."""
+
+import numpy as np
+import pytest
+
+from trainer.batches import BatchStream, epoch_batches, make_batch, padded_width, rank_rows
+from trainer.data import TokenizedSplit
+
+
+def fake_split(n, seed=0, max_len=60):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, max_len, n)
+    prompt = rng.integers(0, 4, n)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tokens = rng.integers(3, 100, int(lengths.sum())).astype(np.int32)
+    return TokenizedSplit("train", "fake", tokens, starts, lengths, prompt)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [40, 37, 101])
+def test_shards_are_disjoint_and_cover_the_data(world, n):
+    split = fake_split(n)
+    per_rank = 3
+    for epoch in range(3):
+        seen = [[] for _ in range(world)]
+        for batch in epoch_batches(split.lengths, per_rank * world, seed=7, epoch=epoch):
+            for rank in range(world):
+                seen[rank].extend(rank_rows(batch, rank, world).tolist())
+        flat = [i for s in seen for i in s]
+        assert len(flat) == len(set(flat)), "a sample went to two ranks"
+        assert sorted(flat) == list(range(n)), "the epoch does not cover the data"
+        # balanced: rank shard sizes differ by at most one row per batch
+        sizes = [len(s) for s in seen]
+        assert max(sizes) - min(sizes) <= -(-n // (per_rank * world))
+
+
+def test_n_ranks_see_the_batches_of_one_process_at_n_times_the_batch():
+    split = fake_split(90)
+    for world in (2, 3):
+        one = epoch_batches(split.lengths, 2 * world, seed=1, epoch=2)
+        many = epoch_batches(split.lengths, 2 * world, seed=1, epoch=2)
+        for a, b in zip(one, many):
+            union = np.concatenate([rank_rows(b, r, world) for r in range(world)])
+            assert sorted(a.tolist()) == sorted(union.tolist())
+
+
+def test_order_is_deterministic_and_reshuffled_per_epoch():
+    split = fake_split(64)
+    a = epoch_batches(split.lengths, 8, seed=3, epoch=0)
+    assert [x.tolist() for x in a] == [x.tolist() for x in epoch_batches(split.lengths, 8, seed=3, epoch=0)]
+    b = epoch_batches(split.lengths, 8, seed=3, epoch=1)
+    c = epoch_batches(split.lengths, 8, seed=4, epoch=0)
+    assert [x.tolist() for x in a] != [x.tolist() for x in b]
+    assert [x.tolist() for x in a] != [x.tolist() for x in c]
+
+
+def test_ranks_get_equal_width_and_similar_tokens():
+    split = fake_split(400, max_len=200)
+    world, per_rank = 4, 4
+    for batch in epoch_batches(split.lengths, per_rank * world, seed=0, epoch=0)[:20]:
+        parts = [make_batch(split, batch, r, world, per_rank, 16) for r in range(world)]
+        assert len({p.inputs.shape for p in parts}) == 1, "ranks must do the same work per step"
+        tokens = [p.tokens for p in parts]
+        assert sum(tokens) == parts[0].global_tokens
+        assert max(tokens) - min(tokens) <= 0.25 * max(tokens) + 8
+
+
+def test_mask_counts_only_completion_targets_and_padding_rows_are_empty():
+    split = fake_split(10)
+    batch = np.array([0, 1, 2])  # partial global batch for 2 ranks x 2 rows
+    part = make_batch(split, batch, 1, 2, 2, 8)
+    assert part.inputs.shape[1] % 8 == 0
+    assert part.mask[1].sum() == 0  # rank 1 has one real row and one padding row
+    i = 1
+    assert part.mask[0].sum() == split.lengths[i] - max(split.prompt_lengths[i], 1)
+    assert part.tokens == int(part.mask.sum())
+    assert padded_width(17, 16) == 17 and padded_width(18, 16) == 33
+
+
+def test_stream_position_resumes_exactly():
+    split = fake_split(50)
+    a = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8)
+    for _ in range(17):  # crosses an epoch boundary (13 batches per epoch)
+        next(a)
+    pos = a.position()
+    b = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8, **pos)
+    for _ in range(10):
+        x, y = next(a), next(b)
+        assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.indices, y.indices)

@@ -1,0 +1,90 @@
+"""Recipe loading: strict keys, types, values, precedence, and every shipped recipe."""
+
+import pytest
+import yaml
+
+from trainer.config import build_config, load_config
+from trainer.errors import ConfigError
+from trainer.recipes import RECIPES_DIR, all_recipes
+
+BASE = {"model": {"path": "data/tiny-llama"}, "data": {"path": "data/tiny-task"}}
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_typo_names_key_file_and_close_match(tmp_path):
+    path = write(tmp_path, yaml.safe_dump({**BASE, "training": {"batch_sise": 4}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    assert "training.batch_sise" in str(e.value) and "did you mean training.batch_size" in str(e.value)
+
+
+def test_wrong_type_and_impossible_value(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match=r"training.batch_size must be an integer, got 'four'"):
+        load_config(path, ["training.batch_size=four"])
+    with pytest.raises(ConfigError, match="training.batch_size must be at least 1"):
+        load_config(path, ["training.batch_size=0"])
+    with pytest.raises(ConfigError, match="method.type must be one of .*did you mean lora"):
+        load_config(path, ["method.type=lorra"])
+    with pytest.raises(ConfigError, match="training.max_grad_norm must be a number or null, got True"):
+        load_config(path, ["training.max_grad_norm=true"])
+
+
+def test_unknown_section_and_missing_required(tmp_path):
+    with pytest.raises(ConfigError, match="unknown section 'trainig'.*did you mean training"):
+        build_config({**BASE, "trainig": {}})
+    with pytest.raises(ConfigError, match="model section"):
+        build_config({"data": {"path": "x"}})
+    with pytest.raises(ConfigError, match="model.path is required"):
+        build_config({"model": {}, "data": {"path": "x"}})
+
+
+def test_overrides_are_typed_and_take_precedence(tmp_path):
+    path = write(tmp_path, yaml.safe_dump({**BASE, "training": {"steps": 50, "learning_rate": 1e-4}}))
+    cfg = load_config(path, ["training.steps=200", "training.learning_rate=3e-3", "method.keys=[self_attn.q_proj]",
+                             "training.max_grad_norm=null"])
+    assert cfg.training.steps == 200 and isinstance(cfg.training.steps, int)
+    assert cfg.training.learning_rate == pytest.approx(3e-3)
+    assert cfg.method.keys == ["self_attn.q_proj"]
+    assert cfg.training.max_grad_norm is None
+    # epochs on the command line replaces the recipe's steps
+    cfg = load_config(path, ["training.epochs=2"])
+    assert cfg.training.epochs == 2.0 and cfg.training.steps is None
+    with pytest.raises(ConfigError, match="exactly one of training.steps and training.epochs"):
+        build_config({**BASE, "training": {"steps": 3, "epochs": 1}})
+
+
+def test_not_yaml_and_empty(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_config(write(tmp_path, "model:\n  path: [unclosed\n"))
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(write(tmp_path, "\n  \n", "empty.yaml"))
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_frozen_and_round_trips(tmp_path):
+    cfg = build_config(BASE)
+    with pytest.raises(Exception):
+        cfg.training.batch_size = 3  # frozen
+    again = build_config(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_every_recipe_validates():
+    recipes = all_recipes()
+    assert recipes, f"no recipes under {RECIPES_DIR}"
+    nested = [p for p in recipes if p.parent != RECIPES_DIR]
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.model.path and (cfg.data.path or cfg.data.hf_dataset), path
+    # found recursively, not just one level (torchtune's config test only globs one folder)
+    assert all(p.suffix == ".yaml" for p in nested)

@@ -1,0 +1,127 @@
+"""Loading and tokenizing: formats, masking, caching, and bad rows named by line."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_DATA, TINY_MODEL
+from trainer import data as data_mod
+from trainer.config import DataConfig
+from trainer.data import load_splits
+from trainer.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(TINY_MODEL)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_completion_rows_mask_the_prompt(tokenizer, tmp_path):
+    rows = [{"prompt": f"what does cow number {i} eat?", "completion": "the cow eats grass."} for i in range(6)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    split = load_splits(DataConfig(path=str(tmp_path)), tokenizer, ("train",), show_progress=False)["train"]
+    messages = [{"role": "user", "content": rows[0]["prompt"]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": rows[0]["completion"]}])
+    i = int(np.where(split.lengths == len(full))[0][0])
+    assert split.sample(i).tolist() == list(full)
+    assert split.prompt_lengths[i] == len(prompt)
+    mask = split.target_mask(i)
+    assert mask[:len(prompt) - 1].sum() == 0 and mask[len(prompt) - 1:].all()
+    unmasked = load_splits(DataConfig(path=str(tmp_path), mask_prompt=False), tokenizer, ("train",),
+                           show_progress=False)["train"]
+    assert (unmasked.prompt_lengths == 0).all()
+
+
+def test_text_and_chat_formats(tokenizer, tmp_path):
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat sat on the mat."}] * 3)
+    split = load_splits(DataConfig(path=str(tmp_path / "text.jsonl")), tokenizer, ("train",), False)["train"]
+    assert split.sample(0)[-1] == tokenizer.eos_token_id and (split.prompt_lengths == 0).all()
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there."}]}]
+    write_jsonl(tmp_path / "chat.jsonl", chat * 3)
+    split = load_splits(DataConfig(path=str(tmp_path / "chat.jsonl")), tokenizer, ("train",), False)["train"]
+    assert 0 < split.prompt_lengths[0] < split.lengths[0]
+
+
+def test_directory_with_splits_and_formats(tokenizer):
+    splits = load_splits(DataConfig(path=str(TINY_DATA), max_seq_length=512), tokenizer, ("train", "valid", "test"),
+                         show_progress=False)
+    assert set(splits) == {"train", "valid", "test"}
+    assert len(splits["train"]) > len(splits["valid"]) > 0
+
+
+def test_malformed_jsonl_row_names_file_and_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "ok one"}, {"text": "ok two"}, '{"text": "broken', {"text": "x"}])
+    with pytest.raises(DataError, match=rf"{path} line 3 is not valid JSON"):
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)
+
+
+def test_row_without_the_field_names_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"},
+                                                 {"prompt": "e", "completion": "f"}])
+    with pytest.raises(DataError, match=rf"{path} line 2: 'completion' is missing"):
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)
+
+
+def test_rows_with_no_usable_field(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "a", "answer": "b"}] * 2)
+    with pytest.raises(DataError, match=r"no usable field.*found \['question', 'answer'\]"):
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)
+
+
+def test_empty_and_missing_files(tokenizer, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_splits(DataConfig(path=str(tmp_path / "empty.jsonl")), tokenizer, ("train",), False)
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenizer, ("train",), False)
+    with pytest.raises(DataError, match="has no train file"):
+        load_splits(DataConfig(path=str(tmp_path)), tokenizer, ("train",), False)
+
+
+def test_long_samples_dropped_truncated_or_refused(tokenizer, tmp_path):
+    rows = [{"text": "word " * 40}] * 3 + [{"text": "short one."}] * 3
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    dropped = load_splits(DataConfig(path=str(path), max_seq_length=20), tokenizer, ("train",), False)["train"]
+    assert len(dropped) == 3 and "dropped 3 of 6" in dropped.notes[0]
+    cut = load_splits(DataConfig(path=str(path), max_seq_length=20, long_samples="truncate"), tokenizer,
+                      ("train",), False)["train"]
+    assert len(cut) == 6 and cut.lengths.max() == 20
+    only_long = write_jsonl(tmp_path / "all_long.jsonl", rows[:3])
+    with pytest.raises(DataError, match=r"all 3 samples .* longer than data.max_seq_length=20"):
+        load_splits(DataConfig(path=str(only_long), max_seq_length=20), tokenizer, ("train",), False)
+
+
+def test_tokenization_is_cached(tokenizer, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"sample {i}."} for i in range(20)])
+    first = load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)["train"]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(data_mod, "_processor", no_tokenizing)
+    second = load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)["train"]
+    assert first.fingerprint() == second.fingerprint()
+    # a changed file is tokenized again (and here fails, proving the cache was bypassed)
+    write_jsonl(path, [{"text": f"other {i}."} for i in range(20)])
+    with pytest.raises(AssertionError, match="tokenized again"):
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)
+
+
+def test_parquet_and_csv(tokenizer, tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"p {i}", "completion": f"c {i}."} for i in range(5)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "train.parquet"))
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "valid.csv"), index=False)
+    splits = load_splits(DataConfig(path=str(tmp_path)), tokenizer, ("train", "valid"), False)
+    assert len(splits["train"]) == 5 and len(splits["valid"]) == 5
+    assert splits["train"].fingerprint() == splits["valid"].fingerprint()

@@ -1,0 +1,70 @@
+"""N ranks at batch b train exactly what one process trains at batch N*b.
+
+Reference comparison: the same recipes run on 1 process at batch 4 and on 2
+ranks at batch 2, and the final trainable weights are compared. With SGD
+the match is to float rounding. With Adam, an element whose gradient is about
+zero can flip the sign of its first update (../shared/PLATFORM.md), so Adam is
+judged against the distance between two genuinely different runs.
+"""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe
+
+WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
+CASES = {  # name: overrides shared by both sides
+    "sgd": ["training.optimizer=sgd", "training.momentum=0.9", "training.learning_rate=0.05"],
+    "sgd-accum": ["training.optimizer=sgd", "training.momentum=0.9", "training.learning_rate=0.05",
+                  "training.grad_accumulation=2"],
+    "sgd-full": ["training.optimizer=sgd", "training.learning_rate=0.05", "method.type=full"],
+    "adamw-accum": ["training.optimizer=adamw", "training.learning_rate=0.01", "training.grad_accumulation=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("equivalence")
+    recipe = str(tiny_recipe(tmp, training={"steps": 4}, checkpoint={"every": 0}))
+    single, multi = [], []
+    for name, overrides in CASES.items():
+        single.append([recipe, *overrides, "training.batch_size=4", f"checkpoint.dir={tmp}/one-{name}"])
+        multi.append([recipe, *overrides, "training.batch_size=2", f"checkpoint.dir={tmp}/two-{name}"])
+    single.append([recipe, *CASES["adamw-accum"], "training.batch_size=4", "training.seed=1",
+                   f"checkpoint.dir={tmp}/one-adamw-accum-seed1"])
+    (tmp / "single.json").write_text(json.dumps(single))
+    (tmp / "multi.json").write_text(json.dumps(multi))
+    one = run([PYTHON, WORKER, str(tmp / "single.json")], timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, WORKER, str(tmp / "multi.json")], timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    return tmp
+
+
+def weights(run_dir):
+    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters.safetensors")).items()}
+
+
+def diff(a, b):
+    d = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
+    return d.max(), float(np.sqrt((d ** 2).mean()))
+
+
+@pytest.mark.parametrize("case", ["sgd", "sgd-accum", "sgd-full"])
+def test_sgd_two_ranks_equal_one_process(runs, case):
+    one, two = weights(runs / f"one-{case}"), weights(runs / f"two-{case}")
+    assert one.keys() == two.keys()
+    scale = max(np.abs(v).max() for v in one.values())
+    worst, _ = diff(one, two)
+    assert worst <= 1e-5 * scale, f"max difference {worst:.3g} (weights up to {scale:.3g})"
+
+
+def test_adam_two_ranks_match_within_float_noise(runs):
+    one, two = weights(runs / "one-adamw-accum"), weights(runs / "two-adamw-accum")
+    other = weights(runs / "one-adamw-accum-seed1")
+    _, same = diff(one, two)
+    _, different = diff(one, other)
+    assert same < 0.01 * different, f"rms {same:.3g} vs {different:.3g} between different runs"

@@ -1,0 +1,492 @@
+"""An emulated desk cluster: N ranks in network namespaces joined by shaped links.
+
+Each rank gets its own network namespace holding one veth interface (``eth0``)
+that is plugged into a Linux bridge in the root namespace, so ranks talk over
+real TCP between distinct IPs, like Macs on a switch or a Thunderbolt bridge.
+``tc`` shapes both ends of every veth (traffic out of a rank and traffic into
+it), so each rank's link has the chosen rate in each direction.
+
+    from trainer.netem import EmulatedCluster
+    with EmulatedCluster(n=2, preset="10gbe") as cluster:
+        codes = cluster.run([sys.executable, "bench.py"], timeout=120)
+
+CLI: ``sudo .venv/bin/python scripts/emulate_cluster.py -n 2 --link 10gbe --
+python -u bench.py``. Everything here needs root and iproute2 (``ip``, ``tc``);
+``check_permitted()`` says whether this process has them. Only the standard
+library is used, so the CLI also runs under a system python.
+
+Shaping: the rate is a tbf qdisc on the egress of each veth end; tbf counts
+Ethernet frames, so TCP payload gets about 95% of it at MTU 1500. The delay is a
+netem qdisc above the tbf, half on each end, so ``delay`` is the one-way time
+added between two ranks. Kernels built without netem (such as the Firecracker
+VMs this was written on) get the rate only: a warning says so and
+``cluster.delay_emulated`` is False.
+
+Names: every namespace, link and temp dir of a run starts with ``mxd<pid>-``
+(short, because a link name holds at most 15 characters), so the leftovers of
+a run killed with SIGKILL can be found and removed by ``cleanup_stale()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+NAME_ROOT = "mxd"
+SUBNET = "10.213.0"  # rank r is SUBNET.(r+1)/24; namespaces are private, so every run reuses it
+DEFAULT_PORT = 32323  # mlx.launch's --starting-port default; rank r listens on port + r
+STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL this long after
+NEEDS = "emulate_cluster needs root and iproute2 (ip, tc) to create network namespaces"
+
+_RATE_UNITS = {  # tc's units: *bit are bits/s, *bps are BYTES/s
+    "bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+    "kibit": 2**10, "mibit": 2**20, "gibit": 2**30, "tibit": 2**40,
+    "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12,
+}
+_DELAY_UNITS = {"s": 1, "sec": 1, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6}
+
+
+class NetemError(RuntimeError):
+    """A cluster could not be made or used; the message is one sentence for people."""
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """How each rank's link to the switch is shaped, per direction."""
+
+    name: str
+    rate_bps: float | None  # bits per second each way; None leaves the link unshaped
+    delay_s: float = 0.0  # one-way latency added between two ranks; half on each veth end
+
+    def describe(self) -> str:
+        rate = "unshaped" if self.rate_bps is None else f"{self.rate_bps / 1e9:g} Gbit/s"
+        delay = f", +{self.delay_s * 1e3:g} ms one-way" if self.delay_s else ""
+        return f"{self.name} ({rate}{delay})"
+
+
+PRESETS = {
+    "1gbe": LinkSpec("1gbe", 1e9, 0.1e-3),
+    "10gbe": LinkSpec("10gbe", 10e9, 0.05e-3),
+    "tb4": LinkSpec("tb4", 25e9, 0.03e-3),  # Thunderbolt 4 IP networking: 20-40 Gbit/s in practice
+    "loopback": LinkSpec("loopback", None),
+    "none": LinkSpec("none", None),
+}
+
+
+def parse_rate(text: str) -> float:
+    """Parses a tc-style rate such as ``200mbit`` or ``10gbit`` into bits per second."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _RATE_UNITS or float(match.group(1)) <= 0:
+        raise NetemError(f"rate {text!r} is not a rate; write a number and a unit such as "
+                         "200mbit or 10gbit (bits/s) or 125mbps (bytes/s)")
+    return float(match.group(1)) * _RATE_UNITS[unit]
+
+
+def parse_delay(text: str) -> float:
+    """Parses a tc-style delay such as ``0.05ms`` or ``30us`` into seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _DELAY_UNITS:
+        raise NetemError(f"delay {text!r} is not a delay; write a number and a unit "
+                         "such as 0.1ms or 30us")
+    return float(match.group(1)) * _DELAY_UNITS[unit]
+
+
+def link_spec(preset: str | None = None, rate: str | None = None,
+              delay: str | None = None) -> LinkSpec:
+    """Resolves a preset and raw overrides into one LinkSpec.
+
+    Args:
+        preset: one of ``PRESETS`` (default ``None``: unshaped unless rate/delay given).
+        rate: tc-style rate overriding the preset's, e.g. ``"5gbit"`` (default ``None``).
+        delay: tc-style one-way delay overriding the preset's, e.g. ``"0.2ms"``.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise NetemError(f"link preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset or "none"]
+    if rate is None and delay is None:
+        return base
+    name = "custom" if preset is None else f"{preset}+custom"
+    return LinkSpec(name, parse_rate(rate) if rate is not None else base.rate_bps,
+                    parse_delay(delay) if delay is not None else base.delay_s)
+
+
+def ring_hostfile(ips: list[str], port: int = DEFAULT_PORT) -> list[list[str]]:
+    """MLX_HOSTFILE contents for the ring backend: rank r listens on ips[r]:port+r."""
+    return [[f"{ip}:{port + rank}"] for rank, ip in enumerate(ips)]
+
+
+def launch_hostfile(ips: list[str], hosts: list[str]) -> dict:
+    """The same cluster in ``mlx.launch --hostfile`` form (documentation only: mlx.launch
+    would ssh into ``hosts``; here each is a namespace name)."""
+    return {"backend": "ring", "envs": [],
+            "hosts": [{"ssh": host, "ips": [ip]} for host, ip in zip(hosts, ips)]}
+
+
+def _tool(name: str) -> str | None:
+    # sbin is often off a normal user's PATH; search it too.
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def _sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        detail = result.stderr.strip() or f"status {result.returncode}"
+        raise NetemError(f"`{' '.join(argv)}` failed: {detail}")
+    return result
+
+
+def check_permitted() -> str | None:
+    """Returns None when this process can build a cluster, else the reason in one sentence."""
+    if not sys.platform.startswith("linux"):
+        return f"{NEEDS}; network namespaces exist only on Linux"
+    if os.geteuid() != 0:
+        return f"{NEEDS}; run it with sudo"
+    missing = [tool for tool in ("ip", "tc") if _tool(tool) is None]
+    if missing:
+        return f"{NEEDS}; {' and '.join(missing)} not found, install the iproute2 package"
+    probe = f"{NAME_ROOT}{os.getpid()}-probe"
+    made = _sh(_tool("ip"), "netns", "add", probe, check=False)
+    _sh(_tool("ip"), "netns", "del", probe, check=False)
+    if made.returncode != 0:
+        return (f"{NEEDS}; `ip netns add` was refused ({made.stderr.strip()}), "
+                "as in containers without CAP_SYS_ADMIN")
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _our_names(prefix: str = NAME_ROOT) -> tuple[list[str], list[str], list[str]]:
+    """Namespaces, links and temp dirs (full paths) in the root namespace named like a
+    cluster's, ``prefix`` narrowing them to one run."""
+    ip, pattern = _tool("ip"), re.compile(rf"{NAME_ROOT}\d+-")
+    listed = _sh(ip, "netns", "list", check=False).stdout.splitlines()
+    spaces = [line.split()[0] for line in listed if line]
+    links = [line.split(": ")[1].split("@")[0]
+             for line in _sh(ip, "-o", "link", "show", check=False).stdout.splitlines()]
+    tmp = tempfile.gettempdir()
+    dirs = [os.path.join(tmp, name) for name in os.listdir(tmp)]
+    return tuple([x for x in names if pattern.match(os.path.basename(x))
+                  and os.path.basename(x).startswith(prefix)]
+                 for names in (spaces, links, dirs))
+
+
+def _remove(prefix: str) -> list[str]:
+    """Removes everything named ``prefix*``; returns what was there. Never raises."""
+    ip = _tool("ip")
+    spaces, links, dirs = _our_names(prefix)
+    for space in spaces:  # a process left in a namespace would keep it alive after `del`
+        for pid in _sh(ip, "netns", "pids", space, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+    # Host-side veths first: deleting one deletes its peer at once, whereas a namespace's
+    # own links vanish asynchronously after `ip netns del`.
+    for link in sorted(links, key=lambda name: name.endswith("-br")):
+        _sh(ip, "link", "del", link, check=False)
+    for space in spaces:
+        _sh(ip, "netns", "del", space, check=False)
+    for path in dirs:
+        shutil.rmtree(path, ignore_errors=True)
+    return spaces + links + dirs
+
+
+def cleanup_stale() -> list[str]:
+    """Removes namespaces, links and temp dirs of clusters whose owning process is dead.
+
+    Returns the names removed. A leftover whose pid has been reused by a live process
+    is kept; it goes once that process ends.
+    """
+    owners = {int(re.match(rf"{NAME_ROOT}(\d+)-", os.path.basename(name)).group(1))
+              for names in _our_names() for name in names}
+    removed = []
+    for pid in sorted(owners):
+        if not _pid_alive(pid):
+            removed += _remove(f"{NAME_ROOT}{pid}-")
+    return removed
+
+
+def exit_status(codes: list[int]) -> int:
+    """One process exit status for per-rank codes: the first positive code in rank order,
+    else 128 + s for the first rank killed by signal s (as a shell reports it), else 0.
+    Positive codes win because a signal death is usually this module stopping a rank."""
+    failed = [code for code in codes if code > 0] or [128 - code for code in codes if code < 0]
+    return failed[0] if failed else 0
+
+
+class EmulatedCluster:
+    """N network namespaces joined by a bridge, each link shaped with tc.
+
+    Args:
+        n: number of ranks, at least 2 (a one-entry ring hostfile does not connect).
+        preset: a key of ``PRESETS`` (default ``None``: unshaped).
+        rate: tc-style rate per direction overriding the preset, e.g. ``"5gbit"``.
+        delay: tc-style one-way rank-to-rank delay overriding the preset, e.g. ``"0.2ms"``.
+        port: rank r's ring backend listens on ``port + r`` (default 32323, as mlx.launch).
+        mtu: MTU of every veth (default 1500, plain Ethernet; 9000 for jumbo frames).
+
+    Use as a context manager: entering builds the cluster (root only) and exiting removes
+    every namespace, link, qdisc and temp file, also on exceptions, Ctrl-C and SIGTERM
+    (while inside, SIGTERM and SIGHUP raise SystemExit when they had no handler).
+    Attributes once entered: ``prefix``, ``namespaces``, ``ips``, ``hostfile_path`` (ring
+    MLX_HOSTFILE), ``launch_hostfile_path`` (mlx.launch form), ``link`` and
+    ``delay_emulated`` (False where the kernel lacks netem: rate is then shaped, delay not).
+    """
+
+    _active = False  # one per process: names carry only the pid
+
+    def __init__(self, n: int, preset: str | None = None, rate: str | None = None,
+                 delay: str | None = None, port: int = DEFAULT_PORT, mtu: int = 1500):
+        if not 2 <= n <= 200:
+            raise NetemError(f"an emulated cluster needs 2 to 200 ranks, not {n}")
+        self.n, self.port, self.mtu = n, port, mtu
+        self.link = link_spec(preset, rate, delay)
+        self.prefix = f"{NAME_ROOT}{os.getpid()}-"
+        self.namespaces = [f"{self.prefix}r{rank}" for rank in range(n)]
+        self.ips = [f"{SUBNET}.{rank + 1}" for rank in range(n)]
+        self.bridge = f"{self.prefix}br"
+        self.host_veths = [f"{self.prefix}h{rank}" for rank in range(n)]
+        self.delay_emulated = None if self.link.delay_s > 0 else True  # None: not tried yet
+        self.entered = False
+        self.workdir = self.hostfile_path = self.launch_hostfile_path = None
+        self._old_handlers: dict = {}
+
+    def __enter__(self) -> EmulatedCluster:
+        reason = check_permitted()
+        if reason:
+            raise NetemError(reason)
+        if EmulatedCluster._active:
+            raise NetemError("only one EmulatedCluster can exist per process at a time")
+        EmulatedCluster._active = self.entered = True
+        self._catch_termination()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _catch_termination(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def terminate(signum, _frame):
+            raise SystemExit(128 + signum)
+
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                self._old_handlers[signum] = signal.signal(signum, terminate)
+
+    def _build(self) -> None:
+        ip = _tool("ip")
+        self.workdir = tempfile.mkdtemp(prefix=self.prefix)
+        os.chmod(self.workdir, 0o755)  # ranks may drop root later and still read the hostfile
+        self.hostfile_path = os.path.join(self.workdir, "ring_hostfile.json")
+        self.launch_hostfile_path = os.path.join(self.workdir, "launch_hostfile.json")
+        with open(self.hostfile_path, "w") as f:
+            json.dump(ring_hostfile(self.ips, self.port), f)
+        with open(self.launch_hostfile_path, "w") as f:
+            json.dump(launch_hostfile(self.ips, self.namespaces), f, indent=2)
+
+        _sh(ip, "link", "add", self.bridge, "type", "bridge")
+        _sh(ip, "link", "set", self.bridge, "up")
+        for space, veth, addr in zip(self.namespaces, self.host_veths, self.ips):
+            _sh(ip, "netns", "add", space)
+            _sh(ip, "link", "add", veth, "mtu", str(self.mtu), "type", "veth",
+                "peer", "name", "eth0", "netns", space, "mtu", str(self.mtu))
+            _sh(ip, "link", "set", veth, "master", self.bridge, "up")
+            _sh(ip, "-n", space, "addr", "add", f"{addr}/24", "dev", "eth0")
+            _sh(ip, "-n", space, "link", "set", "eth0", "up")
+            _sh(ip, "-n", space, "link", "set", "lo", "up")
+            self._shape(["dev", veth])  # into the rank
+            self._shape(["dev", "eth0"], space)  # out of the rank
+
+    def _shape(self, device: list[str], space: str | None = None) -> None:
+        """Egress qdiscs on one veth end: netem (half the delay) over tbf (the rate)."""
+        tc = [_tool("tc")] + (["-n", space] if space else [])
+        parent = ["root"]
+        if self.link.delay_s > 0 and self.delay_emulated is not False:
+            half_us = f"{self.link.delay_s / 2 * 1e6:.1f}us"
+            added = _sh(*tc, "qdisc", "add", *device, "root", "handle", "1:",
+                        "netem", "delay", half_us, "limit", "100000", check=False)
+            if added.returncode == 0:
+                self.delay_emulated, parent = True, ["parent", "1:1"]
+            elif "unknown" in added.stderr and self.delay_emulated is None:
+                self.delay_emulated = False
+                print(f"emulate_cluster: this kernel has no netem qdisc, so links get the "
+                      f"rate but not the {self.link.delay_s * 1e3:g} ms delay", file=sys.stderr)
+            else:
+                raise NetemError(f"tc could not add a netem delay: {added.stderr.strip()}")
+        if self.link.rate_bps is not None:
+            rate_bytes = self.link.rate_bps / 8
+            # Burst above a 64 KiB GSO packet (else tbf splits each one) and about 1 ms of
+            # traffic, so timer wake-ups do not starve fast links; queue 5 ms beyond it.
+            burst = int(max(256 * 1024, rate_bytes * 1e-3))
+            limit = int(burst + rate_bytes * 5e-3)
+            _sh(*tc, "qdisc", "add", *device, *parent, "handle", "10:", "tbf",
+                "rate", f"{int(self.link.rate_bps)}bit", "burst", str(burst),
+                "limit", str(limit))
+
+    def run(self, command: list[str], env: dict[str, str] | None = None,
+            timeout: float | None = None, stdout=None, stderr=None) -> list[int]:
+        """Runs ``command`` once per rank, each in its namespace; returns per-rank codes.
+
+        Each rank inherits this process's environment plus ``env`` plus ``MLX_RANK`` and
+        ``MLX_HOSTFILE`` (nothing else: a lean launch). Output lines are relayed with a
+        ``[rank] `` prefix as they arrive; Python ranks should run with ``-u``.
+        When one rank fails, the others get SIGTERM (SIGKILL 3 s later).
+
+        Args:
+            command: argv to run; the same on every rank.
+            env: extra environment variables (default ``None``).
+            timeout: seconds before all ranks are stopped and reported as 124
+                (default ``None``: no limit).
+            stdout, stderr: text streams for the relayed lines (default ``sys.stdout``
+                and ``sys.stderr`` at call time).
+
+        Returns:
+            Exit codes by rank: 0 success, negative -s for death by signal s,
+            124 for ranks stopped by the timeout.
+        """
+        if self.hostfile_path is None:
+            raise NetemError("EmulatedCluster.run() needs the cluster entered with `with` first")
+        streams = (stdout or sys.stdout, stderr or sys.stderr)
+        done: queue.Queue = queue.Queue()
+        procs, relays, lock = [], [], threading.Lock()
+        try:
+            # Start every rank before any relay thread, so no thread of ours is mid-call
+            # when a child forks and runs _die_with_parent.
+            for rank, space in enumerate(self.namespaces):
+                rank_env = {**os.environ, **(env or {}), "MLX_RANK": str(rank),
+                            "MLX_HOSTFILE": self.hostfile_path}
+                procs.append(subprocess.Popen(
+                    [_tool("ip"), "netns", "exec", space, *command], env=rank_env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True,  # our signals reach the whole rank, Ctrl-C only us
+                    preexec_fn=_die_with_parent))
+            for rank, proc in enumerate(procs):
+                for pipe, stream in zip((proc.stdout, proc.stderr), streams):
+                    relays.append(threading.Thread(
+                        target=_relay, args=(pipe, stream, f"[{rank}] ", lock), daemon=True))
+                    relays[-1].start()
+                threading.Thread(target=lambda r=rank, p=proc: done.put((r, p.wait())),
+                                 daemon=True).start()
+            return self._wait(procs, done, timeout, streams[1])
+        finally:
+            _stop(procs)
+            for relay in relays:
+                relay.join(timeout=STOP_GRACE_S)
+
+    def _wait(self, procs, done, timeout, err) -> list[int]:
+        codes: list[int | None] = [None] * len(procs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while None in codes:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                rank, code = done.get(timeout=left)  # blocks; Ctrl-C still interrupts it
+            except queue.Empty:
+                late = [rank for rank, code in enumerate(codes) if code is None]
+                print(f"emulate_cluster: ranks {late} still running after the {timeout:g} s "
+                      "timeout; stopping them", file=err, flush=True)
+                _stop(procs)
+                return [124 if code is None else code for code in codes]
+            codes[rank] = code
+            if code == 0:
+                continue
+            running = None in codes
+            print(f"emulate_cluster: rank {rank} exited with status {code}" +
+                  ("; stopping the other ranks" if running else ""), file=err, flush=True)
+            if running:
+                for stopped, stopped_code in _stop(procs).items():
+                    codes[stopped] = stopped_code
+        return codes
+
+    def close(self) -> None:
+        """Removes everything this cluster made; safe to call twice. Blocks Ctrl-C and
+        SIGTERM while it runs, so an impatient second Ctrl-C cannot leave leftovers."""
+        if not self.entered:
+            return
+        main = threading.current_thread() is threading.main_thread()
+        blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        if main:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            _remove(self.prefix)
+            left = [name for names in _our_names(self.prefix) for name in names]
+            if left:
+                print(f"emulate_cluster: could not remove {left}; run --cleanup-stale "
+                      "after this process ends", file=sys.stderr)
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+        finally:
+            self._old_handlers, self.entered, EmulatedCluster._active = {}, False, False
+            self.workdir = self.hostfile_path = self.launch_hostfile_path = None
+            if main:  # a signal that came meanwhile is delivered now
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in each rank's child before exec: the kernel SIGKILLs the rank if this launcher
+    dies, even by SIGKILL, so no busy-polling rank outlives it. prctl is looked up at
+    import, since a forked child of a threaded process should not load libraries."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _relay(pipe, stream, prefix: str, lock: threading.Lock) -> None:
+    """Copies lines from a rank's pipe to ``stream`` with a rank prefix (blocking reads,
+    unlike mlx.launch's busy-spinning relay)."""
+    for raw in iter(pipe.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        with lock:
+            stream.write(prefix + line + ("" if line.endswith("\n") else "\n"))
+            stream.flush()
+    pipe.close()
+
+
+def _stop(procs) -> dict[int, int]:
+    """SIGTERMs every live rank's process group, SIGKILLs what is left after the grace
+    period; returns the codes of the ranks it stopped."""
+    live = {rank: proc for rank, proc in enumerate(procs) if proc.poll() is None}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in live.values():
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        for proc in live.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        if all(proc.poll() is not None for proc in live.values()):
+            break
+    return {rank: proc.returncode for rank, proc in live.items()}
