@@ -90,7 +90,7 @@ def save_adapters(directory: Path, weights: dict, adapter_config: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: dict, rng_state: list,
-                    adapter_config: dict, state: dict, config_yaml: str) -> Path:
+                    adapter_config: dict, state: dict, config_yaml: str, on_partial=None) -> Path:
     """Write one resumable checkpoint atomically; return its directory.
 
     Args:
@@ -102,6 +102,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: di
         adapter_config (dict): mlx-lm adapter config.
         state (dict): Progress and provenance (JSON-serialisable).
         config_yaml (str): The resolved recipe.
+        on_partial (callable | None): Called once the weights are written but
+            before the rest (fault injection: a crash mid-save). Default: ``None``.
     """
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: di
     try:
         tmp.mkdir()
         _save_arrays(tmp / "adapters.safetensors", weights)
+        if on_partial is not None:
+            on_partial()
         write_json(tmp / "adapter_config.json", adapter_config)
         _save_arrays(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer_state)))
         _save_arrays(tmp / "rng.safetensors", {f"state.{i}": a for i, a in enumerate(rng_state)})

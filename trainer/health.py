@@ -31,6 +31,7 @@ from . import parallel
 from .checkpoint import write_json
 
 WATCHDOG_EXIT = 4
+FAULT_ENV = "MLX_DP_FAULT"
 SIGNAL_GRACE_S = 20.0  # how long a signalled rank may stay blocked before it is ended
 
 _state = {
@@ -65,6 +66,29 @@ def phase(name: str, step: int | None = None, watched: bool = True) -> None:
     peers = _state["peers"]
     if peers is not None:
         peers.beat(_state["step"], name)
+
+
+def fault(kind: str, step: int) -> float | None:
+    """Fault injection for tests, from ``MLX_DP_FAULT``; ``None`` when not asked for.
+
+    ``MLX_DP_FAULT="stall:rank=1:step=3:seconds=60"`` makes rank 1 sleep inside
+    update 3; ``nan:rank=0:step=2`` poisons rank 0's loss at update 2;
+    ``crash_in_save:step=4`` kills rank 0 halfway through writing checkpoint 4.
+    Several faults are separated by ``;``.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    world = _state["world"]
+    if not spec or world is None:
+        return None
+    for item in spec.split(";"):
+        name, *fields = item.strip().split(":")
+        args = dict(f.split("=", 1) for f in fields if "=" in f)
+        if name != kind or int(args.get("step", -1)) != step:
+            continue
+        if int(args.get("rank", 0)) != world.rank:
+            continue
+        return float(args.get("seconds", 1))
+    return None
 
 
 def current_step() -> int:
@@ -107,8 +131,15 @@ def describe_failure(error: BaseException) -> str:
     return text
 
 
+def failing() -> None:
+    """The run is failing: later signals should not announce a clean stop."""
+    _state["failing"] = True
+
+
 def _on_signal(signum, frame) -> None:
     _state["signals"] += 1
+    if _state.get("failing"):
+        return
     if _state["stop"] and signum == signal.SIGINT:
         raise KeyboardInterrupt  # second Ctrl-C: stop now
     _state["stop"] = True
@@ -171,7 +202,7 @@ def install(world, run_dir: Path, timeout_s: float, peers=None) -> None:
             ranks, used to name stalled or lost peers. Default: ``None``.
     """
     _state.update(world=world, run_dir=Path(run_dir), timeout=float(timeout_s), phase="setup", step=0, watched=False,
-                  since=time.monotonic(), stop=False, signal_at=None, signals=0, peers=peers)
+                  since=time.monotonic(), stop=False, signal_at=None, signals=0, peers=peers, failing=False)
     parallel.set_monitor(_Monitor())
     if threading.current_thread() is threading.main_thread():
         read_fd, write_fd = os.pipe()

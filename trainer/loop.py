@@ -7,6 +7,7 @@ collective is in ``trainer.parallel``.
 """
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from .metrics import NullReporter, Reporter, format_bytes, start_wandb
 from .model import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
                     load_base, trainable_parameters)
 from .optim import build_optimizer
-from .parallel import GradientReducer, World, check_agreement, digest, init_world, plan_buckets, MiB
+from .hostfile import check_ring_hostfile
+from .parallel import MiB, GradientReducer, World, check_agreement, digest, init_world, plan_buckets
+from .peers import PeerMonitor
 from .step import StepFunctions, run_update
 
 
@@ -136,11 +139,14 @@ class Run:
         mx.random.state[0] = ckpt["rng"][0]
         self.step = int(state["step"])
         pos = state["data_position"]
-        if saved_batch == self.global_batch:
-            self.stream.epoch, self.stream.index = int(pos["epoch"]), int(pos["index"])
-        else:  # a different global batch: restart the epoch at the same fraction
-            self.stream.epoch = int(pos["epoch"])
-            world.print0("[mlx-dp] global batch changed: data order restarts within the current epoch")
+        saved_micro = state["batch_size"] * state["world_size"]
+        self.stream.epoch = int(pos["epoch"])
+        if saved_micro == self.stream.global_batch:  # same global micro-batches: continue exactly
+            self.stream.index = int(pos["index"])
+        else:  # other micro-batches: same epoch, same share of it done
+            self.stream.index = int(pos["index"]) * saved_micro // self.stream.global_batch
+            world.print0(f"[mlx-dp] micro-batches changed from {saved_micro} to {self.stream.global_batch} sequences: "
+                         "this epoch continues at the same fraction, in a slightly different order")
         self.best = tuple(state["best"]) if state.get("best") else None
         world.print0(f"[mlx-dp] resumed from {path} at update {self.step} (epoch {pos['epoch']}, batch {pos['index']})")
 
@@ -161,8 +167,10 @@ class Run:
         if val_loss is not None and (self.best is None or val_loss < self.best[0]):
             self.best = (val_loss, str(self.run_dir / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(self.step)))
         state["best"] = list(self.best) if self.best else None
+        crash = health.fault("crash_in_save", self.step) is not None
         path = checkpoint.save_checkpoint(self.run_dir, self.step, weights, self.optimizer.state, mx.random.state,
-                                          self.adapter_config, state, self.cfg.to_yaml())
+                                          self.adapter_config, state, self.cfg.to_yaml(),
+                                          on_partial=(lambda: os._exit(1)) if crash else None)
         checkpoint.save_adapters(self.run_dir, weights, self.adapter_config)
         keep = {Path(self.best[1])} if (self.best and self.cfg.checkpoint.keep_best) else set()
         checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep_last, keep)
@@ -193,9 +201,14 @@ class Run:
         stop_requested = health.stop_requested
         tic = time.perf_counter()
         while self.step < self.total_steps:
-            health.phase("step", self.step + 1)
+            health.phase("compute", self.step + 1)
+            stall = health.fault("stall", self.step + 1)
+            if stall:
+                time.sleep(stall)
             micro = [next(self.stream) for _ in range(t.grad_accumulation)]
-            out = run_update(self.fns, self.reducer, micro, stop=stop_requested())
+            out = run_update(self.fns, self.reducer, micro, stop=stop_requested(),
+                             poison=health.fault("nan", self.step + 1) is not None)
+            health.phase("sync", self.step + 1)
             mx.eval(self.model.state, self.optimizer.state, mx.random.state, out["loss_sum"], out["grad_norm"],
                     out["finite"], out["stop"])  # note: the step's one blocking sync point
             self.step += 1
@@ -268,9 +281,12 @@ def train(cfg: Config, resume=None) -> dict:
     Returns:
         dict: Final step, whether it stopped early, and the last val loss.
     """
+    notes = check_ring_hostfile()  # a repeated ip:port would never connect
     world = init_world(cfg.parallel.backend)
+    for note in notes:
+        world.print0(f"[mlx-dp] note: {note}")
     run_dir = Path(cfg.checkpoint.dir)
-    health.install(world, run_dir, cfg.parallel.timeout_s)
+    health.install(world, run_dir, cfg.parallel.timeout_s, peers=PeerMonitor.start(world))
     reporter = NullReporter()
     try:
         run = Run(cfg, world, resume)
@@ -288,9 +304,11 @@ def train(cfg: Config, resume=None) -> dict:
         health.status(world, run_dir, "stopped" if result["stopped"] else "completed", step=result["step"])
         return result
     except UserError as e:
+        health.failing()
         health.status(world, run_dir, "failed", reason=str(e), step=health.current_step())
         raise
     except Exception as e:
+        health.failing()
         reason = health.describe_failure(e)
         health.status(world, run_dir, "failed", reason=reason, step=health.current_step())
         if reason != str(e):

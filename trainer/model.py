@@ -52,7 +52,7 @@ def load_base(cfg: ModelConfig):
         model, tokenizer, model_config = load(
             path, return_config=True, tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
             trust_remote_code=cfg.trust_remote_code)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: truncated safetensors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "download" if not Path(path).exists() else "load"
         raise ModelError(f"could not {where} model {cfg.path}: {first}") from None

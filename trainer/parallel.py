@@ -275,13 +275,16 @@ class GradientReducer:
         """Verify, before any gradient is sent, that every rank has the same bucket plan."""
         check_agreement(self.world, {"gradient bucket plan": plan_digest(self.buckets)})
 
-    def reduce(self, grads: dict, extra: "mx.array | None" = None):
+    def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
         """Sum flat gradients (and an optional float32 vector ``extra``) over ranks.
 
         Args:
             grads (dict[str, mx.array]): Flat name-to-gradient map (lazy arrays).
             extra (mx.array | None): Small float32 vector summed with the last
                 bucket, e.g. the step's loss sum. Default: ``None``.
+            on_dispatch (callable | None): Called as ``on_dispatch(index,
+                bucket, summed)`` right after each bucket is dispatched (the
+                benchmark's timeline uses it). Default: ``None``.
 
         Returns:
             tuple: ``(summed grads dict, summed extra or None)``, both lazy.
@@ -299,6 +302,8 @@ class GradientReducer:
             total = mx.distributed.all_sum(flat, group=self.world.group, stream=self.stream)
             mx.async_eval(total)  # dispatch now: backward for later buckets keeps computing meanwhile
             sent.append((bucket, total, carries_extra))
+            if on_dispatch is not None:
+                on_dispatch(i, bucket, total)
         if extra is not None and not any(c for _, _, c in sent):
             extra_total = mx.distributed.all_sum(extra, group=self.world.group, stream=self.stream)
             mx.async_eval(extra_total)

@@ -97,7 +97,8 @@ class StepFunctions:
         self.update = update
 
 
-def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False):
+def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False,
+               poison: bool = False):
     """One optimizer update over ``micro_batches`` (this rank's share).
 
     Args:
@@ -107,6 +108,8 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         stop (bool): This rank wants to stop after this update (a signal
             arrived). Summed over ranks with the gradients, so every rank
             learns of it at the same update. Default: ``False``.
+        poison (bool): Make this rank's loss NaN (fault injection for tests of
+            the non-finite handling). Default: ``False``.
 
     Returns:
         dict: Lazy arrays ``loss_sum`` (summed over ranks and micro-batches),
@@ -115,7 +118,7 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         caller evaluates them with the model state.
     """
     total_tokens = sum(b.global_tokens for b in micro_batches)
-    scale = mx.array(1.0 / total_tokens, mx.float32)
+    scale = mx.array(float("nan") if poison else 1.0 / total_tokens, mx.float32)
     acc, local_loss = None, mx.array(0.0, mx.float32)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):

@@ -1,0 +1,27 @@
+"""Benchmarks: ``mlx-dp bench comm`` (gradient communication) and
+``mlx-dp bench scaling`` (tokens/s against one machine).
+
+Each prints a table and writes JSON. They launch their own ranks, so they
+are run in one process: ``mlx-dp bench comm -n 2``.
+"""
+
+import sys
+
+USAGE = "usage: mlx-dp bench {comm,scaling} ..."
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\n" + __doc__)
+        return 0 if argv else 2
+    kind, rest = argv[0], argv[1:]
+    if kind == "comm":
+        from .comm import main as comm_main
+
+        return comm_main(rest)
+    if kind == "scaling":
+        from .scaling import main as scaling_main
+
+        return scaling_main(rest)
+    print(f"{USAGE}\nmlx-dp bench: unknown benchmark {kind!r}", file=sys.stderr)
+    return 2
