@@ -76,3 +76,38 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("mlx-dp: error:")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None = None) -> list[subprocess.Popen]:
+    """Start one ``mlx-dp`` process per entry by hand (no launcher), each with its rank.
+
+    Output goes to ``tmp_path / f"rank{r}.log"``.
+    """
+    from trainer.launch import write_ring_hostfile
+
+    hostfile = write_ring_hostfile(tmp_path / "hosts.json", len(args_per_rank))
+    procs = []
+    for rank, args in enumerate(args_per_rank):
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([MLX_DP, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, **(env or {}), "MLX_RANK": str(rank),
+                                           "MLX_HOSTFILE": str(hostfile)}))
+    return procs
+
+
+def wait_for_step(run_dir: Path, step: int, procs, timeout: float = 120) -> None:
+    """Block until metrics.jsonl reports ``step`` (fails if a rank exits first)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        dead = [p.returncode for p in procs if p.poll() is not None]
+        assert not dead, f"a rank exited early with {dead}"
+        time.sleep(0.2)
+    raise AssertionError(f"update {step} not reached in {timeout}s")

@@ -5,6 +5,7 @@
     mlx-dp export RECIPE --out DIR [--checkpoint PATH]
     mlx-dp bench comm|scaling ...
     mlx-dp recipes list | cp NAME DEST | keys
+    mlx-dp hostfile check HOSTFILE
     mlx-dp launch -n N -- COMMAND ...
 
 Under a launcher every rank runs the same command:
@@ -45,8 +46,14 @@ def _prepare_runtime() -> None:
 
 
 def _cmd_train(args) -> int:
+    import re
+
     from .config import load_config
 
+    if args.resume and re.match(r"^\w+\.\w+=", args.resume):
+        # `--resume training.steps=200`: the value is an override, not a path
+        args.overrides.append(args.resume)
+        args.resume = ""
     cfg = load_config(args.recipe, args.overrides)
     _prepare_runtime()
     from .loop import train
@@ -77,6 +84,15 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _cmd_hostfile(args) -> int:
+    from .hostfile import check_launch_hostfile
+
+    hosts = check_launch_hostfile(args.path)
+    print(f"{args.path}: {len(hosts)} hosts, each listed once: "
+          + ", ".join(f"{h['ssh']} ({', '.join(h.get('ips') or ['no ip'])})" for h in hosts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-dp", description="Data-parallel fine-tuning on MLX from YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from the newest checkpoint in checkpoint.dir, or from PATH")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("hostfile", help="check an mlx.launch hostfile before a long job")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("path", help="the JSON hostfile given to mlx.launch --hostfile")
+    p.set_defaults(func=_cmd_hostfile)
 
     p = sub.add_parser("recipes", help="list, copy or explain recipes")
     p.add_argument("action", choices=["list", "cp", "keys"])

@@ -73,7 +73,8 @@ def fault(kind: str, step: int) -> float | None:
 
     ``MLX_DP_FAULT="stall:rank=1:step=3:seconds=60"`` makes rank 1 sleep inside
     update 3; ``nan:rank=0:step=2`` poisons rank 0's loss at update 2;
-    ``crash_in_save:step=4`` kills rank 0 halfway through writing checkpoint 4.
+    ``crash_in_save:step=4`` kills rank 0 halfway through writing checkpoint 4;
+    ``stop:step=3`` acts like a SIGTERM arriving during update 3.
     Several faults are separated by ``;``.
     """
     spec = os.environ.get(FAULT_ENV)

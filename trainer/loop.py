@@ -136,7 +136,10 @@ class Run:
                 "parallel.allow_world_size_change=true")
         self.model.load_weights(list(ckpt["weights"].items()), strict=False)
         self.optimizer.state = ckpt["optimizer"]
-        mx.random.state[0] = ckpt["rng"][0]
+        # mx.random.state cannot be assigned in mlx 0.32, but its key is two
+        # uint32 words and seed(s) sets the key to [s >> 32, s & 0xffffffff].
+        hi, lo = (int(x) for x in ckpt["rng"][0].tolist())
+        mx.random.seed((hi << 32) | lo)
         self.step = int(state["step"])
         pos = state["data_position"]
         saved_micro = state["batch_size"] * state["world_size"]
@@ -168,7 +171,7 @@ class Run:
             self.best = (val_loss, str(self.run_dir / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(self.step)))
         state["best"] = list(self.best) if self.best else None
         crash = health.fault("crash_in_save", self.step) is not None
-        path = checkpoint.save_checkpoint(self.run_dir, self.step, weights, self.optimizer.state, mx.random.state,
+        path = checkpoint.save_checkpoint(self.run_dir, self.step, weights, self.optimizer.state, list(mx.random.state),
                                           self.adapter_config, state, self.cfg.to_yaml(),
                                           on_partial=(lambda: os._exit(1)) if crash else None)
         checkpoint.save_adapters(self.run_dir, weights, self.adapter_config)
@@ -206,7 +209,8 @@ class Run:
             if stall:
                 time.sleep(stall)
             micro = [next(self.stream) for _ in range(t.grad_accumulation)]
-            out = run_update(self.fns, self.reducer, micro, stop=stop_requested(),
+            stop = stop_requested() or health.fault("stop", self.step + 1) is not None
+            out = run_update(self.fns, self.reducer, micro, stop=stop,
                              poison=health.fault("nan", self.step + 1) is not None)
             health.phase("sync", self.step + 1)
             mx.eval(self.model.state, self.optimizer.state, mx.random.state, out["loss_sum"], out["grad_norm"],

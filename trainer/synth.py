@@ -235,8 +235,9 @@ def _param_key(seed: int, name: str):
     """An RNG key that depends only on the seed and the parameter's name.
 
     Naming the key after the parameter (rather than drawing in order) keeps a
-    layer's weights the same whatever the number of layers, and never touches
-    MLX's global RNG state.
+    layer's weights the same whatever the number of layers. The weights never
+    depend on MLX's global RNG state (though constructing the mlx-lm modules,
+    whose default initialisation is replaced here, still advances it).
     """
     import mlx.core as mx
 
@@ -299,9 +300,8 @@ def build_model(config: dict, seed: int = 0, dtype: str = "float32"):
 def _offset_norm_weights(model) -> set:
     """Names of norm weights that store the offset from 1 (Gemma's ``x * (1 + w)``).
 
-    Hugging Face initialises them to 0, a scale of 1. mlx-lm constructs them
-    as ones, a scale of 2 in every norm, which on a random Gemma 3 4B makes the
-    initial loss about three times ln(vocab) instead of about ln(vocab).
+    Hugging Face initialises them to 0, a scale of 1; mlx-lm constructs them
+    as ones (a checkpoint always overwrites them), a scale of 2 in every norm.
     """
     names = set()
     for name, module in model.named_modules():
