@@ -65,6 +65,39 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    _prepare_runtime()
+    from .evaluate import run_eval
+    from .parallel import launched_rank
+
+    result = run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split)
+    if launched_rank() == 0:
+        line = (f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
+                f"{result['tokens']} tokens of {result['samples']} samples on {result['world_size']} rank(s)")
+        if "exact_match" in result:
+            line += f"; exact match {result['exact_match']:.1%} of {result['exact_match_samples']} greedy generations"
+        print(line, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    _prepare_runtime()
+    from .export import export
+
+    out = export(cfg, args.out, checkpoint=args.checkpoint, dequantize=args.dequantize)
+    print(f"fused model written to {out}; try: mlx_lm.generate --model {out} --prompt \"hello\"")
+    return 0
+
+
 def _cmd_recipes(args) -> int:
     from . import recipes
 
@@ -103,6 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from the newest checkpoint in checkpoint.dir, or from PATH")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="token-weighted loss (and exact match) of a trained run, sharded over ranks")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--checkpoint", default=None, help="run dir or checkpoints/step_* (default checkpoint.dir; "
+                   "'none' for the base model)")
+    p.add_argument("--split", choices=["test", "valid"], default=None, help="default: eval.split")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="fuse adapters into the base model (mlx-lm loads the result)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--out", required=True, help="directory for the fused model")
+    p.add_argument("--checkpoint", default=None, help="run dir or checkpoints/step_* (default checkpoint.dir)")
+    p.add_argument("--dequantize", action="store_true", help="full-precision output from a quantized base")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("hostfile", help="check an mlx.launch hostfile before a long job")
     p.add_argument("action", choices=["check"])

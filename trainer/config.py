@@ -91,6 +91,11 @@ class MethodConfig:
             raise ConfigError(f"method.num_layers must be -1 (all) or a positive count, got {self.num_layers}")
 
 
+# Keys of data.hf_dataset, as in mlx-lm's hf_dataset entries.
+HF_DATASET_KEYS = ("path", "name", "config", "train_split", "valid_split", "test_split", "text_feature",
+                   "prompt_feature", "completion_feature", "chat_feature")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data is and how it becomes token batches."""
@@ -120,8 +125,13 @@ class DataConfig:
             raise ConfigError(f"data.max_seq_length must be at least 2, got {self.max_seq_length}")
         if self.pad_multiple < 1:
             raise ConfigError(f"data.pad_multiple must be at least 1, got {self.pad_multiple}")
-        if self.hf_dataset is not None and not self.hf_dataset.get("path"):
-            raise ConfigError("data.hf_dataset needs a `path` (the hub id)")
+        if self.hf_dataset is not None:
+            if not self.hf_dataset.get("path"):
+                raise ConfigError("data.hf_dataset needs a `path` (the hub id)")
+            for key in self.hf_dataset:
+                if key not in HF_DATASET_KEYS:
+                    raise ConfigError(f"unknown key data.hf_dataset.{key}" + _suggest(key, HF_DATASET_KEYS).replace(
+                        "mean ", "mean data.hf_dataset."))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ rendered and masked exactly as ``mlx_lm.lora`` does.
 Batching and sharding are in ``trainer.batches``; this module imports no MLX.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -93,6 +94,7 @@ class Source:
     data_files: str | None = None
     hub_split: str | None = None
     hub_name: str | None = None
+    hub_kwargs: tuple = ()  # extra load_dataset keyword arguments
 
 
 def _looks_like_hub_id(text: str) -> bool:
@@ -115,9 +117,11 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
     """
     if cfg.hf_dataset is not None:
         hf = cfg.hf_dataset
-        splits = {"train": hf.get("train_split", "train"), "valid": hf.get("valid_split"),
+        # mlx-lm's defaults: 80% to train, the last 10% to validate, no test split
+        splits = {"train": hf.get("train_split", "train[:80%]"), "valid": hf.get("valid_split", "train[-10%:]"),
                   "test": hf.get("test_split")}
-        return {s: Source(s, f"{hf['path']}[{expr}]", hf["path"], hub_split=expr, hub_name=hf.get("name"))
+        return {s: Source(s, f"{hf['path']}[{expr}]", hf["path"], hub_split=expr, hub_name=hf.get("name"),
+                          hub_kwargs=tuple(sorted((hf.get("config") or {}).items())))
                 for s, expr in splits.items() if expr}
     path = Path(os.path.expanduser(cfg.path))
     if path.is_file():
@@ -209,7 +213,8 @@ def _load_hub_split(source: Source, cache_dir, required):
     last = None
     for name in names:
         try:
-            return datasets.load_dataset(source.builder, source.hub_name, split=name, cache_dir=cache_dir)
+            return datasets.load_dataset(source.builder, source.hub_name, split=name, cache_dir=cache_dir,
+                                         **dict(source.hub_kwargs))
         except ValueError as e:  # unknown split name
             last = e
             if "split" not in str(e).lower():
@@ -378,6 +383,9 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
     Returns:
         dict[str, TokenizedSplit]: The splits that exist.
     """
+    if cfg.hf_dataset is not None:  # its column names override the data section's
+        features = {k: v for k, v in cfg.hf_dataset.items() if k.endswith("_feature")}
+        cfg = dataclasses.replace(cfg, **features)
     sources = resolve_sources(cfg)
     tok_fp = tokenizer_fingerprint(tokenizer)
     out = {}
@@ -390,6 +398,10 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
             continue
         mapped = tokenize_split(sources[name], ds, tokenizer, cfg, tok_fp, show_progress)
         out[name] = to_split(name, sources[name], mapped, cfg)
+        if cfg.packing:
+            from .packing import pack
+
+            out[name] = pack(out[name], cfg.max_seq_length)
     if "train" in splits and "train" not in out:
         raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset}")
     return out

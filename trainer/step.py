@@ -19,15 +19,26 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .batches import Batch
 
 
-def token_loss_sum(model: nn.Module, inputs, targets, mask) -> mx.array:
-    """Sum of masked next-token cross-entropies, in float32."""
-    logits = model(inputs)
+def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx.array:
+    """Sum of masked next-token cross-entropies, in float32.
+
+    ``segments`` (packed rows) keeps attention within each sample; see
+    ``trainer.packing.SegmentMask``.
+    """
+    if segments is None:
+        logits = model(inputs)
+    else:
+        from .packing import SegmentMask
+
+        logits = model(inputs, cache=[SegmentMask(segments)] * len(model.layers))
     ce = nn.losses.cross_entropy(logits, targets) * mask
     return ce.astype(mx.float32).sum()
 
 
-def to_arrays(batch: Batch):
-    return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+def to_arrays(batch: Batch) -> tuple:
+    """The batch as MLX arrays: inputs, targets, mask (and segments when packed)."""
+    arrays = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+    return arrays if batch.segments is None else (*arrays, mx.array(batch.segments))
 
 
 def _select_inplace(tree, old, keep_new: mx.array) -> None:
@@ -43,8 +54,8 @@ def _select_inplace(tree, old, keep_new: mx.array) -> None:
 class StepFunctions:
     """Compiled pieces of one optimizer update.
 
-    * ``grads(inputs, targets, mask, scale)``: forward + backward of one
-      micro-batch, returning ``(loss_sum, grads)``; the gradient is of
+    * ``grads(scale, inputs, targets, mask[, segments])``: forward + backward
+      of one micro-batch, returning ``(loss_sum, grads)``; the gradient is of
       ``loss_sum * scale``.
     * ``update(grads, loss_sum)``: clip, check finiteness, apply the optimizer.
       A non-finite loss or gradient norm leaves weights and optimizer state
@@ -63,8 +74,8 @@ class StepFunctions:
         self.max_grad_norm = max_grad_norm
         optimizer.init(model.trainable_parameters())
 
-        def scaled_loss(inputs, targets, mask, scale):
-            loss_sum = token_loss_sum(model, inputs, targets, mask)
+        def scaled_loss(scale, inputs, targets, mask, *segments):
+            loss_sum = token_loss_sum(model, inputs, targets, mask, *segments)
             return loss_sum * scale, loss_sum
 
         value_and_grad = nn.value_and_grad(model, scaled_loss)
@@ -73,8 +84,8 @@ class StepFunctions:
         grad_state = [model.state, mx.random.state]
 
         @partial(mx.compile, inputs=grad_state, outputs=grad_state)
-        def grads(inputs, targets, mask, scale):
-            (_, loss_sum), g = value_and_grad(inputs, targets, mask, scale)
+        def grads(scale, *arrays):
+            (_, loss_sum), g = value_and_grad(scale, *arrays)
             return loss_sum, g
 
         update_state = [model.state, optimizer.state]
@@ -122,7 +133,7 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     acc, local_loss = None, mx.array(0.0, mx.float32)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
-        loss_sum, grads = fns.grads(*to_arrays(batch), scale)
+        loss_sum, grads = fns.grads(scale, *to_arrays(batch))
         local_loss = local_loss + loss_sum
         grads = grads if acc is None else tree_map(mx.add, acc, grads)
         if i < last:
@@ -139,5 +150,5 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
 
 
 def make_eval_loss(model: nn.Module):
-    """Compiled ``(inputs, targets, mask) -> loss_sum`` for validation."""
+    """Compiled ``(inputs, targets, mask[, segments]) -> loss_sum`` for validation."""
     return mx.compile(partial(token_loss_sum, model), inputs=[model.state], outputs=[model.state])

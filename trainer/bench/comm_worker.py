@@ -54,7 +54,7 @@ def worker(spec_path: str) -> int:
         if variant == "forward":
             mx.eval(forward(inputs, targets, mask))
             return
-        loss, grads = fns.grads(inputs, targets, mask, scale)
+        loss, grads = fns.grads(scale, inputs, targets, mask)
         if variant == "backward":  # forward + backward, no reduction or update
             mx.eval(loss, grads)
             return
