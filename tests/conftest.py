@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 MLX_DP = str(BIN / "mlx-dp")
-TINY_MODEL = Path(os.environ.get("MLX_DP_TEST_MODEL", ROOT / "data" / "tiny-llama"))
+TINY_MODEL = ROOT / "data" / "tiny-llama"
 TINY_DATA = ROOT / "data" / "tiny-task"
 
 

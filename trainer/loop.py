@@ -6,6 +6,7 @@ schedules updates. The maths of an update is in ``trainer.step``; every
 collective is in ``trainer.parallel``.
 """
 
+import json
 import math
 import os
 import time
@@ -202,6 +203,10 @@ class Run:
         window = {"loss": mx.array(0.0, mx.float32), "tokens": 0, "time": 0.0, "steps": 0,
                   "nonfinite": mx.array(0, mx.int32)}
         stop_requested = health.stop_requested
+        timings = None
+        if cfg.logging.per_rank_timings:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            timings = open(self.run_dir / f"metrics.rank{world.rank}.jsonl", "a")
         tic = time.perf_counter()
         while self.step < self.total_steps:
             health.phase("compute", self.step + 1)
@@ -218,6 +223,11 @@ class Run:
             self.step += 1
             toc = time.perf_counter()
             window["time"] += toc - tic
+            if timings is not None:
+                timings.write(json.dumps({"step": self.step, "rank": world.rank, "step_time_s": toc - tic,
+                                          "tokens": out["tokens"], "peak_memory_gb": mx.get_peak_memory() / 1e9})
+                              + "\n")
+                timings.flush()
             tic = toc
             window["loss"] = window["loss"] + out["loss_sum"]
             window["tokens"] += out["tokens"]

@@ -261,10 +261,16 @@ class GradientReducer:
         overlap (bool): See above. Default: ``True``.
     """
 
+    SKIP_ENV = "MLX_DP_SKIP_REDUCE"  # benchmarks only: measure compute without communication
+
     def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True):
         self.world = world
         self.buckets = buckets
         self.overlap = overlap
+        self.skip = os.environ.get(self.SKIP_ENV) == "1" and world.size > 1
+        if self.skip:
+            world.print0(f"[mlx-dp] WARNING: {self.SKIP_ENV}=1: gradients are not reduced, ranks train apart "
+                         "(a benchmark baseline, not training)")
         self.stream = mx.new_stream(mx.default_device()) if world.size > 1 else None
 
     @property
@@ -289,7 +295,7 @@ class GradientReducer:
         Returns:
             tuple: ``(summed grads dict, summed extra or None)``, both lazy.
         """
-        if self.world.size == 1:
+        if self.world.size == 1 or self.skip:
             return grads, extra
         if not self.overlap:
             mx.eval(grads, extra)  # serial path: finish backward before communicating (sync point)
