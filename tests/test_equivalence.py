@@ -35,6 +35,10 @@ def runs(tmp_path_factory):
         multi.append([recipe, *overrides, "training.batch_size=2", f"checkpoint.dir={tmp}/two-{name}"])
     single.append([recipe, *CASES["adamw-accum"], "training.batch_size=4", "training.seed=1",
                    f"checkpoint.dir={tmp}/one-adamw-accum-seed1"])
+    for overlap in ("true", "false"):  # many small buckets, sent during backward or after it
+        multi.append([recipe, "method.type=full", "training.learning_rate=1e-4", "training.batch_size=2",
+                      "parallel.bucket_mb=0.25", "parallel.first_bucket_mb=0.05", f"parallel.overlap={overlap}",
+                      f"checkpoint.dir={tmp}/two-full-overlap-{overlap}"])
     (tmp / "single.json").write_text(json.dumps(single))
     (tmp / "multi.json").write_text(json.dumps(multi))
     one = run([PYTHON, WORKER, str(tmp / "single.json")], timeout=600)
@@ -68,3 +72,10 @@ def test_adam_two_ranks_match_within_float_noise(runs):
     _, same = diff(one, two)
     _, different = diff(one, other)
     assert same < 0.01 * different, f"rms {same:.3g} vs {different:.3g} between different runs"
+
+
+def test_overlap_reproduces_the_serial_path_exactly(runs):
+    overlapped, serial = weights(runs / "two-full-overlap-true"), weights(runs / "two-full-overlap-false")
+    assert overlapped.keys() == serial.keys()
+    for key in overlapped:
+        assert np.array_equal(overlapped[key], serial[key]), f"{key} differs between overlap and serial"

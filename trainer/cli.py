@@ -179,6 +179,8 @@ def _print_error(error: UserError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # transformers warns on import that PyTorch is absent; MLX needs no PyTorch
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if argv[:1] == ["launch"]:
         from .launch import main as launch_main
 

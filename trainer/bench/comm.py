@@ -52,6 +52,7 @@ def parse_args(argv):
     p.add_argument("--bucket-mb", type=float, default=None, help="bucket size (default: the recipe default)")
     p.add_argument("--first-bucket-mb", type=float, default=None, help="first bucket size")
     p.add_argument("--sweep-reps", type=int, default=5, help="repetitions per all_sum size (default 5)")
+    p.add_argument("--sweep-max-mb", type=float, default=256, help="largest all_sum size swept (default 256)")
     p.add_argument("--launcher", choices=["lean", "mlx.launch"], default="lean",
                    help="how to start local ranks (default lean: MLX_RANK/MLX_HOSTFILE only)")
     p.add_argument("--link", default=None, help="run ranks in network namespaces behind a shaped link "
@@ -173,7 +174,7 @@ def main(argv: list[str]) -> int:
                 "warmup": args.warmup, "sweep_reps": args.sweep_reps, "out": str(Path(tmp) / "result.json"),
                 "bucket_mb": args.bucket_mb or defaults.bucket_mb,
                 "first_bucket_mb": args.first_bucket_mb or defaults.first_bucket_mb,
-                "sweep_bytes": SWEEP_BYTES}
+                "sweep_bytes": [b for b in SWEEP_BYTES if b <= args.sweep_max_mb * MiB]}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {args.n} ranks on {model}, {args.steps} measured steps per variant "

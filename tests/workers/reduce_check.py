@@ -1,0 +1,78 @@
+"""One rank of the bucket tests: bucketed reduction vs a plain per-array all_sum.
+
+Usage: python tests/workers/reduce_check.py MODE. MODE "compare" checks many
+random trees and bucket settings; "mismatch" gives rank 1 a different bucket
+plan and expects check_plan() to refuse it before any all_sum. Prints one
+JSON line on rank 0.
+"""
+
+import json
+import sys
+
+import mlx.core as mx
+import numpy as np
+
+from trainer.errors import DistributedError
+from trainer.parallel import GradientReducer, init_world, plan_buckets
+
+DTYPES = [mx.float32, mx.bfloat16, mx.float16]
+
+
+def random_tree(seed: int, rank: int):
+    rng = np.random.default_rng(seed)
+    names = [f"layer{i}.w{j}" for i in range(rng.integers(3, 9)) for j in range(rng.integers(1, 4))]
+    shapes = {n: tuple(int(d) for d in rng.integers(1, 40, rng.integers(1, 4))) for n in names}
+    dtypes = {n: DTYPES[int(rng.integers(0, 3))] for n in names}
+    values = {n: mx.array(np.random.default_rng([seed, rank, i]).standard_normal(shapes[n]).astype(np.float32)
+                          ).astype(dtypes[n]) for i, n in enumerate(names)}
+    return names, shapes, dtypes, values
+
+
+def compare(world) -> dict:
+    worst = {}
+    for seed in range(12):
+        names, shapes, dtypes, values = random_tree(seed, world.rank)
+        order = list(reversed(names))
+        reference = {n: mx.distributed.all_sum(values[n], group=world.group, stream=mx.cpu) for n in names}
+        mx.eval(reference)
+        for bucket_bytes, first, comm in [(64, 16, None), (4096, 512, None), (1 << 20, 1 << 20, None),
+                                          (2048, 256, mx.float32)]:
+            for overlap in (True, False):
+                buckets = plan_buckets(order, shapes, dtypes, bucket_bytes, first, comm)
+                reducer = GradientReducer(world, buckets, overlap=overlap)
+                extra = mx.array([float(world.rank + 1), 2.0])
+                out, extra_sum = reducer.reduce(dict(values), extra=extra)
+                mx.eval(out, extra_sum)
+                assert set(out) == set(names)
+                assert extra_sum.tolist() == [sum(range(1, world.size + 1)), 2.0 * world.size]
+                for n in names:
+                    assert out[n].dtype == dtypes[n] and out[n].shape == shapes[n], n
+                    got = np.array(out[n].astype(mx.float32))
+                    want = np.array(reference[n].astype(mx.float32))
+                    err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
+                    key = str(dtypes[n]).replace("mlx.core.", "")  # the output keeps the gradient dtype
+                    worst[key] = max(worst.get(key, 0.0), err)
+    return {"worst_relative_error": worst}
+
+
+def mismatch(world) -> dict:
+    names, shapes, dtypes, _ = random_tree(0, 0)
+    bucket_bytes = 256 if world.rank == 1 else 4096
+    buckets = plan_buckets(list(reversed(names)), shapes, dtypes, bucket_bytes, 128)
+    calls = []
+    real_all_sum = mx.distributed.all_sum
+    mx.distributed.all_sum = lambda *a, **k: (calls.append(1), real_all_sum(*a, **k))[1]
+    try:
+        GradientReducer(world, buckets).check_plan()
+        refused = None
+    except DistributedError as e:
+        refused = str(e)
+    finally:
+        mx.distributed.all_sum = real_all_sum
+    return {"refused": refused, "all_sum_calls": len(calls)}
+
+
+world = init_world()
+result = {"compare": compare, "mismatch": mismatch}[sys.argv[1]](world)
+if world.rank == 0:
+    print("RESULT " + json.dumps(result), flush=True)
