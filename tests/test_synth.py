@@ -122,6 +122,13 @@ def test_reduced_gemma_keeps_a_global_attention_layer(layers, pattern):
     assert small["layer_types"].count("full_attention") == layers // pattern
 
 
+def test_two_layer_gemma_has_one_sliding_and_one_global_layer():
+    model = synth.build_model(synth.reduce_config(synth.load_arch("gemma-3-1b"), num_layers=2,
+                                                  vocab_size=512))
+    caches = [type(c).__name__ for c in model.make_cache()]
+    assert caches == ["RotatingKVCache", "KVCache"]
+
+
 def test_reduce_config_overrides_and_rejects_unknown_keys():
     small = synth.reduce_config(synth.load_arch("mistral-7b"), intermediate_size=256)
     assert small["intermediate_size"] == 256 and small["hidden_size"] == 4096
@@ -150,6 +157,15 @@ def test_width_divisor_keeps_head_dim_and_gqa_ratio(name, divisor):
         synth.reduce_config(synth.load_arch(name), width_divisor=3)
 
 
+def test_layers_for_params_picks_the_smallest_model_of_that_size():
+    qwen = synth.load_arch("qwen3-0.6b")
+    layers = synth.layers_for_params(qwen, 100e6, vocab_size=1024)
+    size = lambda n: synth.count_params(synth.reduce_config(qwen, n, 1024))
+    assert size(layers) >= 100e6 > size(layers - 1)
+    with pytest.raises(synth.SynthError):
+        synth.layers_for_params(qwen, 1e12)
+
+
 def test_unknown_arch_names_a_close_match():
     with pytest.raises(synth.SynthError, match="qwen3-0.6b"):
         synth.load_arch("qwen3-0.6")
@@ -168,6 +184,7 @@ def test_random_model_loads_and_generates(tmp_path, tokenizer_dir, vocab, name, 
 
     saved = json.loads((out / "config.json").read_text())
     assert saved.get("text_config", saved)["num_hidden_layers"] == 2
+    assert saved["torch_dtype"] == "float32"  # what the file holds, not the real bfloat16
     assert (out / "tokenizer_config.json").is_file()
     weights = mx.load(str(out / "model.safetensors"))
     assert all(v.dtype == mx.float32 for v in weights.values())

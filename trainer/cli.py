@@ -18,6 +18,7 @@ a lost or disagreeing peer), never a traceback.
 import argparse
 import json
 import os
+import re
 import sys
 
 from .errors import ConfigError, UserError
@@ -46,8 +47,6 @@ def _prepare_runtime() -> None:
 
 
 def _cmd_train(args) -> int:
-    import re
-
     from .config import load_config
 
     if args.resume and re.match(r"^\w+\.\w+=", args.resume):
@@ -189,7 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         from .bench import main as bench_main
 
         sys.exit(bench_main(argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (`eval R --split test eval.batch_size=4`), which argparse
+    # leaves over; anything else left over is a mistake
+    stray = [a for a in extra if not re.match(r"^\w+\.\w+=", a)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides.extend(extra)
     try:
         code = args.func(args)
     except UserError as e:

@@ -84,8 +84,9 @@ class Reporter(NullReporter):
 
     def checkpoint(self, path) -> None:
         if self.wandb is not None:
+            step = int(Path(path).name.split("_")[-1])
             self.wandb.summary["last_checkpoint"] = str(path)
-            self.wandb.log({"checkpoint_step": int(Path(path).name.split("_")[-1])}, commit=False)
+            self.wandb.log({"checkpoint": str(path), "checkpoint_step": step}, step=step)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -107,8 +108,7 @@ def start_wandb(project: str, run_name: str, run_dir: Path, config: dict):
     if mode is None:
         mode = "online" if _wandb_reachable() else "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config, mode=mode,
-                     settings=wandb.Settings(start_method="thread"))
+    run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config, mode=mode)
     return run, mode
 
 

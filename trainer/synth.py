@@ -329,6 +329,30 @@ def count_params(config: dict) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
+def layers_for_params(config: dict, min_params: int, vocab_size=None, **reduce_kwargs) -> int:
+    """The fewest layers at which a reduced architecture has at least ``min_params``.
+
+    For benchmarks that want a model of realistic shape and a given size, e.g.
+    ``layers_for_params(load_arch("qwen3-0.6b"), 100e6, vocab_size=1024)`` is 7
+    (about 15.7M parameters per layer).
+
+    Args:
+        config (dict): A real config (see :func:`load_arch`).
+        min_params (int): The size to reach, embeddings included.
+        vocab_size (int, optional): As for :func:`reduce_config`. Default: ``None``.
+        **reduce_kwargs: More arguments of :func:`reduce_config` (``width_divisor``, overrides).
+
+    Returns:
+        int: The number of layers to pass to :func:`reduce_config`.
+    """
+    real_layers = _text_config(config)["num_hidden_layers"]
+    for num_layers in range(1, real_layers + 1):
+        reduced = reduce_config(config, num_layers, vocab_size, **reduce_kwargs)
+        if count_params(reduced) >= min_params:
+            return num_layers
+    raise SynthError(f"even {real_layers} layers have fewer than {min_params:.3g} parameters")
+
+
 def tokenizer_vocab_size(tokenizer_dir) -> int:
     """Token ids a tokenizer folder can produce (base vocabulary plus added tokens).
 
