@@ -173,6 +173,19 @@ def test_bad_arguments_are_one_line_and_status_2(argv, expected, capsys):
     assert len(err) == 1 and err[0].startswith("mlx-dp bench scaling: error:") and expected in err[0], err
 
 
+def test_a_hostfile_sets_the_world_size_and_mlx_launch(tmp_path, capsys):
+    hosts = tmp_path / "hosts.json"
+    two = [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]
+    hosts.write_text(json.dumps({"hosts": two}))
+    plan = scaling.make_plan(scaling.parse_args([RECIPE, "--hostfile", str(hosts)]))
+    assert plan.sizes == [1, 2] and plan.launchers == ["mlx.launch"]
+    assert scaling.main([RECIPE, "--hostfile", str(hosts), "-n", "3"]) == 2
+    assert "fixes the world size at its 2 hosts" in capsys.readouterr().err
+    hosts.write_text(json.dumps({"hosts": [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac1", "ips": []}]}))
+    assert scaling.main([RECIPE, "--hostfile", str(hosts)]) == 2
+    assert "lists host mac1 twice" in capsys.readouterr().err
+
+
 def test_link_without_root_is_a_clear_error(monkeypatch, capsys):
     from trainer import netem
 

@@ -15,6 +15,7 @@ on the reference BLAS) when it is enabled, and reported by every benchmark via
 Usage::
 
     MLX_DP_BLAS=openblas mlx-dp train recipes/tiny-lora.yaml
+    MLX_DP_BLAS=openblas MLX_DP_BLAS_THREADS=1 mlx-dp train ...   # pin threads per process
 
 The shim is compiled once with the system C compiler into
 ``~/.cache/mlx-dp/`` (or ``$MLX_DP_CACHE``).
@@ -30,6 +31,7 @@ import sys
 from pathlib import Path
 
 ENV_VAR = "MLX_DP_BLAS"
+THREADS_ENV = "MLX_DP_BLAS_THREADS"  # OpenBLAS threads per process; default: cores / local ranks
 
 _SHIM_SOURCE = r"""
 #include <stdint.h>
@@ -161,4 +163,9 @@ def maybe_enable(local_ranks: int = 1) -> None:
     """
     if requested() and not _state["active"]:
         threads = max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+        if os.environ.get(THREADS_ENV, "").strip():
+            try:
+                threads = int(os.environ[THREADS_ENV])
+            except ValueError:
+                raise FastBlasError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a number of threads") from None
         enable(threads=threads)

@@ -47,8 +47,8 @@ def check_ring_hostfile(path: str | None = None) -> list[str]:
         HostfileError: Malformed, or an ``ip:port`` listed for two ranks.
     """
     path = path or os.environ.get("MLX_HOSTFILE")
-    if not path:
-        return []
+    if not path or (Path(path).is_file() and not Path(path).read_text().strip()):
+        return []  # no ring: `mlx.launch -n 1` passes an empty file
     hosts = _read_json(Path(path))
     if not isinstance(hosts, list) or not all(isinstance(h, list) and h for h in hosts):
         raise HostfileError(f"hostfile {path} must be a list with one list of \"ip:port\" strings per rank")

@@ -58,8 +58,11 @@ def launch(command: list[str], n: int, env: dict | None = None, timeout: float |
         grace_s (float): Time between SIGTERM and SIGKILL. Default: ``10``.
     """
     with tempfile.TemporaryDirectory(prefix="mlx-dp-launch-") as tmp:
-        hostfile = write_ring_hostfile(Path(tmp) / "hosts.json", n)
-        base = {**os.environ, **(env or {}), "MLX_HOSTFILE": str(hostfile)}
+        base = {**os.environ, **(env or {})}
+        if n > 1:  # a one-entry ring never connects: one rank runs as a plain process
+            base["MLX_HOSTFILE"] = str(write_ring_hostfile(Path(tmp) / "hosts.json", n))
+        else:
+            base.pop("MLX_HOSTFILE", None)
         procs = [subprocess.Popen(command, env={**base, "MLX_RANK": str(r)}) for r in range(n)]
         deadline = None if timeout is None else time.monotonic() + timeout
         first_failure = 0

@@ -48,9 +48,21 @@ def launched_rank() -> int:
     return 0
 
 
+def _blank_hostfile() -> bool:
+    """``mlx.launch -n 1`` passes an MLX_HOSTFILE holding only a newline: no ring."""
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return not f.read().strip()
+
+
 def _is_launched() -> bool:
-    return any(v in os.environ for v in ("MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE",
-                                         "PMI_SIZE", "NCCL_HOST_IP", "MLX_WORLD_SIZE"))
+    """A launcher started several ranks (then joining the group must succeed)."""
+    if os.environ.get("MLX_HOSTFILE") and not _blank_hostfile():
+        return True
+    return any(v in os.environ for v in ("MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
+                                         "NCCL_HOST_IP", "MLX_WORLD_SIZE"))
 
 
 @dataclass
@@ -122,6 +134,8 @@ def init_world(backend: str = "any") -> World:
     Args:
         backend (str): ``any``, ``ring``, ``jaccl``, ``mpi`` or ``nccl``. Default: ``"any"``.
     """
+    if _blank_hostfile():
+        os.environ.pop("MLX_HOSTFILE")  # MLX would try to parse it; one rank needs no ring
     launched = _is_launched()
     try:
         group = mx.distributed.init(strict=launched, backend=backend)
