@@ -1,4 +1,4 @@
-"""Tests of ``mlx-dp bench scaling`` (trainer/bench/scaling.py and scaling_report.py).
+"""Tests of ``mlx-dp bench scaling`` (trainer/bench/scaling*.py).
 
 The metric maths is checked on synthetic numbers. One end-to-end run of the real
 CLI (the tiny recipe at 1 and 2 lean-launched ranks, with the mlx_lm.lora
@@ -13,7 +13,7 @@ import math
 import pytest
 
 from conftest import ROOT, mlx_dp
-from trainer.bench import scaling, scaling_report as report
+from trainer.bench import scaling, scaling_mlx_lm, scaling_plan, scaling_report as report
 from trainer.config import load_config
 
 RECIPE = "recipes/tiny-lora.yaml"
@@ -122,7 +122,7 @@ def test_mlx_lm_schedule_matches_ours(schedule, warmup, init):
     total = 12
     cfg = load_config(ROOT / RECIPE, [f"training.lr_schedule={schedule}", f"training.warmup_steps={warmup}",
                                       f"training.warmup_init={init}", "training.min_learning_rate=1e-5"]).training
-    theirs = scaling.mlx_lm_schedule(cfg, total)
+    theirs = scaling_mlx_lm.mlx_lm_schedule(cfg, total)
     ours = build_schedule(cfg, total)
     for step in range(total):
         want = ours(mx.array(step)) if callable(ours) else ours
@@ -132,7 +132,7 @@ def test_mlx_lm_schedule_matches_ours(schedule, warmup, init):
 
 def test_mlx_lm_args_give_the_same_work():
     cfg = load_config(ROOT / RECIPE, ["training.grad_accumulation=2", "training.weight_decay=0.05"])
-    args = scaling.mlx_lm_args(cfg, world_size=2, updates=5, config_path="c.yaml", adapter_dir="out")
+    args = scaling_mlx_lm.mlx_lm_args(cfg, world_size=2, updates=5, config_path="c.yaml", adapter_dir="out")
 
     def value(flag):
         return args[args.index(flag) + 1]
@@ -144,12 +144,13 @@ def test_mlx_lm_args_give_the_same_work():
     assert int(value("--steps-per-eval")) > 10 and int(value("--save-every")) > 10
     assert value("--num-layers") == "-1" and value("--fine-tune-type") == "lora"
     assert value("--max-seq-length") == "64" and "--mask-prompt" in args
-    config = scaling.mlx_lm_config(cfg, 5)
+    config = scaling_mlx_lm.mlx_lm_config(cfg, 5)
     assert config["lora_parameters"] == {"rank": 8, "scale": 10.0, "dropout": 0.0}
     assert config["optimizer"] == "adamw"
     assert config["optimizer_config"]["adamw"]["weight_decay"] == 0.05
     # The recipe's 0.0 is passed on, not left to mlx's AdamW default of 0.01.
-    assert scaling.mlx_lm_config(load_config(ROOT / RECIPE), 5)["optimizer_config"]["adamw"]["weight_decay"] == 0.0
+    default = scaling_mlx_lm.mlx_lm_config(load_config(ROOT / RECIPE), 5)
+    assert default["optimizer_config"]["adamw"]["weight_decay"] == 0.0
 
 
 # ---------------------------------------------------------------------------- errors for people
@@ -177,7 +178,7 @@ def test_a_hostfile_sets_the_world_size_and_mlx_launch(tmp_path, capsys):
     hosts = tmp_path / "hosts.json"
     two = [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]
     hosts.write_text(json.dumps({"hosts": two}))
-    plan = scaling.make_plan(scaling.parse_args([RECIPE, "--hostfile", str(hosts)]))
+    plan = scaling_plan.make_plan(scaling_plan.parse_args([RECIPE, "--hostfile", str(hosts)]))
     assert plan.sizes == [1, 2] and plan.launchers == ["mlx.launch"]
     assert scaling.main([RECIPE, "--hostfile", str(hosts), "-n", "3"]) == 2
     assert "fixes the world size at its 2 hosts" in capsys.readouterr().err

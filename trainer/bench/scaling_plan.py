@@ -1,0 +1,274 @@
+"""The arguments and the plan of ``mlx-dp bench scaling`` (see ``trainer/bench/scaling.py``).
+
+Everything here happens before the first launch: the command line is parsed,
+every argument checked, the recipe resolved with the benchmark's own
+overrides, and the launches listed (:func:`schedule`). A mistake ends here,
+as one line, before minutes of training are spent.
+"""
+
+import argparse
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..netem import LinkSpec
+
+PROG = "mlx-dp bench scaling"
+DESCRIPTION = "``mlx-dp bench scaling``: how a recipe's tokens/s grows from one rank to N."
+LAUNCHERS = ("lean", "mlx.launch")
+# Keys the benchmark sets on every run; a user override of one would silently lose.
+OWN_KEYS = {"training.steps": "use --steps and --warmup", "training.epochs": "use --steps and --warmup",
+            "checkpoint.dir": "runs go to a temporary directory; use --keep DIR to keep them"}
+
+
+class BenchError(UserError):
+    """A bad argument or an unusable setup; one line, exit status 2."""
+
+
+class RunFailed(BenchError):
+    """A launched run failed; its output's tail has been shown."""
+
+    exit_code = 1
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        if "arguments are required" in message:  # argparse also names the optional overrides
+            message = "give a recipe: mlx-dp bench scaling RECIPE -n N [section.key=value ...]"
+        raise BenchError(f"{message} (see {PROG} --help)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; overrides may come before or after the options."""
+    p = _Parser(prog=PROG, description=DESCRIPTION)
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+    p.add_argument("-n", type=int, default=None, help="world size to compare with 1 (local ranks)")
+    p.add_argument("--sizes", default=None, help="world sizes to run, e.g. 1,2,4 (default: 1 and -n)")
+    p.add_argument("--hostfile", default=None, help="mlx.launch hostfile of a real cluster: N = its hosts")
+    p.add_argument("--launcher", choices=["both", *LAUNCHERS], default=None,
+                   help="how to start ranks (default both locally, mlx.launch with --hostfile, lean with --link)")
+    p.add_argument("--link", default=None, help="run N-rank jobs in network namespaces behind a shaped link "
+                   "(1gbe, 10gbe, tb4, none); needs root")
+    p.add_argument("--rate", default=None, help="with --link: raw tc rate per direction, e.g. 5gbit")
+    p.add_argument("--delay", default=None, help="with --link: raw one-way delay, e.g. 0.2ms")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer updates per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured first updates, compilation included "
+                   "(default 3)")
+    p.add_argument("--blas-threads", type=int, default=None, help="with MLX_DP_BLAS=openblas: OpenBLAS threads "
+                   "per rank in every run (default: the trainer's cores // ranks on a machine)")
+    p.add_argument("--vs-mlx-lm", action="store_true", help="also train the same work with mlx_lm.lora at N")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
+    p.add_argument("--keep", default=None, help="keep every run's logs, metrics and adapters in this directory")
+    p.add_argument("--timeout", type=float, default=1800, help="give up on one run after this many seconds")
+    return p.parse_intermixed_args(argv)
+
+
+# ---------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first launch."""
+
+    recipe: str
+    overrides: list[str]
+    cfg: "Config | None"  # the recipe resolved with the user's and the benchmark's overrides
+    sizes: list[int]
+    launchers: list[str]
+    warmup: int
+    steps: int
+    vs_mlx_lm: bool
+    timeout: float
+    hostfile: str | None = None
+    link: "LinkSpec | None" = None  # set when N-rank runs go behind an emulated link
+    link_args: dict = field(default_factory=dict)
+    blas: str = "mlx"
+    blas_threads: int | None = None  # OpenBLAS threads per rank; None: the trainer's own choice
+    shim: str | None = None  # the OpenBLAS shim mlx_lm.lora gets with LD_PRELOAD
+    notes: list[str] = field(default_factory=list)
+    keep: str | None = None  # keep run directories here instead of a temporary one
+    json: str | None = None
+    png: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def primary_launcher(self) -> str:
+        """The launcher whose numbers headline: lean where it ran (fair on small machines)."""
+        return "lean" if "lean" in self.launchers else self.launchers[0]
+
+
+def bench_overrides(plan: Plan, run_dir: Path) -> list[str]:
+    """Overrides for one measured training run (after the user's, so they win)."""
+    return [f"training.steps={plan.warmup + plan.steps}", "logging.every=1", "logging.per_rank_timings=true",
+            "logging.progress_bar=false", "logging.wandb=false", "eval.every=0", "eval.at_start=false",
+            "eval.max_batches=1",  # the trainer still validates once at the end; keep that short
+            "checkpoint.every=0", f"checkpoint.dir={run_dir}"]
+
+
+def blas_threads(plan: Plan, world_size: int) -> int | None:
+    """OpenBLAS threads per rank, as the trainer picks them (cores // ranks on the machine)."""
+    if plan.blas != "openblas":
+        return 1  # MLX's bundled reference BLAS is single-threaded
+    if plan.blas_threads:
+        return plan.blas_threads
+    if plan.hostfile and world_size > 1:
+        return None  # decided on each remote machine
+    local = 1 if plan.link is not None else world_size
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def make_plan(args) -> Plan:
+    """Check every argument and resolve the recipe before anything is launched.
+
+    Args:
+        args (argparse.Namespace): From :func:`parse_args`.
+    """
+    from ..config import load_config
+
+    for text in args.overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in OWN_KEYS:
+            raise BenchError(f"the benchmark sets {key} itself: {OWN_KEYS[key]}")
+    if args.warmup < 1:
+        raise BenchError("--warmup must be at least 1: the first update compiles the step")
+    if args.steps < (2 if args.vs_mlx_lm else 1):
+        raise BenchError("--steps must be at least 1 (2 with --vs-mlx-lm, whose last update also validates)")
+    sizes, launchers = _sizes(args), _launchers(args)
+    plan = Plan(recipe=args.recipe, overrides=list(args.overrides), cfg=None, sizes=sizes, launchers=launchers,
+                warmup=args.warmup, steps=args.steps, vs_mlx_lm=args.vs_mlx_lm, timeout=args.timeout,
+                hostfile=args.hostfile, keep=args.keep, json=args.json, png=args.png,
+                blas_threads=args.blas_threads)
+    plan.cfg = load_config(args.recipe, plan.overrides + bench_overrides(plan, Path("runs/bench")))
+    _plan_blas(plan)
+    if args.link or args.rate or args.delay:
+        _plan_link(plan, args)
+    if "mlx.launch" in launchers and not (Path(sys.executable).parent / "mlx.launch").is_file():
+        raise BenchError(f"mlx.launch is not next to {sys.executable}; install mlx in this environment")
+    if plan.vs_mlx_lm:
+        # Imported here: the mlx_lm.lora side builds on this module, not the other way round.
+        from .scaling_mlx_lm import check_mlx_lm_comparable
+
+        plan.notes += check_mlx_lm_comparable(plan.cfg)
+    if plan.hostfile:
+        plan.notes.append("world size 1 ran on this machine under mlx.launch -n 1; the cluster's ranks write "
+                          "per-rank timings on their own machines, so the rank spread covers what is visible here")
+    return plan
+
+
+def _sizes(args) -> list[int]:
+    if args.hostfile:
+        from ..hostfile import check_launch_hostfile
+
+        hosts = len(check_launch_hostfile(args.hostfile))
+        if args.sizes or (args.n is not None and args.n != hosts):
+            raise BenchError(f"--hostfile {args.hostfile} fixes the world size at its {hosts} hosts; "
+                             "drop -n/--sizes")
+        if hosts < 2:
+            raise BenchError(f"--hostfile {args.hostfile} lists one host; a scaling run needs at least 2")
+        return [1, hosts]
+    if args.sizes:
+        try:
+            sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+        except ValueError:
+            raise BenchError(f"--sizes {args.sizes!r} must be world sizes separated by commas, e.g. 1,2,4") from None
+    elif args.n is not None:
+        sizes = [1, args.n]
+    else:
+        raise BenchError("give the world size with -n N (or --sizes, or --hostfile)")
+    if not sizes or min(sizes) < 1:
+        raise BenchError("world sizes must be at least 1")
+    return sorted(set(sizes) | {1})  # one rank is every ratio's baseline
+
+
+def _launchers(args) -> list[str]:
+    if args.hostfile or args.link or args.rate or args.delay:
+        fixed = "mlx.launch" if args.hostfile else "lean"
+        why = "a real cluster runs through mlx.launch" if args.hostfile else \
+            "emulated links start ranks in namespaces (a lean launch)"
+        if args.launcher not in (None, fixed):
+            raise BenchError(f"--launcher {args.launcher} does not apply here: {why}")
+        if args.hostfile and (args.link or args.rate or args.delay):
+            raise BenchError("use either --hostfile (a real cluster) or --link (an emulated one)")
+        return [fixed]
+    return list(LAUNCHERS) if args.launcher in (None, "both") else [args.launcher]
+
+
+def _plan_link(plan: Plan, args) -> None:
+    from .. import netem
+
+    try:
+        plan.link = netem.link_spec(args.link, args.rate, args.delay)
+    except netem.NetemError as e:
+        raise BenchError(str(e)) from None
+    reason = netem.check_permitted()
+    if reason:
+        raise BenchError(f"--link: {reason}")
+    if plan.world_size < 2:
+        raise BenchError("--link needs a world size of at least 2")
+    plan.link_args = {"preset": args.link, "rate": args.rate, "delay": args.delay}
+    if plan.blas == "openblas" and not plan.blas_threads:
+        plan.notes.append("behind an emulated link each rank believes it has a machine of its own, so each "
+                          "uses every core for OpenBLAS; the ranks share this machine's cores")
+
+
+def _plan_blas(plan: Plan) -> None:
+    from .. import fastblas
+
+    try:
+        plan.blas = "openblas" if fastblas.requested() else "mlx"
+        if plan.blas == "openblas" and platform.system() != "Linux":
+            raise BenchError(f"{fastblas.ENV_VAR}=openblas is only for Linux CPU; unset it")
+        if plan.blas_threads is not None and (plan.blas != "openblas" or plan.blas_threads < 1):
+            raise BenchError("--blas-threads needs MLX_DP_BLAS=openblas and a count of at least 1")
+        if plan.blas == "openblas" and plan.vs_mlx_lm:
+            plan.shim = str(fastblas.build_shim())
+    except fastblas.FastBlasError as e:
+        raise BenchError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------- the launches
+
+
+@dataclass(frozen=True)
+class Run:
+    """One launch: which trainer, how many ranks, started how."""
+
+    kind: str  # "ours", "skip" (ours with MLX_DP_SKIP_REDUCE=1) or "mlx_lm"
+    world_size: int
+    launcher: str
+
+    def describe(self, plan: Plan) -> str:
+        what = {"ours": "mlx-dp", "skip": "mlx-dp, communication skipped", "mlx_lm": "mlx_lm.lora"}[self.kind]
+        where = f", {plan.link.describe()} link" if plan.link is not None and self.world_size > 1 else ""
+        return f"world size {self.world_size}, {self.launcher}{where}, {what}"
+
+    def dirname(self) -> str:
+        return f"{self.launcher}-n{self.world_size}-{self.kind}"
+
+
+def schedule(plan: Plan) -> list[Run]:
+    """Every launch, in order: per launcher, each world size, its skip baseline, then mlx-lm."""
+    runs = []
+    for launcher in plan.launchers:
+        for n in plan.sizes:
+            runs.append(Run("ours", n, launcher))
+            if n > 1:  # one rank never communicates: nothing to skip
+                runs.append(Run("skip", n, launcher))
+        if plan.vs_mlx_lm:
+            runs.append(Run("mlx_lm", plan.world_size, launcher))
+    return runs
