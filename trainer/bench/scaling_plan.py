@@ -126,6 +126,8 @@ def blas_threads(plan: Plan, world_size: int) -> int | None:
         return 1  # MLX's bundled reference BLAS is single-threaded
     if plan.blas_threads:
         return plan.blas_threads
+    if os.environ.get("MLX_DP_BLAS_THREADS", "").strip().isdigit():  # the trainer honours it too
+        return int(os.environ["MLX_DP_BLAS_THREADS"])
     if plan.hostfile and world_size > 1:
         return None  # decided on each remote machine
     local = 1 if plan.link is not None else world_size
