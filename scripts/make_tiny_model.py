@@ -17,7 +17,6 @@ either. About 8 minutes on one busy core.
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys

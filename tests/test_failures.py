@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BIN, MLX_DP, launched, mlx_dp, one_error_line, run, start_ranks, tiny_recipe, wait_for_step
+from conftest import BIN, MLX_DP, launched, mlx_dp, one_error_line, start_ranks, tiny_recipe, wait_for_step
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 
 LONG = {"training": {"batch_size": 2, "steps": 100000, "learning_rate": 1e-3},
@@ -130,7 +130,7 @@ def test_sigterm_saves_stops_cleanly_and_resumes(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
     more = launched(2, "train", recipe, "training.steps=" + str(stopped_at + 2), "--resume")
     assert more.returncode == 0, more.stderr[-2000:]
-    assert f"resumed from" in more.stdout
+    assert "resumed from" in more.stdout
     final = status(tmp_path)
     assert final["state"] == "completed" and final["step"] == stopped_at + 2
 

@@ -3,9 +3,7 @@
 import json
 import shutil
 
-import pytest
-
-from conftest import MLX_DP, TINY_MODEL, launched, mlx_dp, one_error_line, run, start_ranks, tiny_recipe
+from conftest import TINY_MODEL, launched, mlx_dp, one_error_line, tiny_recipe
 
 
 def test_recipe_that_is_not_yaml(tmp_path):

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, TINY_DATA, TINY_MODEL, launched
+from conftest import TINY_DATA, TINY_MODEL, launched
 from trainer import synth
 from trainer.config import load_config
 from trainer.recipes import all_recipes

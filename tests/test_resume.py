@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, launched, mlx_dp, one_error_line, run, tiny_recipe
+from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe
 
 WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
 # Everything that must be restored matters here: a decaying schedule with warmup,

@@ -1,7 +1,6 @@
 """The trainer end to end through the real CLI, on one process and on two ranks."""
 
 import json
-import subprocess
 
 import pytest
 

@@ -205,4 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("mlx-dp: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `mlx-dp recipes keys | head`
+        sys.exit(0)
     sys.exit(code)

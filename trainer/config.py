@@ -1,9 +1,10 @@
-"""The recipe schema: typed, frozen, strictly loaded.
+"""Loading recipes: YAML + ``section.key=value`` overrides into the typed schema, strictly.
 
 A recipe is one YAML file with the sections ``model``, ``method``, ``data``,
 ``training``, ``eval``, ``checkpoint``, ``logging`` and ``parallel``. Values
 come from, in order of precedence: ``section.key=value`` overrides on the
-command line, the recipe file, and the defaults below.
+command line, the recipe file, and the defaults in ``trainer.schema`` (whose
+classes are re-exported here).
 
 An unknown key, a value of the wrong type or an impossible value raises
 :class:`~trainer.errors.ConfigError` with the file, the key and, for typos,
@@ -11,18 +12,17 @@ the closest valid key. This module imports nothing from MLX.
 """
 
 import dataclasses
-import difflib
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
-
-import re
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError
+from .schema import (HF_DATASET_KEYS, SECTION_CLASSES, CheckpointConfig, Config, DataConfig,  # noqa: F401
+                     EvalConfig, LoggingConfig, MethodConfig, ModelConfig, ParallelConfig, TrainingConfig, _suggest)
 
 
 class _Loader(yaml.SafeLoader):
@@ -48,248 +48,8 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def _doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    """A dataclass field with a one-line description (shown by `mlx-dp recipes keys`)."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What to fine-tune."""
-
-    path: str = _doc("local model directory or Hugging Face hub id (mlx-lm format)")
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = _doc(
-        "cast floating-point base weights to this dtype; null keeps the stored dtype", None)
-    trust_remote_code: bool = _doc("let the tokenizer run code from the model repo", False)
-
-    def __post_init__(self):
-        if not self.path:
-            raise ConfigError("model.path must name a model directory or hub id")
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """How to fine-tune: adapters or all weights."""
-
-    type: Literal["lora", "dora", "full"] = _doc("lora, dora (QLoRA when the base is quantized) or full", "lora")
-    rank: int = _doc("adapter rank; higher: more capacity, more memory", 8)
-    scale: float = _doc("adapter output scale (mlx-lm's `scale`, i.e. alpha / rank)", 20.0)
-    dropout: float = _doc("dropout on the adapter input", 0.0)
-    num_layers: int = _doc("adapt (or train) only the last N transformer blocks; -1: all", -1)
-    keys: Optional[list[str]] = _doc(
-        "module paths inside a block to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; null: every linear layer",
-        None)
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise ConfigError(f"method.rank must be at least 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if self.num_layers == 0 or self.num_layers < -1:
-            raise ConfigError(f"method.num_layers must be -1 (all) or a positive count, got {self.num_layers}")
-
-
-# Keys of data.hf_dataset, as in mlx-lm's hf_dataset entries.
-HF_DATASET_KEYS = ("path", "name", "config", "train_split", "valid_split", "test_split", "text_feature",
-                   "prompt_feature", "completion_feature", "chat_feature")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the data is and how it becomes token batches."""
-
-    path: Optional[str] = _doc("JSONL/Parquet/CSV file, a directory with train/valid(/test) files, or a hub id", None)
-    hf_dataset: Optional[dict[str, Any]] = _doc(
-        "hub dataset like mlx-lm's hf_dataset: {path, name, train_split, valid_split, test_split, "
-        "text_feature, prompt_feature, completion_feature, chat_feature}", None)
-    format: Literal["auto", "text", "completion", "chat"] = _doc("row format; auto detects it from the first row", "auto")
-    text_feature: str = _doc("column holding plain text", "text")
-    prompt_feature: str = _doc("column holding the prompt", "prompt")
-    completion_feature: str = _doc("column holding the completion", "completion")
-    chat_feature: str = _doc("column holding chat messages", "messages")
-    mask_prompt: bool = _doc("exclude prompt tokens from the loss (completion and chat formats)", True)
-    max_seq_length: int = _doc("longest sample in tokens; see long_samples", 2048)
-    long_samples: Literal["drop", "truncate"] = _doc("what to do with samples over max_seq_length", "drop")
-    pad_multiple: int = _doc("pad batches to a multiple of this length (fewer distinct shapes to compile)", 16)
-    packing: bool = _doc("pack short samples into full max_seq_length rows (attention stays within a sample)", False)
-    cache_dir: Optional[str] = _doc("where tokenized data is cached; null: the datasets library's cache", None)
-
-    def __post_init__(self):
-        if self.path is None and self.hf_dataset is None:
-            raise ConfigError("data.path (or data.hf_dataset) must name the dataset")
-        if self.path is not None and self.hf_dataset is not None:
-            raise ConfigError("set only one of data.path and data.hf_dataset")
-        if self.max_seq_length < 2:
-            raise ConfigError(f"data.max_seq_length must be at least 2, got {self.max_seq_length}")
-        if self.pad_multiple < 1:
-            raise ConfigError(f"data.pad_multiple must be at least 1, got {self.pad_multiple}")
-        if self.hf_dataset is not None:
-            if not self.hf_dataset.get("path"):
-                raise ConfigError("data.hf_dataset needs a `path` (the hub id)")
-            for key in self.hf_dataset:
-                if key not in HF_DATASET_KEYS:
-                    raise ConfigError(f"unknown key data.hf_dataset.{key}" + _suggest(key, HF_DATASET_KEYS).replace(
-                        "mean ", "mean data.hf_dataset."))
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """The optimisation: batch, length, optimizer and schedule."""
-
-    batch_size: int = _doc("sequences per rank per micro-step; the global batch grows with world size", 4)
-    grad_accumulation: int = _doc("micro-steps per optimizer update", 1)
-    steps: Optional[int] = _doc("optimizer updates to run (or use epochs)", None)
-    epochs: Optional[float] = _doc("passes over the training set, instead of steps", None)
-    learning_rate: float = _doc("peak learning rate", 1e-5)
-    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = _doc("optimizer from mlx.optimizers", "adamw")
-    weight_decay: float = _doc("decoupled weight decay (adamw, sgd)", 0.0)
-    betas: list[float] = _doc("Adam betas", factory=lambda: [0.9, 0.999])
-    eps: float = _doc("Adam epsilon", 1e-8)
-    momentum: float = _doc("SGD momentum", 0.0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = _doc("decay after warmup", "constant")
-    warmup_steps: int = _doc("updates of linear warmup, from warmup_init up to learning_rate", 0)
-    warmup_init: float = _doc("learning rate the warmup starts from (the first update uses one step above it)", 0.0)
-    min_learning_rate: float = _doc("final learning rate of cosine/linear decay", 0.0)
-    max_grad_norm: Optional[float] = _doc("clip the global gradient norm; null: no clipping", None)
-    grad_checkpoint: bool = _doc("recompute activations in backward: less memory, ~30% more compute", False)
-    skip_nonfinite: bool = _doc("skip an update whose loss or gradient norm is NaN/inf instead of stopping", False)
-    seed: int = _doc("seed for adapter init, dropout and data order", 0)
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"training.batch_size must be at least 1, got {self.batch_size}")
-        if self.grad_accumulation < 1:
-            raise ConfigError(f"training.grad_accumulation must be at least 1, got {self.grad_accumulation}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ConfigError("set exactly one of training.steps and training.epochs")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"training.steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ConfigError(f"training.epochs must be positive, got {self.epochs}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"training.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Validation during training and `mlx-dp eval`."""
-
-    every: int = _doc("validate every N updates; 0: only at the end", 0)
-    at_start: bool = _doc("also validate before the first update", True)
-    max_batches: Optional[int] = _doc("cap on validation global batches; null: the whole split", None)
-    batch_size: Optional[int] = _doc("sequences per rank for validation; null: training.batch_size", None)
-    split: Literal["valid", "test"] = _doc("split that `mlx-dp eval` scores", "test")
-    exact_match: bool = _doc("`mlx-dp eval`: also score greedy generations of completion data", True)
-    max_new_tokens: int = _doc("generation length for exact match", 32)
-
-    def __post_init__(self):
-        if self.every < 0:
-            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"eval.max_batches must be positive or null, got {self.max_batches}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be positive or null, got {self.batch_size}")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """Where and how often rank 0 saves."""
-
-    dir: str = _doc("run directory: adapters, resumable checkpoints, metrics, config", "runs/default")
-    every: int = _doc("save every N updates; 0: only at the end", 100)
-    keep_last: int = _doc("resumable checkpoints to keep (the best by val loss is kept too)", 3)
-    keep_best: bool = _doc("also keep the checkpoint with the lowest validation loss", True)
-
-    def __post_init__(self):
-        if self.every < 0:
-            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    """Reports: progress bar, metrics.jsonl, wandb."""
-
-    every: int = _doc("report train loss, tokens/s and memory every N updates", 10)
-    progress_bar: bool = _doc("tqdm bar on rank 0", True)
-    per_rank_timings: bool = _doc("every rank writes metrics.rank<r>.jsonl with its step times (find stragglers)",
-                                  False)
-    wandb: bool = _doc("log to Weights & Biases from rank 0 (offline when there is no network)", False)
-    wandb_project: str = _doc("wandb project name", "mlx-dp")
-    wandb_run_name: Optional[str] = _doc("wandb run name; null: derived from checkpoint.dir", None)
-
-    def __post_init__(self):
-        if self.every < 1:
-            raise ConfigError(f"logging.every must be at least 1, got {self.every}")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """Data parallelism: backend, gradient buckets, failure detection."""
-
-    backend: Literal["any", "ring", "jaccl", "mpi", "nccl"] = _doc("mlx.distributed backend", "any")
-    overlap: bool = _doc("send gradient buckets while backward still runs; false: reduce after backward", True)
-    bucket_mb: float = _doc("gradient bucket size in MiB", 16.0)
-    first_bucket_mb: float = _doc("size of the first bucket, sent earliest", 1.0)
-    comm_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = _doc(
-        "reduce gradients in this dtype; null: one bucket set per gradient dtype", None)
-    timeout_s: float = _doc("watchdog: end the job if a step or collective makes no progress this long", 600.0)
-    allow_world_size_change: bool = _doc("resume at a world size that changes the global batch", False)
-
-    def __post_init__(self):
-        if not self.bucket_mb > 0 or not self.first_bucket_mb > 0:
-            raise ConfigError("parallel.bucket_mb and parallel.first_bucket_mb must be positive")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
-
-
-@dataclass(frozen=True)
-class Config:
-    """A whole recipe."""
-
-    model: ModelConfig
-    data: DataConfig
-    method: MethodConfig = field(default_factory=MethodConfig)
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(steps=100))
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    def __post_init__(self):
-        if self.method.type == "full" and self.method.dropout:
-            raise ConfigError("method.dropout applies to adapters; set it to 0 for method.type=full")
-
-    def to_dict(self) -> dict:
-        """The resolved recipe as plain data (what gets printed and saved)."""
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {
-    "model": ModelConfig, "method": MethodConfig, "data": DataConfig, "training": TrainingConfig,
-    "eval": EvalConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
-}
+_SECTION_CLASSES = SECTION_CLASSES
 REQUIRED = {("model", "path")}
-
-
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _type_name(tp) -> str:

@@ -14,7 +14,6 @@ This module depends only on MLX and the standard library.
 import hashlib
 import os
 import socket
-import sys
 from dataclasses import dataclass
 
 import mlx.core as mx

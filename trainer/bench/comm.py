@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 VARIANTS = ("compute_only", "serial", "average_gradients", "overlap")
