@@ -25,7 +25,8 @@ from .model import (adapter_config, apply_method, backward_order, count_paramete
                     load_base, trainable_parameters)
 from .optim import build_optimizer
 from .hostfile import check_ring_hostfile
-from .parallel import MiB, GradientReducer, World, check_agreement, digest, init_world, plan_buckets
+from .parallel import (MiB, GradientReducer, World, check_agreement, digest, init_world, plan_buckets,
+                       resolve_comm_stream)
 from .peers import PeerMonitor
 from .step import StepFunctions, run_update
 
@@ -105,7 +106,8 @@ class Run:
         buckets = plan_buckets(order, {k: v.shape for k, v in params.items()},
                                {k: v.dtype for k, v in params.items()}, int(cfg.parallel.bucket_mb * MiB),
                                int(cfg.parallel.first_bucket_mb * MiB), comm_dtype)
-        self.reducer = GradientReducer(world, buckets, overlap=cfg.parallel.overlap)
+        self.reducer = GradientReducer(world, buckets, overlap=cfg.parallel.overlap,
+                                       stream=resolve_comm_stream(cfg.parallel.comm_stream))
         self.reducer.check_plan()
         if world.size > 1:
             world.print0(f"[mlx-dp] gradients: {format_bytes(self.reducer.nbytes)} in {len(buckets)} bucket(s), "

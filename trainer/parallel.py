@@ -249,42 +249,63 @@ def plan_digest(buckets: list[Bucket]) -> str:
     return digest(*[f"{b.names}|{b.shapes}|{b.dtypes}|{b.comm_dtype}" for b in buckets])
 
 
+def resolve_comm_stream(choice: str) -> str:
+    """``auto``: a separate stream on a GPU; on a CPU the compute stream, since a
+    second stream's thread only competes for the same busy cores (PLATFORM.md)."""
+    if choice != "auto":
+        return choice
+    return "separate" if mx.default_device() == mx.gpu else "default"
+
+
 class GradientReducer:
     """Sums gradients over ranks in buckets, overlapping with backward.
 
     With ``overlap=True`` each bucket is concatenated, summed with
-    ``all_sum`` on a dedicated communication stream, and handed to
-    ``mx.async_eval`` in bucket order, before anything consumes it. Because
-    MLX evaluates lazily, ``async_eval`` of the first bucket schedules only the
-    part of backward that bucket depends on (the last layers), and its
-    ``all_sum`` starts on the communication stream as soon as those gradients
-    exist, while the compute stream goes on with the rest of backward. The
+    ``all_sum`` and handed to ``mx.async_eval`` in bucket order, before
+    anything consumes it. Because MLX evaluates lazily, ``async_eval`` of the
+    first bucket schedules only the part of backward that bucket depends on
+    (the last layers), and its ``all_sum`` is issued as soon as those
+    gradients exist, while the rest of backward is still to run. The
     optimizer update, which consumes the reduced buckets, is only built after
     every bucket has been dispatched.
+
+    The ``all_sum`` runs on a dedicated communication stream (``stream=
+    "separate"``), so the compute stream goes on with backward meanwhile, or
+    on the compute stream itself (``"default"``), which is faster where there
+    is no idle core for a second stream's thread (2 CPU cores, 2 ranks).
 
     With ``overlap=False`` (the serial path, kept for comparison) the whole
     backward is evaluated first and the buckets are reduced afterwards.
 
     Gradients are *summed*, not averaged: the loss is already normalised by
-    the global token count (see ``trainer.step``).
+    the global token count (see ``trainer.step``). Reduced gradients come back
+    as row-major slices of their bucket, which also spares the optimizer the
+    slow strided kernels that the transposed weight gradients of backward need.
 
     Args:
         world (World): The group.
         buckets (list[Bucket]): From :func:`plan_buckets`.
         overlap (bool): See above. Default: ``True``.
+        stream (str): ``"separate"`` or ``"default"``. Default: ``"separate"``.
+        communicate (bool): ``False`` buckets and unbuckets locally without
+            any ``all_sum``: the compute-only baseline of the benchmarks
+            (ranks then train apart). Default: ``True``.
     """
 
     SKIP_ENV = "MLX_DP_SKIP_REDUCE"  # benchmarks only: measure compute without communication
 
-    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True):
+    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "separate",
+                 communicate: bool = True):
         self.world = world
         self.buckets = buckets
         self.overlap = overlap
-        self.skip = os.environ.get(self.SKIP_ENV) == "1" and world.size > 1
-        if self.skip:
+        self.communicate = communicate and os.environ.get(self.SKIP_ENV) != "1"
+        if not self.communicate and world.size > 1 and os.environ.get(self.SKIP_ENV) == "1":
             world.print0(f"[mlx-dp] WARNING: {self.SKIP_ENV}=1: gradients are not reduced, ranks train apart "
                          "(a benchmark baseline, not training)")
-        self.stream = mx.new_stream(mx.default_device()) if world.size > 1 else None
+        if stream not in ("separate", "default"):
+            raise ValueError(f"stream must be 'separate' or 'default', not {stream!r}")
+        self.stream = mx.new_stream(mx.default_device()) if world.size > 1 and stream == "separate" else None
 
     @property
     def nbytes(self) -> int:
@@ -293,6 +314,11 @@ class GradientReducer:
     def check_plan(self) -> None:
         """Verify, before any gradient is sent, that every rank has the same bucket plan."""
         check_agreement(self.world, {"gradient bucket plan": plan_digest(self.buckets)})
+
+    def _sum(self, x: "mx.array") -> "mx.array":
+        if not self.communicate:
+            return x
+        return mx.distributed.all_sum(x, group=self.world.group, stream=self.stream)
 
     def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
         """Sum flat gradients (and an optional float32 vector ``extra``) over ranks.
@@ -308,7 +334,7 @@ class GradientReducer:
         Returns:
             tuple: ``(summed grads dict, summed extra or None)``, both lazy.
         """
-        if self.world.size == 1 or self.skip:
+        if self.world.size == 1:
             return grads, extra
         if not self.overlap:
             mx.eval(grads, extra)  # serial path: finish backward before communicating (sync point)
@@ -318,16 +344,15 @@ class GradientReducer:
             carries_extra = extra is not None and i == len(self.buckets) - 1 and bucket.comm_dtype == mx.float32
             if carries_extra:
                 flat = mx.concatenate([flat, extra])
-            total = mx.distributed.all_sum(flat, group=self.world.group, stream=self.stream)
+            total = self._sum(flat)
             mx.async_eval(total)  # dispatch now: backward for later buckets keeps computing meanwhile
             sent.append((bucket, total, carries_extra))
             if on_dispatch is not None:
                 on_dispatch(i, bucket, total)
+        extra_total = None
         if extra is not None and not any(c for _, _, c in sent):
-            extra_total = mx.distributed.all_sum(extra, group=self.world.group, stream=self.stream)
+            extra_total = self._sum(extra)
             mx.async_eval(extra_total)
-        else:
-            extra_total = None
         out = {}
         for bucket, total, carries_extra in sent:
             if carries_extra:

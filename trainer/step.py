@@ -95,7 +95,8 @@ class StepFunctions:
             if max_grad_norm is not None:
                 g, norm = optim.clip_grad_norm(g, max_grad_norm)
             else:
-                norm = mx.sqrt(sum(mx.sum(x.astype(mx.float32) ** 2) for _, x in tree_flatten(g)))
+                # mx.square, not x ** 2: power() is ~5x slower on the CPU backend
+                norm = mx.sqrt(sum(mx.square(x.astype(mx.float32)).sum() for _, x in tree_flatten(g)))
             finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
             params = model.trainable_parameters()
             old_state = tree_map(lambda x: x, optimizer.state)

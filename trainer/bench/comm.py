@@ -5,7 +5,8 @@ default: Qwen3-0.6B's layer shape, 8 layers, >100M parameters) on N local
 ranks. Four variants of the same step run interleaved, one step each in turn,
 so machine noise hits them alike:
 
-* ``compute_only``: forward, backward, update; no reduction at all;
+* ``compute_only``: forward, backward, update, with the same buckets made and
+  taken apart locally but no ``all_sum``;
 * ``serial``: our buckets, reduced after the whole backward;
 * ``average_gradients``: ``mlx.nn.average_gradients`` inside the step graph;
 * ``overlap``: our buckets, each sent as soon as backward produced it.
@@ -50,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="unmeasured steps per variant (default 2)")
     p.add_argument("--bucket-mb", type=float, default=None, help="bucket size (default: the recipe default)")
     p.add_argument("--first-bucket-mb", type=float, default=None, help="first bucket size")
+    p.add_argument("--comm-stream", choices=["auto", "separate", "default"], default="auto",
+                   help="stream of the all_sums (see parallel.comm_stream; default auto)")
     p.add_argument("--sweep-reps", type=int, default=5, help="repetitions per all_sum size (default 5)")
     p.add_argument("--sweep-max-mb", type=float, default=256, help="largest all_sum size swept (default 256)")
     p.add_argument("--launcher", choices=["lean", "mlx.launch"], default="lean",
@@ -123,7 +126,8 @@ def print_table(result: dict) -> None:
     step, mem = result["step_time_s"], result["peak_memory_bytes"]
     print(f"\nmlx-dp bench comm: {result['world_size']} ranks, {result['params'] / 1e6:.1f}M params "
           f"({result['grad_bytes'] / MiB:.0f} MiB of fp32 gradients), {result['buckets']} buckets of "
-          f"{result['bucket_mb']:g} MiB (first {result['first_bucket_mb']:g}), BLAS {result['blas']}, "
+          f"{result['bucket_mb']:g} MiB (first {result['first_bucket_mb']:g}), all_sum on the "
+          f"{result['comm_stream']} stream, BLAS {result['blas']}, "
           f"launcher {result['launcher']}, link {result['link']}")
     print(f"{'variant':20s} {'median step':>12s} {'p90':>9s} {'peak mem/rank':>14s}")
     for v in VARIANTS:
@@ -173,7 +177,8 @@ def main(argv: list[str]) -> int:
                 "warmup": args.warmup, "sweep_reps": args.sweep_reps, "out": str(Path(tmp) / "result.json"),
                 "bucket_mb": args.bucket_mb or defaults.bucket_mb,
                 "first_bucket_mb": args.first_bucket_mb or defaults.first_bucket_mb,
-                "sweep_bytes": [b for b in SWEEP_BYTES if b <= args.sweep_max_mb * MiB]}
+                "sweep_bytes": [b for b in SWEEP_BYTES if b <= args.sweep_max_mb * MiB],
+                "comm_stream": args.comm_stream}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {args.n} ranks on {model}, {args.steps} measured steps per variant "

@@ -26,7 +26,7 @@ def worker(spec_path: str) -> int:
     from mlx_lm.utils import load
 
     from ..model import backward_order, trainable_parameters
-    from ..parallel import GradientReducer, init_world, plan_buckets
+    from ..parallel import GradientReducer, init_world, plan_buckets, resolve_comm_stream
     from ..step import StepFunctions, make_eval_loss
 
     spec = json.load(open(spec_path))
@@ -46,8 +46,12 @@ def worker(spec_path: str) -> int:
     order = backward_order(model, inputs)
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
                            int(spec["bucket_mb"] * MiB), int(spec["first_bucket_mb"] * MiB))
-    reducers = {"serial": GradientReducer(world, buckets, overlap=False),
-                "overlap": GradientReducer(world, buckets, overlap=True)}
+    stream = resolve_comm_stream(spec["comm_stream"])
+    reducers = {"serial": GradientReducer(world, buckets, overlap=False, stream=stream),
+                "overlap": GradientReducer(world, buckets, overlap=True, stream=stream),
+                # the same buckets, concatenated and split locally, without any all_sum: the only
+                # difference to the others is communication (bucketing also fixes gradient layout)
+                "compute_only": GradientReducer(world, buckets, communicate=False)}
     reducers["overlap"].check_plan()
 
     def step(variant: str, on_dispatch=None, on_grads=None):
@@ -58,9 +62,7 @@ def worker(spec_path: str) -> int:
         if variant == "backward":  # forward + backward, no reduction or update
             mx.eval(loss, grads)
             return
-        if variant == "compute_only":
-            summed = grads
-        elif variant == "average_gradients":
+        if variant == "average_gradients":
             summed = average_gradients(grads)
         else:
             flat = dict(tree_flatten(grads))
@@ -97,7 +99,7 @@ def worker(spec_path: str) -> int:
             "world_size": world.size, "params": n_params, "grad_bytes": grad_bytes, "buckets": len(buckets),
             "bucket_mb": spec["bucket_mb"], "first_bucket_mb": spec["first_bucket_mb"],
             "bucket_sizes_mb": [round(b.nbytes / MiB, 2) for b in buckets],
-            "blas": fastblas.active(), "batch": spec["batch"], "seq": spec["seq"], "steps": spec["steps"],
+            "blas": fastblas.active(), "comm_stream": stream, "batch": spec["batch"], "seq": spec["seq"], "steps": spec["steps"],
             "step_time_s": {v: median(times[v]) for v in VARIANTS},
             "step_time_p90_s": {v: p90(times[v]) for v in VARIANTS},
             "forward_time_s": median(times["forward"]),
