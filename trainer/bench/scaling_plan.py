@@ -156,6 +156,12 @@ def make_plan(args) -> Plan:
                 hostfile=args.hostfile, keep=args.keep, json=args.json, png=args.png,
                 blas_threads=args.blas_threads)
     plan.cfg = load_config(args.recipe, plan.overrides + bench_overrides(plan, Path("runs/bench")))
+    if plan.vs_mlx_lm and plan.cfg.training.max_grad_norm is not None:
+        # mlx_lm.lora cannot clip gradients: identical work means no clipping on our side either
+        plan.overrides.append("training.max_grad_norm=null")
+        plan.cfg = load_config(args.recipe, plan.overrides + bench_overrides(plan, Path("runs/bench")))
+        plan.notes.append("gradient clipping is off in every mlx-dp run here: mlx_lm.lora has none, and "
+                          "identical work is compared")
     _plan_blas(plan)
     if args.link or args.rate or args.delay:
         _plan_link(plan, args)
