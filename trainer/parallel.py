@@ -325,6 +325,9 @@ class GradientReducer:
 
         Args:
             grads (dict[str, mx.array]): Flat name-to-gradient map (lazy arrays).
+                It is emptied as buckets are built: once nothing else holds a
+                gradient, MLX frees it as soon as its bucket is made, so the extra
+                memory is the buckets in flight, not a second copy of every gradient.
             extra (mx.array | None): Small float32 vector summed with the last
                 bucket, e.g. the step's loss sum. Default: ``None``.
             on_dispatch (callable | None): Called as ``on_dispatch(index,
@@ -340,7 +343,7 @@ class GradientReducer:
             mx.eval(grads, extra)  # serial path: finish backward before communicating (sync point)
         sent = []
         for i, bucket in enumerate(self.buckets):
-            flat = mx.concatenate([grads[n].reshape(-1).astype(bucket.comm_dtype) for n in bucket.names])
+            flat = mx.concatenate([grads.pop(n).reshape(-1).astype(bucket.comm_dtype) for n in bucket.names])
             carries_extra = extra is not None and i == len(self.buckets) - 1 and bucket.comm_dtype == mx.float32
             if carries_extra:
                 flat = mx.concatenate([flat, extra])

@@ -137,6 +137,7 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         loss_sum, grads = fns.grads(scale, *to_arrays(batch))
         local_loss = local_loss + loss_sum
         grads = grads if acc is None else tree_map(mx.add, acc, grads)
+        acc = None
         if i < last:
             acc = grads
             # note: sync point per micro-batch, so only one micro-batch's graph is alive
@@ -145,7 +146,9 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     # logged loss, the finiteness check and the stop decision are then global,
     # at no extra collective.
     extra = mx.stack([local_loss, mx.array(float(stop), mx.float32)])
-    summed, extra = reducer.reduce(dict(tree_flatten(grads)), extra=extra)
+    flat = dict(tree_flatten(grads))
+    del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
+    summed, extra = reducer.reduce(flat, extra=extra)
     norm, finite = fns.update(tree_unflatten(list(summed.items())), extra[0])
     return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "tokens": total_tokens}
 
