@@ -132,8 +132,9 @@ def print_table(result: dict) -> None:
     print(f"{'variant':20s} {'median step':>12s} {'p90':>9s} {'peak mem/rank':>14s}")
     for v in VARIANTS:
         print(f"{v:20s} {step[v]:11.3f}s {result['step_time_p90_s'][v]:8.3f}s {mem[v] / 1e9:12.2f} GB")
-    print(f"backward alone: {result['backward_time_s']:.3f}s; bucketing memory cost: "
-          f"{(mem['overlap'] - mem['compute_only']) / 1e6:+.0f} MB over compute only")
+    print(f"backward alone: {result['backward_time_s']:.3f}s; memory cost of bucketing: "
+          f"{(mem['overlap'] - result['peak_memory_unbucketed_bytes']) / 1e6:+.0f} MB over compute only without "
+          f"buckets ({result['step_time_unbucketed_s']:.3f}s a step: backward's transposed gradients slow the update)")
 
     def fmt(x, spec=".3f"):
         return "n/a" if x is None else format(x, spec)

@@ -62,10 +62,13 @@ def worker(spec_path: str) -> int:
         if variant == "backward":  # forward + backward, no reduction or update
             mx.eval(loss, grads)
             return
-        if variant == "average_gradients":
+        if variant == "unbucketed":  # compute only, gradients used as backward returns them
+            summed = grads
+        elif variant == "average_gradients":
             summed = average_gradients(grads)
         else:
             flat = dict(tree_flatten(grads))
+            del grads  # the reducer frees each gradient once it is in a bucket
             if on_grads is not None:
                 on_grads(flat)
             flat, _ = reducers[variant].reduce(flat, on_dispatch=on_dispatch)
@@ -73,7 +76,7 @@ def worker(spec_path: str) -> int:
         fns.update(summed, loss)
         mx.eval(model.state, fns.optimizer.state)  # note: the step's sync point
 
-    measured = list(VARIANTS) + ["forward", "backward"]
+    measured = list(VARIANTS) + ["forward", "backward", "unbucketed"]
     times = {v: [] for v in measured}
     peaks = {v: 0 for v in measured}
     for i in range(spec["warmup"] + spec["steps"]):
@@ -107,6 +110,8 @@ def worker(spec_path: str) -> int:
             "rank_spread_s": {v: max(median(r["times"][v]) for r in ranks) - min(median(r["times"][v]) for r in ranks)
                               for v in VARIANTS},
             "peak_memory_bytes": {v: max(r["peaks"][v] for r in ranks) for v in VARIANTS},
+            "peak_memory_unbucketed_bytes": max(r["peaks"]["unbucketed"] for r in ranks),
+            "step_time_unbucketed_s": median(times["unbucketed"]),
             "busbw_sweep": sweep, "busbw_at_bucket": at_bucket, "tcp_gbps": tcp, "timeline": timeline,
             "raw_step_times_s": times,
         }
