@@ -46,6 +46,7 @@ class Batch:
     global_tokens: int
     indices: np.ndarray
     segments: np.ndarray | None = None
+    real_tokens: int = 0  # non-padding tokens in this rank's rows (for the padded share)
 
 
 def loss_tokens(lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
     counts = split.loss_counts[batch]
     return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask,
                  tokens=int(counts[rank::world_size].sum()), global_tokens=int(counts.sum()),
-                 indices=mine, segments=segments)
+                 indices=mine, segments=segments, real_tokens=int(split.lengths[mine].sum()))
 
 
 class BatchStream:

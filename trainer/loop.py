@@ -202,8 +202,7 @@ class Run:
             val_loss = self.validate()
             reporter.log({"step": 0, "val_loss": val_loss})
             reporter.note(f"[mlx-dp] step 0: val loss {val_loss:.4f}")
-        window = {"loss": mx.array(0.0, mx.float32), "tokens": 0, "time": 0.0, "steps": 0,
-                  "nonfinite": mx.array(0, mx.int32)}
+        window = self._new_window()
         stop_requested = health.stop_requested
         timings = None
         if cfg.logging.per_rank_timings:
@@ -234,14 +233,15 @@ class Run:
             window["loss"] = window["loss"] + out["loss_sum"]
             window["tokens"] += out["tokens"]
             window["steps"] += 1
+            window["real"] += sum(b.real_tokens for b in micro)  # this rank's rows; ranks are alike
+            window["cells"] += sum(b.inputs.shape[0] * (b.inputs.shape[1] + 1) for b in micro)
             window["nonfinite"] = window["nonfinite"] + (1 - out["finite"].astype(mx.int32))
             last = self.step == self.total_steps
             stopping = out["stop"].item() > 0  # evaluated above; identical on every rank (summed over ranks)
             reporter.advance(1)
             if self.step % cfg.logging.every == 0 or last or stopping:
                 self._report(window, out, reporter)
-                window = {"loss": mx.array(0.0, mx.float32), "tokens": 0, "time": 0.0, "steps": 0,
-                          "nonfinite": mx.array(0, mx.int32)}
+                window = self._new_window()
             val_loss = None
             if "valid" in self.splits and ((cfg.eval.every and self.step % cfg.eval.every == 0) or last):
                 health.phase("eval", self.step)
@@ -260,6 +260,11 @@ class Run:
                 return {"step": self.step, "stopped": True}
         return {"step": self.step, "stopped": False, "val_loss": val_loss}
 
+    @staticmethod
+    def _new_window() -> dict:
+        return {"loss": mx.array(0.0, mx.float32), "tokens": 0, "time": 0.0, "steps": 0, "real": 0, "cells": 0,
+                "nonfinite": mx.array(0, mx.int32)}
+
     def _report(self, window: dict, out: dict, reporter) -> None:
         """Read the window's scalars (the only reads of device values) and log them."""
         t = self.cfg.training
@@ -277,6 +282,7 @@ class Run:
             "step_time_s": window["time"] / max(window["steps"], 1),
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "tokens": window["tokens"],
             "world_size": self.world.size, "global_batch": self.global_batch,
+            "padded_share": round(1 - window["real"] / max(window["cells"], 1), 4),
         }
         if bad:
             record["skipped_updates"] = bad
