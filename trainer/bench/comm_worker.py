@@ -250,17 +250,22 @@ def _transfer(sock, rank: int, mode: str, seconds: float, chunk: int) -> float:
         sender = threading.Thread(target=send, args=(until,))
         sender.start()
     sock.settimeout(0.5)
-    while True:
+    elapsed = None
+    # Keep reading while this rank's sender still runs, even past ``until``: the
+    # peer's sender can only finish its last chunk if we read it, and ours only if
+    # the peer reads. On a slow (shaped) link, readers that both stop at ``until``
+    # can leave both senders stuck in sendall until its timeout raises in the thread.
+    while time.perf_counter() < until or (sender is not None and sender.is_alive()):
         try:
             n = sock.recv_into(view)
         except socket.timeout:
-            if time.perf_counter() > until:
-                break
             continue
-        received += n
-        if time.perf_counter() > until:
-            break
-    elapsed = time.perf_counter() - start
+        if elapsed is None:
+            received += n
+            if time.perf_counter() >= until:
+                elapsed = time.perf_counter() - start
+    if elapsed is None:
+        elapsed = time.perf_counter() - start
     if sender is not None:
         sender.join()
     # drain what the peer still sends so the next measurement starts clean
