@@ -60,6 +60,17 @@ def test_truncated_checkpoint_and_truncated_model(tmp_path):
     assert result.returncode == 2 and f"could not load model {model}" in one_error_line(result)
 
 
+def test_hostfile_check_accepts_a_distributed_config_hostfile(tmp_path):
+    # written by the same code mlx.distributed_config --output-hostfile uses (README, cluster guide)
+    from mlx._distributed_utils.common import Host, Hostfile
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps(Hostfile([Host(0, "mac1.local", ["192.168.2.1"], []),
+                                             Host(1, "mac2.local", ["192.168.2.2"], [])], "ring").to_json()))
+    result = mlx_dp("hostfile", "check", str(hostfile))
+    assert result.returncode == 0, result.stderr
+    assert "2 hosts, each listed once: mac1.local (192.168.2.1), mac2.local (192.168.2.2)" in result.stdout
+
+
 def test_hostfile_that_lists_a_host_twice(tmp_path):
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps({"backend": "ring", "hosts": [
