@@ -220,8 +220,11 @@ def test_cli_runs_ranks_writes_hostfiles_and_returns_first_failure(tmp_path):
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
                                          (signal.SIGKILL, -signal.SIGKILL)])
 def test_cli_cleans_up_on_signal(sig, status):
+    # A shell without job control starts background jobs with SIGINT ignored, and the
+    # CLI would inherit that; give it the terminal's default, as for a real Ctrl-C.
     cli = subprocess.Popen([sys.executable, str(CLI), "-n", "2", "--", "sleep", "60"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     prefix = f"{netem.NAME_ROOT}{cli.pid}-"
     deadline = time.monotonic() + 15
     while len(_leftovers(prefix)) < 6 and time.monotonic() < deadline:
