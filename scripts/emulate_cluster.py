@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.netem import (PRESETS, EmulatedCluster, NetemError,  # noqa: E402
+from trainer.cluster.netem import (PRESETS, EmulatedCluster, NetemError,  # noqa: E402
                            check_permitted, cleanup_stale, exit_status)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 if platform.system() == "Linux":
     os.environ.setdefault("MLX_DP_BLAS", "openblas")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer import fastblas  # noqa: E402
+from trainer.tools import fastblas  # noqa: E402
 
 try:
     if fastblas.requested():

@@ -18,6 +18,12 @@ BIN = Path(PYTHON).parent
 MLX_DP = str(BIN / "mlx-dp")
 TINY_MODEL = ROOT / "data" / "tiny-llama"
 TINY_DATA = ROOT / "data" / "tiny-task"
+FAULTS = str(ROOT / "tests" / "workers" / "faults.py")
+
+
+def mlx_dp_command(faults: str | None = None) -> list[str]:
+    """``mlx-dp``, or with fault injection installed (``tests/workers/faults.py`` SPEC)."""
+    return [PYTHON, FAULTS, faults, "--"] if faults else [MLX_DP]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,14 +66,16 @@ def run(args: list[str], timeout: float = 300, env: dict | None = None) -> subpr
                           cwd=ROOT)
 
 
-def mlx_dp(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``mlx-dp ARGS`` in one process."""
-    return run([MLX_DP, *args], timeout=timeout, env=env)
+def mlx_dp(*args: str, timeout: float = 300, env: dict | None = None,
+           faults: str | None = None) -> subprocess.CompletedProcess:
+    """``mlx-dp ARGS`` in one process (with fault injection if ``faults`` is given)."""
+    return run([*mlx_dp_command(faults), *args], timeout=timeout, env=env)
 
 
-def launched(n: int, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def launched(n: int, *args: str, timeout: float = 300, env: dict | None = None,
+             faults: str | None = None) -> subprocess.CompletedProcess:
     """``mlx-dp ARGS`` on n local ranks through the lean launcher."""
-    return run([MLX_DP, "launch", "-n", str(n), "--", MLX_DP, *args], timeout=timeout, env=env)
+    return run([MLX_DP, "launch", "-n", str(n), "--", *mlx_dp_command(faults), *args], timeout=timeout, env=env)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -78,18 +86,19 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None = None) -> list[subprocess.Popen]:
+def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None = None,
+                faults: str | None = None) -> list[subprocess.Popen]:
     """Start one ``mlx-dp`` process per entry by hand (no launcher), each with its rank.
 
     Output goes to ``tmp_path / f"rank{r}.log"``.
     """
-    from trainer.launch import write_ring_hostfile
+    from trainer.cluster.launch import write_ring_hostfile
 
     hostfile = write_ring_hostfile(tmp_path / "hosts.json", len(args_per_rank))
     procs = []
     for rank, args in enumerate(args_per_rank):
         log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([MLX_DP, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        procs.append(subprocess.Popen([*mlx_dp_command(faults), *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                       env={**os.environ, **(env or {}), "MLX_RANK": str(rank),
                                            "MLX_HOSTFILE": str(hostfile)}))
     return procs

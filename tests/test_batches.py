@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from trainer.batches import BatchStream, epoch_batches, make_batch, padded_width, rank_rows
-from trainer.data import TokenizedSplit
+from trainer.core.batches import BatchStream, epoch_batches, make_batch, padded_width, rank_rows
+from trainer.core.data import TokenizedSplit
 
 
 def fake_split(n, seed=0, max_len=60):
@@ -37,11 +37,15 @@ def test_shards_are_disjoint_and_cover_the_data(world, n):
 def test_n_ranks_see_the_batches_of_one_process_at_n_times_the_batch():
     split = fake_split(90)
     for world in (2, 3):
-        one = epoch_batches(split.lengths, 2 * world, seed=1, epoch=2)
-        many = epoch_batches(split.lengths, 2 * world, seed=1, epoch=2)
-        for a, b in zip(one, many):
-            union = np.concatenate([rank_rows(b, r, world) for r in range(world)])
-            assert sorted(a.tolist()) == sorted(union.tolist())
+        one = BatchStream(split, 2 * world, 0, 1, seed=1, pad_multiple=8)
+        ranks = [BatchStream(split, 2, r, world, seed=1, pad_multiple=8) for r in range(world)]
+        for _ in range(40):  # crosses epoch boundaries (15 or 10 batches per epoch)
+            whole = next(one)
+            parts = [next(stream) for stream in ranks]
+            union = np.concatenate([p.indices for p in parts])
+            assert sorted(whole.indices.tolist()) == sorted(union.tolist())
+            assert all(p.global_tokens == whole.global_tokens for p in parts)
+            assert sum(p.tokens for p in parts) == whole.tokens
 
 
 def test_order_is_deterministic_and_reshuffled_per_epoch():
@@ -82,8 +86,20 @@ def test_stream_position_resumes_exactly():
     a = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8)
     for _ in range(17):  # crosses an epoch boundary (13 batches per epoch)
         next(a)
-    pos = a.position()
-    b = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8, **pos)
+    b = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8)
+    assert b.restore(a.position()) is None
     for _ in range(10):
         x, y = next(a), next(b)
         assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.indices, y.indices)
+
+
+def test_stream_remaps_its_position_to_another_micro_batch():
+    split = fake_split(96)
+    two = BatchStream(split, 4, 0, 2, seed=5, pad_multiple=8)  # 8 sequences per micro-batch, 12 per epoch
+    for _ in range(15):
+        next(two)
+    four = BatchStream(split, 4, 0, 4, seed=5, pad_multiple=8)  # 16 sequences, 6 per epoch
+    note = four.restore(two.position())
+    assert "micro-batches changed from 8 to 16" in note
+    assert (four.epoch, four.index) == (1, 1)  # 3 of 12 batches of epoch 1 done = 1 (rounded down) of 6
+    assert four.epoch_progress() == pytest.approx(1 + 1 / 6)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, mlx_dp
 from trainer.bench import scaling, scaling_mlx_lm, scaling_plan, scaling_report as report
-from trainer.config import load_config
+from trainer.core.config import load_config
 
 RECIPE = "recipes/tiny-lora.yaml"
 
@@ -117,7 +117,7 @@ def test_mlx_lm_schedule_matches_ours(schedule, warmup, init):
     import mlx.core as mx
     from mlx_lm.tuner.utils import build_schedule as mlx_lm_build_schedule
 
-    from trainer.optim import build_schedule
+    from trainer.core.optim import build_schedule
 
     total = 12
     cfg = load_config(ROOT / RECIPE, [f"training.lr_schedule={schedule}", f"training.warmup_steps={warmup}",
@@ -188,7 +188,7 @@ def test_a_hostfile_sets_the_world_size_and_mlx_launch(tmp_path, capsys):
 
 
 def test_link_without_root_is_a_clear_error(monkeypatch, capsys):
-    from trainer import netem
+    from trainer.cluster import netem
 
     monkeypatch.setattr(netem, "check_permitted", lambda: "emulate_cluster needs root; run it with sudo")
     assert scaling.main([RECIPE, "-n", "2", "--link", "10gbe"]) == 2

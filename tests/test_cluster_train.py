@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import MLX_DP, ROOT, run, tiny_recipe
-from trainer.netem import check_permitted
+from trainer.cluster.netem import check_permitted
 
 REASON = check_permitted()
 

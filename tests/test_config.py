@@ -1,11 +1,13 @@
 """Recipe loading: strict keys, types, values, precedence, and every shipped recipe."""
 
+import dataclasses
+
 import pytest
 import yaml
 
-from trainer.config import build_config, load_config
+from trainer.core.config import build_config, load_config
 from trainer.errors import ConfigError
-from trainer.recipes import RECIPES_DIR, all_recipes
+from trainer.tools.recipes import RECIPES_DIR, all_recipes
 
 BASE = {"model": {"path": "data/tiny-llama"}, "data": {"path": "data/tiny-task"}}
 
@@ -73,18 +75,30 @@ def test_not_yaml_and_empty(tmp_path):
 
 def test_frozen_and_round_trips(tmp_path):
     cfg = build_config(BASE)
-    with pytest.raises(Exception):
-        cfg.training.batch_size = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.batch_size = 3
     again = build_config(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
 
 
 def test_every_recipe_validates():
     recipes = all_recipes()
-    assert recipes, f"no recipes under {RECIPES_DIR}"
-    nested = [p for p in recipes if p.parent != RECIPES_DIR]
+    assert len(recipes) >= 11, f"recipes missing under {RECIPES_DIR}: {recipes}"
     for path in recipes:
         cfg = load_config(path)
         assert cfg.model.path and (cfg.data.path or cfg.data.hf_dataset), path
-    # found recursively, not just one level (torchtune's config test only globs one folder)
-    assert all(p.suffix == ".yaml" for p in nested)
+
+
+def test_recipes_are_found_at_any_depth(tmp_path):
+    # torchtune's config test globs one folder deep; a recipe in a subfolder must not be missed
+    deep = tmp_path / "team" / "qwen" / "v2"
+    deep.mkdir(parents=True)
+    for path in (tmp_path / "top.yaml", tmp_path / "team" / "mid.yaml", deep / "deep.yaml"):
+        path.write_text(yaml.safe_dump(BASE))
+    (deep / "notes.txt").write_text("not a recipe")
+    found = all_recipes(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["team/mid.yaml", "team/qwen/v2/deep.yaml",
+                                                                    "top.yaml"]
+    from trainer.tools.recipes import find_recipe
+
+    assert find_recipe("team/qwen/v2/deep", tmp_path) == deep / "deep.yaml"

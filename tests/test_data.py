@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_DATA, TINY_MODEL
-from trainer import data as data_mod
-from trainer.config import DataConfig
-from trainer.data import load_splits
+from trainer.core import data as data_mod
+from trainer.core.config import DataConfig
+from trainer.core.data import load_splits
 from trainer.errors import DataError
 
 

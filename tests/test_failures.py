@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import BIN, MLX_DP, launched, mlx_dp, one_error_line, start_ranks, tiny_recipe, wait_for_step
-from trainer.checkpoint import list_checkpoints, load_checkpoint
+from trainer.core.checkpoint import list_checkpoints, load_checkpoint
 
 LONG = {"training": {"batch_size": 2, "steps": 100000, "learning_rate": 1e-3},
         "checkpoint": {"every": 5}, "parallel": {"timeout_s": 6.0}}
@@ -45,7 +45,7 @@ def assert_checkpoint_intact(tmp_path):
     found = list_checkpoints(tmp_path / "run")
     assert found, "no checkpoint survived"
     ckpt = load_checkpoint(found[-1])
-    assert ckpt["weights"] and ckpt["state"]["step"] >= 5
+    assert ckpt.weights and ckpt.state.step >= 5
 
 
 def test_killed_peer_without_launcher(tmp_path):
@@ -110,7 +110,7 @@ def test_stopped_peer_is_named_by_the_watchdog(tmp_path):
 
 def test_stall_inside_a_step_trips_the_watchdog_naming_that_rank(tmp_path):
     procs = start_ranks(tmp_path, [["train", long_recipe(tmp_path)]] * 2,
-                        env={"MLX_DP_FAULT": "stall:rank=1:step=4:seconds=120"})
+                        faults="stall:rank=1:step=4:seconds=120")
     codes = finish(procs, timeout=90)
     assert 4 in codes, codes  # a watchdog ended the job
     logs = (tmp_path / "rank0.log").read_text() + (tmp_path / "rank1.log").read_text()
@@ -148,7 +148,7 @@ def test_config_mismatch_between_ranks_is_refused_before_training(tmp_path):
 
 def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path):
     recipe = long_recipe(tmp_path, training={"steps": 12})
-    result = mlx_dp("train", recipe, "training.batch_size=4", env={"MLX_DP_FAULT": "crash_in_save:step=10"})
+    result = mlx_dp("train", recipe, "training.batch_size=4", faults="crash_in_save:step=10")
     assert result.returncode != 0
     found = list_checkpoints(tmp_path / "run")
     assert [p.name for p in found] == ["step_0000005"]
@@ -162,7 +162,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path):
 @pytest.mark.parametrize("skip", [True, False])
 def test_nonfinite_loss_on_one_rank_is_one_decision_for_all(tmp_path, skip):
     recipe = long_recipe(tmp_path, training={"steps": 6, "skip_nonfinite": skip}, logging={"every": 1})
-    result = launched(2, "train", recipe, env={"MLX_DP_FAULT": "nan:rank=1:step=3"})
+    result = launched(2, "train", recipe, faults="nan:rank=1:step=3")
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if "train_loss" in m]
     if skip:

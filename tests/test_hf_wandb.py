@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from conftest import mlx_dp, tiny_recipe
-from trainer.config import build_config
+from trainer.core.config import build_config
 from trainer.errors import ConfigError
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import netem
-from trainer.netem import EmulatedCluster, NetemError
+from trainer.cluster import netem
+from trainer.cluster.netem import EmulatedCluster, NetemError
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "scripts" / "emulate_cluster.py"

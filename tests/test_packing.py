@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_DATA, TINY_MODEL, mlx_dp, tiny_recipe
-from trainer.batches import epoch_batches, make_batch
-from trainer.config import DataConfig
-from trainer.data import load_splits
-from trainer.packing import pack_rows
+from trainer.core.batches import epoch_batches, make_batch
+from trainer.core.config import DataConfig
+from trainer.core.data import load_splits
+from trainer.core.packing import pack_rows
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_rows_respect_capacity_and_keep_every_sample():
 
 
 def loss_and_padding(model, split, rows):
-    from trainer.step import to_arrays, token_loss_sum
+    from trainer.core.step import to_arrays, token_loss_sum
 
     loss, tokens, real, cells = 0.0, 0, 0, 0
     for batch_ids in epoch_batches(split.lengths, rows, seed=0, epoch=0, shuffle=False):
@@ -57,7 +57,7 @@ def test_attention_does_not_cross_samples(model_and_tokenizer):
     """Changing one sample of a packed row leaves the others' logits untouched."""
     import mlx.core as mx
 
-    from trainer.packing import SegmentMask
+    from trainer.core.packing import SegmentMask
 
     model, _ = model_and_tokenizer
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]

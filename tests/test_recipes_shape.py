@@ -13,9 +13,9 @@ import json
 import pytest
 
 from conftest import TINY_DATA, TINY_MODEL, launched
-from trainer import synth
-from trainer.config import load_config
-from trainer.recipes import all_recipes
+from trainer.tools import synth
+from trainer.core.config import load_config
+from trainer.tools.recipes import all_recipes
 
 REAL = [p for p in all_recipes() if load_config(p).model.path != "data/tiny-llama"]
 PARAM_BUDGET = 200e6  # keep each reduced model small enough for a 2-core CI machine
@@ -35,7 +35,7 @@ def arch_for(model_path: str):
 @pytest.fixture(scope="session")
 def blas_env():
     """Use the OpenBLAS route when it builds here: real layer widths are slow on the stock BLAS."""
-    from trainer import fastblas
+    from trainer.tools import fastblas
 
     try:
         fastblas.build_shim()

@@ -22,7 +22,7 @@ def plan(tmp, recipe, batch):
         common = [*SHARED, *extra, f"training.batch_size={batch}"]
         entries.append({"recipe": recipe, "overrides": [*common, f"checkpoint.dir={tmp}/{method}-straight"]})
         stopped = [*common, f"checkpoint.dir={tmp}/{method}-resumed"]
-        entries.append({"recipe": recipe, "overrides": stopped, "env": {"MLX_DP_FAULT": "stop:step=3"}})
+        entries.append({"recipe": recipe, "overrides": stopped, "faults": "stop:step=3"})
         entries.append({"recipe": recipe, "overrides": stopped, "resume": True})
     return entries
 

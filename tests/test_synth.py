@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from trainer import synth
+from trainer.tools import synth
 
 TINY_LLAMA = Path(__file__).parent.parent / "data" / "tiny-llama"
 

@@ -21,33 +21,20 @@ import os
 import re
 import sys
 
+from .env import launch_env
 from .errors import ConfigError, UserError
-
-
-def _local_ranks() -> int:
-    """Ranks that share this machine, from the ring hostfile (for dividing cores)."""
-    path = os.environ.get("MLX_HOSTFILE")
-    if not path or not os.path.isfile(path):
-        return 1
-    try:
-        hosts = json.load(open(path))
-        rank = int(os.environ.get("MLX_RANK", "0"))
-        mine = hosts[rank][0].rsplit(":", 1)[0]
-        return max(1, sum(1 for h in hosts if h and h[0].rsplit(":", 1)[0] == mine))
-    except (ValueError, IndexError, KeyError, TypeError, AttributeError):
-        return 1
 
 
 def _prepare_runtime() -> None:
     """Things that must happen before mlx.core is imported."""
-    from . import fastblas
+    from .tools import fastblas
 
-    fastblas.maybe_enable(local_ranks=_local_ranks())
+    fastblas.maybe_enable(local_ranks=launch_env().local_ranks())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _cmd_train(args) -> int:
-    from .config import load_config
+def _cmd_train(args, options=None) -> int:
+    from .core.config import load_config
 
     if args.resume and re.match(r"^\w+\.\w+=", args.resume):
         # `--resume training.steps=200`: the value is an override, not a path
@@ -55,25 +42,24 @@ def _cmd_train(args) -> int:
         args.resume = ""
     cfg = load_config(args.recipe, args.overrides)
     _prepare_runtime()
-    from .loop import train
+    from .run.loop import train
 
     resume = None
     if args.resume is not None:
         resume = True if args.resume == "" else args.resume
-    train(cfg, resume=resume)
+    train(cfg, resume=resume, options=options)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from .config import load_config
+    from .core.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
     _prepare_runtime()
-    from .evaluate import run_eval
-    from .parallel import launched_rank
+    from .tools.evaluation import run_eval
 
     result = run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split)
-    if launched_rank() == 0:
+    if launch_env().rank == 0:
         line = (f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
                 f"{result['tokens']} tokens of {result['samples']} samples on {result['world_size']} rank(s)")
         if "exact_match" in result:
@@ -86,11 +72,11 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .config import load_config
+    from .core.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
     _prepare_runtime()
-    from .export import export
+    from .tools.export import export
 
     out = export(cfg, args.out, checkpoint=args.checkpoint, dequantize=args.dequantize)
     print(f"fused model written to {out}; try: mlx_lm.generate --model {out} --prompt \"hello\"")
@@ -98,7 +84,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_recipes(args) -> int:
-    from . import recipes
+    from .tools import recipes
 
     if args.action == "list":
         for name, summary in recipes.list_recipes():
@@ -109,7 +95,7 @@ def _cmd_recipes(args) -> int:
             raise ConfigError("usage: mlx-dp recipes cp NAME DEST")
         print(recipes.copy_recipe(args.name, args.dest))
         return 0
-    from .config import describe_keys
+    from .core.config import describe_keys
 
     for key, default, doc in describe_keys():
         print(f"{key:32s} {default:14s} {doc}")
@@ -117,7 +103,7 @@ def _cmd_recipes(args) -> int:
 
 
 def _cmd_hostfile(args) -> int:
-    from .hostfile import check_launch_hostfile
+    from .cluster.hostfile import check_launch_hostfile
 
     hosts = check_launch_hostfile(args.path)
     print(f"{args.path}: {len(hosts)} hosts, each listed once: "
@@ -167,21 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_error(error: UserError) -> None:
-    from .parallel import launched_rank
-
-    rank = launched_rank()
+    rank = launch_env().rank
     if isinstance(error, ConfigError) and rank != 0:
         return  # every rank reads the same recipe; rank 0 says it once
     prefix = f"[rank {rank}] " if rank else ""
     print(f"mlx-dp: error: {prefix}{error}", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, options=None) -> None:
+    """The ``mlx-dp`` command; exits the process.
+
+    Args:
+        argv (list[str] | None): Arguments; default ``sys.argv[1:]``.
+        options (trainer.run.hooks.RunOptions | None): For ``train``: hooks
+            and switches that tests and benchmarks install (not reachable from
+            the command line). Default: ``None``.
+    """
     argv = sys.argv[1:] if argv is None else argv
     # transformers warns on import that PyTorch is absent; MLX needs no PyTorch
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if argv[:1] == ["launch"]:
-        from .launch import main as launch_main
+        from .cluster.launch import main as launch_main
 
         sys.exit(launch_main(argv[1:]))
     if argv[:1] == ["bench"]:
@@ -198,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides.extend(extra)
     try:
-        code = args.func(args)
+        code = _cmd_train(args, options) if args.command == "train" else args.func(args)
     except UserError as e:
         _print_error(e)
         sys.exit(e.exit_code)

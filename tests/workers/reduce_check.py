@@ -2,7 +2,7 @@
 
 Usage: python tests/workers/reduce_check.py MODE. MODE "compare" checks many
 random trees and bucket settings; "mismatch" gives rank 1 a different bucket
-plan and expects check_plan() to refuse it before any all_sum. Prints one
+plan and calls reduce(), which must refuse before any all_sum. Prints one
 JSON line on rank 0.
 """
 
@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from trainer.errors import DistributedError
-from trainer.parallel import GradientReducer, init_world, plan_buckets
+from trainer.core.parallel import GradientReducer, init_world, plan_buckets
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 
@@ -56,20 +56,30 @@ def compare(world) -> dict:
 
 
 def mismatch(world) -> dict:
-    names, shapes, dtypes, _ = random_tree(0, 0)
+    names, shapes, dtypes, values = random_tree(0, 0)
     bucket_bytes = 256 if world.rank == 1 else 4096
     buckets = plan_buckets(list(reversed(names)), shapes, dtypes, bucket_bytes, 128)
-    calls = []
-    real_all_sum = mx.distributed.all_sum
-    mx.distributed.all_sum = lambda *a, **k: (calls.append(1), real_all_sum(*a, **k))[1]
+    calls = {"all_sum": 0, "all_gather": 0}
+    real = {name: getattr(mx.distributed, name) for name in calls}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in calls:
+        setattr(mx.distributed, name, counting(name))
     try:
-        GradientReducer(world, buckets).check_plan()
+        out, _ = GradientReducer(world, buckets).reduce(dict(values))  # no check_plan() first
+        mx.eval(out)
         refused = None
     except DistributedError as e:
         refused = str(e)
     finally:
-        mx.distributed.all_sum = real_all_sum
-    return {"refused": refused, "all_sum_calls": len(calls)}
+        for name, fn in real.items():
+            setattr(mx.distributed, name, fn)
+    return {"refused": refused, **{f"{name}_calls": n for name, n in calls.items()}}
 
 
 world = init_world()

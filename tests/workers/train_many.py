@@ -2,24 +2,23 @@
 
 Usage: python tests/workers/train_many.py SPEC.json. SPEC.json is a list;
 each entry is either ``[recipe_path, override, ...]`` or a dict
-``{"recipe": ..., "overrides": [...], "resume": false, "env": {...}}``.
-Saves process start-up time in tests that compare many runs.
+``{"recipe": ..., "overrides": [...], "resume": false, "faults": "stop:step=3"}``
+(faults as in ``faults.py``). Saves process start-up time in tests that
+compare many runs.
 """
 
 import json
-import os
 import sys
 
-from trainer.config import load_config
-from trainer.loop import train
+from faults import FaultHooks
+
+from trainer.core.config import load_config
+from trainer.run.hooks import RunOptions
+from trainer.run.loop import train
 
 for entry in json.load(open(sys.argv[1])):
     if isinstance(entry, list):
         entry = {"recipe": entry[0], "overrides": entry[1:]}
-    saved = dict(os.environ)
-    os.environ.update(entry.get("env", {}))
-    try:
-        train(load_config(entry["recipe"], entry.get("overrides", [])), resume=entry.get("resume") or None)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    options = RunOptions(hooks=FaultHooks(entry.get("faults", "")))
+    train(load_config(entry["recipe"], entry.get("overrides", [])), resume=entry.get("resume") or None,
+          options=options)

@@ -25,13 +25,11 @@ Usage::
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("compute_only", "serial", "average_gradients", "overlap")
-MiB = 1024 * 1024
+from .comm_worker import VARIANTS, MiB, worker
 SWEEP_BYTES = [256 * 1024, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
 
 
@@ -69,7 +67,7 @@ def parse_args(argv):
 
 def build_bench_model(arch: str, layers: int, width_divisor: int, cache: Path) -> Path:
     """A random-weight model of a real architecture's shape, built once and cached."""
-    from .. import synth
+    from ..tools import synth
 
     tokenizer = Path(__file__).resolve().parent.parent.parent / "data" / "tiny-llama"
     out = cache / f"{arch}-{layers}l-w{width_divisor}"
@@ -86,7 +84,7 @@ def build_bench_model(arch: str, layers: int, width_divisor: int, cache: Path) -
 def run_ranks(args, command: list[str], env: dict) -> int:
     """Start the worker on N ranks with the chosen launcher; returns the exit status."""
     if args.link or args.rate or args.delay:
-        from ..netem import EmulatedCluster, exit_status
+        from ..cluster.netem import EmulatedCluster, exit_status
 
         with EmulatedCluster(args.n, preset=args.link, rate=args.rate, delay=args.delay) as cluster:
             print(f"[bench] emulated link: {cluster.link.describe()}", flush=True)
@@ -98,7 +96,7 @@ def run_ranks(args, command: list[str], env: dict) -> int:
         env_args = sum((["--env", f"{k}={v}"] for k, v in env.items()), [])
         return subprocess.run([mlx_launch, "-n", str(args.n), *env_args, "--", *command],
                               timeout=args.timeout).returncode
-    from ..launch import launch
+    from ..cluster.launch import launch
 
     return launch(command, args.n, env=env, timeout=args.timeout)
 
@@ -163,11 +161,9 @@ def print_table(result: dict) -> None:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.worker:
-        from .comm_worker import worker
-
         return worker(args.worker)
-    from ..config import ParallelConfig
-    from ..fastblas import requested
+    from ..core.config import ParallelConfig
+    from ..tools.fastblas import requested
 
     defaults = ParallelConfig()
     cache = Path(os.environ.get("MLX_DP_CACHE") or Path.home() / ".cache" / "mlx-dp") / "bench-models"
@@ -200,15 +196,6 @@ def main(argv: list[str]) -> int:
         Path(args.json).write_text(json.dumps(raw, indent=2) + "\n")
         print(f"[bench] wrote {args.json}")
     return 0
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def p90(xs):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))] if xs else float("nan")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,37 @@
 """One rank of ``mlx-dp bench comm`` (see ``trainer.bench.comm``).
 
-Run by the benchmark's launcher, never by hand. Rank 0 writes the JSON that
-the parent process reads.
+Run by the benchmark's launcher, never by hand. Every variant times the
+trainer's own update (``trainer.core.step.run_update``) with a different
+reducer from ``trainer.core.parallel``; only the reducer differs. Rank 0
+writes the JSON that the parent process reads.
 """
 
 import json
-import os
 import socket
-import statistics
 import threading
 import time
 
-from .comm import VARIANTS, MiB, median, p90
+from ..env import launch_env
+from .stats import median, p90
+
+VARIANTS = ("compute_only", "serial", "average_gradients", "overlap")
+MiB = 1024 * 1024
 
 
 def worker(spec_path: str) -> int:
-    from .. import fastblas
-    from ..cli import _local_ranks
+    from ..tools import fastblas
 
-    fastblas.maybe_enable(local_ranks=_local_ranks())  # before mlx.core loads
+    fastblas.maybe_enable(local_ranks=launch_env().local_ranks())  # before mlx.core loads
     import mlx.core as mx
     import mlx.optimizers as optim
-    from mlx.nn import average_gradients
-    from mlx.utils import tree_flatten, tree_unflatten
+    import numpy as np
     from mlx_lm.utils import load
 
-    from ..model import backward_order, trainable_parameters
-    from ..parallel import GradientReducer, init_world, plan_buckets, resolve_comm_stream
-    from ..step import StepFunctions, make_eval_loss
+    from ..core.batches import Batch
+    from ..core.model import backward_order, trainable_parameters
+    from ..core.parallel import (AverageGradientsReducer, GradientReducer, PassThroughReducer, init_world,
+                                 plan_buckets, resolve_comm_stream)
+    from ..core.step import StepFunctions, make_eval_loss, run_update, to_arrays
 
     spec = json.load(open(spec_path))
     world = init_world()
@@ -36,14 +40,16 @@ def worker(spec_path: str) -> int:
     params = trainable_parameters(model)
     n_params = sum(v.size for v in params.values())
     grad_bytes = sum(v.nbytes for v in params.values())
-    fns = StepFunctions(model, optim.AdamW(1e-6, weight_decay=0.0), max_grad_norm=None)
+    optimizer = optim.AdamW(1e-6, weight_decay=0.0)
+    fns = StepFunctions(model, optimizer, max_grad_norm=None)
     forward = make_eval_loss(model)
     vocab = model.args.vocab_size if hasattr(model, "args") else 256
-    tokens = mx.random.randint(0, vocab, (spec["batch"], spec["seq"] + 1), key=mx.random.key(world.rank))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    mask = mx.ones(targets.shape, mx.float32)
-    scale = mx.array(1.0 / (targets.size * world.size), mx.float32)
-    order = backward_order(model, inputs)
+    tokens = np.random.default_rng(world.rank).integers(0, vocab, (spec["batch"], spec["seq"] + 1)).astype(np.int32)
+    batch = Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=np.ones((spec["batch"], spec["seq"]), np.float32),
+                  tokens=spec["batch"] * spec["seq"], global_tokens=spec["batch"] * spec["seq"] * world.size,
+                  indices=np.arange(spec["batch"]), real_tokens=tokens.size)
+    arrays = to_arrays(batch)
+    order = backward_order(model, arrays[0])
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
                            int(spec["bucket_mb"] * MiB), int(spec["first_bucket_mb"] * MiB))
     stream = resolve_comm_stream(spec["comm_stream"])
@@ -51,30 +57,20 @@ def worker(spec_path: str) -> int:
                 "overlap": GradientReducer(world, buckets, overlap=True, stream=stream),
                 # the same buckets, concatenated and split locally, without any all_sum: the only
                 # difference to the others is communication (bucketing also fixes gradient layout)
-                "compute_only": GradientReducer(world, buckets, communicate=False)}
+                "compute_only": GradientReducer(world, buckets, communicate=False),
+                "average_gradients": AverageGradientsReducer(world),
+                "unbucketed": PassThroughReducer(world)}  # compute only, gradients as backward returns them
     reducers["overlap"].check_plan()
 
-    def step(variant: str, on_dispatch=None, on_grads=None):
+    def step(variant: str, reducer=None):
         if variant == "forward":
-            mx.eval(forward(inputs, targets, mask))
+            mx.eval(forward(*arrays))
             return
-        loss, grads = fns.grads(scale, inputs, targets, mask)
         if variant == "backward":  # forward + backward, no reduction or update
-            mx.eval(loss, grads)
+            mx.eval(fns.grads(mx.array(1.0), *arrays))
             return
-        if variant == "unbucketed":  # compute only, gradients used as backward returns them
-            summed = grads
-        elif variant == "average_gradients":
-            summed = average_gradients(grads)
-        else:
-            flat = dict(tree_flatten(grads))
-            del grads  # the reducer frees each gradient once it is in a bucket
-            if on_grads is not None:
-                on_grads(flat)
-            flat, _ = reducers[variant].reduce(flat, on_dispatch=on_dispatch)
-            summed = tree_unflatten(list(flat.items()))
-        fns.update(summed, loss)
-        mx.eval(model.state, fns.optimizer.state)  # note: the step's sync point
+        out = run_update(fns, reducer or reducers[variant], [batch])
+        mx.eval(model.state, optimizer.state, out["loss_sum"], out["grad_norm"])  # note: the step's sync point
 
     measured = list(VARIANTS) + ["forward", "backward", "unbucketed"]
     times = {v: [] for v in measured}
@@ -91,7 +87,7 @@ def worker(spec_path: str) -> int:
                 times[variant].append(dt)
                 peaks[variant] = max(peaks[variant], mx.get_peak_memory())
 
-    timeline = record_timeline(world, step, order, len(buckets)) if world.size > 1 else None
+    timeline = record_timeline(world, step, reducers["overlap"], order) if world.size > 1 else None
     sweep, at_bucket = busbw_sweep(world, spec["sweep_bytes"], int(spec["bucket_mb"] * MiB), spec["sweep_reps"])
     tcp = tcp_bandwidth(world) if world.size > 1 else None
 
@@ -121,44 +117,56 @@ def worker(spec_path: str) -> int:
     return 0
 
 
-def record_timeline(world, step, order, num_buckets: int):
+class _TimedReducer:
+    """A reducer that notes when each bucket is dispatched and starts threads that note when it is reduced."""
+
+    def __init__(self, reducer, order: list[str], t0: float):
+        self.reducer, self.world, self.averages = reducer, reducer.world, reducer.averages
+        self.order, self.t0 = order, t0
+        self.events, self.threads, self.last_grad = {}, [], None
+
+    def _wait_for(self, key, array) -> None:
+        import mlx.core as mx
+
+        mx.eval(array)  # MLX releases the GIL while it waits
+        self.events[key] = time.perf_counter() - self.t0
+
+    def _start_waiter(self, key, array) -> None:
+        thread = threading.Thread(target=self._wait_for, args=(key, array))
+        thread.start()
+        self.threads.append(thread)
+
+    def reduce(self, grads: dict, extra=None, on_dispatch=None):
+        self.last_grad = grads[self.order[-1]]  # the gradient backward produces last
+        count = len(self.reducer.buckets)
+
+        def dispatched(index, bucket, total):
+            self.events[("dispatched", index)] = time.perf_counter() - self.t0
+            self._start_waiter(("reduced", index, bucket.nbytes), total)
+            if index == count - 1:  # everything is scheduled now, the last gradient too
+                self._start_waiter("backward_end", self.last_grad)
+                self.last_grad = None
+
+        return self.reducer.reduce(grads, extra, on_dispatch=dispatched)
+
+
+def record_timeline(world, step, reducer, order):
     """One overlapped step, instrumented: when each bucket was dispatched and reduced.
 
     MLX's ``async_eval`` returns once at most ~10 operations are still in
     flight, so a bucket's dispatch time is close to when its gradients exist.
     Right after each dispatch a thread blocks in ``mx.eval`` on the bucket's
-    reduced array (MLX releases the GIL while waiting) and notes when it
-    returns. After the last dispatch another thread waits for the gradient
-    that backward produces last: that is when backward ended.
+    reduced array and notes when it returns. After the last dispatch another
+    thread waits for the gradient that backward produces last: that is when
+    backward ended.
     """
-    import mlx.core as mx
-
     world.barrier()
-    t0 = time.perf_counter()
-    events, threads, last = {}, [], {}
-
-    def wait_for(key, array):
-        mx.eval(array)
-        events[key] = time.perf_counter() - t0
-
-    def start_waiter(key, array):
-        thread = threading.Thread(target=wait_for, args=(key, array))
-        thread.start()
-        threads.append(thread)
-
-    def on_grads(flat):
-        last["grad"] = flat[order[-1]]
-
-    def on_dispatch(index, bucket, total):
-        events[("dispatched", index)] = time.perf_counter() - t0
-        start_waiter(("reduced", index, bucket.nbytes), total)
-        if index == num_buckets - 1:  # everything is scheduled now, the last gradient too
-            start_waiter("backward_end", last.pop("grad"))
-
-    step("overlap", on_dispatch=on_dispatch, on_grads=on_grads)
-    step_end = time.perf_counter() - t0
-    for thread in threads:
+    timed = _TimedReducer(reducer, order, time.perf_counter())
+    step("overlap", timed)
+    step_end = time.perf_counter() - timed.t0
+    for thread in timed.threads:
         thread.join()
+    events = timed.events
     reduced = sorted((k[1], k[2], t) for k, t in events.items() if k[0] == "reduced")
     return {
         "buckets": [{"mb": round(nbytes / MiB, 2), "dispatched_s": events[("dispatched", i)], "reduced_s": t}
@@ -170,33 +178,16 @@ def record_timeline(world, step, order, num_buckets: int):
 
 def busbw_sweep(world, sizes: list[int], bucket_bytes: int, reps: int):
     """all_sum bus bandwidth (GB/s) by message size, and at the bucket size."""
-    import mlx.core as mx
+    from ..core.parallel import all_sum_seconds
 
     def measure(nbytes: int) -> float:
-        x = mx.ones((nbytes // 4,), mx.float32)
-        mx.eval(x)
-        samples = []
-        for r in range(reps + 1):
-            world.barrier()
-            t0 = time.perf_counter()
-            mx.eval(mx.distributed.all_sum(x, group=world.group, stream=mx.cpu))
-            if r:  # the first is a warm-up
-                samples.append(time.perf_counter() - t0)
-        t = statistics.median(samples)
+        t = median(all_sum_seconds(world, nbytes, reps))
         return nbytes * 2 * (world.size - 1) / world.size / t / 1e9
 
     if world.size == 1:
         return {}, None
     sweep = {str(n): measure(n) for n in sizes}
     return sweep, measure(bucket_bytes)
-
-
-def _rank0_ip() -> str:
-    path = os.environ.get("MLX_HOSTFILE")
-    if path and os.path.isfile(path):
-        hosts = json.load(open(path))
-        return hosts[0][0].rsplit(":", 1)[0]
-    return "127.0.0.1"
 
 
 def tcp_bandwidth(world, seconds: float = 1.5, chunk: int = MiB) -> dict:
@@ -214,7 +205,7 @@ def tcp_bandwidth(world, seconds: float = 1.5, chunk: int = MiB) -> dict:
     port = int(world.all_gather_bytes(str(port).encode())[0])
     sock = None
     if world.rank == 1:
-        sock = socket.create_connection((_rank0_ip(), port), timeout=60)
+        sock = socket.create_connection((launch_env().rank0_address() or "127.0.0.1", port), timeout=60)
     elif world.rank == 0:
         sock, _ = listener.accept()
         listener.close()

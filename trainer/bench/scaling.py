@@ -2,7 +2,7 @@
 
 The recipe trains for a fixed number of optimizer updates at world size 1
 and at N with the same per-rank batch (so N ranks do N times the work per
-update), and once more at N with ``MLX_DP_SKIP_REDUCE=1`` (gradients not
+update), and once more at N with the reduction skipped (gradients not
 reduced) to price the communication that nothing hid. The first
 ``--warmup`` updates (compilation) are not measured. Definitions are in
 ``trainer/bench/scaling_report.py``.
@@ -10,7 +10,7 @@ reduced) to price the communication that nothing hid. The first
 The launcher matters on small machines: ``mlx.launch`` relays output in a
 busy-spinning loop that costs about 1.4 of 2 cores (../shared/PLATFORM.md).
 So every world size, 1 included, runs under ``mlx.launch`` and under the
-lean launcher (``trainer.launch``: only MLX_RANK and MLX_HOSTFILE per rank),
+lean launcher (``trainer.cluster.launch``: only MLX_RANK and MLX_HOSTFILE per rank),
 and every ratio compares runs launched the same way.
 
 Usage::
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import scaling_report as report
-from .scaling_mlx_lm import add_mlx_lm, mlx_lm_worker, run_mlx_lm
+from .scaling_mlx_lm import add_mlx_lm, check_mlx_lm_comparable, run_mlx_lm
 from .scaling_plan import PROG, Plan, Run, blas_threads, make_plan, parse_args, schedule
 from .scaling_runs import run_ours
 
@@ -103,7 +103,7 @@ def run_all(plan: Plan, work: Path) -> dict:
             "machine, so compare with --blas-threads 1")
     doc = {"benchmark": "scaling", "recipe": plan.recipe, "overrides": plan.overrides, "warmup": plan.warmup,
            "steps": plan.steps, "sizes": plan.sizes, "launchers": plan.launchers,
-           "launcher_notes": {"lean": "trainer.launch: only MLX_RANK and MLX_HOSTFILE per rank",
+           "launcher_notes": {"lean": "trainer.cluster.launch: only MLX_RANK and MLX_HOSTFILE per rank",
                               "mlx.launch": "mlx.launch: its output relay busy-polls (about 1.4 cores here)"},
            "link": plan.link.describe() if plan.link is not None else ("cluster" if plan.hostfile else "loopback"),
            "hostfile": plan.hostfile, "blas": plan.blas, "machine": report.machine_info(),
@@ -137,18 +137,16 @@ def write_outputs(doc: dict, json_path: str | None, png_path: str | None) -> Non
 def main(argv: list[str]) -> int:
     """``mlx-dp bench scaling ...``; returns the exit status.
 
-    Also the entry of each mlx_lm.lora rank of ``--vs-mlx-lm``: ``--mlx-lm-worker REPORTS -- ARGS``.
-
     Args:
         argv (list[str]): The arguments after ``mlx-dp bench scaling``.
     """
-    if argv[:1] == ["--mlx-lm-worker"]:  # a rank of the mlx_lm.lora comparison
-        return mlx_lm_worker(argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:])
-    from ..fastblas import FastBlasError
-    from ..netem import NetemError
+    from ..cluster.netem import NetemError
+    from ..tools.fastblas import FastBlasError
 
     try:
         plan = make_plan(parse_args(argv))
+        if plan.vs_mlx_lm:
+            plan.notes += check_mlx_lm_comparable(plan.cfg)
         print(f"[bench] {plan.recipe}: world sizes {', '.join(map(str, plan.sizes))} under "
               f"{' and '.join(plan.launchers)}, {plan.steps} measured updates (+{plan.warmup} warm-up), "
               f"BLAS {plan.blas}", flush=True)

@@ -3,8 +3,8 @@
 The recipe becomes mlx_lm.lora's command line and ``-c`` config (same adapter,
 optimizer, schedule, global batch and number of optimizer updates). Each of
 its ranks runs mlx_lm.lora's own ``main()`` with a reporting callback that
-timestamps every update (:func:`mlx_lm_worker`, started as
-``python -m trainer.bench.scaling --mlx-lm-worker REPORTS -- ARGS``). Both
+timestamps every update (``trainer.bench_rank``, started as
+``python -m trainer.bench_rank mlx-lm REPORTS -- ARGS``). Both
 adapters are then scored by one evaluator, ``mlx-dp eval``, and the
 comparison is added to the benchmark's JSON (:func:`add_mlx_lm`).
 """
@@ -13,11 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from . import scaling_report as report
-from .scaling_plan import PROG, BenchError, Plan, Run, blas_threads
+from .scaling_plan import BenchError, Plan, Run, blas_threads
 from .scaling_runs import launch_ranks, show_failure
 
 # ---------------------------------------------------------------------------- the same work, in mlx-lm's terms
@@ -134,7 +133,7 @@ def run_mlx_lm(plan: Plan, run: Run, work: Path) -> tuple[dict, Path]:
     config_path = base / "mlx_lm_config.yaml"
     config_path.write_text(yaml.safe_dump(mlx_lm_config(plan.cfg, updates)))
     reports, adapters = base / "reports.jsonl", base / "adapters"
-    command = [sys.executable, "-u", "-m", "trainer.bench.scaling", "--mlx-lm-worker", str(reports), "--",
+    command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-lm", str(reports), "--",
                *mlx_lm_args(plan.cfg, run.world_size, updates, config_path, adapters)]
     env = {"PYTHONUNBUFFERED": "1"}
     if plan.shim:  # the same BLAS as our ranks: the shim, and our thread split
@@ -146,40 +145,6 @@ def run_mlx_lm(plan: Plan, run: Run, work: Path) -> tuple[dict, Path]:
     if code != 0 or len(rows) != updates or not (adapters / "adapters.safetensors").is_file():
         show_failure(run.describe(plan), code or 1, log_base)
     return report.mlx_lm_window(rows, plan.warmup, plan.steps), adapters
-
-
-def mlx_lm_worker(reports_path: str, lora_argv: list[str]) -> int:
-    """Rank body: mlx_lm.lora's own ``main()``, with a reporting callback that appends each
-    report and the wall time it arrived to ``reports_path`` (rank 0).
-
-    The callback is mlx-lm's own hook (``get_reporting_callbacks``, which also serves
-    wandb); its console only prints rounded numbers and no step times.
-
-    Args:
-        reports_path (str): JSON-lines file rank 0 appends one record per report to.
-        lora_argv (list[str]): mlx_lm.lora's arguments (from :func:`mlx_lm_args`).
-    """
-    import mlx_lm.lora as lora
-    from mlx_lm.tuner.callbacks import TrainingCallback
-
-    if not hasattr(lora, "get_reporting_callbacks"):
-        print(f"{PROG}: this mlx-lm has no mlx_lm.lora.get_reporting_callbacks to time its updates",
-              file=sys.stderr)
-        return 2
-
-    class Recorder(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            if os.environ.get("MLX_RANK", "0") != "0":
-                return
-            record = {"time": time.perf_counter(),
-                      **{k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()}}
-            with open(reports_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    lora.get_reporting_callbacks = lambda *args, **kwargs: Recorder()
-    sys.argv = ["mlx_lm.lora", *lora_argv]
-    lora.main()
-    return 0
 
 
 # ---------------------------------------------------------------------------- scoring and the comparison

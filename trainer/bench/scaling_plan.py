@@ -7,7 +7,6 @@ as one line, before minutes of training are spent.
 """
 
 import argparse
-import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..netem import LinkSpec
+    from ..cluster.netem import LinkSpec
+    from ..core.config import Config
 
 PROG = "mlx-dp bench scaling"
 DESCRIPTION = "``mlx-dp bench scaling``: how a recipe's tokens/s grows from one rank to N."
@@ -121,17 +120,16 @@ def bench_overrides(plan: Plan, run_dir: Path) -> list[str]:
 
 
 def blas_threads(plan: Plan, world_size: int) -> int | None:
-    """OpenBLAS threads per rank, as the trainer picks them (cores // ranks on the machine)."""
+    """OpenBLAS threads per rank, as the trainer picks them (``fastblas.threads_per_rank``)."""
+    from ..tools.fastblas import threads_per_rank
+
     if plan.blas != "openblas":
         return 1  # MLX's bundled reference BLAS is single-threaded
     if plan.blas_threads:
         return plan.blas_threads
-    if os.environ.get("MLX_DP_BLAS_THREADS", "").strip().isdigit():  # the trainer honours it too
-        return int(os.environ["MLX_DP_BLAS_THREADS"])
     if plan.hostfile and world_size > 1:
         return None  # decided on each remote machine
-    local = 1 if plan.link is not None else world_size
-    return max(1, (os.cpu_count() or 1) // local)
+    return threads_per_rank(1 if plan.link is not None else world_size)
 
 
 def make_plan(args) -> Plan:
@@ -140,7 +138,7 @@ def make_plan(args) -> Plan:
     Args:
         args (argparse.Namespace): From :func:`parse_args`.
     """
-    from ..config import load_config
+    from ..core.config import load_config
 
     for text in args.overrides:
         key = text.split("=", 1)[0].strip()
@@ -167,11 +165,6 @@ def make_plan(args) -> Plan:
         _plan_link(plan, args)
     if "mlx.launch" in launchers and not (Path(sys.executable).parent / "mlx.launch").is_file():
         raise BenchError(f"mlx.launch is not next to {sys.executable}; install mlx in this environment")
-    if plan.vs_mlx_lm:
-        # Imported here: the mlx_lm.lora side builds on this module, not the other way round.
-        from .scaling_mlx_lm import check_mlx_lm_comparable
-
-        plan.notes += check_mlx_lm_comparable(plan.cfg)
     if plan.hostfile:
         plan.notes.append("world size 1 ran on this machine under mlx.launch -n 1; the cluster's ranks write "
                           "per-rank timings on their own machines, so the rank spread covers what is visible here")
@@ -180,7 +173,7 @@ def make_plan(args) -> Plan:
 
 def _sizes(args) -> list[int]:
     if args.hostfile:
-        from ..hostfile import check_launch_hostfile
+        from ..cluster.hostfile import check_launch_hostfile
 
         hosts = len(check_launch_hostfile(args.hostfile))
         if args.sizes or (args.n is not None and args.n != hosts):
@@ -217,7 +210,7 @@ def _launchers(args) -> list[str]:
 
 
 def _plan_link(plan: Plan, args) -> None:
-    from .. import netem
+    from ..cluster import netem
 
     try:
         plan.link = netem.link_spec(args.link, args.rate, args.delay)
@@ -235,7 +228,7 @@ def _plan_link(plan: Plan, args) -> None:
 
 
 def _plan_blas(plan: Plan) -> None:
-    from .. import fastblas
+    from ..tools import fastblas
 
     try:
         plan.blas = "openblas" if fastblas.requested() else "mlx"
@@ -256,7 +249,7 @@ def _plan_blas(plan: Plan) -> None:
 class Run:
     """One launch: which trainer, how many ranks, started how."""
 
-    kind: str  # "ours", "skip" (ours with MLX_DP_SKIP_REDUCE=1) or "mlx_lm"
+    kind: str  # "ours", "skip" (ours with gradients not reduced) or "mlx_lm"
     world_size: int
     launcher: str
 

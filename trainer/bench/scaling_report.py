@@ -10,7 +10,7 @@ with the per-rank batch fixed (N ranks do N times the work of one per step):
 * speedup: tokens/s(N) / tokens/s(1), both launched the same way;
 * scaling efficiency: tokens/s(N) / (N x tokens/s(1));
 * exposed communication share: (t_N - t_N_skip) / t_N on median step times,
-  where t_N_skip comes from a run with ``MLX_DP_SKIP_REDUCE=1``;
+  where t_N_skip comes from a run whose reducer skips every all_sum;
 * rank spread: the median over steps of (slowest - fastest rank's step time).
 """
 
@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from .comm import median, p90
+from .stats import median, p90
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -264,7 +264,7 @@ def format_table(doc: dict) -> str:
             f"{_fmt(None if r['rank_spread_s'] is None else r['rank_spread_s'] * 1e3, '8.1f', ' ms'):>11s} "
             f"{_fmt(mem, '10.3f', ' GB'):>13s}")
     lines.append("tok/s: global loss tokens per second of wall time; effic.: tok/s(N) / (N x tok/s(1)) under the "
-                 "same launcher; exposed comm: (t_N - t_N with MLX_DP_SKIP_REDUCE=1) / t_N on median steps; "
+                 "same launcher; exposed comm: (t_N - t_N with no all_sum) / t_N on median steps; "
                  "rank spread: median over steps of slowest - fastest rank")
     if doc.get("vs_mlx_lm"):
         lines.append(format_vs_mlx_lm(doc["vs_mlx_lm"]))

@@ -1,7 +1,7 @@
 """Launching the runs of ``mlx-dp bench scaling`` and measuring ours.
 
 :func:`launch_ranks` starts one command on N ranks in one of four ways: the
-lean launcher (``trainer.launch``, which also runs one rank as a plain
+lean launcher (``trainer.cluster.launch``, which also runs one rank as a plain
 process), ``mlx.launch -n N`` on loopback, ``mlx.launch --hostfile`` on a
 real cluster, or an emulated cluster of network namespaces behind a shaped
 link. Each rank's output goes to a log file, whose tail is shown when a run
@@ -42,7 +42,7 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
         caller checks what the run wrote as well).
     """
     if plan.link is not None and run.world_size > 1:
-        from ..netem import EmulatedCluster, exit_status
+        from ..cluster.netem import EmulatedCluster, exit_status
 
         with EmulatedCluster(run.world_size, **plan.link_args) as cluster:
             code = exit_status(cluster.run(_logged(command, log_base), env=env, timeout=plan.timeout))
@@ -51,7 +51,7 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
             return code
     if run.launcher == "mlx.launch":
         return _mlx_launch(plan, run.world_size, command, env, log_base)
-    from ..launch import launch
+    from ..cluster.launch import launch
 
     return launch(_logged(command, log_base), run.world_size, env=env, timeout=plan.timeout)
 
@@ -69,7 +69,7 @@ def free_port_block(n: int, tries: int = 50) -> int:
         n (int): Consecutive ports needed.
         tries (int): Random starting points to try. Default: ``50``.
     """
-    from ..launch import free_ports
+    from ..cluster.launch import free_ports
 
     for _ in range(tries):
         base = free_ports(1)[0]
@@ -147,11 +147,12 @@ def show_failure(run_label: str, code: int, log_base: Path) -> None:
 
 def run_ours(plan: Plan, run: Run, run_dir: Path) -> dict:
     """Train the recipe at ``run.world_size`` ranks into ``run_dir``; measure the updates after warm-up."""
-    from ..fastblas import THREADS_ENV
+    from ..tools.fastblas import THREADS_ENV
 
-    command = [sys.executable, "-u", "-m", "trainer", "train", plan.recipe, *plan.overrides,
-               *bench_overrides(plan, run_dir)]
-    env = {"PYTHONUNBUFFERED": "1", "MLX_DP_SKIP_REDUCE": "1" if run.kind == "skip" else "0"}
+    switches = ["--no-reduce"] if run.kind == "skip" else []
+    command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-dp", *switches, "--", "train", plan.recipe,
+               *plan.overrides, *bench_overrides(plan, run_dir)]
+    env = {"PYTHONUNBUFFERED": "1"}
     if plan.blas_threads:  # otherwise each rank takes its share of its machine's cores
         env[THREADS_ENV] = str(plan.blas_threads)
     run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ Usage::
 
 Weights are fp32 by default, not the ``torch_dtype`` (bfloat16) of the real
 file: on the Linux CPU backend bf16 matmuls run on MLX's own slow kernel, and
-fp32 can use the optional OpenBLAS route (``trainer.fastblas``).
+fp32 can use the optional OpenBLAS route (``trainer.tools.fastblas``).
 """
 
 import copy
@@ -28,7 +28,7 @@ import shutil
 import zlib
 from pathlib import Path
 
-ARCHS_DIR = Path(__file__).parent.parent / "data" / "archs"
+ARCHS_DIR = Path(__file__).resolve().parents[2] / "data" / "archs"
 
 # Files of a tokenizer folder that describe the tokenizer, never the model.
 TOKENIZER_FILES = (

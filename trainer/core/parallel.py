@@ -8,23 +8,24 @@
   the order backward produces gradients and each dispatched as soon as its
   gradients exist (see the class docstring).
 
-This module depends only on MLX and the standard library.
+This module depends only on MLX, the standard library and ``trainer.env``
+(what the launcher set).
 """
 
 import hashlib
-import os
 import socket
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .errors import DistributedError
+from ..env import drop_blank_hostfile, launch_env
+from ..errors import DistributedError
 
 MiB = 1024 * 1024
 
 
 class _NullMonitor:
-    """Stands in for the watchdog (``trainer.health``) when none is installed."""
+    """Stands in for the watchdog (``trainer.cluster.health``) when none is installed."""
 
     def phase(self, name: str, step: int | None = None):
         pass
@@ -37,31 +38,6 @@ def set_monitor(monitor) -> None:
     """Install the object told about each blocking phase (the watchdog)."""
     global _monitor
     _monitor = monitor or _NullMonitor()
-
-
-def launched_rank() -> int:
-    """This process's rank from the launcher's environment, before any init."""
-    for var in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def _blank_hostfile() -> bool:
-    """``mlx.launch -n 1`` passes an MLX_HOSTFILE holding only a newline: no ring."""
-    path = os.environ.get("MLX_HOSTFILE")
-    if not path or not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return not f.read().strip()
-
-
-def _is_launched() -> bool:
-    """A launcher started several ranks (then joining the group must succeed)."""
-    if os.environ.get("MLX_HOSTFILE") and not _blank_hostfile():
-        return True
-    return any(v in os.environ for v in ("MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE",
-                                         "NCCL_HOST_IP", "MLX_WORLD_SIZE"))
 
 
 @dataclass
@@ -133,9 +109,8 @@ def init_world(backend: str = "any") -> World:
     Args:
         backend (str): ``any``, ``ring``, ``jaccl``, ``mpi`` or ``nccl``. Default: ``"any"``.
     """
-    if _blank_hostfile():
-        os.environ.pop("MLX_HOSTFILE")  # MLX would try to parse it; one rank needs no ring
-    launched = _is_launched()
+    drop_blank_hostfile()
+    launched = launch_env().launched
     try:
         group = mx.distributed.init(strict=launched, backend=backend)
     except RuntimeError as e:
@@ -278,9 +253,14 @@ class GradientReducer:
     backward is evaluated first and the buckets are reduced afterwards.
 
     Gradients are *summed*, not averaged: the loss is already normalised by
-    the global token count (see ``trainer.step``). Reduced gradients come back
+    the global token count (see ``trainer.core.step``). Reduced gradients come back
     as row-major slices of their bucket, which also spares the optimizer the
     slow strided kernels that the transposed weight gradients of backward need.
+
+    Every rank must hold the same bucket plan, or the ``all_sum``s would pair
+    different gradients (or hang on different sizes): the first :meth:`reduce`
+    checks that with one small gather before any gradient is sent, unless
+    :meth:`check_plan` already did.
 
     Args:
         world (World): The group.
@@ -292,17 +272,15 @@ class GradientReducer:
             (ranks then train apart). Default: ``True``.
     """
 
-    SKIP_ENV = "MLX_DP_SKIP_REDUCE"  # benchmarks only: measure compute without communication
+    averages = False  # returns sums over ranks (see run_update's loss scale)
 
     def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "separate",
                  communicate: bool = True):
         self.world = world
         self.buckets = buckets
         self.overlap = overlap
-        self.communicate = communicate and os.environ.get(self.SKIP_ENV) != "1"
-        if not self.communicate and world.size > 1 and os.environ.get(self.SKIP_ENV) == "1":
-            world.print0(f"[mlx-dp] WARNING: {self.SKIP_ENV}=1: gradients are not reduced, ranks train apart "
-                         "(a benchmark baseline, not training)")
+        self.communicate = communicate
+        self.plan_checked = not communicate or world.size == 1
         if stream not in ("separate", "default"):
             raise ValueError(f"stream must be 'separate' or 'default', not {stream!r}")
         self.stream = mx.new_stream(mx.default_device()) if world.size > 1 and stream == "separate" else None
@@ -312,8 +290,9 @@ class GradientReducer:
         return sum(b.nbytes for b in self.buckets)
 
     def check_plan(self) -> None:
-        """Verify, before any gradient is sent, that every rank has the same bucket plan."""
+        """Verify, before any gradient is sent, that every rank has the same bucket plan. Blocking."""
         check_agreement(self.world, {"gradient bucket plan": plan_digest(self.buckets)})
+        self.plan_checked = True
 
     def _sum(self, x: "mx.array") -> "mx.array":
         if not self.communicate:
@@ -339,6 +318,8 @@ class GradientReducer:
         """
         if self.world.size == 1:
             return grads, extra
+        if not self.plan_checked:
+            self.check_plan()
         if not self.overlap:
             mx.eval(grads, extra)  # serial path: finish backward before communicating (sync point)
         sent = []
@@ -369,3 +350,60 @@ class GradientReducer:
             for name, shape, dtype, part in zip(bucket.names, bucket.shapes, bucket.dtypes, parts):
                 out[name] = part.reshape(shape).astype(dtype)
         return out, extra_total
+
+
+class PassThroughReducer:
+    """No reduction at all: gradients as backward returns them (a benchmark's compute-only baseline)."""
+
+    averages = False
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
+        return grads, extra
+
+
+class AverageGradientsReducer:
+    """``mlx.nn.average_gradients`` behind the reducer interface: the baseline of ``bench comm``.
+
+    It averages rather than sums (``averages = True``: ``run_update`` then
+    scales the loss by the world size, so the update is the same), and it
+    reduces in parameter order inside the step's graph, after backward.
+
+    Args:
+        world (World): The group.
+    """
+
+    averages = True
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
+        from mlx.nn import average_gradients
+
+        if self.world.size == 1:
+            return grads, extra
+        averaged = average_gradients(grads, group=self.world.group)
+        total = None if extra is None else mx.distributed.all_sum(extra, group=self.world.group)
+        return averaged, total
+
+
+def all_sum_seconds(world: World, nbytes: int, reps: int) -> list[float]:
+    """Wall times of ``reps`` blocking ``all_sum``s of ``nbytes`` of float32 (after one warm-up).
+
+    For bandwidth sweeps (``bench comm``); every rank must call it.
+    """
+    import time
+
+    x = mx.ones((nbytes // 4,), mx.float32)
+    mx.eval(x)
+    samples = []
+    for r in range(reps + 1):
+        world.barrier()
+        start = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=world.group, stream=mx.cpu))  # note: sync point
+        if r:  # the first is a warm-up
+            samples.append(time.perf_counter() - start)
+    return samples

@@ -1,4 +1,4 @@
-"""Distributed evaluation: token-weighted loss over a split, sharded across ranks.
+"""Distributed evaluation: token-weighted loss (and greedy exact match) over a split, sharded across ranks.
 
 Each rank scores its rows of fixed, length-sorted global batches; loss sums
 are summed over ranks and divided by the global token count, so the result is
@@ -24,9 +24,9 @@ def evaluate_loss(world, model, split, per_rank_batch: int, pad_multiple: int,
     """Token-weighted loss and perplexity of ``model`` on ``split``.
 
     Args:
-        world (trainer.parallel.World): The group; every rank must call this.
+        world (trainer.core.parallel.World): The group; every rank must call this.
         model: The model (switched to eval mode for the duration).
-        split (trainer.data.TokenizedSplit): Validation or test data.
+        split (trainer.core.data.TokenizedSplit): Validation or test data.
         per_rank_batch (int): Rows per rank per batch.
         pad_multiple (int): Padding granularity.
         max_batches (int | None): Score only the first N global batches. Default: ``None``.
@@ -63,10 +63,10 @@ def exact_match(world, model, tokenizer, split, max_new_tokens: int, max_samples
     over ranks, so the score is the one a single process would report.
 
     Args:
-        world (trainer.parallel.World): The group; every rank must call this.
+        world (trainer.core.parallel.World): The group; every rank must call this.
         model: The model (adapters applied).
         tokenizer: mlx-lm's tokenizer wrapper.
-        split (trainer.data.TokenizedSplit): Samples with a prompt (prompt_lengths > 0).
+        split (trainer.core.data.TokenizedSplit): Samples with a prompt (prompt_lengths > 0).
         max_new_tokens (int): Generation limit per sample.
         max_samples (int | None): Score only the first N samples. Default: ``None``.
         progress (callable | None): Called after each sample. Default: ``None``.
@@ -92,48 +92,3 @@ def exact_match(world, model, tokenizer, split, max_new_tokens: int, max_samples
             progress()
     total = world.all_sum([float(matches)], phase="eval")[0]
     return {"exact_match": total / max(len(indices), 1), "matches": int(total), "samples": len(indices)}
-
-
-def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) -> dict:
-    """``mlx-dp eval``: score a trained run (or the base model) on a split, on every rank.
-
-    Args:
-        cfg (trainer.config.Config): The recipe.
-        checkpoint (str | None): Adapters to apply: a run directory or one of
-            its ``checkpoints/step_*``; default ``checkpoint.dir``. ``"none"``
-            scores the base model.
-        split_name (str | None): ``test`` or ``valid``; default ``eval.split``.
-    """
-    import dataclasses
-    from pathlib import Path
-
-    from .data import load_splits
-    from .errors import CheckpointError, DataError
-    from .model import load_base
-    from .parallel import init_world
-
-    world = init_world(cfg.parallel.backend)
-    model, tokenizer, _ = load_base(cfg.model)
-    source = Path(checkpoint or cfg.checkpoint.dir)
-    if checkpoint != "none":
-        from mlx_lm.tuner.utils import load_adapters
-
-        if not (source / "adapters.safetensors").is_file():
-            raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint "
-                                  "(or --checkpoint none for the base model)")
-        load_adapters(model, str(source))
-    split_name = split_name or cfg.eval.split
-    data_cfg = dataclasses.replace(cfg.data, packing=False)
-    splits = world.rank0_first(lambda: load_splits(data_cfg, tokenizer, (split_name,), show_progress=world.is_main))
-    if split_name not in splits:
-        raise DataError(f"{cfg.data.path or cfg.data.hf_dataset} has no {split_name} split")
-    split = splits[split_name]
-    batch = cfg.eval.batch_size or cfg.training.batch_size
-    result = {"split": split_name, "checkpoint": None if checkpoint == "none" else str(source),
-              "world_size": world.size, "samples": len(split)}
-    result.update(evaluate_loss(world, model, split, batch, cfg.data.pad_multiple, cfg.eval.max_batches))
-    if cfg.eval.exact_match and (split.prompt_lengths > 0).any():
-        limit = None if cfg.eval.max_batches is None else cfg.eval.max_batches * batch * world.size
-        scored = exact_match(world, model, tokenizer, split, cfg.eval.max_new_tokens, limit)
-        result.update(exact_match=scored["exact_match"], exact_match_samples=scored["samples"])
-    return result

@@ -10,21 +10,21 @@ Row formats are mlx-lm's (``text``, ``prompt``/``completion``, chat
 ``messages``), tokenized by mlx-lm's own dataset classes so that prompts are
 rendered and masked exactly as ``mlx_lm.lora`` does.
 
-Batching and sharding are in ``trainer.batches``; this module imports no MLX.
+Batching and sharding are in ``trainer.core.batches``; this module imports no MLX.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .config import DataConfig
-from .errors import DataError
+from .hub import looks_like_hub_id
+from ..errors import DataError
 
 SPLIT_FILE_NAMES = {
     "train": ("train",),
@@ -97,10 +97,6 @@ class Source:
     hub_kwargs: tuple = ()  # extra load_dataset keyword arguments
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and Path(text).suffix.lower() not in EXTENSIONS
-
-
 def _file_source(split: str, path: Path) -> Source:
     builder = EXTENSIONS.get(path.suffix.lower())
     if builder is None:
@@ -137,7 +133,7 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
         if "train" not in sources:
             raise DataError(f"data.path {path} has no train file (train.jsonl, train.parquet or train.csv)")
         return sources
-    if _looks_like_hub_id(cfg.path):
+    if looks_like_hub_id(cfg.path):
         return {s: Source(s, f"{cfg.path}[{s}]", cfg.path, hub_split=s) for s in SPLIT_FILE_NAMES}
     raise DataError(f"data.path {cfg.path} does not exist (and is not a hub id like org/name)")
 

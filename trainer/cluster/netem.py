@@ -6,7 +6,7 @@ real TCP between distinct IPs, like Macs on a switch or a Thunderbolt bridge.
 ``tc`` shapes both ends of every veth (traffic out of a rank and traffic into
 it), so each rank's link has the chosen rate in each direction.
 
-    from trainer.netem import EmulatedCluster
+    from trainer.cluster.netem import EmulatedCluster
     with EmulatedCluster(n=2, preset="10gbe") as cluster:
         codes = cluster.run([sys.executable, "bench.py"], timeout=120)
 

@@ -1,6 +1,6 @@
 """The recipe schema: one frozen dataclass per section, a one-line doc per key.
 
-``trainer.config`` loads YAML into these classes strictly; this module only
+``trainer.core.config`` loads YAML into these classes strictly; this module only
 declares them and checks values that are impossible on their own
 (``__post_init__``). It imports nothing from MLX.
 """
@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _suggest(name: str, options) -> str:
@@ -108,13 +108,16 @@ class DataConfig:
                         "mean ", "mean data.hf_dataset."))
 
 
+DEFAULT_STEPS = 100  # training length when a recipe sets neither training.steps nor training.epochs
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The optimisation: batch, length, optimizer and schedule."""
 
     batch_size: int = _doc("sequences per rank per micro-step; the global batch grows with world size", 4)
     grad_accumulation: int = _doc("micro-steps per optimizer update", 1)
-    steps: Optional[int] = _doc("optimizer updates to run (or use epochs)", None)
+    steps: Optional[int] = _doc(f"optimizer updates to run (or use epochs); neither set: {DEFAULT_STEPS}", None)
     epochs: Optional[float] = _doc("passes over the training set, instead of steps", None)
     learning_rate: float = _doc("peak learning rate", 1e-5)
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = _doc("optimizer from mlx.optimizers", "adamw")
@@ -136,7 +139,9 @@ class TrainingConfig:
             raise ConfigError(f"training.batch_size must be at least 1, got {self.batch_size}")
         if self.grad_accumulation < 1:
             raise ConfigError(f"training.grad_accumulation must be at least 1, got {self.grad_accumulation}")
-        if (self.steps is None) == (self.epochs is None):
+        if self.steps is None and self.epochs is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)  # frozen: the one place the default is set
+        if self.steps is not None and self.epochs is not None:
             raise ConfigError("set exactly one of training.steps and training.epochs")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"training.steps must be at least 1, got {self.steps}")
@@ -239,7 +244,7 @@ class Config:
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = field(default_factory=MethodConfig)
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(steps=100))
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

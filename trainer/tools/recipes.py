@@ -6,9 +6,9 @@ A recipe's first comment line is its one-line summary.
 import shutil
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def all_recipes(root: Path = RECIPES_DIR) -> list[Path]:

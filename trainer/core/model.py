@@ -5,7 +5,6 @@ or quantized), the adapter layers and the adapter file format are mlx-lm's,
 so checkpoints load with ``mlx_lm.load(base, adapter_path=run_dir)``.
 """
 
-import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,13 +12,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import MethodConfig, ModelConfig
-from .errors import ModelError
+from .hub import looks_like_hub_id
+from ..errors import ModelError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text))
 
 
 def resolve_model_path(path: str) -> str:
@@ -33,7 +29,7 @@ def resolve_model_path(path: str) -> str:
         if not (local / "config.json").is_file():
             raise ModelError(f"model.path {path} has no config.json; it is not an mlx-lm model directory")
         return str(local)
-    if _looks_like_hub_id(path) and not path.startswith((".", "/", "~")):
+    if looks_like_hub_id(path):
         return path
     raise ModelError(f"model.path {path} does not exist (and is not a hub id like org/name)")
 

@@ -20,30 +20,15 @@ naming peers.
 """
 
 import json
-import os
 import socket
 import threading
 import time
 
+from ..env import launch_env
+
 INTERVAL_S = 0.5
 STALE_S = 3.0  # not heard from for this long: stopped or hung
 WAIT_PHASES = ("sync", "barrier", "eval", "agreement", "rank0_first", "all_sum", "save")
-
-
-def _rank0_address() -> str | None:
-    path = os.environ.get("MLX_HOSTFILE")
-    if path and os.path.isfile(path):
-        try:
-            hosts = json.load(open(path))
-            entry = hosts[0][0] if isinstance(hosts, list) else None
-            if isinstance(entry, str) and ":" in entry:
-                return entry.rsplit(":", 1)[0]
-        except (ValueError, IndexError, KeyError, TypeError):
-            return None
-    for var in ("MLX_JACCL_COORDINATOR", "NCCL_HOST_IP"):
-        if os.environ.get(var):
-            return os.environ[var].rsplit(":", 1)[0] if ":" in os.environ[var] else os.environ[var]
-    return None
 
 
 class PeerMonitor:
@@ -74,7 +59,7 @@ class PeerMonitor:
         if world.size == 1:
             return None
         monitor = cls(world)
-        address = _rank0_address()
+        address = launch_env().rank0_address()
         port = 0
         if world.rank == 0 and address is not None:
             monitor.server = socket.socket()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .state import DataPosition
+
 # Samples are shuffled, then sorted by length inside groups of this many
 # global batches, so a batch holds similar lengths (little padding) while
 # batches still vary from epoch to epoch.
@@ -49,18 +51,13 @@ class Batch:
     real_tokens: int = 0  # non-padding tokens in this rank's rows (for the padded share)
 
 
-def loss_tokens(lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
-    """Targets that count in the loss per sample: positions 1..len-1 not in the prompt."""
-    return lengths - np.maximum(prompt_lengths, 1)
-
-
-def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
+def epoch_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int,
                   shuffle: bool = True) -> list[np.ndarray]:
     """Split one epoch into global micro-batches of sample indices.
 
     Args:
         lengths (np.ndarray): Token length of every sample.
-        global_batch (int): Sequences per global micro-batch (per-rank batch x ranks).
+        micro_batch (int): Sequences per global micro-batch (per-rank batch x ranks).
         seed (int): Data-order seed.
         epoch (int): Epoch number; each epoch reshuffles.
         shuffle (bool): Shuffle samples and batch order. ``False`` gives a
@@ -68,13 +65,13 @@ def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
 
     Returns:
         list[np.ndarray]: Index arrays, each sorted by decreasing length; all
-        have ``global_batch`` entries except possibly the last.
+        have ``micro_batch`` entries except possibly the last.
     """
     n = len(lengths)
     if shuffle:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(n)
-        group = global_batch * LENGTH_GROUP_BATCHES
+        group = micro_batch * LENGTH_GROUP_BATCHES
     else:
         order = np.arange(n)
         group = n
@@ -82,16 +79,17 @@ def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
     for start in range(0, n, group):
         idx = order[start:start + group]
         idx = idx[np.argsort(-lengths[idx], kind="stable")]
-        batches.extend(idx[i:i + global_batch] for i in range(0, len(idx), global_batch))
-    full = [b for b in batches if len(b) == global_batch]
-    partial = [b for b in batches if len(b) < global_batch]
+        batches.extend(idx[i:i + micro_batch] for i in range(0, len(idx), micro_batch))
+    full = [b for b in batches if len(b) == micro_batch]
+    partial = [b for b in batches if len(b) < micro_batch]
     if shuffle:
         full = [full[i] for i in rng.permutation(len(full))]
     return full + partial
 
 
-def batches_per_epoch(num_samples: int, global_batch: int) -> int:
-    return -(-num_samples // global_batch)
+def batches_per_epoch(num_samples: int, micro_batch: int) -> int:
+    """Global micro-batches in one epoch (the last may be partial)."""
+    return -(-num_samples // micro_batch)
 
 
 def rank_rows(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -113,7 +111,7 @@ def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
     """Assemble this rank's padded arrays for one global micro-batch.
 
     Args:
-        split: A tokenized split (see ``trainer.data.TokenizedSplit``): it has
+        split: A tokenized split (see ``trainer.core.data.TokenizedSplit``): it has
             ``lengths``, ``loss_counts``, ``sample(i)``, ``target_mask(i)`` and
             ``segment_ids(i)`` (``None`` unless samples are packed).
         batch (np.ndarray): The global micro-batch's sample indices.
@@ -147,33 +145,60 @@ def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
 class BatchStream:
     """Endless stream of this rank's micro-batches over epochs, with a resumable position.
 
-    The position is ``(epoch, index)``: the next global micro-batch to serve.
-    It is all that a checkpoint needs to continue the data order exactly.
+    The position (:class:`~trainer.core.state.DataPosition`) is the next
+    global micro-batch to serve; it is all a checkpoint needs to continue the
+    data order exactly.
+
+    Args:
+        split: A tokenized split (see :func:`make_batch`).
+        per_rank_batch (int): Rows per rank per micro-batch.
+        rank (int): This rank.
+        world_size (int): Number of ranks.
+        seed (int): Data-order seed.
+        pad_multiple (int): See :func:`padded_width`.
+        shuffle (bool): Shuffle per epoch (``False``: fixed length order). Default: ``True``.
     """
 
     def __init__(self, split, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 pad_multiple: int, shuffle: bool = True, epoch: int = 0, index: int = 0):
+                 pad_multiple: int, shuffle: bool = True):
         self.split = split
         self.rows = per_rank_batch
         self.rank = rank
         self.world_size = world_size
-        self.global_batch = per_rank_batch * world_size
+        self.micro_batch = per_rank_batch * world_size  # sequences per global micro-batch
         self.seed = seed
         self.pad_multiple = pad_multiple
         self.shuffle = shuffle
-        self.epoch = epoch
-        self.index = index
+        self.epoch = 0
+        self.index = 0
         self._plan = None
         self._plan_epoch = None
 
     def _batches(self) -> list[np.ndarray]:
         if self._plan_epoch != self.epoch:
-            self._plan = epoch_batches(self.split.lengths, self.global_batch, self.seed, self.epoch, self.shuffle)
+            self._plan = epoch_batches(self.split.lengths, self.micro_batch, self.seed, self.epoch, self.shuffle)
             self._plan_epoch = self.epoch
         return self._plan
 
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+    def position(self) -> DataPosition:
+        return DataPosition(epoch=self.epoch, index=self.index, micro_batch=self.micro_batch)
+
+    def restore(self, position: DataPosition) -> str | None:
+        """Continue from a saved position; returns a note when the order cannot continue exactly.
+
+        With the same micro-batch size the order continues exactly. With
+        another one (a resume on another world size with the same global
+        batch, e.g. 2 ranks x 4 -> 4 ranks x 2 with accumulation halved) the
+        epoch's batches are different ones, so the stream continues at the
+        same fraction of the same epoch.
+        """
+        self.epoch = position.epoch
+        if position.micro_batch == self.micro_batch:
+            self.index = position.index
+            return None
+        self.index = position.index * position.micro_batch // self.micro_batch
+        return (f"micro-batches changed from {position.micro_batch} to {self.micro_batch} sequences: "
+                "this epoch continues at the same fraction, in a slightly different order")
 
     def __iter__(self):
         return self

@@ -5,12 +5,12 @@
   the update it happened at.
 * SIGINT/SIGTERM ask for a clean stop: the request travels with the next
   gradient reduction so every rank stops at the same update, and rank 0
-  saves a checkpoint first (see ``trainer.loop``).
+  saves a checkpoint first (see ``trainer.run.loop``).
 * A watchdog thread ends the process when the training loop makes no
   progress for ``parallel.timeout_s`` (a peer stopped or hung, for which MLX
   has no collective timeout), or when a signal arrived while the main thread
   is blocked in a collective and cannot act on it. It names the rank, the
-  update and the phase, and the stalled peers where :mod:`trainer.peers`
+  update and the phase, and the stalled peers where :mod:`trainer.cluster.peers`
   knows them.
 
 MLX releases the GIL while it waits in ``mx.eval``, so this thread keeps
@@ -27,11 +27,10 @@ import threading
 import time
 from pathlib import Path
 
-from . import parallel
-from .checkpoint import write_json
+from ..core import parallel
+from ..core.checkpoint import write_json
 
 WATCHDOG_EXIT = 4
-FAULT_ENV = "MLX_DP_FAULT"
 SIGNAL_GRACE_S = 20.0  # how long a signalled rank may stay blocked before it is ended
 
 _state = {
@@ -42,7 +41,7 @@ _state = {
 
 
 class _Monitor:
-    """Told by ``trainer.parallel`` before each blocking collective."""
+    """Told by ``trainer.core.parallel`` before each blocking collective."""
 
     def phase(self, name: str, step: int | None = None) -> None:
         phase(name, step)
@@ -68,30 +67,6 @@ def phase(name: str, step: int | None = None, watched: bool = True) -> None:
         peers.beat(_state["step"], name)
 
 
-def fault(kind: str, step: int) -> float | None:
-    """Fault injection for tests, from ``MLX_DP_FAULT``; ``None`` when not asked for.
-
-    ``MLX_DP_FAULT="stall:rank=1:step=3:seconds=60"`` makes rank 1 sleep inside
-    update 3; ``nan:rank=0:step=2`` poisons rank 0's loss at update 2;
-    ``crash_in_save:step=4`` kills rank 0 halfway through writing checkpoint 4;
-    ``stop:step=3`` acts like a SIGTERM arriving during update 3.
-    Several faults are separated by ``;``.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    world = _state["world"]
-    if not spec or world is None:
-        return None
-    for item in spec.split(";"):
-        name, *fields = item.strip().split(":")
-        args = dict(f.split("=", 1) for f in fields if "=" in f)
-        if name != kind or int(args.get("step", -1)) != step:
-            continue
-        if int(args.get("rank", 0)) != world.rank:
-            continue
-        return float(args.get("seconds", 1))
-    return None
-
-
 def current_step() -> int:
     return _state["step"]
 
@@ -99,6 +74,11 @@ def current_step() -> int:
 def stop_requested() -> bool:
     """True once SIGINT or SIGTERM arrived (the loop then stops cleanly)."""
     return _state["stop"]
+
+
+def request_stop() -> None:
+    """Ask for a clean stop after the current update, as SIGTERM does."""
+    _state["stop"] = True
 
 
 def status(world, run_dir: Path, state: str, step: int = 0, reason: str | None = None) -> None:
@@ -196,10 +176,10 @@ def install(world, run_dir: Path, timeout_s: float, peers=None) -> None:
     """Start the watchdog and signal handling for this rank.
 
     Args:
-        world (trainer.parallel.World): The group.
+        world (trainer.core.parallel.World): The group.
         run_dir (Path): ``checkpoint.dir`` (for ``status.json``).
         timeout_s (float): ``parallel.timeout_s``.
-        peers (trainer.peers.PeerMonitor | None): Heartbeats of the other
+        peers (trainer.cluster.peers.PeerMonitor | None): Heartbeats of the other
             ranks, used to name stalled or lost peers. Default: ``None``.
     """
     _state.update(world=world, run_dir=Path(run_dir), timeout=float(timeout_s), phase="setup", step=0, watched=False,

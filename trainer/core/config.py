@@ -3,7 +3,7 @@
 A recipe is one YAML file with the sections ``model``, ``method``, ``data``,
 ``training``, ``eval``, ``checkpoint``, ``logging`` and ``parallel``. Values
 come from, in order of precedence: ``section.key=value`` overrides on the
-command line, the recipe file, and the defaults in ``trainer.schema`` (whose
+command line, the recipe file, and the defaults in ``trainer.core.schema`` (whose
 classes are re-exported here).
 
 An unknown key, a value of the wrong type or an impossible value raises
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .schema import (HF_DATASET_KEYS, SECTION_CLASSES, CheckpointConfig, Config, DataConfig,  # noqa: F401
                      EvalConfig, LoggingConfig, MethodConfig, ModelConfig, ParallelConfig, TrainingConfig, _suggest)
 
@@ -129,8 +129,6 @@ def _build_section(name: str, values: dict):
     for key in fields_:
         if (name, key) in REQUIRED and key not in kwargs:
             raise ConfigError(f"{name}.{key} is required")
-    if name == "training" and "steps" not in kwargs and "epochs" not in kwargs:
-        kwargs["steps"] = 100
     return cls(**kwargs)
 
 

@@ -8,8 +8,8 @@ Layout of ``checkpoint.dir``::
     checkpoints/step_0000100/                    one resumable checkpoint:
         adapters.safetensors, adapter_config.json   (loadable by mlx-lm too)
         optimizer.safetensors                       optimizer state (incl. step)
-        rng.safetensors                             mx.random state
-        state.json                                  progress, world, versions
+        state.json                                  TrainingState: progress, RNG, world, versions
+        config.yaml                                 the recipe it was trained with
 
 A checkpoint directory is written under a temporary name, every file is
 fsynced, and then it is renamed into place, so a crash mid-save never damages
@@ -19,16 +19,17 @@ an earlier checkpoint. Arrays are safetensors and metadata JSON; no pickle.
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from .state import TrainingState
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
-FORMAT_VERSION = 1
 
 
 def step_dir_name(step: int) -> str:
@@ -89,26 +90,24 @@ def save_adapters(directory: Path, weights: dict, adapter_config: dict) -> None:
     write_json(directory / "adapter_config.json", adapter_config)
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: dict, rng_state: list,
-                    adapter_config: dict, state: dict, config_yaml: str, on_partial=None) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainingState, weights: dict, optimizer_state: dict,
+                    adapter_config: dict, config_yaml: str, on_partial=None) -> Path:
     """Write one resumable checkpoint atomically; return its directory.
 
     Args:
         run_dir (Path): ``checkpoint.dir``.
-        step (int): Optimizer updates done.
+        state (TrainingState): Progress and provenance; ``state.step`` names the directory.
         weights (dict): Flat trainable weights.
         optimizer_state (dict): ``optimizer.state`` (a tree).
-        rng_state (list): ``mx.random.state``.
         adapter_config (dict): mlx-lm adapter config.
-        state (dict): Progress and provenance (JSON-serialisable).
         config_yaml (str): The resolved recipe.
         on_partial (callable | None): Called once the weights are written but
-            before the rest (fault injection: a crash mid-save). Default: ``None``.
+            before the rest (a seam for fault injection: a crash mid-save). Default: ``None``.
     """
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    final = root / step_dir_name(state.step)
+    tmp = root / f".tmp-{step_dir_name(state.step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -118,10 +117,9 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, optimizer_state: di
             on_partial()
         write_json(tmp / "adapter_config.json", adapter_config)
         _save_arrays(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer_state)))
-        _save_arrays(tmp / "rng.safetensors", {f"state.{i}": a for i, a in enumerate(rng_state)})
         (tmp / "config.yaml").write_text(config_yaml)
         _fsync_file(tmp / "config.yaml")
-        write_json(tmp / "state.json", {**state, "format_version": FORMAT_VERSION, "step": step})
+        write_json(tmp / "state.json", state.to_dict())
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after resume): replace it
             shutil.rmtree(final)
@@ -161,23 +159,37 @@ def _load_arrays(path: Path, what: str) -> dict:
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint directory into ``{weights, optimizer, rng, state}``."""
+@dataclass
+class Checkpoint:
+    """One checkpoint read back: arrays, the training state and where it came from."""
+
+    weights: dict
+    optimizer: dict  # a tree, as optimizer.state
+    state: TrainingState
+    path: Path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint directory (format 2, or format 1 with its ``rng.safetensors``)."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no state.json)")
     try:
-        state = json.loads((path / "state.json").read_text())
+        raw = json.loads((path / "state.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / 'state.json'} is not valid JSON ({e.msg})") from None
-    rng = _load_arrays(path / "rng.safetensors", "random state")
-    return {
-        "weights": _load_arrays(path / "adapters.safetensors", "weights"),
-        "optimizer": tree_unflatten(list(_load_arrays(path / "optimizer.safetensors", "optimizer state").items())),
-        "rng": [rng[f"state.{i}"] for i in range(len(rng))],
-        "state": state,
-        "path": path,
-    }
+    rng_key = None
+    if (path / "rng.safetensors").is_file():  # format 1 kept the key in its own file
+        rng_key = tuple(int(x) for x in _load_arrays(path / "rng.safetensors", "random state")["state.0"].tolist())
+    try:
+        state = TrainingState.from_dict(raw, rng_key=rng_key)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'state.json'} is not a training state this mlx-dp reads "
+                              f"({type(e).__name__}: {e})") from None
+    return Checkpoint(weights=_load_arrays(path / "adapters.safetensors", "weights"),
+                      optimizer=tree_unflatten(list(_load_arrays(path / "optimizer.safetensors",
+                                                                 "optimizer state").items())),
+                      state=state, path=path)
 
 
 def find_resume(run_dir: Path, explicit: str | None) -> Path:

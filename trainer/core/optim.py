@@ -4,7 +4,14 @@ import mlx.optimizers as optim
 
 from .config import TrainingConfig
 
-OPTIMIZERS = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD, "adafactor": optim.Adafactor}
+# Each optimizer of mlx.optimizers with the recipe keys it takes.
+OPTIMIZERS = {
+    "adamw": lambda lr, t: optim.AdamW(lr, betas=list(t.betas), eps=t.eps, weight_decay=t.weight_decay),
+    "adam": lambda lr, t: optim.Adam(lr, betas=list(t.betas), eps=t.eps),
+    "sgd": lambda lr, t: optim.SGD(lr, momentum=t.momentum, weight_decay=t.weight_decay),
+    # a fixed learning rate, as every other optimizer here: no relative steps or parameter scaling
+    "adafactor": lambda lr, t: optim.Adafactor(lr, relative_step=False, scale_parameter=False),
+}
 
 
 def build_schedule(cfg: TrainingConfig, total_steps: int):
@@ -42,11 +49,4 @@ def build_optimizer(cfg: TrainingConfig, total_steps: int) -> optim.Optimizer:
         cfg (TrainingConfig): The training section.
         total_steps (int): Optimizer updates in the whole run.
     """
-    lr = build_schedule(cfg, total_steps)
-    if cfg.optimizer == "adamw":
-        return optim.AdamW(lr, betas=list(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return optim.Adam(lr, betas=list(cfg.betas), eps=cfg.eps)
-    if cfg.optimizer == "sgd":
-        return optim.SGD(lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return optim.Adafactor(lr, relative_step=False, scale_parameter=False)
+    return OPTIMIZERS[cfg.optimizer](build_schedule(cfg, total_steps), cfg)

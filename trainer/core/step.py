@@ -1,11 +1,11 @@
 """The training step: token-summed loss, compiled gradient and update functions.
 
-All the maths of an optimizer update lives here; ``trainer.loop`` only
-schedules it. The loss of a micro-batch is a *sum* of token cross-entropies,
+All the maths of an optimizer update lives here; ``trainer.run.loop`` only
+schedules it, and the benchmarks time this same code. The loss of a micro-batch is a *sum* of token cross-entropies,
 scaled by ``1 / T`` where ``T`` is the number of loss tokens in the whole
 update: every rank's micro-batches of this update, summed over ranks. The
 data plan makes ``T`` known to every rank without communicating (see
-``trainer.batches``). Gradients are then summed over micro-batches and ranks,
+``trainer.core.batches``). Gradients are then summed over micro-batches and ranks,
 so N ranks at batch b compute the same update as one process at batch N*b.
 """
 
@@ -23,7 +23,7 @@ def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx
     """Sum of masked next-token cross-entropies, in float32.
 
     ``segments`` (packed rows) keeps attention within each sample; see
-    ``trainer.packing.SegmentMask``.
+    ``trainer.core.packing.SegmentMask``.
     """
     if segments is None:
         logits = model(inputs)
@@ -109,19 +109,18 @@ class StepFunctions:
         self.update = update
 
 
-def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False,
-               poison: bool = False):
+def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False):
     """One optimizer update over ``micro_batches`` (this rank's share).
 
     Args:
         fns (StepFunctions): Compiled step pieces.
-        reducer (trainer.parallel.GradientReducer): Sums gradients over ranks.
+        reducer (trainer.core.parallel.GradientReducer): Sums gradients over
+            ranks (a reducer whose ``averages`` is true divides by the world
+            size instead; the loss scale makes up for it).
         micro_batches (list[Batch]): ``grad_accumulation`` micro-batches.
         stop (bool): This rank wants to stop after this update (a signal
             arrived). Summed over ranks with the gradients, so every rank
             learns of it at the same update. Default: ``False``.
-        poison (bool): Make this rank's loss NaN (fault injection for tests of
-            the non-finite handling). Default: ``False``.
 
     Returns:
         dict: Lazy arrays ``loss_sum`` (summed over ranks and micro-batches),
@@ -130,7 +129,8 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         caller evaluates them with the model state.
     """
     total_tokens = sum(b.global_tokens for b in micro_batches)
-    scale = mx.array(float("nan") if poison else 1.0 / total_tokens, mx.float32)
+    ranks = reducer.world.size if reducer.averages else 1
+    scale = mx.array(ranks / total_tokens, mx.float32)
     acc, local_loss = None, mx.array(0.0, mx.float32)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):

@@ -46,7 +46,7 @@ def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 class PackedSplit:
     """A tokenized split whose 'samples' are packed rows of several samples.
 
-    It offers the interface ``trainer.batches`` uses (``lengths``,
+    It offers the interface ``trainer.core.batches`` uses (``lengths``,
     ``loss_counts``, ``sample``, ``target_mask``, ``segment_ids``).
     """
 

@@ -1,7 +1,11 @@
-"""Reports: a tqdm bar, ``metrics.jsonl`` and optionally wandb, all on rank 0.
+"""Metrics: windows of training numbers between reports, and where reports go.
 
-Other ranks get :class:`NullReporter`, so the training loop never checks ranks
-to log. Every record appended to ``metrics.jsonl`` is one JSON object.
+* :class:`MetricWindow` accumulates one reporting window's loss, tokens,
+  time and padding; its device scalars are read only when it is summarised.
+* :class:`Reporter` writes rank 0's records to a tqdm bar, ``metrics.jsonl``
+  and optionally wandb. Other ranks get :class:`NullReporter`, so the
+  training loop never checks ranks to log. Every record appended to
+  ``metrics.jsonl`` is one JSON object.
 """
 
 import json
@@ -10,6 +14,52 @@ import os
 import sys
 import time
 from pathlib import Path
+
+
+class MetricWindow:
+    """One reporting window: updates since the last report.
+
+    :meth:`add` keeps device values lazy (they are summed as MLX arrays);
+    :meth:`summary` reads them, so it is a sync point and is called only at
+    report time.
+    """
+
+    def __init__(self):
+        import mlx.core as mx
+
+        self.loss_sum = mx.array(0.0, mx.float32)  # summed over ranks (it rides with the gradients)
+        self.nonfinite = mx.array(0, mx.int32)  # updates skipped because their loss or norm was NaN/inf
+        self.tokens = 0  # global loss tokens
+        self.seconds = 0.0
+        self.updates = 0
+        self.real_tokens = 0  # non-padding tokens in this rank's rows
+        self.cells = 0  # token cells this rank computed, padding included
+
+    def add(self, out: dict, micro_batches: list, seconds: float) -> None:
+        """Count one update: ``out`` from ``trainer.core.step.run_update``, this rank's batches, its wall time."""
+        import mlx.core as mx
+
+        self.loss_sum = self.loss_sum + out["loss_sum"]
+        self.nonfinite = self.nonfinite + (1 - out["finite"].astype(mx.int32))
+        self.tokens += out["tokens"]
+        self.seconds += seconds
+        self.updates += 1
+        self.real_tokens += sum(b.real_tokens for b in micro_batches)
+        self.cells += sum(b.inputs.shape[0] * (b.inputs.shape[1] + 1) for b in micro_batches)
+
+    def skipped(self) -> int:
+        """Updates of this window not applied (non-finite). Reads a device value."""
+        return int(self.nonfinite.item())  # note: sync point
+
+    def summary(self) -> dict:
+        """Loss per token, throughput and padding of the window. Reads a device value."""
+        return {
+            "train_loss": self.loss_sum.item() / max(self.tokens, 1),  # note: sync point
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+            "step_time_s": self.seconds / max(self.updates, 1),
+            "tokens": self.tokens,
+            "padded_share": round(1 - self.real_tokens / max(self.cells, 1), 4),
+        }
 
 
 class NullReporter:

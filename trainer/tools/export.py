@@ -8,14 +8,14 @@ exposes it as a command-line ``main()``, not as a function.
 
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = False) -> Path:
     """Write the fused model to ``out`` and return its path.
 
     Args:
-        cfg (trainer.config.Config): The recipe (model.path names the base).
+        cfg (trainer.core.config.Config): The recipe (model.path names the base).
         out (str): Destination directory (created; must not hold a model already).
         checkpoint (str | None): Adapters to fuse: a run directory or a
             ``checkpoints/step_*`` directory; default ``checkpoint.dir``.
@@ -26,7 +26,7 @@ def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = Fals
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, save
 
-    from .model import load_base, resolve_model_path
+    from ..core.model import load_base, resolve_model_path
 
     source = Path(checkpoint or cfg.checkpoint.dir)
     if not (source / "adapters.safetensors").is_file():

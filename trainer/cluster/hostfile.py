@@ -12,10 +12,10 @@ lists a machine twice starts two ranks there, each with half the memory;
 """
 
 import json
-import os
 from pathlib import Path
 
-from .errors import UserError
+from ..env import launch_env
+from ..errors import UserError
 
 LOOPBACK = ("127.", "localhost", "::1")
 
@@ -46,7 +46,7 @@ def check_ring_hostfile(path: str | None = None) -> list[str]:
     Raises:
         HostfileError: Malformed, or an ``ip:port`` listed for two ranks.
     """
-    path = path or os.environ.get("MLX_HOSTFILE")
+    path = path or launch_env().hostfile
     if not path or (Path(path).is_file() and not Path(path).read_text().strip()):
         return []  # no ring: `mlx.launch -n 1` passes an empty file
     hosts = _read_json(Path(path))

@@ -154,18 +154,26 @@ def _check_against_mlx() -> None:
                 f"at {m}x{k}x{n}); unset {ENV_VAR} to use MLX's BLAS")
 
 
+def threads_per_rank(local_ranks: int = 1) -> int:
+    """OpenBLAS threads for one rank: ``MLX_DP_BLAS_THREADS`` if set, else this machine's cores
+    divided among the ranks that share it.
+
+    Args:
+        local_ranks (int): Ranks sharing this machine. Default: ``1``.
+    """
+    if os.environ.get(THREADS_ENV, "").strip():
+        try:
+            return int(os.environ[THREADS_ENV])
+        except ValueError:
+            raise FastBlasError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a number of threads") from None
+    return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+
+
 def maybe_enable(local_ranks: int = 1) -> None:
     """Enable the shim when ``MLX_DP_BLAS=openblas``; otherwise do nothing.
 
     Args:
-        local_ranks (int): Ranks sharing this machine. The cores are divided
-            among them. Default: ``1``.
+        local_ranks (int): Ranks sharing this machine (see :func:`threads_per_rank`). Default: ``1``.
     """
     if requested() and not _state["active"]:
-        threads = max(1, (os.cpu_count() or 1) // max(1, local_ranks))
-        if os.environ.get(THREADS_ENV, "").strip():
-            try:
-                threads = int(os.environ[THREADS_ENV])
-            except ValueError:
-                raise FastBlasError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a number of threads") from None
-        enable(threads=threads)
+        enable(threads=threads_per_rank(local_ranks))

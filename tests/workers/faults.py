@@ -1,0 +1,68 @@
+"""Fault injection for tests: hooks that stall, poison, stop or crash a rank at a chosen update.
+
+As one rank of a job::
+
+    python tests/workers/faults.py SPEC -- train RECIPE [overrides] [--resume]
+
+runs ``mlx-dp`` with :class:`FaultHooks` installed. SPEC lists faults
+separated by ``;``, each ``kind:rank=R:step=S[:seconds=T]`` (rank defaults to 0):
+
+* ``stall``: rank R sleeps T seconds inside update S (a hung peer);
+* ``nan``: rank R's loss is NaN at update S;
+* ``stop``: rank R asks for a clean stop during update S, as SIGTERM would;
+* ``crash_in_save``: the process dies halfway through writing checkpoint S.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+from trainer.cluster import health
+from trainer.env import launch_env
+from trainer.run.hooks import Hooks
+
+
+def parse(spec: str) -> list[dict]:
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        kind, *fields = item.split(":")
+        args = dict(field.split("=", 1) for field in fields)
+        faults.append({"kind": kind, "rank": int(args.get("rank", 0)), "step": int(args["step"]),
+                       "seconds": float(args.get("seconds", 1))})
+    return faults
+
+
+class FaultHooks(Hooks):
+    """The faults of ``spec`` that concern this rank."""
+
+    def __init__(self, spec: str, rank: int | None = None):
+        rank = launch_env().rank if rank is None else rank
+        self.faults = [f for f in parse(spec) if f["rank"] == rank]
+
+    def _due(self, kind: str, step: int):
+        return next((f for f in self.faults if f["kind"] == kind and f["step"] == step), None)
+
+    def before_update(self, step, micro_batches):
+        stall = self._due("stall", step)
+        if stall:
+            time.sleep(stall["seconds"])
+        if self._due("stop", step):
+            health.request_stop()
+        if self._due("nan", step):  # a NaN in the loss mask makes this rank's loss (and gradient) NaN
+            micro_batches = [dataclasses.replace(b, mask=b.mask * np.float32("nan")) for b in micro_batches]
+        return micro_batches
+
+    def mid_save(self, step):
+        if self._due("crash_in_save", step):
+            os._exit(1)
+
+
+if __name__ == "__main__":
+    from trainer.cli import main
+    from trainer.run.hooks import RunOptions
+
+    spec, rest = sys.argv[1], sys.argv[2:]
+    main(rest[1:] if rest[:1] == ["--"] else rest, options=RunOptions(hooks=FaultHooks(spec)))

@@ -1,0 +1,139 @@
+"""The launcher's environment: which launcher started this process, as which rank, on which backend.
+
+Launchers tell each rank where it stands through environment variables:
+
+* ``mlx.launch`` and ``mlx-dp launch`` set ``MLX_RANK`` and, per backend,
+  ``MLX_HOSTFILE`` (ring: a JSON list of ``"ip:port"`` lists, one per rank;
+  empty for one rank), ``MLX_JACCL_COORDINATOR`` (jaccl) or ``NCCL_HOST_IP``,
+  ``NCCL_PORT`` and ``MLX_WORLD_SIZE`` (nccl); ``mlx-dp launch`` also sets
+  ``MLX_DP_LAUNCHER``;
+* ``mpirun`` sets ``OMPI_COMM_WORLD_RANK``/``_SIZE`` (or ``PMI_RANK``/``_SIZE``).
+
+This module is the only one that reads them; every other module asks
+:func:`launch_env`. It imports nothing but the standard library, so the CLI can
+use it before MLX is loaded.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+# Set by ``mlx-dp launch`` on every rank it starts, so a rank can tell its launcher apart.
+LAUNCHER_VAR = "MLX_DP_LAUNCHER"
+RANK_VARS = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+SIZE_VARS = ("MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process.
+
+    Attributes:
+        rank: This process's rank (0 without a launcher).
+        world_size: Ranks in the job, where the environment says (ring
+            hostfile, MLX_WORLD_SIZE, MPI); ``None`` when only MLX knows.
+        launcher: ``"mlx-dp launch"``, ``"mlx.launch"``, ``"mpirun"`` or ``"none"``.
+        backend: The backend the environment prepares: ``"ring"``,
+            ``"jaccl"``, ``"nccl"``, ``"mpi"`` or ``None`` (a single process).
+        hostfile: ``MLX_HOSTFILE``'s path, or ``None``.
+        ring_hosts: The ring hostfile's entries, one ``["ip:port", ...]``
+            list per rank (empty without a ring or for one rank).
+        coordinator: ``"host:port"`` of rank 0 for jaccl/nccl, or ``None``.
+    """
+
+    rank: int = 0
+    world_size: int | None = None
+    launcher: str = "none"
+    backend: str | None = None
+    hostfile: str | None = None
+    ring_hosts: list = field(default_factory=list)
+    coordinator: str | None = None
+    hostfile_blank: bool = False
+
+    @property
+    def launched(self) -> bool:
+        """A launcher started several ranks, so joining the group must succeed."""
+        ring = self.hostfile is not None and not self.hostfile_blank  # even a malformed one: fail loudly
+        return ring or self.backend in ("jaccl", "nccl", "mpi")
+
+    def rank0_address(self) -> str | None:
+        """Rank 0's IP address or host name, as the launcher gave it; ``None`` if unknown."""
+        if self.ring_hosts:
+            entry = self.ring_hosts[0][0]
+            return entry.rsplit(":", 1)[0] if isinstance(entry, str) and ":" in entry else None
+        if self.coordinator:
+            return self.coordinator.rsplit(":", 1)[0] if ":" in self.coordinator else self.coordinator
+        return None
+
+    def local_ranks(self) -> int:
+        """Ranks that share this machine (same address as this rank in the ring), at least 1."""
+        if not self.ring_hosts or self.rank >= len(self.ring_hosts):
+            return 1
+        try:
+            mine = self.ring_hosts[self.rank][0].rsplit(":", 1)[0]
+            return max(1, sum(1 for h in self.ring_hosts if h and h[0].rsplit(":", 1)[0] == mine))
+        except (AttributeError, IndexError, TypeError):
+            return 1
+
+
+def _int_var(names) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _read_ring_hosts(path: str) -> tuple[list, bool]:
+    """The ring hostfile's entries, and whether the file is blank (``mlx.launch -n 1``).
+
+    A malformed file gives no entries here; ``trainer.cluster.hostfile.check_ring_hostfile``
+    reports it before anything connects.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return [], False
+    if not text.strip():
+        return [], True
+    try:
+        hosts = json.loads(text)
+    except ValueError:
+        return [], False
+    return (hosts if isinstance(hosts, list) else []), False
+
+
+def launch_env() -> LaunchEnv:
+    """Read the launcher's environment variables (cheap; read afresh at each call)."""
+    env = os.environ
+    rank = _int_var(RANK_VARS) or 0
+    hostfile = env.get("MLX_HOSTFILE") or None
+    ring_hosts, blank = _read_ring_hosts(hostfile) if hostfile else ([], False)
+    coordinator, backend = None, None
+    if ring_hosts:
+        backend = "ring"
+    elif env.get("MLX_JACCL_COORDINATOR"):
+        backend, coordinator = "jaccl", env["MLX_JACCL_COORDINATOR"]
+    elif env.get("NCCL_HOST_IP"):
+        backend = "nccl"
+        coordinator = env["NCCL_HOST_IP"] + (f":{env['NCCL_PORT']}" if env.get("NCCL_PORT") else "")
+    elif "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        backend = "mpi"
+    size = len(ring_hosts) if ring_hosts else _int_var(SIZE_VARS)
+    if env.get(LAUNCHER_VAR):
+        launcher = env[LAUNCHER_VAR]
+    elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env:
+        launcher = "mpirun"
+    elif "MLX_RANK" in env:
+        launcher = "mlx.launch"
+    else:
+        launcher = "none"
+    return LaunchEnv(rank=rank, world_size=size, launcher=launcher, backend=backend, hostfile=hostfile,
+                     ring_hosts=ring_hosts, coordinator=coordinator, hostfile_blank=blank)
+
+
+def drop_blank_hostfile() -> None:
+    """Forget a blank MLX_HOSTFILE (``mlx.launch -n 1``): MLX would try to parse it, and one rank needs no ring."""
+    if launch_env().hostfile_blank:
+        os.environ.pop("MLX_HOSTFILE", None)

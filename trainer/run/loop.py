@@ -1,0 +1,193 @@
+"""``train()``: set up a run, then iterate, step, report, evaluate and save.
+
+Read top to bottom: :func:`train` joins the group, starts the watchdog and
+builds a :class:`~trainer.run.setup.Run` (``trainer.run.setup``); :func:`fit`
+schedules updates. The maths of an update is in ``trainer.core.step``; every
+collective is in ``trainer.core.parallel``.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..cluster import health
+from ..cluster.hostfile import check_ring_hostfile
+from ..cluster.peers import PeerMonitor
+from ..core import checkpoint
+from ..core.config import Config
+from ..core.evaluate import evaluate_loss
+from ..core.metrics import MetricWindow, NullReporter, Reporter, start_wandb
+from ..core.parallel import init_world
+from ..core.step import run_update
+from ..errors import DistributedError, UserError
+from .hooks import RunOptions
+from .setup import Run, build_run
+
+
+def fit(run: Run, reporter) -> dict:
+    """Train until ``run.total_steps`` updates are done or every rank agreed to stop.
+
+    Returns:
+        dict: ``step``, ``stopped`` and the last ``val_loss``.
+    """
+    cfg, world, state, hooks = run.cfg, run.world, run.state, run.options.hooks
+    val_loss = None
+    if cfg.eval.at_start and state.step == 0:
+        val_loss = validate(run, reporter)
+    window, timings = MetricWindow(), _timings_file(run)
+    tic = time.perf_counter()
+    while state.step < run.total_steps:
+        health.phase("compute", state.step + 1)
+        micro = hooks.before_update(state.step + 1, [next(run.stream) for _ in range(cfg.training.grad_accumulation)])
+        out = run_update(run.fns, run.reducer, micro, stop=health.stop_requested())
+        health.phase("sync", state.step + 1)
+        mx.eval(run.model.state, run.optimizer.state, mx.random.state, out["loss_sum"], out["grad_norm"],
+                out["finite"], out["stop"])  # note: the step's one blocking sync point
+        state.step += 1
+        toc = time.perf_counter()
+        window.add(out, micro, toc - tic)
+        _log_timing(timings, run, out, toc - tic)
+        last, stopping = state.step == run.total_steps, out["stop"].item() > 0  # evaluated above; same on all ranks
+        reporter.advance(1)
+        if state.step % cfg.logging.every == 0 or last or stopping:
+            report(run, window, out, reporter)
+            window = MetricWindow()
+        tic, val_loss = toc, None
+        if "valid" in run.splits and ((cfg.eval.every and state.step % cfg.eval.every == 0) or last):
+            val_loss = validate(run, reporter)
+            tic = time.perf_counter()  # validation time is not training throughput
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stopping:
+            save(run, val_loss, reporter)
+            tic = time.perf_counter()  # nor is saving
+        if stopping:
+            world.print0(f"[mlx-dp] stop requested: saved update {state.step} to {run.run_dir}; continue with --resume")
+            return {"step": state.step, "stopped": True}
+    return {"step": state.step, "stopped": False, "val_loss": val_loss}
+
+
+def validate(run: Run, reporter) -> float | None:
+    """Token-weighted validation loss on every rank (a collective); ``None`` without a valid split."""
+    split = run.splits.get("valid")
+    if split is None:
+        return None
+    health.phase("eval", run.state.step)
+    e = run.cfg.eval
+    loss = evaluate_loss(run.world, run.model, split, e.batch_size or run.cfg.training.batch_size,
+                         run.cfg.data.pad_multiple, e.max_batches)["loss"]
+    reporter.log({"step": run.state.step, "val_loss": loss})
+    reporter.note(f"[mlx-dp] step {run.state.step}: val loss {loss:.4f}")
+    return loss
+
+
+def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
+    """Read the window's scalars (the only reads of device values besides the stop flag) and log them."""
+    t = run.cfg.training
+    bad = window.skipped()
+    if bad and not t.skip_nonfinite:
+        raise UserError(f"non-finite loss or gradient norm in {bad} update(s) up to update {run.state.step}; "
+                        "the updates were not applied. Lower training.learning_rate, set "
+                        "training.max_grad_norm, or set training.skip_nonfinite=true to skip such updates")
+    record = {"step": run.state.step, "epoch": round(run.stream.epoch_progress(), 4), **window.summary(),
+              "learning_rate": float(run.optimizer.learning_rate.item()), "grad_norm": float(out["grad_norm"].item()),
+              "peak_memory_gb": mx.get_peak_memory() / 1e9, "world_size": run.world.size,
+              "global_batch": run.state.global_batch}
+    if bad:
+        record["skipped_updates"] = bad
+    reporter.log(record)
+    reporter.advance(0, {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
+                         "lr": f"{record['learning_rate']:.2e}"})
+
+
+def save(run: Run, val_loss: float | None, reporter) -> None:
+    """Rank 0 writes a resumable checkpoint and refreshes the top-level adapters; then every rank waits."""
+    health.phase("save", run.state.step)
+    if run.world.is_main:
+        state = run.state
+        state.data = run.stream.position()
+        state.rng_key = tuple(int(x) for x in mx.random.state[0].tolist())
+        path = run.run_dir / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(state.step)
+        state.note_val_loss(val_loss, str(path))
+        weights = run.weights()
+        checkpoint.save_checkpoint(run.run_dir, state, weights, run.optimizer.state, run.adapter_config,
+                                   run.cfg.to_yaml(), on_partial=lambda: run.options.hooks.mid_save(state.step))
+        checkpoint.save_adapters(run.run_dir, weights, run.adapter_config)
+        keep = {Path(state.best.path)} if (state.best and run.cfg.checkpoint.keep_best) else set()
+        checkpoint.prune(run.run_dir, run.cfg.checkpoint.keep_last, keep)
+        reporter.checkpoint(path)
+    run.world.barrier(phase="save")  # nobody runs ahead while rank 0 writes
+
+
+def _timings_file(run: Run):
+    """``metrics.rank<r>.jsonl`` when ``logging.per_rank_timings`` asks for it (every rank writes its own)."""
+    if not run.cfg.logging.per_rank_timings:
+        return None
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return open(run.run_dir / f"metrics.rank{run.world.rank}.jsonl", "a")
+
+
+def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:
+    if timings is None:
+        return
+    timings.write(json.dumps({"step": run.state.step, "rank": run.world.rank, "step_time_s": seconds,
+                              "tokens": out["tokens"], "peak_memory_gb": mx.get_peak_memory() / 1e9}) + "\n")
+    timings.flush()
+
+
+def train(cfg: Config, resume=None, options: RunOptions | None = None) -> dict:
+    """Run a recipe on this process's rank.
+
+    Args:
+        cfg (Config): The resolved recipe.
+        resume (str | bool | None): ``True`` resumes from the newest checkpoint
+            in ``checkpoint.dir``; a path resumes from that checkpoint.
+            Default: ``None`` (start fresh).
+        options (RunOptions | None): Hooks for tests and the benchmarks'
+            switches. Default: ``None`` (plain training).
+
+    Returns:
+        dict: Final step, whether it stopped early, and the last val loss.
+    """
+    notes = check_ring_hostfile()  # a repeated ip:port would never connect
+    world = init_world(cfg.parallel.backend)
+    for note in notes:
+        world.print0(f"[mlx-dp] note: {note}")
+    run_dir = Path(cfg.checkpoint.dir)
+    health.install(world, run_dir, cfg.parallel.timeout_s, peers=PeerMonitor.start(world))
+    reporter = NullReporter()
+    try:
+        run = build_run(cfg, world, resume, options)
+        reporter = _reporter(run)
+        result = fit(run, reporter)
+        health.status(world, run_dir, "stopped" if result["stopped"] else "completed", step=result["step"])
+        return result
+    except UserError as e:
+        health.failing()
+        health.status(world, run_dir, "failed", reason=str(e), step=health.current_step())
+        raise
+    except Exception as e:
+        health.failing()
+        reason = health.describe_failure(e)
+        health.status(world, run_dir, "failed", reason=reason, step=health.current_step())
+        if reason != str(e):
+            raise DistributedError(reason) from None
+        raise
+    finally:
+        reporter.close()
+        health.uninstall()
+
+
+def _reporter(run: Run):
+    """Rank 0 reports to the bar, metrics.jsonl and wandb; the other ranks to nothing."""
+    if not run.world.is_main:
+        return NullReporter()
+    cfg, wandb_run = run.cfg, None
+    if cfg.logging.wandb:
+        wandb_run, mode = start_wandb(cfg.logging.wandb_project, cfg.logging.wandb_run_name or run.run_dir.name,
+                                      run.run_dir, {**cfg.to_dict(), "world_size": run.world.size,
+                                                    "global_batch": run.state.global_batch})
+        run.world.print0(f"[mlx-dp] wandb: {mode} run in {run.run_dir / 'wandb'}"
+                         + (" (no network or login: offline mode)" if mode == "offline" else ""))
+    return Reporter(run.run_dir / "metrics.jsonl", run.total_steps, run.state.step, cfg.logging.progress_bar,
+                    wandb_run)

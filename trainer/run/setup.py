@@ -1,0 +1,208 @@
+"""Setting up one training run: model, data, optimizer, resume, agreement, reducer, step.
+
+:func:`build_run` returns a :class:`Run` holding everything the loop
+(``trainer.run.loop``) needs. The order matters in two places, marked below:
+a resume restores the optimizer state *before* the step functions are
+compiled (``mx.compile`` captures ``optimizer.state`` as it is then), and
+every rank must agree on the recipe, data and weights *before* the first
+gradient is sent.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .. import __version__
+from ..cluster import health
+from ..core import checkpoint
+from ..core.batches import BatchStream, batches_per_epoch
+from ..core.config import Config
+from ..core.data import load_splits
+from ..core.metrics import format_bytes
+from ..core.model import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
+                          load_base, trainable_parameters)
+from ..core.optim import build_optimizer
+from ..core.parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets, resolve_comm_stream
+from ..core.state import TrainingState
+from ..core.step import StepFunctions
+from ..errors import DataError, UserError
+from .hooks import RunOptions
+
+
+def versions() -> dict:
+    """Versions that must match on every rank and that a checkpoint records."""
+    import mlx_lm
+
+    return {"trainer": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; the loop reads and advances it."""
+
+    cfg: Config
+    world: World
+    run_dir: Path
+    model: object  # mlx.nn.Module
+    tokenizer: object
+    adapter_config: dict
+    splits: dict  # split name -> TokenizedSplit
+    stream: BatchStream
+    optimizer: object  # mlx.optimizers.Optimizer
+    reducer: GradientReducer
+    fns: StepFunctions
+    state: TrainingState
+    options: RunOptions
+
+    @property
+    def total_steps(self) -> int:
+        return self.state.total_steps
+
+    def weights(self) -> dict:
+        return trainable_parameters(self.model)
+
+
+def planned_steps(cfg: Config, num_samples: int, world_size: int) -> int:
+    """Optimizer updates of the run: ``training.steps``, or what ``training.epochs`` amounts to."""
+    t = cfg.training
+    if t.steps is not None:
+        return t.steps
+    micro_per_epoch = batches_per_epoch(num_samples, t.batch_size * world_size)
+    return max(1, math.ceil(t.epochs * micro_per_epoch / t.grad_accumulation))
+
+
+def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None = None) -> Run:
+    """Set up a run on this rank (every rank calls it; it contains collectives).
+
+    Args:
+        cfg (Config): The resolved recipe.
+        world (World): The group.
+        resume (str | bool | None): ``True``: the newest checkpoint in
+            ``checkpoint.dir``; a path: that checkpoint; ``None``: start fresh.
+        options (RunOptions | None): Hooks and the benchmark's switches. Default: ``None``.
+    """
+    options = options or RunOptions()
+    run_dir = Path(cfg.checkpoint.dir)
+    world.print0(f"[mlx-dp] resolved recipe:\n{cfg.to_yaml()}")
+    if world.is_main:
+        checkpoint.check_writable(run_dir)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    health.status(world, run_dir, "running", step=0)
+
+    model, tokenizer, adapter_cfg = _load_model(cfg, world)
+    splits = _load_data(cfg, world, tokenizer)
+    t = cfg.training
+    state = TrainingState(world_size=world.size, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
+                          total_steps=planned_steps(cfg, len(splits["train"]), world.size), versions=versions(),
+                          recipe_digest=digest(cfg.to_yaml()))
+    _check_enough_data(cfg, world, splits["train"], state)
+    stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple)
+    optimizer = build_optimizer(t, state.total_steps)
+    if resume is not None:
+        # Before StepFunctions below: mx.compile captures optimizer.state as it is when compiled.
+        state = _restore(cfg, world, run_dir, resume, model, optimizer, stream, state)
+
+    # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
+    check_agreement(world, {
+        "recipe": state.recipe_digest, **versions(), "dataset": splits["train"].fingerprint(),
+        "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable_parameters(model).items()]),
+        "trainable values": _weights_digest(model),
+    })
+    reducer = _build_reducer(cfg, world, model, splits["train"], options.communicate)
+    if t.grad_checkpoint:
+        enable_grad_checkpoint(model)
+    fns = StepFunctions(model, optimizer, t.max_grad_norm)
+    return Run(cfg=cfg, world=world, run_dir=run_dir, model=model, tokenizer=tokenizer, adapter_config=adapter_cfg,
+               splits=splits, stream=stream, optimizer=optimizer, reducer=reducer, fns=fns, state=state,
+               options=options)
+
+
+def _load_model(cfg: Config, world: World):
+    """The base model with the recipe's method applied; identical adapters on every rank come from the seed."""
+    health.phase("loading the model", watched=False)  # a download can take any time
+    model, tokenizer, _ = load_base(cfg.model)
+    apply_method(model, cfg.method, cfg.training.seed)
+    trainable, total = count_parameters(model)
+    world.print0(f"[mlx-dp] {cfg.method.type}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters")
+    return model, tokenizer, adapter_config(cfg.method, cfg.model.path, len(model.layers))
+
+
+def _load_data(cfg: Config, world: World, tokenizer) -> dict:
+    """Tokenized splits; rank 0 fills the tokenization cache, the others then read it."""
+    health.phase("loading data")
+    splits = world.rank0_first(lambda: load_splits(cfg.data, tokenizer, show_progress=world.is_main))
+    for note in splits["train"].notes:
+        world.print0(f"[mlx-dp] {splits['train'].source}: {note}")
+    if "valid" not in splits:
+        world.print0("[mlx-dp] no validation split: skipping validation")
+    return splits
+
+
+def _check_enough_data(cfg: Config, world: World, train, state: TrainingState) -> None:
+    t = cfg.training
+    if len(train) < state.global_batch:
+        raise DataError(
+            f"the training set {train.source} has {len(train)} usable samples, fewer than one global batch of "
+            f"{state.global_batch} (training.batch_size={t.batch_size} x {world.size} ranks x "
+            f"grad_accumulation={t.grad_accumulation}); lower training.batch_size")
+    world.print0(f"[mlx-dp] world: {world.size} rank(s); global batch = {t.batch_size} x {world.size} x "
+                 f"{t.grad_accumulation} = {state.global_batch} sequences per update; "
+                 f"{len(train)} training samples; {state.total_steps} updates")
+
+
+def _restore(cfg: Config, world: World, run_dir: Path, resume, model, optimizer, stream: BatchStream,
+             fresh: TrainingState) -> TrainingState:
+    """Load a checkpoint into the model, optimizer, RNG and data stream; return the state to continue."""
+    path = checkpoint.find_resume(run_dir, resume if isinstance(resume, str) else None)
+    ckpt = checkpoint.load_checkpoint(path)
+    saved = ckpt.state
+    checkpoint.check_weights_match(ckpt.weights, trainable_parameters(model), path)
+    if saved.global_batch != fresh.global_batch and not cfg.parallel.allow_world_size_change:
+        raise UserError(
+            f"checkpoint {path} was trained with a global batch of {saved.global_batch} "
+            f"({saved.world_size} ranks x {saved.batch_size} x {saved.grad_accumulation}), "
+            f"but this run has {fresh.global_batch}; keep batch_size x ranks x grad_accumulation equal, or set "
+            "parallel.allow_world_size_change=true")
+    model.load_weights(list(ckpt.weights.items()), strict=False)
+    optimizer.state = ckpt.optimizer
+    # mx.random.state cannot be assigned in mlx 0.32, but its key is two
+    # uint32 words and seed(s) sets the key to [s >> 32, s & 0xffffffff].
+    hi, lo = saved.rng_key
+    mx.random.seed((hi << 32) | lo)
+    note = stream.restore(saved.data)
+    if note:
+        world.print0(f"[mlx-dp] {note}")
+    world.print0(f"[mlx-dp] resumed from {path} at update {saved.step} "
+                 f"(epoch {saved.data.epoch}, batch {saved.data.index})")
+    # This run's shape and provenance, the checkpoint's progress.
+    fresh.step, fresh.data, fresh.best, fresh.val_loss = saved.step, stream.position(), saved.best, saved.val_loss
+    return fresh
+
+
+def _weights_digest(model) -> str:
+    import numpy as np
+
+    return digest(*[np.array(v.astype(mx.float32)).tobytes() for v in trainable_parameters(model).values()])
+
+
+def _build_reducer(cfg: Config, world: World, model, train, communicate: bool) -> GradientReducer:
+    """Buckets in the order backward produces gradients, identical on every rank (checked here)."""
+    p = cfg.parallel
+    sample = next(iter(BatchStream(train, 1, 0, 1, cfg.training.seed, cfg.data.pad_multiple)))
+    order = backward_order(model, mx.array(sample.inputs))
+    params = trainable_parameters(model)
+    buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
+                           int(p.bucket_mb * MiB), int(p.first_bucket_mb * MiB),
+                           getattr(mx, p.comm_dtype) if p.comm_dtype else None)
+    reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=resolve_comm_stream(p.comm_stream),
+                              communicate=communicate)
+    if world.size > 1:
+        reducer.check_plan()
+        if not communicate:
+            world.print0("[mlx-dp] WARNING: gradients are not reduced, ranks train apart "
+                         "(a benchmark baseline, not training)")
+        world.print0(f"[mlx-dp] gradients: {format_bytes(reducer.nbytes)} in {len(buckets)} bucket(s), "
+                     f"{'overlapped with backward' if p.overlap else 'reduced after backward'}")
+    return reducer

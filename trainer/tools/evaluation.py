@@ -1,0 +1,51 @@
+"""``mlx-dp eval``: score a trained run (or the base model) on a split, sharded over ranks.
+
+The maths is ``trainer.core.evaluate``; this module loads the model, its
+adapters and the split, and runs it on every rank.
+"""
+
+import dataclasses
+from pathlib import Path
+
+from ..core.data import load_splits
+from ..core.evaluate import evaluate_loss, exact_match
+from ..core.model import load_base
+from ..core.parallel import init_world
+from ..errors import CheckpointError, DataError
+
+
+def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) -> dict:
+    """``mlx-dp eval``: score a trained run (or the base model) on a split, on every rank.
+
+    Args:
+        cfg (trainer.core.config.Config): The recipe.
+        checkpoint (str | None): Adapters to apply: a run directory or one of
+            its ``checkpoints/step_*``; default ``checkpoint.dir``. ``"none"``
+            scores the base model.
+        split_name (str | None): ``test`` or ``valid``; default ``eval.split``.
+    """
+    world = init_world(cfg.parallel.backend)
+    model, tokenizer, _ = load_base(cfg.model)
+    source = Path(checkpoint or cfg.checkpoint.dir)
+    if checkpoint != "none":
+        from mlx_lm.tuner.utils import load_adapters
+
+        if not (source / "adapters.safetensors").is_file():
+            raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint "
+                                  "(or --checkpoint none for the base model)")
+        load_adapters(model, str(source))
+    split_name = split_name or cfg.eval.split
+    data_cfg = dataclasses.replace(cfg.data, packing=False)
+    splits = world.rank0_first(lambda: load_splits(data_cfg, tokenizer, (split_name,), show_progress=world.is_main))
+    if split_name not in splits:
+        raise DataError(f"{cfg.data.path or cfg.data.hf_dataset} has no {split_name} split")
+    split = splits[split_name]
+    batch = cfg.eval.batch_size or cfg.training.batch_size
+    result = {"split": split_name, "checkpoint": None if checkpoint == "none" else str(source),
+              "world_size": world.size, "samples": len(split)}
+    result.update(evaluate_loss(world, model, split, batch, cfg.data.pad_multiple, cfg.eval.max_batches))
+    if cfg.eval.exact_match and (split.prompt_lengths > 0).any():
+        limit = None if cfg.eval.max_batches is None else cfg.eval.max_batches * batch * world.size
+        scored = exact_match(world, model, tokenizer, split, cfg.eval.max_new_tokens, limit)
+        result.update(exact_match=scored["exact_match"], exact_match_samples=scored["samples"])
+    return result
