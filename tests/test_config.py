@@ -102,3 +102,16 @@ def test_recipes_are_found_at_any_depth(tmp_path):
     from trainer.tools.recipes import find_recipe
 
     assert find_recipe("team/qwen/v2/deep", tmp_path) == deep / "deep.yaml"
+
+
+def test_balance_setting(tmp_path):
+    # YAML 1.1 reads a bare `off` as false; the recipe still means the even split
+    path = write(tmp_path, yaml.safe_dump(BASE) + "parallel:\n  balance: off\n")
+    assert load_config(path).parallel.balance == "off"
+    assert load_config(path, ["parallel.balance=auto"]).parallel.balance == "auto"
+    assert load_config(path, ["parallel.balance=[3, 1]"]).parallel.balance == [3.0, 1.0]
+    with pytest.raises(ConfigError, match="parallel.balance must be one of 'off', 'auto' or a list of numbers, "
+                                          "got 'fast'"):
+        load_config(path, ["parallel.balance=fast"])
+    with pytest.raises(ConfigError, match="positive speed for every rank"):
+        load_config(path, ["parallel.balance=[1, 0]"])

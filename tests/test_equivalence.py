@@ -35,6 +35,13 @@ def runs(tmp_path_factory):
         multi.append([recipe, *overrides, "training.batch_size=2", f"checkpoint.dir={tmp}/two-{name}"])
     single.append([recipe, *CASES["adamw-accum"], "training.batch_size=4", "training.seed=1",
                    f"checkpoint.dir={tmp}/one-adamw-accum-seed1"])
+    for name in ("sgd", "sgd-accum", "adamw-accum"):  # a fixed uneven split: 3 rows on rank 0, 1 on rank 1
+        multi.append([recipe, *CASES[name], "training.batch_size=2", "parallel.balance=[3, 1]",
+                      f"checkpoint.dir={tmp}/two-uneven-{name}"])
+    # measured balance, where rank 1 reports three times rank 0's compute time (a slower Mac)
+    multi.append({"recipe": recipe, "overrides": [*CASES["sgd"], "training.batch_size=2", "parallel.balance=auto",
+                                                  "logging.per_rank_timings=true", f"checkpoint.dir={tmp}/two-auto"],
+                  "faults": "compute:rank=0:seconds=0.1;compute:rank=1:seconds=0.3"})
     for overlap in ("true", "false"):  # many small buckets, sent during backward or after it
         multi.append([recipe, "method.type=full", "training.learning_rate=1e-4", "training.batch_size=2",
                       "parallel.bucket_mb=0.25", "parallel.first_bucket_mb=0.05", f"parallel.overlap={overlap}",
@@ -72,6 +79,35 @@ def test_adam_two_ranks_match_within_float_noise(runs):
     _, same = diff(one, two)
     _, different = diff(one, other)
     assert same < 0.01 * different, f"rms {same:.3g} vs {different:.3g} between different runs"
+
+
+@pytest.mark.parametrize("case", ["sgd", "sgd-accum"])
+def test_uneven_split_trains_what_one_process_trains(runs, case):
+    one, uneven = weights(runs / f"one-{case}"), weights(runs / f"two-uneven-{case}")
+    scale = max(np.abs(v).max() for v in one.values())
+    worst, _ = diff(one, uneven)
+    assert worst <= 1e-5 * scale, f"max difference {worst:.3g} (weights up to {scale:.3g})"
+    rows = [m["rows_per_rank"] for m in map(json.loads, (runs / f"two-uneven-{case}" / "metrics.jsonl")
+                                              .read_text().splitlines()) if "train_loss" in m]
+    assert rows and all(r == [3, 1] for r in rows)
+
+
+def test_uneven_split_with_adam_matches_within_float_noise(runs):
+    one, uneven = weights(runs / "one-adamw-accum"), weights(runs / "two-uneven-adamw-accum")
+    _, same = diff(one, uneven)
+    _, different = diff(one, weights(runs / "one-adamw-accum-seed1"))
+    assert same < 0.01 * different, f"rms {same:.3g} vs {different:.3g} between different runs"
+
+
+def test_measured_split_is_the_same_on_every_rank_and_exact(runs):
+    run_dir = runs / "two-auto"
+    splits = [[(m["step"], m["split"]) for m in map(json.loads, (run_dir / f"metrics.rank{r}.jsonl")
+                                                      .read_text().splitlines())] for r in range(2)]
+    assert splits[0] == splits[1], "every rank must use the same split"
+    assert splits[0][0][1] == [2, 2] and splits[0][-1][1] == [3, 1], "rank 0 is 3x faster: it takes 3 of 4 rows"
+    one, auto = weights(runs / "one-sgd"), weights(run_dir)
+    scale = max(np.abs(v).max() for v in one.values())
+    assert diff(one, auto)[0] <= 1e-5 * scale
 
 
 def test_overlap_reproduces_the_serial_path_exactly(runs):

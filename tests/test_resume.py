@@ -13,17 +13,24 @@ WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
 # adapter dropout (RNG), gradient accumulation and data order across an epoch edge.
 SHARED = ["training.steps=6", "training.lr_schedule=cosine", "training.warmup_steps=2",
           "training.grad_accumulation=2", "checkpoint.every=2"]
-METHODS = {"lora": ["method.dropout=0.1"], "full": ["method.type=full", "training.learning_rate=1e-4"]}
+METHODS = {"lora": ["method.dropout=0.1"], "full": ["method.type=full", "training.learning_rate=1e-4"],
+           # measured balance: the split and its speed estimates must resume too (rank 1 reports 3x the
+           # compute time of rank 0, so the split moves to [3, 1] after update 2; one rank: nothing to split)
+           "auto": ["method.dropout=0.1", "parallel.balance=auto"]}
+FAKE_SPEEDS = "compute:rank=0:seconds=0.1;compute:rank=1:seconds=0.3"
 
 
 def plan(tmp, recipe, batch):
     entries = []
     for method, extra in METHODS.items():
-        common = [*SHARED, *extra, f"training.batch_size={batch}"]
-        entries.append({"recipe": recipe, "overrides": [*common, f"checkpoint.dir={tmp}/{method}-straight"]})
+        rows = batch * 2 if method == "auto" else batch  # a split needs more rows than ranks
+        common = [*SHARED, *extra, f"training.batch_size={rows}"]
+        fake = FAKE_SPEEDS if method == "auto" else ""
+        entries.append({"recipe": recipe, "overrides": [*common, f"checkpoint.dir={tmp}/{method}-straight"],
+                        "faults": fake})
         stopped = [*common, f"checkpoint.dir={tmp}/{method}-resumed"]
-        entries.append({"recipe": recipe, "overrides": stopped, "faults": "stop:step=3"})
-        entries.append({"recipe": recipe, "overrides": stopped, "resume": True})
+        entries.append({"recipe": recipe, "overrides": stopped, "faults": f"stop:step=3;{fake}"})
+        entries.append({"recipe": recipe, "overrides": stopped, "resume": True, "faults": fake})
     return entries
 
 
@@ -69,3 +76,13 @@ def test_stopped_and_resumed_run_is_bit_identical(runs, method):
     lb = [m["train_loss"] for m in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
           if "train_loss" in m]
     assert la == lb, "the loss curve of the resumed run must continue exactly"
+
+
+def test_balanced_split_resumes(runs):
+    metrics = [json.loads(m) for m in (runs / "auto-resumed" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if "train_loss" in m]
+    rows = [m.get("rows_per_rank") for m in train]
+    if train[0]["world_size"] == 1:
+        assert rows == [None] * 6, "one rank: nothing to split"
+    else:  # the update after the resume (4) is split as the checkpoint said
+        assert rows == [[2, 2], [2, 2]] + [[3, 1]] * 4, rows

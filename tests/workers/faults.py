@@ -10,7 +10,9 @@ separated by ``;``, each ``kind:rank=R:step=S[:seconds=T]`` (rank defaults to 0)
 * ``stall``: rank R sleeps T seconds inside update S (a hung peer);
 * ``nan``: rank R's loss is NaN at update S;
 * ``stop``: rank R asks for a clean stop during update S, as SIGTERM would;
-* ``crash_in_save``: the process dies halfway through writing checkpoint S.
+* ``crash_in_save``: the process dies halfway through writing checkpoint S;
+* ``compute``: rank R reports T seconds of compute for every measured update
+  (``parallel.balance: auto``), from update S on (a fake, deterministic speed).
 """
 
 import dataclasses
@@ -30,7 +32,7 @@ def parse(spec: str) -> list[dict]:
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         kind, *fields = item.split(":")
         args = dict(field.split("=", 1) for field in fields)
-        faults.append({"kind": kind, "rank": int(args.get("rank", 0)), "step": int(args["step"]),
+        faults.append({"kind": kind, "rank": int(args.get("rank", 0)), "step": int(args.get("step", 1)),
                        "seconds": float(args.get("seconds", 1))})
     return faults
 
@@ -54,6 +56,10 @@ class FaultHooks(Hooks):
         if self._due("nan", step):  # a NaN in the loss mask makes this rank's loss (and gradient) NaN
             micro_batches = [dataclasses.replace(b, mask=b.mask * np.float32("nan")) for b in micro_batches]
         return micro_batches
+
+    def compute_seconds(self, step, seconds):
+        fake = [f for f in self.faults if f["kind"] == "compute" and f["step"] <= step]
+        return fake[-1]["seconds"] if fake else seconds
 
     def mid_save(self, step):
         if self._due("crash_in_save", step):

@@ -9,7 +9,9 @@ takes its own strided slice, so:
 * within an epoch the ranks' shards are disjoint and together cover every
   sample (the last global batch of an epoch may be partial; ranks short of
   rows get all-padding rows with an empty loss mask);
-* every rank pads to the same width, so all ranks do the same work per step;
+* a global micro-batch may be split unevenly (``trainer.core.balance``: a
+  faster rank takes more rows); the union of the ranks' rows is the same;
+* every rank pads to the global batch's width;
 * every rank knows the global token count of every batch without
   communicating, which is what the loss is normalised by.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .balance import rows_of
 from .state import DataPosition
 
 # Samples are shuffled, then sorted by length inside groups of this many
@@ -107,7 +110,7 @@ def padded_width(max_length: int, pad_multiple: int) -> int:
 
 
 def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
-               pad_multiple: int) -> Batch:
+               pad_multiple: int, row_split: list[int] | None = None) -> Batch:
     """Assemble this rank's padded arrays for one global micro-batch.
 
     Args:
@@ -117,12 +120,14 @@ def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
         batch (np.ndarray): The global micro-batch's sample indices.
         rank (int): This rank.
         world_size (int): Number of ranks.
-        rows (int): Rows per rank (the per-rank batch size); short ranks get
-            padding rows.
+        rows (int): Rows this rank computes; short ranks get padding rows.
         pad_multiple (int): See :func:`padded_width`.
+        row_split (list[int] | None): Rows of a full global micro-batch per
+            rank (``trainer.core.balance``); ``None``: the even, strided split.
+            Default: ``None``.
     """
     width = padded_width(int(split.lengths[batch].max()), pad_multiple)
-    mine = rank_rows(batch, rank, world_size)
+    mine = rank_rows(batch, rank, world_size) if row_split is None else rows_of(batch, rank, row_split)
     tokens = np.zeros((rows, width), np.int32)
     mask = np.zeros((rows, width - 1), np.float32)
     segments = None
@@ -138,7 +143,7 @@ def make_batch(split, batch: np.ndarray, rank: int, world_size: int, rows: int,
             segments[row, :len(sample) - 1] = seg[:-1]
     counts = split.loss_counts[batch]
     return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask,
-                 tokens=int(counts[rank::world_size].sum()), global_tokens=int(counts.sum()),
+                 tokens=int(split.loss_counts[mine].sum()), global_tokens=int(counts.sum()),
                  indices=mine, segments=segments, real_tokens=int(split.lengths[mine].sum()))
 
 
@@ -149,9 +154,12 @@ class BatchStream:
     global micro-batch to serve; it is all a checkpoint needs to continue the
     data order exactly.
 
+    Rows per rank follow :attr:`row_split` (even unless :meth:`set_split`
+    changes it); the global micro-batches do not depend on it.
+
     Args:
         split: A tokenized split (see :func:`make_batch`).
-        per_rank_batch (int): Rows per rank per micro-batch.
+        per_rank_batch (int): Mean rows per rank per micro-batch.
         rank (int): This rank.
         world_size (int): Number of ranks.
         seed (int): Data-order seed.
@@ -166,6 +174,7 @@ class BatchStream:
         self.rank = rank
         self.world_size = world_size
         self.micro_batch = per_rank_batch * world_size  # sequences per global micro-batch
+        self.row_split = [per_rank_batch] * world_size
         self.seed = seed
         self.pad_multiple = pad_multiple
         self.shuffle = shuffle
@@ -179,6 +188,13 @@ class BatchStream:
             self._plan = epoch_batches(self.split.lengths, self.micro_batch, self.seed, self.epoch, self.shuffle)
             self._plan_epoch = self.epoch
         return self._plan
+
+    def set_split(self, row_split: list[int]) -> None:
+        """Rows per rank of the next micro-batches (they must add up to the micro-batch)."""
+        if sum(row_split) != self.micro_batch or len(row_split) != self.world_size:
+            raise ValueError(f"split {row_split} does not deal {self.micro_batch} rows to {self.world_size} ranks")
+        self.row_split = list(row_split)
+        self.rows = row_split[self.rank]
 
     def position(self) -> DataPosition:
         return DataPosition(epoch=self.epoch, index=self.index, micro_batch=self.micro_batch)
@@ -211,7 +227,9 @@ class BatchStream:
             plan = self._batches()
         batch = plan[self.index]
         self.index += 1
-        return make_batch(self.split, batch, self.rank, self.world_size, self.rows, self.pad_multiple)
+        even = len(set(self.row_split)) == 1
+        return make_batch(self.split, batch, self.rank, self.world_size, self.rows, self.pad_multiple,
+                          None if even else self.row_split)
 
     def epoch_progress(self) -> float:
         """Epochs completed, fractional."""

@@ -58,7 +58,8 @@ def _type_name(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
+        nullable = type(None) in typing.get_args(tp)
+        return " or ".join(_type_name(a) for a in args) + (" or null" if nullable else "")
     if origin is list:
         item = typing.get_args(tp)[0]
         return {str: "a list of strings", float: "a list of numbers", int: "a list of integers"}.get(
@@ -86,6 +87,8 @@ def _coerce(value, tp, key: str):
                 pass
         raise bad
     if origin is Literal:
+        if value is False and "off" in typing.get_args(tp):
+            return "off"  # YAML 1.1 reads a bare `off` as false
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}"
                               + _suggest(str(value), [str(a) for a in typing.get_args(tp)]))

@@ -7,7 +7,7 @@ declares them and checks values that are impossible on their own
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -115,7 +115,8 @@ DEFAULT_STEPS = 100  # training length when a recipe sets neither training.steps
 class TrainingConfig:
     """The optimisation: batch, length, optimizer and schedule."""
 
-    batch_size: int = _doc("sequences per rank per micro-step; the global batch grows with world size", 4)
+    batch_size: int = _doc("sequences per rank per micro-step (the mean, with parallel.balance); the global batch "
+                           "grows with world size", 4)
     grad_accumulation: int = _doc("micro-steps per optimizer update", 1)
     steps: Optional[int] = _doc(f"optimizer updates to run (or use epochs); neither set: {DEFAULT_STEPS}", None)
     epochs: Optional[float] = _doc("passes over the training set, instead of steps", None)
@@ -229,12 +230,17 @@ class ParallelConfig:
         "reduce gradients in this dtype; null: one bucket set per gradient dtype", None)
     timeout_s: float = _doc("watchdog: end the job if a step or collective makes no progress this long", 600.0)
     allow_world_size_change: bool = _doc("resume at a world size that changes the global batch", False)
+    balance: Union[Literal["off", "auto"], list[float]] = _doc(
+        "rows of each global micro-batch per rank: off (even), auto (measured: faster ranks take more) or a "
+        "list of relative speeds, one per rank; the update is the same either way", "off")
 
     def __post_init__(self):
         if not self.bucket_mb > 0 or not self.first_bucket_mb > 0:
             raise ConfigError("parallel.bucket_mb and parallel.first_bucket_mb must be positive")
         if not self.timeout_s > 0:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        if isinstance(self.balance, list) and (not self.balance or not all(s > 0 for s in self.balance)):
+            raise ConfigError(f"parallel.balance must list a positive speed for every rank, got {self.balance}")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ class TrainingState:
         best: The best checkpoint by validation loss, if any.
         versions: ``trainer``, ``mlx`` and ``mlx_lm`` versions that wrote it.
         recipe_digest: Hash of the resolved recipe.
+        balance: The balancer's state (split of each micro-batch across
+            ranks, speed estimates), so a resumed run splits as it would have.
     """
 
     step: int = 0
@@ -69,6 +71,7 @@ class TrainingState:
     best: BestCheckpoint | None = None
     versions: dict = field(default_factory=dict)
     recipe_digest: str = ""
+    balance: dict | None = None  # trainer.core.balance.Balancer.to_dict(): the split and its speed estimates
 
     @property
     def global_batch(self) -> int:
@@ -113,4 +116,5 @@ class TrainingState:
                    batch_size=int(data["batch_size"]), grad_accumulation=int(data["grad_accumulation"]),
                    total_steps=int(data.get("total_steps", 0)), val_loss=data.get("val_loss"),
                    best=BestCheckpoint(float(best["val_loss"]), str(best["path"])) if best else None,
-                   versions=dict(data.get("versions") or {}), recipe_digest=str(data.get("recipe_digest", "")))
+                   versions=dict(data.get("versions") or {}), recipe_digest=str(data.get("recipe_digest", "")),
+                   balance=data.get("balance"))

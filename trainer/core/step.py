@@ -9,6 +9,7 @@ data plan makes ``T`` known to every rank without communicating (see
 so N ranks at batch b compute the same update as one process at batch N*b.
 """
 
+import time
 from functools import partial
 
 import mlx.core as mx
@@ -109,7 +110,7 @@ class StepFunctions:
         self.update = update
 
 
-def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False):
+def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False, measure=None):
     """One optimizer update over ``micro_batches`` (this rank's share).
 
     Args:
@@ -121,13 +122,19 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         stop (bool): This rank wants to stop after this update (a signal
             arrived). Summed over ranks with the gradients, so every rank
             learns of it at the same update. Default: ``False``.
+        measure (callable | None): Time this rank's compute: its gradients
+            are evaluated before any is sent (no overlap on this update), and
+            ``measure(seconds)`` gives the figure shared with every rank
+            (the identity in training; tests may fake it). Default: ``None``.
 
     Returns:
         dict: Lazy arrays ``loss_sum`` (summed over ranks and micro-batches),
-        ``grad_norm``, ``finite`` and ``stop`` (ranks that asked to stop),
-        plus the int ``tokens`` (global loss tokens of this update). The
-        caller evaluates them with the model state.
+        ``grad_norm``, ``finite``, ``stop`` (ranks that asked to stop) and
+        ``compute_s`` (each rank's measured compute seconds, zeros when not
+        measured), plus the int ``tokens`` (global loss tokens of this
+        update). The caller evaluates them with the model state.
     """
+    start = time.perf_counter()
     total_tokens = sum(b.global_tokens for b in micro_batches)
     ranks = reducer.world.size if reducer.averages else 1
     scale = mx.array(ranks / total_tokens, mx.float32)
@@ -142,15 +149,21 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
             acc = grads
             # note: sync point per micro-batch, so only one micro-batch's graph is alive
             mx.eval(acc, local_loss)
-    # The loss sum and the stop flag ride with the last gradient bucket: the
-    # logged loss, the finiteness check and the stop decision are then global,
-    # at no extra collective.
-    extra = mx.stack([local_loss, mx.array(float(stop), mx.float32)])
+    world = reducer.world
+    seconds = [0.0] * world.size
+    if measure is not None:
+        mx.eval(grads, local_loss)  # note: sync point, so the time is compute alone, without communication
+        seconds[world.rank] = measure(time.perf_counter() - start)
+    # The loss sum, the stop flag and the compute times ride with the last
+    # gradient bucket: the logged loss, the finiteness check, the stop
+    # decision and the balance split are then global, at no extra collective.
+    extra = mx.concatenate([local_loss.reshape(1), mx.array([float(stop), *seconds], mx.float32)])
     flat = dict(tree_flatten(grads))
     del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
     summed, extra = reducer.reduce(flat, extra=extra)
     norm, finite = fns.update(tree_unflatten(list(summed.items())), extra[0])
-    return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "tokens": total_tokens}
+    return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "compute_s": extra[2:],
+            "tokens": total_tokens}
 
 
 def make_eval_loss(model: nn.Module):

@@ -20,6 +20,11 @@ class Hooks:
         """
         return micro_batches
 
+    def compute_seconds(self, step: int, seconds: float) -> float:
+        """This rank's measured compute time of update ``step``, as shared with the other ranks
+        (``parallel.balance: auto``). Tests fake slow or fast ranks here."""
+        return seconds
+
     def mid_save(self, step: int) -> None:
         """Called while checkpoint ``step`` is half written (the weights are, the rest is not)."""
 

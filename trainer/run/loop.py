@@ -8,6 +8,7 @@ collective is in ``trainer.core.parallel``.
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -32,7 +33,7 @@ def fit(run: Run, reporter) -> dict:
     Returns:
         dict: ``step``, ``stopped`` and the last ``val_loss``.
     """
-    cfg, world, state, hooks = run.cfg, run.world, run.state, run.options.hooks
+    cfg, world, state = run.cfg, run.world, run.state
     val_loss = None
     if cfg.eval.at_start and state.step == 0:
         val_loss = validate(run, reporter)
@@ -40,14 +41,14 @@ def fit(run: Run, reporter) -> dict:
     tic = time.perf_counter()
     while state.step < run.total_steps:
         health.phase("compute", state.step + 1)
-        micro = hooks.before_update(state.step + 1, [next(run.stream) for _ in range(cfg.training.grad_accumulation)])
-        out = run_update(run.fns, run.reducer, micro, stop=health.stop_requested())
+        micro, out = _update(run, state.step + 1)
         health.phase("sync", state.step + 1)
         mx.eval(run.model.state, run.optimizer.state, mx.random.state, out["loss_sum"], out["grad_norm"],
-                out["finite"], out["stop"])  # note: the step's one blocking sync point
+                out["finite"], out["stop"], out["compute_s"])  # note: the step's one blocking sync point
         state.step += 1
         toc = time.perf_counter()
         window.add(out, micro, toc - tic)
+        _rebalance(run, out, micro, reporter)
         _log_timing(timings, run, out, toc - tic)
         last, stopping = state.step == run.total_steps, out["stop"].item() > 0  # evaluated above; same on all ranks
         reporter.advance(1)
@@ -65,6 +66,31 @@ def fit(run: Run, reporter) -> dict:
             world.print0(f"[mlx-dp] stop requested: saved update {state.step} to {run.run_dir}; continue with --resume")
             return {"step": state.step, "stopped": True}
     return {"step": state.step, "stopped": False, "val_loss": val_loss}
+
+
+def _update(run: Run, step: int) -> tuple[list, dict]:
+    """This rank's micro-batches of update ``step`` under the current split, and the update (lazy)."""
+    hooks = run.options.hooks
+    run.stream.set_split(run.balancer.split)
+    micro = hooks.before_update(step, [next(run.stream) for _ in range(run.cfg.training.grad_accumulation)])
+    shapes = {b.inputs.shape for b in micro} - run.compiled_shapes
+    run.compiled_shapes |= shapes
+    # A new shape compiles the step first: that time says nothing of this rank's speed, so it is not
+    # measured (its zero voids the measurement on every rank, and the next update measures instead).
+    measure = partial(hooks.compute_seconds, step) if run.balancer.wants_measure(step) and not shapes else None
+    return micro, run_update(run.fns, run.reducer, micro, stop=health.stop_requested(), measure=measure)
+
+
+def _rebalance(run: Run, out: dict, micro: list, reporter) -> None:
+    """After a measured update, every rank feeds the same compute times to its balancer."""
+    if not run.balancer.wants_measure(run.state.step):
+        return
+    seconds = out["compute_s"].tolist()  # evaluated with the step; the same list on every rank
+    note = run.balancer.observe(seconds, [b.inputs.shape[1] for b in micro])
+    if all(s > 0 for s in seconds):
+        run.last_compute_s = seconds
+    if note:
+        reporter.note(f"[mlx-dp] update {run.state.step}: {note}")
 
 
 def validate(run: Run, reporter) -> float | None:
@@ -93,6 +119,10 @@ def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
               "learning_rate": float(run.optimizer.learning_rate.item()), "grad_norm": float(out["grad_norm"].item()),
               "peak_memory_gb": mx.get_peak_memory() / 1e9, "world_size": run.world.size,
               "global_batch": run.state.global_batch}
+    if run.world.size > 1:
+        record["rows_per_rank"] = list(run.stream.row_split)  # as the last update was split
+        if run.last_compute_s is not None:  # the latest measured update's compute time per rank
+            record["compute_s_per_rank"] = [round(s, 5) for s in run.last_compute_s]
     if bad:
         record["skipped_updates"] = bad
     reporter.log(record)
@@ -107,6 +137,7 @@ def save(run: Run, val_loss: float | None, reporter) -> None:
         state = run.state
         state.data = run.stream.position()
         state.rng_key = tuple(int(x) for x in mx.random.state[0].tolist())
+        state.balance = run.balancer.to_dict()
         path = run.run_dir / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(state.step)
         state.note_val_loss(val_loss, str(path))
         weights = run.weights()
@@ -130,8 +161,12 @@ def _timings_file(run: Run):
 def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:
     if timings is None:
         return
-    timings.write(json.dumps({"step": run.state.step, "rank": run.world.rank, "step_time_s": seconds,
-                              "tokens": out["tokens"], "peak_memory_gb": mx.get_peak_memory() / 1e9}) + "\n")
+    record = {"step": run.state.step, "rank": run.world.rank, "step_time_s": seconds, "tokens": out["tokens"],
+              "rows": run.stream.rows, "split": list(run.stream.row_split),
+              "peak_memory_gb": mx.get_peak_memory() / 1e9}
+    if run.last_compute_s is not None:
+        record["compute_s"] = run.last_compute_s[run.world.rank]  # the latest measured update's
+    timings.write(json.dumps(record) + "\n")
     timings.flush()
 
 

@@ -9,7 +9,7 @@ gradient is sent.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +17,7 @@ import mlx.core as mx
 from .. import __version__
 from ..cluster import health
 from ..core import checkpoint
+from ..core.balance import Balancer
 from ..core.batches import BatchStream, batches_per_epoch
 from ..core.config import Config
 from ..core.data import load_splits
@@ -54,7 +55,10 @@ class Run:
     reducer: GradientReducer
     fns: StepFunctions
     state: TrainingState
+    balancer: Balancer
     options: RunOptions
+    last_compute_s: list | None = None  # each rank's compute seconds on the latest measured update
+    compiled_shapes: set = field(default_factory=set)  # micro-batch shapes the step has been compiled for
 
     @property
     def total_steps(self) -> int:
@@ -100,9 +104,11 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     _check_enough_data(cfg, world, splits["train"], state)
     stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple)
     optimizer = build_optimizer(t, state.total_steps)
+    balancer = _balancer(cfg, world)
     if resume is not None:
         # Before StepFunctions below: mx.compile captures optimizer.state as it is when compiled.
         state = _restore(cfg, world, run_dir, resume, model, optimizer, stream, state)
+        balancer = _restored_balancer(balancer, state, world)
 
     # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
     check_agreement(world, {
@@ -116,7 +122,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     fns = StepFunctions(model, optimizer, t.max_grad_norm)
     return Run(cfg=cfg, world=world, run_dir=run_dir, model=model, tokenizer=tokenizer, adapter_config=adapter_cfg,
                splits=splits, stream=stream, optimizer=optimizer, reducer=reducer, fns=fns, state=state,
-               options=options)
+               balancer=balancer, options=options)
 
 
 def _load_model(cfg: Config, world: World):
@@ -178,7 +184,34 @@ def _restore(cfg: Config, world: World, run_dir: Path, resume, model, optimizer,
                  f"(epoch {saved.data.epoch}, batch {saved.data.index})")
     # This run's shape and provenance, the checkpoint's progress.
     fresh.step, fresh.data, fresh.best, fresh.val_loss = saved.step, stream.position(), saved.best, saved.val_loss
+    fresh.balance = saved.balance
     return fresh
+
+
+def _balancer(cfg: Config, world: World) -> Balancer:
+    """The split of each global micro-batch across ranks (``parallel.balance``), said at start."""
+    setting = cfg.parallel.balance
+    if isinstance(setting, list) and len(setting) != world.size:
+        raise UserError(f"parallel.balance lists {len(setting)} speeds but the job has {world.size} rank(s); "
+                        "give one speed per rank, or use auto")
+    balancer = Balancer.from_setting(setting, cfg.training.batch_size * world.size, world.size)
+    if world.size > 1 and balancer.mode != "off":
+        first = " until the first updates measure each rank's speed" if balancer.mode == "auto" else ""
+        world.print0(f"[mlx-dp] {balancer.describe()}{first}")
+    return balancer
+
+
+def _restored_balancer(fresh: Balancer, state: TrainingState, world: World) -> Balancer:
+    """The checkpoint's split and speed estimates, when they describe this job's ranks and setting."""
+    saved = state.balance
+    if not saved or saved["mode"] != fresh.mode or saved["rows"] != fresh.rows or saved["world_size"] != world.size:
+        return fresh
+    if fresh.mode == "fixed" and saved["speeds"] != fresh.speeds:
+        return fresh
+    balancer = Balancer.from_dict(saved)
+    if balancer.mode != "off" and world.size > 1:
+        world.print0(f"[mlx-dp] resumed {balancer.describe()}")
+    return balancer
 
 
 def _weights_digest(model) -> str:
