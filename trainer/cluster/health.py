@@ -43,8 +43,8 @@ _state = {
 class _Monitor:
     """Told by ``trainer.core.parallel`` before each blocking collective."""
 
-    def phase(self, name: str, step: int | None = None) -> None:
-        phase(name, step)
+    def phase(self, name: str, step: int | None = None, watched: bool = True) -> None:
+        phase(name, step, watched)
 
 
 def phase(name: str, step: int | None = None, watched: bool = True) -> None:
@@ -161,6 +161,13 @@ def _watch() -> None:
         if _state["watched"] and idle > _state["timeout"]:
             _hard_exit(f"watchdog: {me} made no progress for {idle:.0f}s (parallel.timeout_s="
                        f"{_state['timeout']:g}) in {_state['phase']} at update {_state['step']}; "
+                       f"{_stalled_peers_text()}ending the job")
+        # An unwatched phase (rank 0 tokenizing a large dataset while the others wait) may take
+        # any time, but not with a peer that has gone silent (stopped, asleep) for the whole timeout.
+        peers = _state["peers"]
+        if not _state["watched"] and peers is not None and peers.silent_seconds() > _state["timeout"]:
+            _hard_exit(f"watchdog: {me} waited {idle:.0f}s in {_state['phase']} at update {_state['step']} "
+                       f"while a peer was silent for over parallel.timeout_s={_state['timeout']:g}; "
                        f"{_stalled_peers_text()}ending the job")
 
 

@@ -180,6 +180,15 @@ class PeerMonitor:
                 return sorted(lost)
             time.sleep(0.1)
 
+    def silent_seconds(self) -> float:
+        """How long the longest-silent other rank (or, on ranks other than 0, the hub) has not been heard from."""
+        now = time.monotonic()
+        with self.lock:
+            ages = [now - row["heard"] for r, row in self.table.items() if r != self.world.rank]
+            if self.world.rank != 0:
+                ages.append(now - self.hub_heard)
+        return max(ages, default=0.0)
+
     def describe_stalled(self) -> str:
         """One clause naming the ranks that hold the others up, or ``""``."""
         now = time.monotonic()

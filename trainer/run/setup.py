@@ -137,7 +137,7 @@ def _load_model(cfg: Config, world: World):
 
 def _load_data(cfg: Config, world: World, tokenizer) -> dict:
     """Tokenized splits; rank 0 fills the tokenization cache, the others then read it."""
-    health.phase("loading data")
+    health.phase("loading data", watched=False)  # tokenizing a large dataset can take any time
     splits = world.rank0_first(lambda: load_splits(cfg.data, tokenizer, show_progress=world.is_main))
     for note in splits["train"].notes:
         world.print0(f"[mlx-dp] {splits['train'].source}: {note}")

@@ -1,0 +1,20 @@
+"""Every collective of the trainer lives in this package.
+
+* ``world``: the process group (:class:`World`), rank helpers (``print0``),
+  blocking scalar reductions, barrier and gathers, and the agreement check
+  ranks run before training. Every rank must reach every collective in the
+  same order.
+* ``buckets``: gradient buckets and their ``all_sum``s, filled in the order
+  backward produces gradients and each dispatched as soon as its gradients
+  exist (:class:`GradientReducer`), plus the benchmarks' baselines.
+* ``shards``: reduce-scatter and all-gather of bucket shards for optimizer
+  state sharded across ranks (``parallel.shard_optimizer``), built from
+  ``send``/``recv`` where the backend (ring) has no ``sum_scatter``.
+
+It depends only on MLX, the standard library and ``trainer.env`` (what the
+launcher set).
+"""
+
+from .buckets import (MiB, AverageGradientsReducer, Bucket, GradientReducer, PassThroughReducer,  # noqa: F401
+                      plan_buckets, plan_digest, resolve_comm_stream)
+from .world import World, all_sum_seconds, check_agreement, digest, init_world, set_monitor  # noqa: F401

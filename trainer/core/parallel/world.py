@@ -1,0 +1,173 @@
+"""The process group: rank helpers, small blocking collectives, and agreement between ranks.
+
+* :class:`World`: the group, ``print0``, and blocking scalar reductions,
+  barrier and gathers. Every rank must reach every collective in the same order.
+* :func:`check_agreement`: ranks compare what must be identical before training.
+"""
+
+import hashlib
+import socket
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ...env import drop_blank_hostfile, launch_env
+from ...errors import DistributedError
+
+
+class _NullMonitor:
+    """Stands in for the watchdog (``trainer.cluster.health``) when none is installed."""
+
+    def phase(self, name: str, step: int | None = None, watched: bool = True):
+        pass
+
+
+_monitor = _NullMonitor()
+
+
+def set_monitor(monitor) -> None:
+    """Install the object told about each blocking phase (the watchdog)."""
+    global _monitor
+    _monitor = monitor or _NullMonitor()
+
+
+@dataclass
+class World:
+    """The process group and this process's place in it."""
+
+    group: "mx.distributed.Group"
+    rank: int
+    size: int
+    host: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print0(self, *args, **kwargs) -> None:
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+    # -- blocking collectives: each is a sync point on every rank ----------------
+
+    def all_sum(self, values: list[float], phase: str = "all_sum", watched: bool = True) -> list[float]:
+        """Sum a few floats over ranks, in float64 on the CPU. Blocking.
+
+        ``watched=False`` tells the watchdog that the wait may be long for a good
+        reason (a peer doing unbounded work alone); it then only ends the job
+        if a peer falls silent.
+        """
+        if self.size == 1:
+            return [float(v) for v in values]
+        _monitor.phase(phase, watched=watched)
+        x = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group, stream=mx.cpu)
+        return [float(v) for v in x.tolist()]  # note: sync point
+
+    def barrier(self, phase: str = "barrier") -> None:
+        """Wait until every rank arrives."""
+        self.all_sum([1.0], phase=phase)
+
+    def all_gather_bytes(self, data: bytes, phase: str = "all_gather") -> list[bytes]:
+        """Gather one short byte string from every rank (rank order). Blocking."""
+        if self.size == 1:
+            return [data]
+        _monitor.phase(phase)
+        lengths = mx.distributed.all_gather(mx.array([len(data)], mx.int32), group=self.group, stream=mx.cpu)
+        width = max(lengths.tolist())
+        padded = mx.array(list(data.ljust(width, b"\0")), mx.int32)
+        rows = mx.distributed.all_gather(padded, group=self.group, stream=mx.cpu).reshape(self.size, width)
+        return [bytes(r[:n]) for r, n in zip(rows.tolist(), lengths.tolist())]
+
+    def rank0_first(self, fn):
+        """Run ``fn`` on rank 0, then on the others (e.g. to fill a shared cache once).
+
+        If rank 0 fails, the others stop with a pointer to rank 0's message
+        instead of waiting forever.
+        """
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 (re-raised below)
+                error = e
+        # Rank 0 may tokenize a large dataset or download a model meanwhile: unwatched, not unbounded.
+        ok = self.all_sum([0.0 if error else 1.0], phase="rank0_first", watched=False)[0]
+        if error is not None:
+            raise error
+        if ok < 1.0:
+            raise DistributedError("rank 0 failed while preparing; see its message above")
+        return fn() if self.rank != 0 else result
+
+
+def init_world(backend: str = "any") -> World:
+    """Join the process group started by the launcher (or a group of one).
+
+    Args:
+        backend (str): ``any``, ``ring``, ``jaccl``, ``mpi`` or ``nccl``. Default: ``"any"``.
+    """
+    drop_blank_hostfile()
+    launched = launch_env().launched
+    try:
+        group = mx.distributed.init(strict=launched, backend=backend)
+    except RuntimeError as e:
+        raise DistributedError(f"could not join the distributed group (backend {backend}): {e}") from None
+    return World(group=group, rank=group.rank(), size=group.size(), host=socket.gethostname())
+
+
+# ---------------------------------------------------------------------- agreement
+
+
+def digest(*parts) -> str:
+    """Short stable hash of strings/bytes, for comparing state across ranks."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def check_agreement(world: World, items: dict[str, str]) -> None:
+    """Stop before training unless every rank holds the same value for every item.
+
+    Args:
+        world (World): The group.
+        items (dict[str, str]): What must agree, e.g. ``{"recipe": hash, "mlx": "0.32.4"}``.
+
+    Raises:
+        DistributedError: Naming each differing item and the ranks and hosts
+            that differ from rank 0.
+    """
+    if world.size == 1:
+        return
+    payload = "\n".join(f"{k}={v}" for k, v in sorted(items.items())) + f"\nhost={world.host}"
+    gathered = world.all_gather_bytes(payload.encode(), phase="agreement")
+    tables = [dict(line.split("=", 1) for line in g.decode().splitlines()) for g in gathered]
+    problems = []
+    for key in sorted(items):
+        ref = tables[0].get(key)
+        odd = [r for r, t in enumerate(tables) if t.get(key) != ref]
+        if odd:
+            who = ", ".join(f"rank {r} ({tables[r]['host']}: {tables[r].get(key)})" for r in odd)
+            problems.append(f"{key} differs from rank 0 ({tables[0]['host']}: {ref}) on {who}")
+    if problems:
+        raise DistributedError("ranks disagree before training: " + "; ".join(problems)
+                               + ". A stale checkout or a different dataset on one machine is the usual cause.")
+
+
+def all_sum_seconds(world: World, nbytes: int, reps: int) -> list[float]:
+    """Wall times of ``reps`` blocking ``all_sum``s of ``nbytes`` of float32 (after one warm-up).
+
+    For bandwidth sweeps (``bench comm``); every rank must call it.
+    """
+    import time
+
+    x = mx.ones((nbytes // 4,), mx.float32)
+    mx.eval(x)
+    samples = []
+    for r in range(reps + 1):
+        world.barrier()
+        start = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=world.group, stream=mx.cpu))  # note: sync point
+        if r:  # the first is a warm-up
+            samples.append(time.perf_counter() - start)
+    return samples
