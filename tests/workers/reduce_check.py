@@ -2,7 +2,10 @@
 
 Usage: python tests/workers/reduce_check.py MODE. MODE "compare" checks many
 random trees and bucket settings; "mismatch" gives rank 1 a different bucket
-plan and calls reduce(), which must refuse before any all_sum. Prints one
+plan and calls reduce(), which must refuse before any all_sum; "scatter"
+compares the reduce-scatter of sharded optimizer state (ring send/recv and
+all_sum + slice) with a per-array all_sum, and the all-gather with the
+original; "scatter-mismatch" gives rank 1 a different shard plan. Prints one
 JSON line on rank 0.
 """
 
@@ -14,6 +17,7 @@ import numpy as np
 
 from trainer.errors import DistributedError
 from trainer.core.parallel import GradientReducer, init_world, plan_buckets
+from trainer.core.parallel.shards import ShardedReducer, ShardPlan
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 
@@ -82,7 +86,66 @@ def mismatch(world) -> dict:
     return {"refused": refused, **{f"{name}_calls": n for name, n in calls.items()}}
 
 
+def scatter(world) -> dict:
+    worst, methods = {}, {}
+    for seed in range(8):
+        names, shapes, dtypes, values = random_tree(seed, world.rank)
+        order = list(reversed(names))
+        reference = {n: mx.distributed.all_sum(values[n], group=world.group, stream=mx.cpu) for n in names}
+        mx.eval(reference)
+        for bucket_bytes, first in [(64, 16), (4096, 512), (1 << 20, 1 << 20)]:
+            plan = ShardPlan.make(plan_buckets(order, shapes, dtypes, bucket_bytes, first), world.size)
+            for method in ("sendrecv", "all_sum"):
+                reducer = ShardedReducer(world, plan, method=method)
+                methods[method] = reducer.method
+                shards = reducer.reduce_scatter(dict(values))
+                mx.eval(shards)
+                for bucket, bounds, shard in zip(plan.buckets, plan.bounds, shards):
+                    whole = np.concatenate([np.array(reference[n].astype(mx.float32)).ravel() for n in bucket.names])
+                    start, stop = bounds[world.rank]
+                    got = np.array(shard.astype(mx.float32))
+                    assert got.shape == (stop - start,), (got.shape, bounds)
+                    err = float(np.abs(got - whole[start:stop]).max(initial=0) / (np.abs(whole).max() + 1e-6))
+                    key = f"{method}-{str(bucket.comm_dtype).replace('mlx.core.', '')}"
+                    worst[key] = max(worst.get(key, 0.0), err)
+                    # all-gather of every rank's summed shard rebuilds the whole summed bucket
+                    gathered = np.array(reducer.gather(plan.buckets.index(bucket), shard).astype(mx.float32))
+                    assert gathered.shape == whole.shape and np.array_equal(gathered[start:stop], got)
+                    err = float(np.abs(gathered - whole).max(initial=0) / (np.abs(whole).max() + 1e-6))
+                    worst[f"gather-{key}"] = max(worst.get(f"gather-{key}", 0.0), err)
+                    sizes = [b - a for a, b in bounds]
+                    assert sum(sizes) == whole.size and max(sizes) - min(sizes) <= 1
+    return {"worst_relative_error": worst, "methods": methods}
+
+
+def scatter_mismatch(world) -> dict:
+    names, shapes, dtypes, values = random_tree(0, 0)
+    bucket_bytes = 256 if world.rank == 1 else 4096
+    plan = ShardPlan.make(plan_buckets(list(reversed(names)), shapes, dtypes, bucket_bytes, 128), world.size)
+    calls = {name: 0 for name in ("all_sum", "send", "recv_like", "all_gather")}
+    real = {name: getattr(mx.distributed, name) for name in calls}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in calls:
+        setattr(mx.distributed, name, counting(name))
+    try:
+        mx.eval(ShardedReducer(world, plan, method="sendrecv").reduce_scatter(dict(values)))
+        refused = None
+    except DistributedError as e:
+        refused = str(e)
+    finally:
+        for name, fn in real.items():
+            setattr(mx.distributed, name, fn)
+    return {"refused": refused, **{f"{name}_calls": n for name, n in calls.items()}}
+
+
 world = init_world()
-result = {"compare": compare, "mismatch": mismatch}[sys.argv[1]](world)
+result = {"compare": compare, "mismatch": mismatch, "scatter": scatter,
+          "scatter-mismatch": scatter_mismatch}[sys.argv[1]](world)
 if world.rank == 0:
     print("RESULT " + json.dumps(result), flush=True)

@@ -230,6 +230,9 @@ class ParallelConfig:
         "reduce gradients in this dtype; null: one bucket set per gradient dtype", None)
     timeout_s: float = _doc("watchdog: end the job if a step or collective makes no progress this long", 600.0)
     allow_world_size_change: bool = _doc("resume at a world size that changes the global batch", False)
+    shard_optimizer: bool = _doc(
+        "keep each rank's 1/N share of the optimizer state only (ZeRO stage 1): full fine-tunes fit in less "
+        "memory per Mac; gradients are reduce-scattered and weights all-gathered (adamw, adam, sgd)", False)
     balance: Union[Literal["off", "auto"], list[float]] = _doc(
         "rows of each global micro-batch per rank: off (even), auto (measured: faster ranks take more) or a "
         "list of relative speeds, one per rank; the update is the same either way", "off")
@@ -257,6 +260,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        if self.parallel.shard_optimizer and self.training.optimizer == "adafactor":
+            raise ConfigError("parallel.shard_optimizer needs an element-wise optimizer (adamw, adam or sgd); "
+                              "adafactor factors each matrix's statistics by rows and columns")
         if self.method.type == "full" and self.method.dropout:
             raise ConfigError("method.dropout applies to adapters; set it to 0 for method.type=full")
 

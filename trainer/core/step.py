@@ -63,17 +63,24 @@ class StepFunctions:
       untouched. Inputs are already summed over ranks, so every rank takes
       the same decision.
 
+    With optimizer state sharded across ranks, ``sharding``
+    (``trainer.core.sharded.ShardedOptimizer``) does the update instead.
+
     Args:
         model (nn.Module): The model with its trainable parameters set.
-        optimizer (optim.Optimizer): The optimizer (initialised here).
+        optimizer (optim.Optimizer): The optimizer (initialised here, unless sharded).
         max_grad_norm (float | None): Clip the global norm to this; ``None`` disables.
+        sharding (ShardedOptimizer | None): The sharded update. Default: ``None``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float | None):
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float | None,
+                 sharding=None):
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
-        optimizer.init(model.trainable_parameters())
+        self.sharding = sharding
+        if sharding is None:
+            optimizer.init(model.trainable_parameters())
 
         def scaled_loss(scale, inputs, targets, mask, *segments):
             loss_sum = token_loss_sum(model, inputs, targets, mask, *segments)
@@ -160,8 +167,17 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     extra = mx.concatenate([local_loss.reshape(1), mx.array([float(stop), *seconds], mx.float32)])
     flat = dict(tree_flatten(grads))
     del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
-    summed, extra = reducer.reduce(flat, extra=extra)
-    norm, finite = fns.update(tree_unflatten(list(summed.items())), extra[0])
+    if fns.sharding is not None:
+        # Each rank gets its shard of every bucket summed; the global norm is the sum of the
+        # ranks' squared shards, which rides in the one small all_sum with the loss and flags.
+        shards = reducer.reduce_scatter(flat)
+        squares = sum(mx.square(s.astype(mx.float32)).sum() for s in shards)
+        extra = reducer.sum_small(mx.concatenate([extra, squares.reshape(1)]))
+        norm, finite = fns.sharding.apply(shards, extra[0], extra[-1])
+        extra = extra[:-1]
+    else:
+        summed, extra = reducer.reduce(flat, extra=extra)
+        norm, finite = fns.update(tree_unflatten(list(summed.items())), extra[0])
     return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "compute_s": extra[2:],
             "tokens": total_tokens}
 

@@ -133,6 +133,8 @@ def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
 def save(run: Run, val_loss: float | None, reporter) -> None:
     """Rank 0 writes a resumable checkpoint and refreshes the top-level adapters; then every rank waits."""
     health.phase("save", run.state.step)
+    sharding = run.fns.sharding  # sharded: every rank takes part in gathering the optimizer state
+    optimizer_state = sharding.full_state() if sharding is not None else run.optimizer.state
     if run.world.is_main:
         state = run.state
         state.data = run.stream.position()
@@ -141,7 +143,7 @@ def save(run: Run, val_loss: float | None, reporter) -> None:
         path = run.run_dir / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(state.step)
         state.note_val_loss(val_loss, str(path))
         weights = run.weights()
-        checkpoint.save_checkpoint(run.run_dir, state, weights, run.optimizer.state, run.adapter_config,
+        checkpoint.save_checkpoint(run.run_dir, state, weights, optimizer_state, run.adapter_config,
                                    run.cfg.to_yaml(), on_partial=lambda: run.options.hooks.mid_save(state.step))
         checkpoint.save_adapters(run.run_dir, weights, run.adapter_config)
         keep = {Path(state.best.path)} if (state.best and run.cfg.checkpoint.keep_best) else set()

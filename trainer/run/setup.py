@@ -26,6 +26,8 @@ from ..core.model import (adapter_config, apply_method, backward_order, count_pa
                           load_base, trainable_parameters)
 from ..core.optim import build_optimizer
 from ..core.parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets, resolve_comm_stream
+from ..core.parallel.shards import ShardedReducer, ShardPlan
+from ..core.sharded import ShardedOptimizer
 from ..core.state import TrainingState
 from ..core.step import StepFunctions
 from ..errors import DataError, UserError
@@ -105,9 +107,9 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple)
     optimizer = build_optimizer(t, state.total_steps)
     balancer = _balancer(cfg, world)
+    saved_optimizer = None
     if resume is not None:
-        # Before StepFunctions below: mx.compile captures optimizer.state as it is when compiled.
-        state = _restore(cfg, world, run_dir, resume, model, optimizer, stream, state)
+        state, saved_optimizer = _restore(cfg, world, run_dir, resume, model, stream, state)
         balancer = _restored_balancer(balancer, state, world)
 
     # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
@@ -119,7 +121,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     reducer = _build_reducer(cfg, world, model, splits["train"], options.communicate)
     if t.grad_checkpoint:
         enable_grad_checkpoint(model)
-    fns = StepFunctions(model, optimizer, t.max_grad_norm)
+    fns = _step_functions(cfg, model, optimizer, reducer, saved_optimizer)
     return Run(cfg=cfg, world=world, run_dir=run_dir, model=model, tokenizer=tokenizer, adapter_config=adapter_cfg,
                splits=splits, stream=stream, optimizer=optimizer, reducer=reducer, fns=fns, state=state,
                balancer=balancer, options=options)
@@ -158,9 +160,10 @@ def _check_enough_data(cfg: Config, world: World, train, state: TrainingState) -
                  f"{len(train)} training samples; {state.total_steps} updates")
 
 
-def _restore(cfg: Config, world: World, run_dir: Path, resume, model, optimizer, stream: BatchStream,
-             fresh: TrainingState) -> TrainingState:
-    """Load a checkpoint into the model, optimizer, RNG and data stream; return the state to continue."""
+def _restore(cfg: Config, world: World, run_dir: Path, resume, model, stream: BatchStream,
+             fresh: TrainingState) -> tuple[TrainingState, dict]:
+    """Load a checkpoint into the model, RNG and data stream; return the state to continue and the
+    saved optimizer state (unsharded; ``_step_functions`` puts it in place)."""
     path = checkpoint.find_resume(run_dir, resume if isinstance(resume, str) else None)
     ckpt = checkpoint.load_checkpoint(path)
     saved = ckpt.state
@@ -172,7 +175,6 @@ def _restore(cfg: Config, world: World, run_dir: Path, resume, model, optimizer,
             f"but this run has {fresh.global_batch}; keep batch_size x ranks x grad_accumulation equal, or set "
             "parallel.allow_world_size_change=true")
     model.load_weights(list(ckpt.weights.items()), strict=False)
-    optimizer.state = ckpt.optimizer
     # mx.random.state cannot be assigned in mlx 0.32, but its key is two
     # uint32 words and seed(s) sets the key to [s >> 32, s & 0xffffffff].
     hi, lo = saved.rng_key
@@ -185,7 +187,7 @@ def _restore(cfg: Config, world: World, run_dir: Path, resume, model, optimizer,
     # This run's shape and provenance, the checkpoint's progress.
     fresh.step, fresh.data, fresh.best, fresh.val_loss = saved.step, stream.position(), saved.best, saved.val_loss
     fresh.balance = saved.balance
-    return fresh
+    return fresh, ckpt.optimizer
 
 
 def _balancer(cfg: Config, world: World) -> Balancer:
@@ -220,7 +222,20 @@ def _weights_digest(model) -> str:
     return digest(*[np.array(v.astype(mx.float32)).tobytes() for v in trainable_parameters(model).values()])
 
 
-def _build_reducer(cfg: Config, world: World, model, train, communicate: bool) -> GradientReducer:
+def _step_functions(cfg: Config, model, optimizer, reducer, saved_optimizer: dict | None) -> StepFunctions:
+    """The compiled step, after the optimizer state is in place (``mx.compile`` captures it as it is then)."""
+    t = cfg.training
+    if not getattr(reducer, "sharded", False):
+        if saved_optimizer is not None:
+            optimizer.state = saved_optimizer
+        return StepFunctions(model, optimizer, t.max_grad_norm)
+    sharding = ShardedOptimizer(model, optimizer, reducer, t.max_grad_norm, saved_state=saved_optimizer)
+    reducer.world.print0(f"[mlx-dp] optimizer state sharded over {reducer.world.size} rank(s): "
+                         f"{format_bytes(sharding.state_bytes())} per rank")
+    return StepFunctions(model, optimizer, t.max_grad_norm, sharding=sharding)
+
+
+def _build_reducer(cfg: Config, world: World, model, train, communicate: bool):
     """Buckets in the order backward produces gradients, identical on every rank (checked here)."""
     p = cfg.parallel
     sample = next(iter(BatchStream(train, 1, 0, 1, cfg.training.seed, cfg.data.pad_multiple)))
@@ -229,13 +244,17 @@ def _build_reducer(cfg: Config, world: World, model, train, communicate: bool) -
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
                            int(p.bucket_mb * MiB), int(p.first_bucket_mb * MiB),
                            getattr(mx, p.comm_dtype) if p.comm_dtype else None)
-    reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=resolve_comm_stream(p.comm_stream),
-                              communicate=communicate)
+    if p.shard_optimizer and communicate:  # (ranks training apart have nothing to share)
+        reducer = ShardedReducer(world, ShardPlan.make(buckets, world.size), overlap=p.overlap)
+    else:
+        reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=resolve_comm_stream(p.comm_stream),
+                                  communicate=communicate)
     if world.size > 1:
         reducer.check_plan()
         if not communicate:
             world.print0("[mlx-dp] WARNING: gradients are not reduced, ranks train apart "
                          "(a benchmark baseline, not training)")
-        world.print0(f"[mlx-dp] gradients: {format_bytes(reducer.nbytes)} in {len(buckets)} bucket(s), "
-                     f"{'overlapped with backward' if p.overlap else 'reduced after backward'}")
+        how = "reduce-scattered" if p.shard_optimizer and communicate else "reduced"
+        world.print0(f"[mlx-dp] gradients: {format_bytes(reducer.nbytes)} in {len(buckets)} bucket(s), {how} "
+                     f"{'during backward' if p.overlap else 'after backward'}")
     return reducer

@@ -1,0 +1,149 @@
+"""Optimizer state sharded across ranks (``parallel.shard_optimizer``; DeepSpeed's ZeRO stage 1).
+
+Each rank keeps the optimizer state (AdamW's two moments, SGD's momentum) of
+its own shard of every gradient bucket (``trainer.core.parallel.shards``), so
+the state per rank falls by the world size. An update:
+
+1. reduce-scatters each bucket: this rank receives its shard summed over ranks;
+2. sums one short vector over ranks: the loss, the stop flag, the balance
+   timings and each rank's sum of squared gradient shards, so the global
+   gradient norm (for clipping) and the non-finite decision are identical on
+   every rank;
+3. applies the optimizer to this rank's weight shards (compiled, like the
+   unsharded update in ``trainer.core.step``);
+4. all-gathers the updated weight shards into whole buckets and puts them
+   into the model.
+
+The optimizers are mlx.optimizers' own, applied to flat shards, which is exact
+because AdamW, Adam and SGD work element by element; Adafactor factors each
+matrix's second moment by rows and columns, so it cannot be sharded flat.
+
+Checkpoints stay world-size independent: :meth:`ShardedOptimizer.full_state`
+gathers the shards into the unsharded layout (a collective), which resumes
+sharded or not, on any world size.
+"""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from ..errors import ConfigError
+from .parallel.shards import ShardedReducer
+from .step import _select_inplace
+
+SHARDABLE = (optim.AdamW, optim.Adam, optim.SGD)  # element-wise: a flat shard updates like the whole
+
+
+def _key(index: int) -> str:
+    return f"bucket{index}"
+
+
+class ShardedOptimizer:
+    """This rank's optimizer state, weight shards and the sharded update.
+
+    Args:
+        model (nn.Module): The model; its trainable parameters are updated in place.
+        optimizer (optim.Optimizer): AdamW, Adam or SGD; its state becomes this rank's shards.
+        reducer (ShardedReducer): The shard plan and its collectives.
+        max_grad_norm (float | None): Clip the global norm to this; ``None`` disables.
+        saved_state (dict | None): An unsharded optimizer state to continue from
+            (a checkpoint's), of which this rank takes its shards. Default: ``None``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, reducer: ShardedReducer,
+                 max_grad_norm: float | None, saved_state: dict | None = None):
+        if not isinstance(optimizer, SHARDABLE):
+            raise ConfigError(f"parallel.shard_optimizer needs an element-wise optimizer (adamw, adam or sgd), "
+                              f"not {type(optimizer).__name__.lower()}: it factors each matrix's statistics")
+        self.model, self.optimizer, self.reducer = model, optimizer, reducer
+        self.plan, self.world = reducer.plan, reducer.world
+        self.max_grad_norm = max_grad_norm
+        if saved_state is not None:  # before compiling: mx.compile captures optimizer.state as it is then
+            self._load_full_state(saved_state)
+        optimizer.init(self.weight_shards())
+
+        @partial(mx.compile, inputs=[optimizer.state], outputs=[optimizer.state])
+        def update(shards: dict, weights: dict, loss_sum, norm_squared):
+            norm = mx.sqrt(norm_squared)
+            if max_grad_norm is not None:  # as optim.clip_grad_norm, with the norm summed over ranks
+                scale = mx.minimum(max_grad_norm / (norm + 1e-6), 1.0)
+                shards = tree_map(lambda g: g * scale, shards)
+            finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
+            old_state = tree_map(lambda x: x, optimizer.state)
+            new = optimizer.apply_gradients(shards, weights)
+            _select_inplace(optimizer.state, old_state, finite)  # a skipped update leaves no trace
+            return tree_map(lambda n, o: mx.where(finite, n, o), new, weights), norm, finite
+
+        self._update = update
+
+    def weight_shards(self) -> dict:
+        """This rank's shard of each bucket's weights, flat (copies)."""
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        rank = self.world.rank
+        out = {}
+        for i, (bucket, bounds) in enumerate(zip(self.plan.buckets, self.plan.bounds)):
+            start, stop = bounds[rank]
+            flat = mx.concatenate([params[n].reshape(-1) for n in bucket.names])
+            out[_key(i)] = flat[start:stop]
+        return out
+
+    def apply(self, shards: list, loss_sum: mx.array, norm_squared: mx.array):
+        """Update this rank's shards and gather every rank's into the model (lazy).
+
+        Returns:
+            tuple: ``(norm, finite)`` as lazy scalars.
+        """
+        weights = self.weight_shards()
+        grads = {_key(i): shard.astype(weights[_key(i)].dtype) for i, shard in enumerate(shards)}
+        new, norm, finite = self._update(grads, weights, loss_sum, norm_squared)
+        updates = []
+        for i, bucket in enumerate(self.plan.buckets):
+            whole = self.reducer.gather(i, new[_key(i)])
+            offsets, pos = [], 0
+            for size in bucket.sizes[:-1]:
+                pos += size
+                offsets.append(pos)
+            parts = mx.split(whole, offsets) if offsets else [whole]
+            updates += [(name, part.reshape(shape).astype(dtype))
+                        for name, shape, dtype, part in zip(bucket.names, bucket.shapes, bucket.dtypes, parts)]
+        self.model.load_weights(updates, strict=False)
+        return norm, finite
+
+    # ------------------------------------------------------------ checkpoints
+
+    def full_state(self) -> dict:
+        """The optimizer state in the unsharded, flat layout a checkpoint holds. A collective.
+
+        Every rank gathers (one bucket at a time, so the extra memory is one
+        bucket's state); the result is the same on every rank.
+        """
+        state = self.optimizer.state
+        flat = {k: v for k, v in state.items() if not isinstance(v, dict)}  # step, learning_rate
+        for i, bucket in enumerate(self.plan.buckets):
+            for name, shard in state[_key(i)].items():
+                whole = self.reducer.gather(i, shard)
+                pos = 0
+                for param, shape, size in zip(bucket.names, bucket.shapes, bucket.sizes):
+                    flat[f"{param}.{name}"] = whole[pos:pos + size].reshape(shape)
+                    pos += size
+                mx.eval(flat)  # note: sync point per bucket, so one bucket's gathered state is alive at a time
+        return flat
+
+    def _load_full_state(self, full: dict) -> None:
+        """Take this rank's shards of an unsharded optimizer state (flat or a tree, as saved)."""
+        flat = dict(tree_flatten(full)) if any(isinstance(v, dict) for v in full.values()) else dict(full)
+        rank = self.world.rank
+        state = {k: v for k, v in flat.items() if "." not in k}  # step, learning_rate
+        for i, (bucket, bounds) in enumerate(zip(self.plan.buckets, self.plan.bounds)):
+            start, stop = bounds[rank]
+            names = sorted({k[len(bucket.names[0]) + 1:] for k in flat if k.startswith(bucket.names[0] + ".")})
+            state[_key(i)] = {name: mx.concatenate([flat[f"{p}.{name}"].reshape(-1) for p in bucket.names])[start:stop]
+                              for name in names}
+        self.optimizer.state = state
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds."""
+        return sum(v.nbytes for _, v in tree_flatten(self.optimizer.state))
