@@ -100,8 +100,9 @@ def scatter(world) -> dict:
                 methods[method] = reducer.method
                 shards = reducer.reduce_scatter(dict(values))
                 mx.eval(shards)
-                for bucket, bounds, shard in zip(plan.buckets, plan.bounds, shards):
-                    whole = np.concatenate([np.array(reference[n].astype(mx.float32)).ravel() for n in bucket.names])
+                for index, (bucket, bounds, shard) in enumerate(zip(plan.buckets, plan.bounds, shards)):
+                    whole = np.concatenate([np.array(reference[n].astype(mx.float32)).ravel() for n in bucket.names]
+                                           + [np.zeros(plan.padding(index), np.float32)])
                     start, stop = bounds[world.rank]
                     got = np.array(shard.astype(mx.float32))
                     assert got.shape == (stop - start,), (got.shape, bounds)
@@ -109,12 +110,14 @@ def scatter(world) -> dict:
                     key = f"{method}-{str(bucket.comm_dtype).replace('mlx.core.', '')}"
                     worst[key] = max(worst.get(key, 0.0), err)
                     # all-gather of every rank's summed shard rebuilds the whole summed bucket
-                    gathered = np.array(reducer.gather(plan.buckets.index(bucket), shard).astype(mx.float32))
+                    gathered = np.array(reducer.gather(index, shard).astype(mx.float32))
                     assert gathered.shape == whole.shape and np.array_equal(gathered[start:stop], got)
                     err = float(np.abs(gathered - whole).max(initial=0) / (np.abs(whole).max() + 1e-6))
                     worst[f"gather-{key}"] = max(worst.get(f"gather-{key}", 0.0), err)
-                    sizes = [b - a for a, b in bounds]
-                    assert sum(sizes) == whole.size and max(sizes) - min(sizes) <= 1
+                    # equal shards covering the bucket, padded by fewer than one element per rank
+                    sizes = {b - a for a, b in bounds}
+                    assert len(sizes) == 1 and 0 <= plan.padding(index) < world.size
+                    assert bounds[-1][1] == sum(bucket.sizes) + plan.padding(index)
     return {"worst_relative_error": worst, "methods": methods}
 
 

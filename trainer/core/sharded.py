@@ -61,9 +61,10 @@ class ShardedOptimizer:
         self.model, self.optimizer, self.reducer = model, optimizer, reducer
         self.plan, self.world = reducer.plan, reducer.world
         self.max_grad_norm = max_grad_norm
+        self.shards = self._weight_shards()  # this rank's weights, flat; the next update starts from them
         if saved_state is not None:  # before compiling: mx.compile captures optimizer.state as it is then
             self._load_full_state(saved_state)
-        optimizer.init(self.weight_shards())
+        optimizer.init(self.shards)
 
         @partial(mx.compile, inputs=[optimizer.state], outputs=[optimizer.state])
         def update(shards: dict, weights: dict, loss_sum, norm_squared):
@@ -79,37 +80,39 @@ class ShardedOptimizer:
 
         self._update = update
 
-    def weight_shards(self) -> dict:
-        """This rank's shard of each bucket's weights, flat (copies)."""
+    def _weight_shards(self) -> dict:
+        """This rank's shard of each bucket's weights, flat (copies of the model's)."""
         params = dict(tree_flatten(self.model.trainable_parameters()))
-        rank = self.world.rank
         out = {}
         for i, (bucket, bounds) in enumerate(zip(self.plan.buckets, self.plan.bounds)):
-            start, stop = bounds[rank]
-            flat = mx.concatenate([params[n].reshape(-1) for n in bucket.names])
-            out[_key(i)] = flat[start:stop]
+            start, stop = bounds[self.world.rank]
+            dtype = params[bucket.names[0]].dtype
+            out[_key(i)] = self.plan.flatten(i, [params[n] for n in bucket.names], dtype)[start:stop]
+        mx.eval(out)  # note: sync point, once at start: the copies, not the whole flat buckets, stay
         return out
 
     def apply(self, shards: list, loss_sum: mx.array, norm_squared: mx.array):
-        """Update this rank's shards and gather every rank's into the model (lazy).
+        """Update this rank's shards and gather every rank's into the model, bucket by bucket.
+
+        The gather of each bucket is evaluated before the next, so the model's
+        old weights are freed one bucket at a time: an update never holds two
+        copies of every weight.
 
         Returns:
-            tuple: ``(norm, finite)`` as lazy scalars.
+            tuple: ``(norm, finite)``, evaluated.
         """
-        weights = self.weight_shards()
+        weights = self.shards
         grads = {_key(i): shard.astype(weights[_key(i)].dtype) for i, shard in enumerate(shards)}
         new, norm, finite = self._update(grads, weights, loss_sum, norm_squared)
-        updates = []
+        self.shards = new
         for i, bucket in enumerate(self.plan.buckets):
             whole = self.reducer.gather(i, new[_key(i)])
-            offsets, pos = [], 0
-            for size in bucket.sizes[:-1]:
+            pos, updates = 0, []
+            for name, shape, size, dtype in zip(bucket.names, bucket.shapes, bucket.sizes, bucket.dtypes):
+                updates.append((name, whole[pos:pos + size].reshape(shape).astype(dtype)))
                 pos += size
-                offsets.append(pos)
-            parts = mx.split(whole, offsets) if offsets else [whole]
-            updates += [(name, part.reshape(shape).astype(dtype))
-                        for name, shape, dtype, part in zip(bucket.names, bucket.shapes, bucket.dtypes, parts)]
-        self.model.load_weights(updates, strict=False)
+            self.model.load_weights(updates, strict=False)
+            mx.eval([w for _, w in updates])  # note: sync point per bucket (see above)
         return norm, finite
 
     # ------------------------------------------------------------ checkpoints
@@ -124,7 +127,7 @@ class ShardedOptimizer:
         flat = {k: v for k, v in state.items() if not isinstance(v, dict)}  # step, learning_rate
         for i, bucket in enumerate(self.plan.buckets):
             for name, shard in state[_key(i)].items():
-                whole = self.reducer.gather(i, shard)
+                whole = self.reducer.gather(i, shard)  # padded; the padding is dropped below
                 pos = 0
                 for param, shape, size in zip(bucket.names, bucket.shapes, bucket.sizes):
                     flat[f"{param}.{name}"] = whole[pos:pos + size].reshape(shape)
@@ -140,10 +143,8 @@ class ShardedOptimizer:
         for i, (bucket, bounds) in enumerate(zip(self.plan.buckets, self.plan.bounds)):
             start, stop = bounds[rank]
             names = sorted({k[len(bucket.names[0]) + 1:] for k in flat if k.startswith(bucket.names[0] + ".")})
-            state[_key(i)] = {name: mx.concatenate([flat[f"{p}.{name}"].reshape(-1) for p in bucket.names])[start:stop]
+            state[_key(i)] = {name: self.plan.flatten(i, [flat[f"{p}.{name}"] for p in bucket.names],
+                                                      flat[f"{bucket.names[0]}.{name}"].dtype)[start:stop]
                               for name in names}
+        mx.eval(state)  # note: sync point at resume: the whole saved state can be freed now
         self.optimizer.state = state
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds."""
-        return sum(v.nbytes for _, v in tree_flatten(self.optimizer.state))

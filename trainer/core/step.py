@@ -116,6 +116,10 @@ class StepFunctions:
         self.grads = grads
         self.update = update
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (its shards only, when sharded)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.optimizer.state))
+
 
 def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False, measure=None):
     """One optimizer update over ``micro_batches`` (this rank's share).
@@ -173,7 +177,7 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         shards = reducer.reduce_scatter(flat)
         squares = sum(mx.square(s.astype(mx.float32)).sum() for s in shards)
         extra = reducer.sum_small(mx.concatenate([extra, squares.reshape(1)]))
-        norm, finite = fns.sharding.apply(shards, extra[0], extra[-1])
+        norm, finite = fns.sharding.apply(shards, extra[0], extra[-1])  # note: syncs per bucket
         extra = extra[:-1]
     else:
         summed, extra = reducer.reduce(flat, extra=extra)

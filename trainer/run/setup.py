@@ -230,9 +230,10 @@ def _step_functions(cfg: Config, model, optimizer, reducer, saved_optimizer: dic
             optimizer.state = saved_optimizer
         return StepFunctions(model, optimizer, t.max_grad_norm)
     sharding = ShardedOptimizer(model, optimizer, reducer, t.max_grad_norm, saved_state=saved_optimizer)
+    fns = StepFunctions(model, optimizer, t.max_grad_norm, sharding=sharding)
     reducer.world.print0(f"[mlx-dp] optimizer state sharded over {reducer.world.size} rank(s): "
-                         f"{format_bytes(sharding.state_bytes())} per rank")
-    return StepFunctions(model, optimizer, t.max_grad_norm, sharding=sharding)
+                         f"{format_bytes(fns.state_bytes())} per rank")
+    return fns
 
 
 def _build_reducer(cfg: Config, world: World, model, train, communicate: bool):
@@ -245,7 +246,8 @@ def _build_reducer(cfg: Config, world: World, model, train, communicate: bool):
                            int(p.bucket_mb * MiB), int(p.first_bucket_mb * MiB),
                            getattr(mx, p.comm_dtype) if p.comm_dtype else None)
     if p.shard_optimizer and communicate:  # (ranks training apart have nothing to share)
-        reducer = ShardedReducer(world, ShardPlan.make(buckets, world.size), overlap=p.overlap)
+        reducer = ShardedReducer(world, ShardPlan.make(buckets, world.size), overlap=p.overlap,
+                                 stream=resolve_comm_stream(p.comm_stream))
     else:
         reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=resolve_comm_stream(p.comm_stream),
                                   communicate=communicate)

@@ -11,15 +11,24 @@ stage 1). An update then needs:
   on it. :func:`ring_reduce_scatter` builds it from ``send``/``recv``: in
   ``N - 1`` steps each rank passes a partial sum to its right neighbour, so
   each rank sends ``(N - 1) / N`` of the bucket, half of what an
-  ``all_sum`` moves. Sends and receives run on two streams of their own, so
-  both directions of the link carry data at once. Measured here on loopback
-  against ``all_sum`` plus slicing (2 ranks, 4 to 128 MiB): 1.2 to 2.7 times
-  faster, identical results; ``bench comm`` repeats the comparison.
+  ``all_sum`` moves. Sends run on a stream of their own, so both directions
+  of the link carry data at once. Measured here on loopback against
+  ``all_sum`` plus slicing (2 ranks, 4 to 128 MiB): 1.2 to 2.7 times faster,
+  identical results; ``bench comm`` repeats the comparison.
 * an **all-gather** of the updated weight shards (``mx.distributed.all_gather``
   works on every backend), so every rank again holds all the weights.
 
+Every bucket is padded with zeros to a multiple of the world size, so shards
+are equal (``all_gather`` needs that) and the gathered bucket is the padded
+flat bucket itself, with no copy. The padding's gradients are zero, so its
+weights and moments stay zero.
+
 Like the gradient buckets, each bucket's reduce-scatter is dispatched as soon
-as backward has produced its gradients.
+as backward has produced its gradients. Where the receives run matters: the
+ring's socket threads spin while a receive waits for data, so on a CPU
+(``stream="default"``) receives go on the compute stream, posted only once
+this rank's own gradients are ready, as ``all_sum`` is there; on a GPU they
+get a stream of their own and overlap with backward.
 """
 
 from dataclasses import dataclass
@@ -31,14 +40,13 @@ from .world import World, check_agreement, digest
 
 
 def shard_bounds(size: int, world_size: int) -> tuple[tuple[int, int], ...]:
-    """``(start, stop)`` of each rank's shard of a flat array: contiguous, sizes differing by at most one."""
-    base, extra = divmod(size, world_size)
-    bounds, start = [], 0
-    for r in range(world_size):
-        stop = start + base + (1 if r < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return tuple(bounds)
+    """``(start, stop)`` of each rank's shard of a flat array padded to a multiple of ``world_size``.
+
+    Shards are contiguous and equal; the last ones may reach into the padding
+    past ``size``.
+    """
+    width = -(-size // world_size)
+    return tuple((r * width, (r + 1) * width) for r in range(world_size))
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class ShardPlan:
     Attributes:
         buckets: The gradient buckets, in the order backward fills them.
         world_size: Ranks.
-        bounds: Per bucket, each rank's ``(start, stop)`` in the bucket's flat gradient.
+        bounds: Per bucket, each rank's ``(start, stop)`` in the bucket's padded flat gradient.
     """
 
     buckets: tuple[Bucket, ...]
@@ -59,9 +67,15 @@ class ShardPlan:
     def make(cls, buckets: list[Bucket], world_size: int) -> "ShardPlan":
         return cls(tuple(buckets), world_size, tuple(shard_bounds(sum(b.sizes), world_size) for b in buckets))
 
-    def shard_sizes(self, rank: int) -> list[int]:
-        """Elements of this rank's shard of each bucket."""
-        return [stop - start for start, stop in (b[rank] for b in self.bounds)]
+    def padding(self, index: int) -> int:
+        """Zeros after bucket ``index``'s elements, up to a multiple of the world size."""
+        return self.bounds[index][-1][1] - sum(self.buckets[index].sizes)
+
+    def flatten(self, index: int, arrays: list, dtype) -> "mx.array":
+        """Bucket ``index``'s arrays as one padded flat array of ``dtype``."""
+        parts = [a.reshape(-1).astype(dtype) for a in arrays]
+        pad = self.padding(index)
+        return mx.concatenate(parts + ([mx.zeros((pad,), dtype)] if pad else []))
 
     def digest(self) -> str:
         return digest(*[f"{b.names}|{b.shapes}|{b.dtypes}|{bounds}" for b, bounds in zip(self.buckets, self.bounds)])
@@ -103,19 +117,11 @@ def ring_reduce_scatter(world: World, flat: mx.array, bounds, streams) -> mx.arr
     return mx.depends(partial, sent)
 
 
-def all_gather_shards(world: World, shard: mx.array, bounds) -> mx.array:
-    """Every rank's shard of a bucket, concatenated into the whole flat bucket.
-
-    ``all_gather`` needs equal sizes, so shards are padded to the largest and trimmed after.
-    """
+def all_gather_shards(world: World, shard: mx.array) -> mx.array:
+    """Every rank's (equal) shard of a bucket, in rank order: the whole padded flat bucket."""
     if world.size == 1:
         return shard
-    width = max(stop - start for start, stop in bounds)
-    mine = bounds[world.rank][1] - bounds[world.rank][0]
-    padded = shard if mine == width else mx.concatenate([shard, mx.zeros((width - mine,), shard.dtype)])
-    gathered = mx.distributed.all_gather(padded, group=world.group)
-    pieces = [gathered[r * width:r * width + (stop - start)] for r, (start, stop) in enumerate(bounds)]
-    return mx.concatenate(pieces)
+    return mx.distributed.all_gather(shard, group=world.group)
 
 
 def has_sum_scatter(world: World) -> bool:
@@ -146,12 +152,16 @@ class ShardedReducer:
             :func:`ring_reduce_scatter`), ``"sendrecv"`` or ``"all_sum"`` (an
             ``all_sum`` and a slice: twice the bytes, kept for comparison).
             Default: ``"auto"``.
+        stream (str): Where receives run: ``"default"`` (the compute stream:
+            right for a CPU, see the module docstring) or ``"separate"``.
+            Default: ``"default"``.
     """
 
     averages = False
     sharded = True
 
-    def __init__(self, world: World, plan: ShardPlan, overlap: bool = True, method: str = "auto"):
+    def __init__(self, world: World, plan: ShardPlan, overlap: bool = True, method: str = "auto",
+                 stream: str = "default"):
         self.world, self.plan, self.overlap = world, plan, overlap
         self.buckets = list(plan.buckets)
         self.plan_checked = world.size == 1
@@ -160,7 +170,8 @@ class ShardedReducer:
         if method not in ("sum_scatter", "sendrecv", "all_sum"):
             raise ValueError(f"unknown reduce-scatter method {method!r}")
         self.method = method
-        self.streams = (mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)) if method == "sendrecv" else None
+        receive = mx.new_stream(mx.cpu) if stream == "separate" else mx.default_stream(mx.default_device())
+        self.streams = (mx.new_stream(mx.cpu), receive) if method == "sendrecv" else None
 
     @property
     def nbytes(self) -> int:
@@ -179,10 +190,7 @@ class ShardedReducer:
             return ring_reduce_scatter(self.world, flat, bounds, self.streams)
         if self.method == "all_sum":
             return mx.distributed.all_sum(flat, group=self.world.group)[start:stop]
-        width = max(b - a for a, b in bounds)  # sum_scatter: equal shards, so pad each to the widest
-        padded = mx.concatenate([mx.concatenate([flat[a:b], mx.zeros((width - (b - a),), flat.dtype)])
-                                 for a, b in bounds])
-        return mx.distributed.sum_scatter(padded, group=self.world.group)[:stop - start]
+        return mx.distributed.sum_scatter(flat, group=self.world.group)
 
     def reduce_scatter(self, grads: dict, on_dispatch=None) -> list:
         """This rank's shard of every bucket, summed over ranks (lazy; dispatched bucket by bucket).
@@ -197,7 +205,7 @@ class ShardedReducer:
             mx.eval(grads)  # the serial path: finish backward before communicating (sync point)
         shards = []
         for i, (bucket, bounds) in enumerate(zip(self.buckets, self.plan.bounds)):
-            flat = mx.concatenate([grads.pop(n).reshape(-1).astype(bucket.comm_dtype) for n in bucket.names])
+            flat = self.plan.flatten(i, [grads.pop(n) for n in bucket.names], bucket.comm_dtype)
             shard = self._scatter(flat, bounds)
             mx.async_eval(shard)  # dispatch now: backward for later buckets keeps computing meanwhile
             shards.append(shard)
@@ -212,5 +220,5 @@ class ShardedReducer:
         return mx.distributed.all_sum(values, group=self.world.group)
 
     def gather(self, index: int, shard: mx.array) -> mx.array:
-        """Bucket ``index`` whole again, from every rank's updated shard (lazy)."""
-        return all_gather_shards(self.world, shard, self.plan.bounds[index])
+        """Bucket ``index`` whole again (padded), from every rank's updated shard (lazy)."""
+        return all_gather_shards(self.world, shard)
