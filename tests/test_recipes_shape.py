@@ -23,13 +23,7 @@ PARAM_BUDGET = 200e6  # keep each reduced model small enough for a 2-core CI mac
 
 def arch_for(model_path: str):
     """(arch name, quantized?) whose recorded hub ids include the recipe's model.path."""
-    for name in synth.arch_names():
-        info = synth.arch_info(name)
-        if model_path == info.get("qlora_hub_id"):
-            return name, True
-        if model_path in (info.get("hub_id"), info.get("mlx_hub_id")):
-            return name, False
-    raise AssertionError(f"no architecture in data/archs records the hub id {model_path}")
+    return synth.arch_for_model_path(model_path)
 
 
 @pytest.fixture(scope="session")

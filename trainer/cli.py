@@ -90,6 +90,13 @@ def _cmd_recipes(args) -> int:
         for name, summary in recipes.list_recipes():
             print(f"{name:28s} {summary}")
         return 0
+    if args.action == "memory":
+        from .tools.memory_plan import __doc__ as how, table
+
+        paths = [recipes.find_recipe(n) for n in ([args.name] if args.name else [])] or recipes.all_recipes()
+        print(table(paths))
+        print("\n" + how.split("\n\n", 2)[2].strip())
+        return 0
     if args.action == "cp":
         if not args.name or not args.dest:
             raise ConfigError("usage: mlx-dp recipes cp NAME DEST")
@@ -144,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the JSON hostfile given to mlx.launch --hostfile")
     p.set_defaults(func=_cmd_hostfile)
 
-    p = sub.add_parser("recipes", help="list, copy or explain recipes")
-    p.add_argument("action", choices=["list", "cp", "keys"])
+    p = sub.add_parser("recipes", help="list, copy or explain recipes; memory: what fits on a 16/32/64 GB Mac")
+    p.add_argument("action", choices=["list", "cp", "keys", "memory"])
     p.add_argument("name", nargs="?")
     p.add_argument("dest", nargs="?")
     p.set_defaults(func=_cmd_recipes)

@@ -1,5 +1,6 @@
-"""Benchmarks: ``mlx-dp bench comm`` (gradient communication) and
-``mlx-dp bench scaling`` (tokens/s against one machine).
+"""Benchmarks: ``mlx-dp bench comm`` (gradient communication),
+``mlx-dp bench scaling`` (tokens/s against one machine) and
+``mlx-dp bench memory`` (memory per rank, optimizer state sharded or not).
 
 Each prints a table and writes JSON. They launch their own ranks, so they
 are run in one process: ``mlx-dp bench comm -n 2``.
@@ -7,7 +8,7 @@ are run in one process: ``mlx-dp bench comm -n 2``.
 
 import sys
 
-USAGE = "usage: mlx-dp bench {comm,scaling} ..."
+USAGE = "usage: mlx-dp bench {comm,scaling,memory} ..."
 
 
 def main(argv: list[str]) -> int:
@@ -23,5 +24,9 @@ def main(argv: list[str]) -> int:
         from .scaling import main as scaling_main
 
         return scaling_main(rest)
+    if kind == "memory":
+        from .memory import main as memory_main
+
+        return memory_main(rest)
     print(f"{USAGE}\nmlx-dp bench: unknown benchmark {kind!r}", file=sys.stderr)
     return 2

@@ -165,7 +165,7 @@ def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:
         return
     record = {"step": run.state.step, "rank": run.world.rank, "step_time_s": seconds, "tokens": out["tokens"],
               "rows": run.stream.rows, "split": list(run.stream.row_split),
-              "peak_memory_gb": mx.get_peak_memory() / 1e9}
+              "peak_memory_gb": mx.get_peak_memory() / 1e9, "optimizer_state_gb": run.fns.state_bytes() / 1e9}
     if run.last_compute_s is not None:
         record["compute_s"] = run.last_compute_s[run.world.rank]  # the latest measured update's
     timings.write(json.dumps(record) + "\n")

@@ -89,6 +89,21 @@ def arch_info(name: str) -> dict:
     return {k[1:]: v for k, v in _read_arch(name).items() if k.startswith("_")}
 
 
+def arch_for_model_path(model_path: str) -> tuple[str, bool]:
+    """(architecture name, quantized?) whose recorded hub ids include ``model_path``.
+
+    Raises:
+        SynthError: No file in ``data/archs`` records that hub id.
+    """
+    for name in arch_names():
+        info = arch_info(name)
+        if model_path == info.get("qlora_hub_id"):
+            return name, True
+        if model_path in (info.get("hub_id"), info.get("mlx_hub_id")):
+            return name, False
+    raise SynthError(f"no architecture in {ARCHS_DIR} records the hub id {model_path}")
+
+
 def _text_config(config: dict) -> dict:
     """The dict holding the language model's keys (``text_config`` for multimodal files)."""
     return config["text_config"] if isinstance(config.get("text_config"), dict) else config

@@ -1,0 +1,132 @@
+"""What fits on a Mac: memory per rank of a recipe, computed from its model's config.
+
+``mlx-dp recipes memory [RECIPE ...]`` prints, for each recipe and N = 1, 2
+and 4 ranks, the memory one rank needs with the optimizer state whole or
+sharded (``parallel.shard_optimizer``), and whether that fits a 16, 32 or
+64 GB Mac. The model is the recipe's real architecture (``data/archs``),
+built lazily (nothing is computed or downloaded), with the recipe's method
+applied, so weight, adapter and optimizer bytes are counted exactly:
+
+    per rank = W + G + O / S + A
+
+* W: every weight as stored (bf16; a 4-bit base counts its packed weights,
+  scales and biases);
+* G: the trainable parameters' gradients (their dtype: fp32 adapters, bf16
+  for a full fine-tune of a bf16 model);
+* O: optimizer state, 2 tensors per trainable parameter for AdamW/Adam (1 for
+  SGD); S = N with ``shard_optimizer``, else 1;
+* A: activations of one micro-batch of ``batch_size x max_seq_length`` tokens
+  (the worst case), per layer ``34 b s h`` bytes without gradient
+  checkpointing (Korthikanti et al., 2022, half precision, fused attention)
+  or ``2 b s h`` with it plus one layer's ``34 b s h``, plus the logits in
+  fp32 twice (``8 b s V``).
+
+A Mac gives MLX about 75% of its memory by default (macOS's GPU wired limit),
+so a recipe "fits" when its total is under 75% of the Mac's memory.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MACS_GB = (16, 32, 64)
+USABLE = 0.75  # share of a Mac's memory MLX gets by default
+WORLD_SIZES = (1, 2, 4)
+OPTIMIZER_TENSORS = {"adamw": 2, "adam": 2, "sgd": 1, "adafactor": 0}  # adafactor: factored, small
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per rank by part, for one recipe at one world size."""
+
+    weights: int
+    grads: int
+    optimizer: int  # already divided across ranks when sharded
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def fits(self, mac_gb: int) -> bool:
+        return self.total <= USABLE * mac_gb * 1e9
+
+
+def model_bytes(cfg) -> tuple[int, int, dict]:
+    """(weight bytes, trainable bytes, text config) of a recipe's model with its method applied; lazy."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from ..core.model import apply_method
+    from . import synth
+
+    local = Path(cfg.model.path) / "config.json"
+    if local.is_file():  # a model on disk: its own config
+        config = json.loads(local.read_text())
+        quantized = "quantization" in config
+    else:  # a hub id: the real config recorded in data/archs
+        arch, quantized = synth.arch_for_model_path(cfg.model.path)
+        config = synth.load_arch(arch)
+    stored = cfg.model.dtype or config.get("torch_dtype") or "bfloat16"
+    model = synth.build_model(config, dtype=stored)
+    if quantized:
+        q = config.get("quantization") or {}
+        nn.quantize(model, group_size=q.get("group_size", 64), bits=q.get("bits", 4))
+    apply_method(model, cfg.method, cfg.training.seed)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    return weights, trainable, synth._text_config(config)
+
+
+def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
+    """Memory per rank of ``cfg`` at ``world_size`` ranks (see the module docstring).
+
+    Args:
+        cfg (Config): The recipe.
+        world_size (int): N.
+        sharded (bool): With ``parallel.shard_optimizer``.
+        sizes (tuple | None): ``model_bytes(cfg)``, to reuse. Default: computed.
+    """
+    weights, trainable, text = sizes or model_bytes(cfg)
+    optimizer = OPTIMIZER_TENSORS[cfg.training.optimizer] * trainable
+    if sharded:
+        optimizer //= world_size
+    b, s = cfg.training.batch_size, cfg.data.max_seq_length
+    h, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
+    per_layer = 34 * b * s * h
+    stored = per_layer + 2 * b * s * h * layers if cfg.training.grad_checkpoint else per_layer * layers
+    return Estimate(weights, trainable, optimizer, stored + 8 * b * s * vocab)
+
+
+def table(recipes: list) -> str:
+    """A Markdown table: per recipe, the model state per rank at N = 1, 2, 4 (sharded in brackets),
+    the activations, and on which Macs the total fits."""
+    from ..core.config import load_config
+    from .recipes import recipe_name
+
+    head = ("| recipe | weights + gradients + optimizer, GB per rank at N = " + " / ".join(map(str, WORLD_SIZES))
+            + " (sharded) | activations, GB | " + " | ".join(f"{m} GB Mac" for m in MACS_GB) + " |")
+    lines = [head, "| --- | --- | --- | " + " | ".join("---" for _ in MACS_GB) + " |"]
+    for path in recipes:
+        cfg = load_config(path)
+        try:
+            sizes = model_bytes(cfg)
+        except Exception as e:  # noqa: BLE001 (a recipe whose model has no recorded architecture)
+            lines.append(f"| `{recipe_name(path)}` | ({type(e).__name__}: {e}) | | " + " | ".join("" for _ in MACS_GB)
+                         + " |")
+            continue
+        plain = {n: estimate(cfg, n, False, sizes) for n in WORLD_SIZES}
+        shard = {n: estimate(cfg, n, True, sizes) for n in WORLD_SIZES}
+        def state(e):
+            return (e.total - e.activations) / 1e9
+
+        cells = " / ".join(f"{state(plain[n]):.2f}" + (f" ({state(shard[n]):.2f})"
+                                                       if shard[n].total != plain[n].total else "")
+                           for n in WORLD_SIZES)
+        cells += f" | {plain[1].activations / 1e9:.1f}"
+        fits = []
+        for mac in MACS_GB:
+            ok = [f"N={n}" + ("" if plain[n].fits(mac) else " sharded") for n in WORLD_SIZES if shard[n].fits(mac)]
+            fits.append(", ".join(ok) if ok else "no")
+        lines.append(f"| `{recipe_name(path)}` | {cells} | " + " | ".join(fits) + " |")
+    return "\n".join(lines)
