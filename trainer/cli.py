@@ -152,12 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_ERROR_CHARS = 1000
+
+
 def _print_error(error: UserError) -> None:
+    """One line on stderr, on every rank: a recipe error on one machine (a stale
+    override, a stale checkout) must be seen even while rank 0 waits for it."""
     rank = launch_env().rank
-    if isinstance(error, ConfigError) and rank != 0:
-        return  # every rank reads the same recipe; rank 0 says it once
     prefix = f"[rank {rank}] " if rank else ""
-    print(f"mlx-dp: error: {prefix}{error}", file=sys.stderr, flush=True)
+    text = " ".join(str(error).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    print(f"mlx-dp: error: {prefix}{text}", file=sys.stderr, flush=True)
+
+
+def _recipe_after_resume(argv: list[str]) -> list[str]:
+    """``train --resume recipe.yaml ...``: the YAML file is the recipe, not the checkpoint to resume.
+
+    A checkpoint is a directory, so a ``.yaml`` file (or any existing file)
+    after ``--resume`` means a bare ``--resume``; it moves to the end.
+    """
+    if argv[:1] != ["train"] or "--resume" not in argv:
+        return argv
+    i = argv.index("--resume")
+    following = argv[i + 1] if i + 1 < len(argv) else None
+    if following is None or not (following.endswith((".yaml", ".yml")) or os.path.isfile(following)):
+        return argv
+    return argv[:i] + argv[i + 1:] + ["--resume"]
 
 
 def main(argv: list[str] | None = None, options=None) -> None:
@@ -181,7 +202,7 @@ def main(argv: list[str] | None = None, options=None) -> None:
 
         sys.exit(bench_main(argv[1:]))
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_recipe_after_resume(argv))
     # overrides may follow options (`eval R --split test eval.batch_size=4`), which argparse
     # leaves over; anything else left over is a mistake
     stray = [a for a in extra if not re.match(r"^\w+\.\w+=", a)]
