@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .hub import hub_offline, looks_like_hub_id, mistyped_local_path
+from .hub import close_match, hub_offline, looks_like_hub_id, mistyped_local_path
 from ..errors import DataError
 
 SPLIT_FILE_NAMES = {
@@ -142,7 +142,8 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
         raise DataError(f"data.path {cfg.path}: {typo}")
     if looks_like_hub_id(cfg.path):
         return {s: Source(s, f"{cfg.path}[{s}]", cfg.path, hub_split=s) for s in SPLIT_FILE_NAMES}
-    raise DataError(f"data.path {cfg.path} does not exist (and is not a hub id like org/name)")
+    raise DataError(f"data.path {cfg.path} does not exist (and is not a hub id like org/name)"
+                   + close_match(cfg.path))
 
 
 # --------------------------------------------------------------------------- loading

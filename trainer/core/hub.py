@@ -42,12 +42,13 @@ def close_match(text: str) -> str:
 def mistyped_local_path(text: str) -> str | None:
     """Why a missing ``text`` is a mistyped local path rather than a hub id, or ``None``.
 
-    A missing path whose first component is a directory here (``data/`` of
-    ``data/tiny-lama``), or that has a close neighbour on disk, was meant to
-    be local: say so at once instead of asking the hub (which retries for
-    half a minute without a network).
+    A missing ``org/name`` whose first component is a directory here
+    (``data/`` of ``data/tiny-lama``), or that has a close neighbour on disk,
+    was meant to be local: say so at once instead of asking the hub (which
+    retries for half a minute without a network). Other shapes are never
+    taken for hub ids, so they are not asked about here.
     """
-    if Path(text).expanduser().exists():
+    if not looks_like_hub_id(text) or Path(text).exists():
         return None
     first = Path(text).parts[0] if Path(text).parts else ""
     hint = close_match(text)

@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import MethodConfig, ModelConfig
-from .hub import hub_offline, in_hub_cache, looks_like_hub_id, mistyped_local_path
+from .hub import close_match, hub_offline, in_hub_cache, looks_like_hub_id, mistyped_local_path
 from ..errors import ModelError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -37,7 +37,8 @@ def resolve_model_path(path: str) -> str:
             raise ModelError(f"model.path {path} is neither a local directory nor in the hub cache, and "
                              "HF_HUB_OFFLINE=1 forbids downloading it")
         return path
-    raise ModelError(f"model.path {path} does not exist (and is not a hub id like org/name)")
+    raise ModelError(f"model.path {path} does not exist (and is not a hub id like org/name)"
+                    + close_match(path))
 
 
 def load_base(cfg: ModelConfig):
