@@ -156,6 +156,10 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path):
     resumed = mlx_dp("train", recipe, "training.batch_size=4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "step_0000005" in resumed.stdout
+    # the dead writer's partial directory is cleaned up at the next start, and said so
+    assert "removed 1 temporary file(s) left by an earlier run that died: checkpoints/.tmp-step_0000010" \
+        in resumed.stdout
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert status(tmp_path)["state"] == "completed"
 
 

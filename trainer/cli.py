@@ -1,6 +1,6 @@
 """`mlx-dp`: train, evaluate, export, benchmark, list recipes, launch locally.
 
-    mlx-dp train RECIPE [section.key=value ...] [--resume [PATH]]
+    mlx-dp train RECIPE [section.key=value ...] [--resume [PATH] [--allow-changes]]
     mlx-dp eval RECIPE [--checkpoint PATH] [section.key=value ...]
     mlx-dp export RECIPE --out DIR [--checkpoint PATH]
     mlx-dp bench comm|scaling ...
@@ -47,7 +47,9 @@ def _cmd_train(args, options=None) -> int:
     resume = None
     if args.resume is not None:
         resume = True if args.resume == "" else args.resume
-    train(cfg, resume=resume, options=options)
+    if args.allow_changes and resume is None:
+        raise ConfigError("--allow-changes applies to --resume only")
+    train(cfg, resume=resume, options=options, allow_changes=args.allow_changes)
     return 0
 
 
@@ -119,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue from the newest checkpoint in checkpoint.dir, or from PATH")
+                   help="continue from the newest intact checkpoint in checkpoint.dir, or from PATH")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although the recipe or the data changed since the checkpoint "
+                        "(recorded in metrics.jsonl)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="token-weighted loss (and exact match) of a trained run, sharded over ranks")

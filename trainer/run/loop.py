@@ -172,7 +172,7 @@ def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:
     timings.flush()
 
 
-def train(cfg: Config, resume=None, options: RunOptions | None = None) -> dict:
+def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_changes: bool = False) -> dict:
     """Run a recipe on this process's rank.
 
     Args:
@@ -182,6 +182,9 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None) -> dict:
             Default: ``None`` (start fresh).
         options (RunOptions | None): Hooks for tests and the benchmarks'
             switches. Default: ``None`` (plain training).
+        allow_changes (bool): Resume even though the recipe or data changed
+            since the checkpoint (``--allow-changes``; the changes are
+            recorded in ``metrics.jsonl``). Default: ``False``.
 
     Returns:
         dict: Final step, whether it stopped early, and the last val loss.
@@ -194,8 +197,10 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None) -> dict:
     health.install(world, run_dir, cfg.parallel.timeout_s, peers=PeerMonitor.start(world))
     reporter = NullReporter()
     try:
-        run = build_run(cfg, world, resume, options)
+        run = build_run(cfg, world, resume, options, allow_changes)
         reporter = _reporter(run)
+        if run.resumed is not None:
+            reporter.log(run.resumed.record())
         result = fit(run, reporter)
         health.status(world, run_dir, "stopped" if result["stopped"] else "completed", step=result["step"])
         return result
