@@ -117,15 +117,15 @@ def test_stall_inside_a_step_trips_the_watchdog_naming_that_rank(tmp_path):
     assert "rank 1 (" in logs and "still in compute at update 4 while the others wait" in logs
 
 
-def test_sigterm_saves_stops_cleanly_and_resumes(tmp_path):
+def test_sigterm_and_sighup_save_stop_cleanly_and_resume(tmp_path):
     recipe = long_recipe(tmp_path, training={"steps": 400})
     procs = start_ranks(tmp_path, [["train", recipe]] * 2)
     wait_for_step(tmp_path / "run", 3, procs)
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    assert finish(procs) == [0, 0]
+    procs[0].send_signal(signal.SIGHUP)  # a closed terminal stops like SIGTERM: checkpoint first
+    procs[1].send_signal(signal.SIGTERM)
+    assert finish(procs) == [128 + signal.SIGHUP, 128 + signal.SIGTERM]  # not 0: stopped is not completed
     state = status(tmp_path)
-    assert state["state"] == "stopped"
+    assert state["state"] == "stopped" and state["reason"].startswith("SIGHUP: stopped after saving update")
     stopped_at = state["step"]
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
     more = launched(2, "train", recipe, "training.steps=" + str(stopped_at + 2), "--resume")

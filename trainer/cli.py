@@ -12,17 +12,20 @@ Under a launcher every rank runs the same command:
 ``mlx.launch -n 2 -- .venv/bin/mlx-dp train recipes/tiny-lora.yaml``.
 
 Problems a user can fix end with one line on stderr and exit code 2 (3 for
-a lost or disagreeing peer), never a traceback.
+a lost, missing or disagreeing peer, 4 when the watchdog ends a hung job),
+never a traceback. A run stopped by SIGINT, SIGTERM or SIGHUP exits
+``128 + signal`` once its checkpoint is saved.
 """
 
 import argparse
 import json
 import os
 import re
+import signal
 import sys
 
 from .env import launch_env
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Stopped, UserError
 
 
 def _prepare_runtime() -> None:
@@ -49,7 +52,9 @@ def _cmd_train(args, options=None) -> int:
         resume = True if args.resume == "" else args.resume
     if args.allow_changes and resume is None:
         raise ConfigError("--allow-changes applies to --resume only")
-    train(cfg, resume=resume, options=options, allow_changes=args.allow_changes)
+    result = train(cfg, resume=resume, options=options, allow_changes=args.allow_changes)
+    if result["stopped"]:  # saved and resumable, but not finished: a script must not take it for done
+        return 128 + (result.get("signal") or signal.SIGTERM)
     return 0
 
 
@@ -168,7 +173,8 @@ def _print_error(error: UserError) -> None:
     text = " ".join(str(error).split())
     if len(text) > MAX_ERROR_CHARS:
         text = text[:MAX_ERROR_CHARS] + "..."
-    print(f"mlx-dp: error: {prefix}{text}", file=sys.stderr, flush=True)
+    kind = "stopped" if isinstance(error, Stopped) else "error"
+    print(f"mlx-dp: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
 
 
 def _recipe_after_resume(argv: list[str]) -> list[str]:

@@ -36,6 +36,15 @@ class DistributedError(UserError):
     exit_code = 3
 
 
+class Stopped(UserError):
+    """A signal stopped the run before there was anything to save; exits ``128 + signal``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def short(value, limit: int = 80) -> str:
     """``repr(value)`` cut to about ``limit`` characters, nested values elided: safe to put in a message.
 

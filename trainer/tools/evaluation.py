@@ -10,7 +10,7 @@ from pathlib import Path
 from ..core.data import load_splits
 from ..core.evaluate import evaluate_loss, exact_match
 from ..core.model import load_base
-from ..core.parallel import init_world
+from ..cluster.connect import join
 from ..errors import CheckpointError, DataError
 
 
@@ -24,7 +24,7 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
             scores the base model.
         split_name (str | None): ``test`` or ``valid``; default ``eval.split``.
     """
-    world = init_world(cfg.parallel.backend)
+    world = join(cfg.parallel.backend, cfg.parallel.timeout_s)
     model, tokenizer, _ = load_base(cfg.model)
     source = Path(checkpoint or cfg.checkpoint.dir)
     if checkpoint != "none":
