@@ -92,20 +92,22 @@ def test_killed_peer_under_mlx_launch(tmp_path):
     assert_checkpoint_intact(tmp_path)
 
 
-def test_stopped_peer_is_named_by_the_watchdog(tmp_path):
+def test_stopped_peer_is_named_by_the_watchdog_and_cannot_rewrite_the_status_when_it_wakes(tmp_path):
     procs = start_ranks(tmp_path, [["train", long_recipe(tmp_path)]] * 2)
     wait_for_step(tmp_path / "run", 6, procs)
     procs[1].send_signal(signal.SIGSTOP)
     try:
         code = procs[0].wait(timeout=60)
+        recorded = status(tmp_path)
     finally:
-        procs[1].send_signal(signal.SIGCONT)
-        procs[1].kill()
-    finish(procs)
-    assert code == 4
+        procs[1].send_signal(signal.SIGCONT)  # the laptop wakes up: rank 1 finds rank 0 gone
+    late = finish(procs[1:])
+    assert code == 4 and late[0] != 0
     log = (tmp_path / "rank0.log").read_text()
     assert "watchdog: rank 0" in log and "rank 1 (" in log and "has not been heard from" in log
-    assert status(tmp_path)["state"] == "failed"
+    assert recorded["state"] == "failed" and recorded["rank"] == 0 and "rank 1 (" in recorded["reason"]
+    assert status(tmp_path) == recorded, "the rank that woke up must not overwrite the record and blame rank 0"
+    assert "not recording 'failed'" in (tmp_path / "rank1.log").read_text()
 
 
 def test_stall_inside_a_step_trips_the_watchdog_naming_that_rank(tmp_path):
