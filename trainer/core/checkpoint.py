@@ -287,7 +287,7 @@ def prune(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _load_arrays(path: Path, what: str) -> dict:
+def load_arrays(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
@@ -318,14 +318,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path / 'state.json'} is not valid JSON ({e.msg})") from None
     rng_key = None
     if (path / "rng.safetensors").is_file():  # format 1 kept the key in its own file
-        rng_key = tuple(int(x) for x in _load_arrays(path / "rng.safetensors", "random state")["state.0"].tolist())
+        rng_key = tuple(int(x) for x in load_arrays(path / "rng.safetensors", "random state")["state.0"].tolist())
     try:
         state = TrainingState.from_dict(raw, rng_key=rng_key)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / 'state.json'} is not a training state this mlx-dp reads "
                               f"({type(e).__name__}: {e})") from None
-    return Checkpoint(weights=_load_arrays(path / "adapters.safetensors", "weights"),
-                      optimizer=tree_unflatten(list(_load_arrays(path / "optimizer.safetensors",
+    return Checkpoint(weights=load_arrays(path / "adapters.safetensors", "weights"),
+                      optimizer=tree_unflatten(list(load_arrays(path / "optimizer.safetensors",
                                                                  "optimizer state").items())),
                       state=state, path=path)
 
