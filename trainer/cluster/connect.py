@@ -35,6 +35,7 @@ from ..env import launch_env
 from ..errors import DistributedError, Stopped
 
 POLL_S = 0.2
+_joined: set = set()  # backends this process already joined
 GREETING = "mlx-dp-rendezvous"
 
 _ERRNO_WORDS = {
@@ -265,6 +266,8 @@ def join(backend: str, timeout_s: float, should_stop=lambda: 0) -> World:
     Raises:
         DistributedError: The group cannot form, naming the rank and its address.
     """
-    if backend in ("any", "ring"):
+    if backend in ("any", "ring") and not _joined:  # MLX keeps its group: a second run in this process reuses it
         rendezvous(timeout_s, should_stop)
-    return init_world(backend)
+    world = init_world(backend)
+    _joined.add(backend)
+    return world

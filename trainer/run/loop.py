@@ -240,7 +240,10 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
             raise
         raise error from None
     finally:
-        reporter.close()
+        try:
+            reporter.close()
+        except OSError:  # a full disk fails the last flush too; the error above is the one to report
+            pass
         if lock is not None:
             lock.release()
         health.uninstall()
@@ -256,8 +259,9 @@ def _as_user_error(error: Exception, run_dir: Path) -> Exception:
     if isinstance(error, UserError):
         return error
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = error.filename or run_dir
-        return CheckpointError(f"could not write {where}: {checkpoint.describe_os_error(error, Path(run_dir))}")
+        where = Path(error.filename) if error.filename else Path(run_dir)
+        directory = where.parent if error.filename else where
+        return CheckpointError(f"could not write {where}: {checkpoint.describe_os_error(error, directory)}")
     reason = health.describe_failure(error)
     return DistributedError(reason) if reason != str(error) else error
 
