@@ -20,13 +20,16 @@ from ..errors import CheckpointError, short
 FILES = ("adapters.safetensors", "adapter_config.json")
 
 
-def _differences(saved: dict, expected: dict) -> list[str]:
+def _differences(saved: dict, expected: dict, model_layers: int) -> list[str]:
     """Recipe keys whose values differ from what the checkpoint was trained with."""
     out = []
     if saved.get("fine_tune_type", "lora") != expected["fine_tune_type"]:
         out.append(f"method.type={expected['fine_tune_type']} (it holds {saved.get('fine_tune_type', 'lora')})")
-    if saved.get("num_layers") is not None and saved.get("num_layers") != expected["num_layers"]:
-        out.append(f"method.num_layers covering {expected['num_layers']} layers (it holds {saved['num_layers']})")
+    layers = saved.get("num_layers")
+    if layers == -1:  # mlx-lm writes -1 for "every layer"
+        layers = model_layers
+    if layers is not None and layers != expected["num_layers"]:
+        out.append(f"method.num_layers covering {expected['num_layers']} layers (it holds {layers})")
     if expected["fine_tune_type"] != "full" and saved.get("fine_tune_type", "lora") != "full":
         mine, theirs = expected["lora_parameters"], saved.get("lora_parameters") or {}
         for key in ("rank", "scale", "keys"):
@@ -62,7 +65,7 @@ def load_trained(model, cfg, source: Path) -> None:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{source / 'adapter_config.json'} cannot be read ({short(str(e), 80)})") from None
     expected = adapter_config(cfg.method, cfg.model.path, len(model.layers))
-    differences = _differences(saved, expected)
+    differences = _differences(saved, expected, len(model.layers))
     if differences:
         raise CheckpointError(f"checkpoint {source} was trained with another method than the recipe says: "
                               f"the recipe has {'; '.join(differences)}; use the recipe it was trained with")
