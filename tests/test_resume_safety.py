@@ -10,7 +10,7 @@ def metrics(tmp_path):
     return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_changed_recipe_or_data_is_refused_with_a_diff_unless_allowed(tmp_path):
+def test_changed_recipe_data_or_too_few_steps_are_refused_unless_allowed(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(TINY_DATA, data)
     recipe = str(tiny_recipe(tmp_path, data={"path": str(data)}, training={"steps": 2}))
@@ -20,6 +20,10 @@ def test_changed_recipe_or_data_is_refused_with_a_diff_unless_allowed(tmp_path):
     line = one_error_line(refused)
     assert "step_0000002 was trained with another recipe or data: training.learning_rate 0.001 -> 0.5, " \
            "training.seed 0 -> 3. Resume with --allow-changes" in line
+    short = mlx_dp("train", recipe, "training.steps=1", "--resume")
+    assert short.returncode == 2
+    assert "is at update 2, past this run's 1 updates (training.steps); raise training.steps above 2" in \
+        one_error_line(short)
     # length, cadence, reporting and parallel keys may change; the recipe comes first even after --resume
     fine = mlx_dp("train", "--resume", recipe, "training.steps=3", "checkpoint.every=1", "eval.every=1",
                   "logging.every=2", "parallel.timeout_s=30")
@@ -35,15 +39,6 @@ def test_changed_recipe_or_data_is_refused_with_a_diff_unless_allowed(tmp_path):
     record = [m for m in metrics(tmp_path) if m.get("event") == "resumed"][-1]
     assert record["step"] == 3 and record["allowed_by"] == "--allow-changes"
     assert record["changes"]["training.learning_rate"] == [0.001, 0.002] and "training data" in record["changes"]
-
-
-def test_steps_below_the_checkpoint_are_refused(tmp_path):
-    recipe = str(tiny_recipe(tmp_path, training={"steps": 4}))
-    assert mlx_dp("train", recipe).returncode == 0
-    result = mlx_dp("train", recipe, "training.steps=3", "--resume")
-    assert result.returncode == 2
-    assert "is at update 4, past this run's 3 updates (training.steps); raise training.steps above 4" in \
-        one_error_line(result)
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
