@@ -1,4 +1,5 @@
-"""Forming the group: a rank that never connects is named with its address in time; signals while connecting.
+"""Forming the group, and signals: a rank that never connects is named with its address in time; a signal
+while connecting, a double Ctrl-C and a closed terminal each leave a truthful status.
 
 Ranks are real processes on loopback started by hand, so one of them can be
 missing, broken or signalled.
@@ -77,3 +78,40 @@ def test_a_quick_double_ctrl_c_leaves_a_truthful_status(tmp_path):
     assert "Traceback" not in err
     record = status(tmp_path)
     assert record["state"] == "failed" and record["reason"].startswith("interrupted: a second Ctrl-C")
+
+
+def test_closing_the_terminal_stops_with_a_checkpoint(tmp_path):
+    # a real terminal: the run's controlling tty is a pty whose master we close, as a terminal window does
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    run_recipe = recipe(tmp_path, training={"steps": 100000, "batch_size": 2}, checkpoint={"every": 1000},
+                        logging={"every": 1, "progress_bar": True})
+    proc = subprocess.Popen([*mlx_dp_command(), "train", run_recipe], stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=own_terminal, pass_fds=(slave,))
+    os.close(slave)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                os.read(master, 65536)  # the terminal shows the output
+            except OSError:
+                break
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+    os.close(master)  # the window closes: SIGHUP, and the terminal is gone
+    assert proc.wait(timeout=60) == 128 + signal.SIGHUP
+    record = status(tmp_path)
+    assert record["state"] == "stopped" and record["reason"].startswith("SIGHUP: stopped after saving update")
+    assert (tmp_path / "run" / "checkpoints" / f"step_{record['step']:07d}").is_dir()

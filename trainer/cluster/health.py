@@ -128,8 +128,31 @@ def failing() -> None:
     _state["failing"] = True
 
 
+def _detach_from_closed_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): send its output nowhere,
+    so that the stop can still save its checkpoint. Output to files and pipes is kept."""
+    devnull = None
+    for fd in _state.get("tty_fds", ()):  # found at install: a hung-up terminal no longer says it is one
+        try:
+            devnull = devnull if devnull is not None else os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    if devnull is not None:
+        os.close(devnull)
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def _on_signal(signum, frame) -> None:
     _state["signals"] += 1
+    if signum == getattr(signal, "SIGHUP", None):
+        _detach_from_closed_terminal()
     if _state.get("failing"):
         return
     if _state["stop"] and signum == signal.SIGINT:
@@ -138,8 +161,11 @@ def _on_signal(signum, frame) -> None:
     _state["signal"] = _state["signal"] or signum
     world = _state["world"]
     if world is not None and world.is_main:
-        print(f"\n[mlx-dp] {signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
-              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        try:
+            print(f"\n[mlx-dp] {signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
+                  "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
 
 def _hard_exit(message: str, state: str = "failed", code: int = WATCHDOG_EXIT) -> None:
@@ -163,6 +189,8 @@ def _watch() -> None:
         if _state["thread"] is not threading.current_thread():
             return  # uninstalled
         for signum in (b for b in data if b in STOP_SIGNALS):
+            if signum == getattr(signal, "SIGHUP", None):
+                _detach_from_closed_terminal()  # the main thread may be blocked and not see it yet
             _state["signal_at"] = _state["signal_at"] or now
             interrupts += signum == signal.SIGINT
             if interrupts >= 2 and not _state.get("failing"):
@@ -218,6 +246,7 @@ def install(world, run_dir: Path, timeout_s: float, peers=None, describe_connect
                   phase="setup" if world is not None else CONNECTING, watched=False, stop=False, signal=0,
                   signal_at=None, signals=0, peers=peers, failing=False, abort_at=None, describe=describe_connect)
     parallel.set_monitor(_Monitor())
+    _state["tty_fds"] = [fd for fd in (1, 2) if _isatty(fd)]
     if threading.current_thread() is threading.main_thread():
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)

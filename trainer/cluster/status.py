@@ -99,7 +99,7 @@ def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = 
     rank = world.rank if world is not None else env.rank
     allowed, why = may_write(Path(run_dir), state, rank)
     if not allowed:
-        if state == "failed" and rank != 0 or "already records" in why:
+        if (state == "failed" and rank != 0) or "already records" in why:
             print(f"[mlx-dp] rank {rank}: not recording '{state}' in {run_dir}/{STATUS}: {why}", file=sys.stderr,
                   flush=True)
         return False
