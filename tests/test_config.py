@@ -115,3 +115,48 @@ def test_balance_setting(tmp_path):
         load_config(path, ["parallel.balance=fast"])
     with pytest.raises(ConfigError, match="positive speed for every rank"):
         load_config(path, ["parallel.balance=[1, 0]"])
+
+
+def test_a_section_given_twice_is_refused_with_its_lines(tmp_path):
+    path = write(tmp_path, "model:\n  path: m\ndata:\n  path: d\ntraining:\n  steps: 3\ntraining:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"key 'training' appears twice \(lines 5 and 7\)"):
+        load_config(path)
+    # a key repeated inside a section too; `<<` merges stay allowed
+    with pytest.raises(ConfigError, match="key 'steps' appears twice"):
+        load_config(write(tmp_path, "model: {path: m}\ndata: {path: d}\ntraining:\n  steps: 3\n  steps: 4\n"))
+    merged = load_config(write(tmp_path, "model: {path: m}\ndata: {path: d}\n"
+                                         "training: {<<: {steps: 3, seed: 1}, seed: 2}\n", "merge.yaml"))
+    assert merged.training.steps == 3 and merged.training.seed == 2
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_learning_rate_must_be_finite(tmp_path, value):
+    path = write(tmp_path, yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="training.learning_rate must be a finite number"):
+        load_config(path, [f"training.learning_rate={value}"])
+    with pytest.raises(ConfigError, match="parallel.timeout_s must be a finite number"):
+        load_config(path, [f"parallel.timeout_s={value}"])
+
+
+def test_nested_aliases_are_bounded_and_messages_stay_short(tmp_path):
+    import time
+
+    levels = ["  a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for i in range(1, 9):  # 9**9 (387M) values once expanded
+        levels.append(f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    path = write(tmp_path, "model: {path: m}\ndata: {path: d}\ntraining:\n" + "\n".join(levels) + "\n  betas: *a8\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="expands to more than 10000 values") as e:
+        load_config(path)
+    assert time.monotonic() - start < 2 and len(str(e.value)) < 300
+    with pytest.raises(ConfigError, match="refers to itself"):
+        load_config(write(tmp_path, "model: {path: &r [*r]}\ndata: {path: d}\n", "rec.yaml"))
+    # under the bound but long: the message shows the start of the value, not all of it
+    long = write(tmp_path, "model: {path: m}\ndata: {path: d}\ntraining:\n  betas: [" + ", ".join(["[1, 2]"] * 3000)
+                 + "]\n", "long.yaml")
+    with pytest.raises(ConfigError, match=r"training.betas\[0\] must be a number") as e:
+        load_config(long)
+    assert len(str(e.value)) < 300
+    with pytest.raises(ConfigError, match="must be one of") as e:
+        load_config(write(tmp_path, yaml.safe_dump(BASE), "b.yaml"), ["method.type=" + "x" * 100000])
+    assert len(str(e.value)) < 400

@@ -125,3 +125,30 @@ def test_parquet_and_csv(tokenizer, tmp_path):
     splits = load_splits(DataConfig(path=str(tmp_path)), tokenizer, ("train", "valid"), False)
     assert len(splits["train"]) == 5 and len(splits["valid"]) == 5
     assert splits["train"].fingerprint() == splits["valid"].fingerprint()
+
+
+def test_a_file_replaced_in_place_is_read_again(tokenizer, tmp_path):
+    # datasets keys its cache by path and mtime; the same size and mtime with other bytes must not hit it
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [{"text": "the cow eats grass."}] * 4)
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"))
+    first = load_splits(cfg, tokenizer, ("train",), show_progress=False)["train"]
+    stat = path.stat()
+    write_jsonl(path, [{"text": "the dog eats bones."}] * 4)
+    assert path.stat().st_size == stat.st_size
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = load_splits(cfg, tokenizer, ("train",), show_progress=False)["train"]
+    assert first.fingerprint() != second.fingerprint()
+    assert tokenizer.decode(second.sample(0).tolist()).count("dog") == 1
+
+
+def test_bytes_that_are_not_utf8_and_blank_files_are_named(tokenizer, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n\n{"text": "bad \xff byte"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl line 4 is not valid UTF-8 \(byte 0xff at byte 15"):
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), show_progress=False)
+    path.write_text("\n \n\t\n\n")
+    with pytest.raises(DataError, match="holds only blank lines, no rows"):
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), show_progress=False)

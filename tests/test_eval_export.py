@@ -1,10 +1,11 @@
 """Distributed evaluation equals one process on the whole set; export gives a model mlx-lm generates from."""
 
 import json
+import shutil
 
 import pytest
 
-from conftest import BIN, TINY_MODEL, launched, mlx_dp, run, tiny_recipe
+from conftest import BIN, TINY_MODEL, launched, mlx_dp, one_error_line, run, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -51,4 +52,53 @@ def test_export_fuses_adapters_into_a_model_mlx_lm_generates_from(trained):
                "--max-tokens", "8"])
     assert cli.returncode == 0, cli.stderr[-2000:]
     refused = mlx_dp("export", recipe, "--out", str(out))
-    assert refused.returncode == 2 and "already holds a model" in refused.stderr
+    assert refused.returncode == 2 and "already holds files" in refused.stderr
+
+
+def test_export_never_overwrites_files_nor_writes_into_the_run_directory(trained):
+    tmp, recipe = trained
+    out = tmp / "busy"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("mine")
+    result = mlx_dp("export", recipe, "--out", str(out))
+    assert result.returncode == 2
+    assert f"--out {out} already holds files (tokenizer.json)" in one_error_line(result)
+    assert (out / "tokenizer.json").read_text() == "mine" and len(list(out.iterdir())) == 1
+    result = mlx_dp("export", recipe, "--out", str(tmp / "run"))
+    assert result.returncode == 2 and "is the run directory itself" in one_error_line(result)
+    empty = tmp / "empty"
+    empty.mkdir()
+    assert mlx_dp("export", recipe, "--out", str(empty)).returncode == 0
+    assert (empty / "config.json").is_file() and not list(tmp.glob(".empty.tmp*"))
+
+
+def test_eval_and_export_refuse_a_damaged_or_mismatched_checkpoint_in_one_line(trained, tmp_path):
+    tmp, recipe = trained
+    # the recipe says rank 16, the run was trained at rank 8: refused, not silently evaluated at rank 8
+    for command in (["eval", recipe], ["export", recipe, "--out", str(tmp_path / "x")]):
+        result = mlx_dp(*command, "method.rank=16")
+        assert result.returncode == 2
+        assert "was trained with another method than the recipe says: the recipe has method.rank=16 (it holds 8)" \
+            in one_error_line(result)
+    step = sorted((tmp / "run" / "checkpoints").iterdir())[-1]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(step, damaged)
+    weights = damaged / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for command in (["eval", recipe], ["export", recipe, "--out", str(tmp_path / "y")]):
+        result = mlx_dp(*command, "--checkpoint", str(damaged))
+        assert result.returncode == 2 and "is damaged: adapters.safetensors is truncated or corrupt" in \
+            one_error_line(result)
+    (damaged / "manifest.json").unlink()  # no checksums to compare: the load itself must say it
+    result = mlx_dp("eval", recipe, "--checkpoint", str(damaged))
+    assert result.returncode == 2 and "cannot be read; it is truncated or corrupt" in one_error_line(result)
+    # tensors of another model, under a config that matches the recipe
+    import mlx.core as mx
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(step / "adapter_config.json", other)
+    mx.save_safetensors(str(other / "adapters.safetensors"),
+                        {"model.layers.0.self_attn.q_proj.lora_a": mx.zeros((256, 8))})
+    result = mlx_dp("eval", recipe, "--checkpoint", str(other))
+    assert result.returncode == 2 and "does not fit this model and method" in one_error_line(result)

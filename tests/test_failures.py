@@ -92,20 +92,22 @@ def test_killed_peer_under_mlx_launch(tmp_path):
     assert_checkpoint_intact(tmp_path)
 
 
-def test_stopped_peer_is_named_by_the_watchdog(tmp_path):
+def test_stopped_peer_is_named_by_the_watchdog_and_cannot_rewrite_the_status_when_it_wakes(tmp_path):
     procs = start_ranks(tmp_path, [["train", long_recipe(tmp_path)]] * 2)
     wait_for_step(tmp_path / "run", 6, procs)
     procs[1].send_signal(signal.SIGSTOP)
     try:
         code = procs[0].wait(timeout=60)
+        recorded = status(tmp_path)
     finally:
-        procs[1].send_signal(signal.SIGCONT)
-        procs[1].kill()
-    finish(procs)
-    assert code == 4
+        procs[1].send_signal(signal.SIGCONT)  # the laptop wakes up: rank 1 finds rank 0 gone
+    late = finish(procs[1:])
+    assert code == 4 and late[0] != 0
     log = (tmp_path / "rank0.log").read_text()
     assert "watchdog: rank 0" in log and "rank 1 (" in log and "has not been heard from" in log
-    assert status(tmp_path)["state"] == "failed"
+    assert recorded["state"] == "failed" and recorded["rank"] == 0 and "rank 1 (" in recorded["reason"]
+    assert status(tmp_path) == recorded, "the rank that woke up must not overwrite the record and blame rank 0"
+    assert "not recording 'failed'" in (tmp_path / "rank1.log").read_text()
 
 
 def test_stall_inside_a_step_trips_the_watchdog_naming_that_rank(tmp_path):
@@ -117,15 +119,15 @@ def test_stall_inside_a_step_trips_the_watchdog_naming_that_rank(tmp_path):
     assert "rank 1 (" in logs and "still in compute at update 4 while the others wait" in logs
 
 
-def test_sigterm_saves_stops_cleanly_and_resumes(tmp_path):
+def test_sigterm_and_sighup_save_stop_cleanly_and_resume(tmp_path):
     recipe = long_recipe(tmp_path, training={"steps": 400})
     procs = start_ranks(tmp_path, [["train", recipe]] * 2)
     wait_for_step(tmp_path / "run", 3, procs)
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    assert finish(procs) == [0, 0]
+    procs[0].send_signal(signal.SIGHUP)  # a closed terminal stops like SIGTERM: checkpoint first
+    procs[1].send_signal(signal.SIGTERM)
+    assert finish(procs) == [128 + signal.SIGHUP, 128 + signal.SIGTERM]  # not 0: stopped is not completed
     state = status(tmp_path)
-    assert state["state"] == "stopped"
+    assert state["state"] == "stopped" and state["reason"].startswith("SIGHUP: stopped after saving update")
     stopped_at = state["step"]
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
     more = launched(2, "train", recipe, "training.steps=" + str(stopped_at + 2), "--resume")
@@ -156,6 +158,10 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path):
     resumed = mlx_dp("train", recipe, "training.batch_size=4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "step_0000005" in resumed.stdout
+    # the dead writer's partial directory is cleaned up at the next start, and said so
+    assert "removed 1 temporary file(s) left by an earlier run that died: checkpoints/.tmp-step_0000010" \
+        in resumed.stdout
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert status(tmp_path)["state"] == "completed"
 
 

@@ -102,3 +102,20 @@ def test_resume_on_another_world_size_with_the_same_global_batch(tmp_path):
     allowed = mlx_dp("train", recipe, "training.batch_size=4", "training.steps=6", "--resume",
                      "parallel.allow_world_size_change=true")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path):
+    import time
+
+    recipe = str(tiny_recipe(tmp_path))
+    start = time.monotonic()
+    result = mlx_dp("train", recipe, "model.path=data/tiny-lama", env={"HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 2 and time.monotonic() - start < 20
+    assert "model.path data/tiny-lama: no such file or directory (did you mean data/tiny-llama?)" in \
+        one_error_line(result)
+    result = mlx_dp("train", recipe, "data.path=data/tiny-tsk", env={"HF_HUB_OFFLINE": "0"})
+    assert result.returncode == 2 and "(did you mean data/tiny-task?)" in one_error_line(result)
+    # offline, a hub id that is not cached fails at once, in words
+    result = mlx_dp("train", recipe, "model.path=nobody/no-such-model")
+    assert result.returncode == 2
+    assert "is neither a local directory nor in the hub cache, and HF_HUB_OFFLINE=1" in one_error_line(result)

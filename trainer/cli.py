@@ -1,6 +1,6 @@
 """`mlx-dp`: train, evaluate, export, benchmark, list recipes, launch locally.
 
-    mlx-dp train RECIPE [section.key=value ...] [--resume [PATH]]
+    mlx-dp train RECIPE [section.key=value ...] [--resume [PATH] [--allow-changes]]
     mlx-dp eval RECIPE [--checkpoint PATH] [section.key=value ...]
     mlx-dp export RECIPE --out DIR [--checkpoint PATH]
     mlx-dp bench comm|scaling ...
@@ -12,17 +12,20 @@ Under a launcher every rank runs the same command:
 ``mlx.launch -n 2 -- .venv/bin/mlx-dp train recipes/tiny-lora.yaml``.
 
 Problems a user can fix end with one line on stderr and exit code 2 (3 for
-a lost or disagreeing peer), never a traceback.
+a lost, missing or disagreeing peer, 4 when the watchdog ends a hung job),
+never a traceback. A run stopped by SIGINT, SIGTERM or SIGHUP exits
+``128 + signal`` once its checkpoint is saved.
 """
 
 import argparse
 import json
 import os
 import re
+import signal
 import sys
 
 from .env import launch_env
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Stopped, UserError
 
 
 def _prepare_runtime() -> None:
@@ -47,7 +50,11 @@ def _cmd_train(args, options=None) -> int:
     resume = None
     if args.resume is not None:
         resume = True if args.resume == "" else args.resume
-    train(cfg, resume=resume, options=options)
+    if args.allow_changes and resume is None:
+        raise ConfigError("--allow-changes applies to --resume only")
+    result = train(cfg, resume=resume, options=options, allow_changes=args.allow_changes)
+    if result["stopped"]:  # saved and resumable, but not finished: a script must not take it for done
+        return 128 + (result.get("signal") or signal.SIGTERM)
     return 0
 
 
@@ -126,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue from the newest checkpoint in checkpoint.dir, or from PATH")
+                   help="continue from the newest intact checkpoint in checkpoint.dir, or from PATH")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although the recipe or the data changed since the checkpoint "
+                        "(recorded in metrics.jsonl)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="token-weighted loss (and exact match) of a trained run, sharded over ranks")
@@ -159,12 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_ERROR_CHARS = 1000
+
+
 def _print_error(error: UserError) -> None:
+    """One line on stderr, on every rank: a recipe error on one machine (a stale
+    override, a stale checkout) must be seen even while rank 0 waits for it."""
     rank = launch_env().rank
-    if isinstance(error, ConfigError) and rank != 0:
-        return  # every rank reads the same recipe; rank 0 says it once
     prefix = f"[rank {rank}] " if rank else ""
-    print(f"mlx-dp: error: {prefix}{error}", file=sys.stderr, flush=True)
+    text = " ".join(str(error).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    kind = "stopped" if isinstance(error, Stopped) else "error"
+    print(f"mlx-dp: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
+
+
+def _recipe_after_resume(argv: list[str]) -> list[str]:
+    """``train --resume recipe.yaml ...``: the YAML file is the recipe, not the checkpoint to resume.
+
+    A checkpoint is a directory, so a ``.yaml`` file (or any existing file)
+    after ``--resume`` means a bare ``--resume``; it moves to the end.
+    """
+    if argv[:1] != ["train"] or "--resume" not in argv:
+        return argv
+    i = argv.index("--resume")
+    following = argv[i + 1] if i + 1 < len(argv) else None
+    if following is None or not (following.endswith((".yaml", ".yml")) or os.path.isfile(following)):
+        return argv
+    return argv[:i] + argv[i + 1:] + ["--resume"]
 
 
 def main(argv: list[str] | None = None, options=None) -> None:
@@ -188,7 +220,7 @@ def main(argv: list[str] | None = None, options=None) -> None:
 
         sys.exit(bench_main(argv[1:]))
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_recipe_after_resume(argv))
     # overrides may follow options (`eval R --split test eval.batch_size=4`), which argparse
     # leaves over; anything else left over is a mistake
     stray = [a for a in extra if not re.match(r"^\w+\.\w+=", a)]

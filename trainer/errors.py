@@ -5,6 +5,8 @@ peer that died) raises a subclass of :class:`UserError`. The CLI prints its
 message as one line and exits with :attr:`UserError.exit_code`.
 """
 
+import reprlib
+
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, no traceback."""
@@ -32,3 +34,26 @@ class DistributedError(UserError):
     """Ranks disagree, a peer was lost, or a collective stalled."""
 
     exit_code = 3
+
+
+class Stopped(UserError):
+    """A signal stopped the run before there was anything to save; exits ``128 + signal``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, nested values elided: safe to put in a message.
+
+    A recipe value can be huge (a long list, aliases expanded); an error
+    line must stay one readable line.
+    """
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 6
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= limit + 20 else text[:limit] + "..."

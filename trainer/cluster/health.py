@@ -1,17 +1,20 @@
-"""No silent hangs, nothing lost: run status, signals and the watchdog.
+"""No silent hangs, nothing lost: signals and the watchdog (and ``status.json`` via ``trainer.cluster.status``).
 
-* ``status.json`` in ``checkpoint.dir`` records the run's state: running,
-  completed, stopped (by a signal, resumable) or failed, with the reason and
-  the update it happened at.
-* SIGINT/SIGTERM ask for a clean stop: the request travels with the next
-  gradient reduction so every rank stops at the same update, and rank 0
-  saves a checkpoint first (see ``trainer.run.loop``).
+* SIGINT, SIGTERM and SIGHUP (a closed terminal) ask for a clean stop: the
+  request travels with the next gradient reduction so every rank stops at the
+  same update, and rank 0 saves a checkpoint first (``trainer.run.loop``);
+  the process then exits ``128 + signal``. A second Ctrl-C aborts at once and
+  records ``failed`` with the reason ``interrupted``.
 * A watchdog thread ends the process when the training loop makes no
   progress for ``parallel.timeout_s`` (a peer stopped or hung, for which MLX
   has no collective timeout), or when a signal arrived while the main thread
   is blocked in a collective and cannot act on it. It names the rank, the
   update and the phase, and the stalled peers where :mod:`trainer.cluster.peers`
   knows them.
+
+Both are installed before the ranks connect (:func:`install` takes no group
+yet; :func:`attach` adds it), so a signal or a hang while the group forms
+ends with words and a status too.
 
 MLX releases the GIL while it waits in ``mx.eval``, so this thread keeps
 running when the main thread is blocked in an ``all_sum``; Python signal
@@ -22,21 +25,27 @@ seen through ``signal.set_wakeup_fd`` here.
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 from ..core import parallel
-from ..core.checkpoint import write_json
+from ..env import launch_env
+from . import status as status_file
 
 WATCHDOG_EXIT = 4
+LOST_PEER_EXIT = 3  # the exit code of trainer.errors.DistributedError
 SIGNAL_GRACE_S = 20.0  # how long a signalled rank may stay blocked before it is ended
+ABORT_GRACE_S = 3.0  # after a second Ctrl-C: time for the main thread to record it before the watchdog does
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+CONNECTING = "connecting"
 
 _state = {
     "world": None, "run_dir": None, "timeout": None, "phase": "setup", "step": 0, "watched": False,
-    "since": time.monotonic(), "stop": False, "signal_at": None, "signals": 0,
-    "thread": None, "pipe": None, "old_handlers": {}, "old_wakeup": -1, "peers": None,
+    "since": time.monotonic(), "stop": False, "signal": 0, "signal_at": None, "signals": 0,
+    "thread": None, "pipe": None, "old_handlers": {}, "old_wakeup": -1, "peers": None, "describe": None,
 }
 
 
@@ -57,11 +66,13 @@ def phase(name: str, step: int | None = None, watched: bool = True) -> None:
             work of unbounded length on this rank alone (a model download).
             Default: ``True``.
     """
+    again = name == CONNECTING and _state["phase"] == CONNECTING and _state["watched"]
     _state["phase"] = name
     _state["watched"] = watched
     if step is not None:
         _state["step"] = step
-    _state["since"] = time.monotonic()
+    if not again:  # the group's first exchanges count as one wait, however many collectives they take
+        _state["since"] = time.monotonic()
     peers = _state["peers"]
     if peers is not None:
         peers.beat(_state["step"], name)
@@ -72,8 +83,13 @@ def current_step() -> int:
 
 
 def stop_requested() -> bool:
-    """True once SIGINT or SIGTERM arrived (the loop then stops cleanly)."""
+    """True once SIGINT, SIGTERM or SIGHUP arrived, or :func:`request_stop` (the loop then stops cleanly)."""
     return _state["stop"]
+
+
+def stop_signal() -> int:
+    """The signal that asked this rank to stop (0: none, or a stop requested without one)."""
+    return _state["signal"]
 
 
 def request_stop() -> None:
@@ -82,19 +98,15 @@ def request_stop() -> None:
 
 
 def status(world, run_dir: Path, state: str, step: int = 0, reason: str | None = None) -> None:
-    """Write ``status.json``. Rank 0 writes every state; other ranks write failures too,
-    since rank 0 may be the one that died."""
-    if world is None or not (world.is_main or state == "failed"):
-        return
-    record = {"state": state, "step": step, "rank": world.rank, "host": world.host, "world_size": world.size,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if reason:
-        record["reason"] = reason
-    try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(run_dir) / "status.json", record)
-    except OSError as e:
-        print(f"[mlx-dp] rank {world.rank}: could not write {run_dir}/status.json: {e}", file=sys.stderr)
+    """Write ``status.json`` where the rules of :mod:`trainer.cluster.status` allow it."""
+    status_file.write(world, run_dir, state, step, reason)
+
+
+def _me() -> str:
+    world = _state["world"]
+    if world is not None:
+        return f"rank {world.rank} ({world.host})"
+    return f"rank {launch_env().rank} ({socket.gethostname()})"
 
 
 def describe_failure(error: BaseException) -> str:
@@ -106,8 +118,7 @@ def describe_failure(error: BaseException) -> str:
         lost = peers.lost_ranks() if peers is not None else []
         who = (", ".join(f"rank {r}" for r in lost) if lost else
                ("rank " + str(1 - world.rank)) if world is not None and world.size == 2 else "a peer")
-        me = f"rank {world.rank} ({world.host})" if world is not None else "this rank"
-        return (f"lost {who} during {_state['phase']} at update {_state['step']}: {me} stops. "
+        return (f"lost {who} during {_state['phase']} at update {_state['step']}: {_me()} stops. "
                 f"Resume from the last checkpoint with --resume")
     return text
 
@@ -117,48 +128,87 @@ def failing() -> None:
     _state["failing"] = True
 
 
+def _detach_from_closed_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): send its output nowhere,
+    so that the stop can still save its checkpoint. Output to files and pipes is kept."""
+    devnull = None
+    for fd in _state.get("tty_fds", ()):  # found at install: a hung-up terminal no longer says it is one
+        try:
+            devnull = devnull if devnull is not None else os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    if devnull is not None:
+        os.close(devnull)
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def _on_signal(signum, frame) -> None:
     _state["signals"] += 1
+    if signum == getattr(signal, "SIGHUP", None):
+        _detach_from_closed_terminal()
     if _state.get("failing"):
         return
     if _state["stop"] and signum == signal.SIGINT:
         raise KeyboardInterrupt  # second Ctrl-C: stop now
     _state["stop"] = True
+    _state["signal"] = _state["signal"] or signum
     world = _state["world"]
     if world is not None and world.is_main:
-        print(f"\n[mlx-dp] {signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
-              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        try:
+            print(f"\n[mlx-dp] {signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
+                  "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        except OSError:
+            pass
 
 
-def _hard_exit(message: str) -> None:
-    world = _state["world"]
+def _hard_exit(message: str, state: str = "failed", code: int = WATCHDOG_EXIT) -> None:
     print(f"[mlx-dp] {message}", file=sys.stderr, flush=True)
-    status(world, _state["run_dir"], "failed", step=_state["step"], reason=message)
-    os._exit(WATCHDOG_EXIT)
+    status(_state["world"], _state["run_dir"], state, step=_state["step"], reason=message)
+    os._exit(code)
 
 
 def _watch() -> None:
-    world = _state["world"]
     read_fd = _state["pipe"][0]
+    interrupts = 0
     while True:
         ready, _, _ = select.select([read_fd], [], [], 1.0)
         now = time.monotonic()
+        data = b""
         if ready:
             try:
-                os.read(read_fd, 64)
+                data = os.read(read_fd, 64)
             except OSError:
                 return
-            if _state["signal_at"] is None:
-                _state["signal_at"] = now
         if _state["thread"] is not threading.current_thread():
             return  # uninstalled
+        for signum in (b for b in data if b in STOP_SIGNALS):
+            if signum == getattr(signal, "SIGHUP", None):
+                _detach_from_closed_terminal()  # the main thread may be blocked and not see it yet
+            _state["signal_at"] = _state["signal_at"] or now
+            interrupts += signum == signal.SIGINT
+            if interrupts >= 2 and not _state.get("failing"):
+                _state["abort_at"] = _state.get("abort_at") or now
         idle = now - _state["since"]
-        me = f"rank {world.rank} ({world.host})"
+        me = _me()
+        if _state.get("abort_at") and now - _state["abort_at"] > ABORT_GRACE_S:
+            _hard_exit(f"interrupted: {me} was aborted by a second Ctrl-C while blocked in {_state['phase']} at "
+                       f"update {_state['step']}", code=128 + signal.SIGINT)
         if _state["signal_at"] is not None and now - _state["signal_at"] > SIGNAL_GRACE_S \
                 and now - _state["since"] > SIGNAL_GRACE_S:
             _hard_exit(f"{me} was signalled to stop but is blocked in {_state['phase']} at update "
                        f"{_state['step']} for {idle:.0f}s; {_stalled_peers_text()}ending it")
         if _state["watched"] and idle > _state["timeout"]:
+            if _state["phase"] == CONNECTING:
+                describe = _state["describe"]
+                _hard_exit(f"{me} could not form the group within parallel.timeout_s={_state['timeout']:g}: "
+                           f"{describe() if describe else 'a rank is missing'}", code=LOST_PEER_EXIT)
             _hard_exit(f"watchdog: {me} made no progress for {idle:.0f}s (parallel.timeout_s="
                        f"{_state['timeout']:g}) in {_state['phase']} at update {_state['step']}; "
                        f"{_stalled_peers_text()}ending the job")
@@ -179,31 +229,42 @@ def _stalled_peers_text() -> str:
     return f"{text}; " if text else ""
 
 
-def install(world, run_dir: Path, timeout_s: float, peers=None) -> None:
+def install(world, run_dir: Path, timeout_s: float, peers=None, describe_connect=None) -> None:
     """Start the watchdog and signal handling for this rank.
 
     Args:
-        world (trainer.core.parallel.World): The group.
+        world (trainer.core.parallel.World | None): The group, or ``None``
+            before it formed (then the phase is ``connecting``; see :func:`attach`).
         run_dir (Path): ``checkpoint.dir`` (for ``status.json``).
         timeout_s (float): ``parallel.timeout_s``.
         peers (trainer.cluster.peers.PeerMonitor | None): Heartbeats of the other
             ranks, used to name stalled or lost peers. Default: ``None``.
+        describe_connect (callable | None): Says whom this rank waits for
+            when the group does not form in time. Default: ``None``.
     """
-    _state.update(world=world, run_dir=Path(run_dir), timeout=float(timeout_s), phase="setup", step=0, watched=False,
-                  since=time.monotonic(), stop=False, signal_at=None, signals=0, peers=peers, failing=False)
+    _state.update(world=world, run_dir=Path(run_dir), timeout=float(timeout_s), step=0, since=time.monotonic(),
+                  phase="setup" if world is not None else CONNECTING, watched=False, stop=False, signal=0,
+                  signal_at=None, signals=0, peers=peers, failing=False, abort_at=None, describe=describe_connect)
     parallel.set_monitor(_Monitor())
+    _state["tty_fds"] = [fd for fd in (1, 2) if _isatty(fd)]
     if threading.current_thread() is threading.main_thread():
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         _state["pipe"] = (read_fd, write_fd)
         _state["old_wakeup"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             _state["old_handlers"][sig] = signal.signal(sig, _on_signal)
     else:
         _state["pipe"] = os.pipe()
     thread = threading.Thread(target=_watch, name="mlx-dp-watchdog", daemon=True)
     _state["thread"] = thread
     thread.start()
+
+
+def attach(world, peers=None) -> None:
+    """The group formed: name ranks by it, and watch its first exchanges as part of connecting."""
+    _state.update(world=world, peers=peers)
+    phase(CONNECTING)
 
 
 def uninstall() -> None:

@@ -67,7 +67,8 @@ class PeerMonitor:
             monitor.server.bind(("0.0.0.0", 0))
             monitor.server.listen(world.size)
             port = monitor.server.getsockname()[1]
-        port = int(world.all_gather_bytes(str(port).encode(), phase="agreement")[0])
+        # phase "connecting": the group's first exchange, watched as part of forming the group
+        port = int(world.all_gather_bytes(str(port).encode(), phase="connecting")[0])
         if not port:
             return None
         if world.rank == 0:

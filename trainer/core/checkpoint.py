@@ -10,15 +10,26 @@ Layout of ``checkpoint.dir``::
         optimizer.safetensors                       optimizer state (incl. step)
         state.json                                  TrainingState: progress, RNG, world, versions
         config.yaml                                 the recipe it was trained with
+        manifest.json                               sha256 and size of each file above
 
 A checkpoint directory is written under a temporary name, every file is
 fsynced, and then it is renamed into place, so a crash mid-save never damages
-an earlier checkpoint. Arrays are safetensors and metadata JSON; no pickle.
+an earlier checkpoint. Its manifest lets resume tell an intact checkpoint from
+one whose bytes changed on disk (:func:`verify`); resume then falls back to
+the newest intact one. Arrays are safetensors and metadata JSON; no pickle.
+
+Temporaries carry the writer's pid in their names (``.tmp-step_*-PID``,
+``.write-test-PID``, ``.NAME.tmpPID``), so a later run can tell a dead
+writer's leftovers from a live one's (:func:`clean_stale_temporaries`).
 """
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +41,10 @@ from .state import TrainingState
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
+MANIFEST = "manifest.json"
+STALE_TEMP_S = 3600.0  # a temporary this old is a leftover whatever its pid says (pids are reused)
+_TEMP_NAMES = (re.compile(r"^\.tmp-step_\d+-(\d+)$"), re.compile(r"^\.write-test-(\d+)$"),
+               re.compile(r"^\..+\.tmp(\d+)(\.safetensors)?$"))
 
 
 def step_dir_name(step: int) -> str:
@@ -52,14 +67,82 @@ def _fsync_dir(path: Path) -> None:
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temporary file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
-    mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    except RuntimeError as e:  # MLX reports a failed write ("[write] Unable to write ...") without an errno
+        raise OSError(errno.ENOSPC if _nearly_full(path.parent) else errno.EIO, str(e)) from None
     _fsync_file(path)
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1024 * 1024
+    except OSError:
+        return False
+
+
+def describe_os_error(e: OSError, directory: Path) -> str:
+    """Words for a failed write: a full disk says so, with the space left."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f" ({shutil.disk_usage(directory).free / 1e6:.1f} MB free)"
+        except OSError:
+            free = ""
+        return f"no space left on the device holding {directory}{free}"
+    return e.strerror or str(e)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (``True`` when unsure)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(run_dir: Path, max_age_s: float = STALE_TEMP_S) -> list[str]:
+    """Remove temporaries left by writers that died (pid gone) or long ago; return their names.
+
+    Only names this module writes are touched (see the module docstring),
+    and never one whose writer is alive and recent: another rank of this run
+    on the same machine may be writing it.
+    """
+    run_dir = Path(run_dir)
+    removed = []
+    now = time.time()
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            match = next((m for m in (p.match(entry.name) for p in _TEMP_NAMES) if m), None)
+            if match is None or int(match.group(1)) == os.getpid():
+                continue
+            try:
+                old = now - entry.lstat().st_mtime > max_age_s
+            except OSError:
+                continue
+            if old or not process_alive(int(match.group(1))):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(str(entry.relative_to(run_dir)))
+    return removed
 
 
 def check_writable(run_dir: Path, min_free_bytes: int = 0) -> None:
@@ -83,11 +166,20 @@ def check_writable(run_dir: Path, min_free_bytes: int = 0) -> None:
 
 
 def save_adapters(directory: Path, weights: dict, adapter_config: dict) -> None:
-    """Write ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's format), each atomically."""
+    """Write ``adapters.safetensors`` + ``adapter_config.json`` (mlx-lm's format), each atomically.
+
+    Raises:
+        CheckpointError: The write failed (a full disk says so); nothing partial is left.
+    """
     tmp = directory / f".adapters.safetensors.tmp{os.getpid()}.safetensors"
-    _save_arrays(tmp, weights)
-    os.replace(tmp, directory / "adapters.safetensors")
-    write_json(directory / "adapter_config.json", adapter_config)
+    try:
+        _save_arrays(tmp, weights)
+        os.replace(tmp, directory / "adapters.safetensors")
+        write_json(directory / "adapter_config.json", adapter_config)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write the adapters in {directory}: {describe_os_error(e, directory)}") \
+            from None
 
 
 def save_checkpoint(run_dir: Path, state: TrainingState, weights: dict, optimizer_state: dict,
@@ -120,6 +212,7 @@ def save_checkpoint(run_dir: Path, state: TrainingState, weights: dict, optimize
         (tmp / "config.yaml").write_text(config_yaml)
         _fsync_file(tmp / "config.yaml")
         write_json(tmp / "state.json", state.to_dict())
+        write_json(tmp / MANIFEST, manifest(tmp))
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after resume): replace it
             shutil.rmtree(final)
@@ -127,8 +220,53 @@ def save_checkpoint(run_dir: Path, state: TrainingState, weights: dict, optimize
         _fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from None
+        earlier = [p.name for p in list_checkpoints(run_dir) if p != final]
+        kept = f"; the partial checkpoint was removed, {earlier[-1]} is intact" if earlier else \
+            "; the partial checkpoint was removed"
+        raise CheckpointError(f"could not write checkpoint {final}: {describe_os_error(e, root)}{kept}") from None
     return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(directory: Path) -> dict:
+    """sha256 and size of every file in a checkpoint directory (the manifest itself excepted)."""
+    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {"format": 1, "algorithm": "sha256", "files": files}
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint ``path`` is not intact, or ``None``.
+
+    Every file its manifest lists must exist with the recorded size and
+    sha256. A checkpoint written before manifests existed passes (its files
+    are still checked when loaded).
+    """
+    path = Path(path)
+    listing = path / MANIFEST
+    if not listing.is_file():
+        return None if (path / "state.json").is_file() else "it has no state.json"
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} cannot be read"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} is truncated or corrupt ({size} bytes, written with {expected['bytes']})"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its sha256 checksum (its bytes changed after it was written)"
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -149,7 +287,7 @@ def prune(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _load_arrays(path: Path, what: str) -> dict:
+def load_arrays(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing")
     try:
@@ -180,31 +318,37 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path / 'state.json'} is not valid JSON ({e.msg})") from None
     rng_key = None
     if (path / "rng.safetensors").is_file():  # format 1 kept the key in its own file
-        rng_key = tuple(int(x) for x in _load_arrays(path / "rng.safetensors", "random state")["state.0"].tolist())
+        rng_key = tuple(int(x) for x in load_arrays(path / "rng.safetensors", "random state")["state.0"].tolist())
     try:
         state = TrainingState.from_dict(raw, rng_key=rng_key)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / 'state.json'} is not a training state this mlx-dp reads "
                               f"({type(e).__name__}: {e})") from None
-    return Checkpoint(weights=_load_arrays(path / "adapters.safetensors", "weights"),
-                      optimizer=tree_unflatten(list(_load_arrays(path / "optimizer.safetensors",
+    return Checkpoint(weights=load_arrays(path / "adapters.safetensors", "weights"),
+                      optimizer=tree_unflatten(list(load_arrays(path / "optimizer.safetensors",
                                                                  "optimizer state").items())),
                       state=state, path=path)
 
 
-def find_resume(run_dir: Path, explicit: str | None) -> Path:
-    """The checkpoint to resume: ``explicit`` if given, else the newest complete one in ``run_dir``."""
+def resume_candidates(run_dir: Path, explicit: str | None) -> list[Path]:
+    """Checkpoints to try for a resume, best first.
+
+    ``explicit`` names one checkpoint (only that one is tried) or a run
+    directory; without it, ``run_dir``. A run directory yields its
+    checkpoints newest first, so a damaged newest one falls back to the one
+    before (see :func:`verify`).
+    """
     if explicit:
         path = Path(explicit)
         if path.is_dir() and not (path / "state.json").exists() and list_checkpoints(path):
-            return list_checkpoints(path)[-1]  # a run directory was given
+            return list(reversed(list_checkpoints(path)))  # a run directory was given
         if not path.exists():
             raise CheckpointError(f"--resume {explicit}: no such checkpoint")
-        return path
+        return [path]
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
-    return found[-1]
+    return list(reversed(found))
 
 
 def check_weights_match(weights: dict, trainable: dict, source: Path) -> None:

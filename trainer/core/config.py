@@ -12,6 +12,7 @@ the closest valid key. This module imports nothing from MLX.
 """
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -20,17 +21,39 @@ from typing import Any, Literal
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, short
 from .schema import (HF_DATASET_KEYS, SECTION_CLASSES, CheckpointConfig, Config, DataConfig,  # noqa: F401
                      EvalConfig, LoggingConfig, MethodConfig, ModelConfig, ParallelConfig, TrainingConfig, _suggest)
 
 
+# A recipe holds a few hundred values; nested aliases ("billion laughs") can
+# make a few lines expand to billions, which would spin the loader and print
+# error lines of megabytes. Aliases are counted as often as they are used.
+MAX_RECIPE_NODES = 10_000
+
+
+class RecipeShapeError(Exception):
+    """Raised while reading YAML: a duplicate key or a recipe that expands too far."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``3e-4`` as a float.
+    """SafeLoader that reads ``3e-4`` as a float and refuses a key given twice.
 
     PyYAML follows YAML 1.1, where a float needs a dot, so learning rates
     written the usual way would load as strings (mlx-lm patches the same).
+    PyYAML also lets a second ``training:`` silently replace the first.
     """
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<: *base` merges are meant to be overridden by explicit keys
+            if key_node.value in seen:
+                raise RecipeShapeError(f"key {short(key_node.value, 40)} appears twice (lines {seen[key_node.value]} "
+                                       f"and {key_node.start_mark.line + 1}); give it once")
+            seen[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -43,9 +66,52 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def _expanded_size(root, limit: int) -> int:
+    """Values ``root`` stands for once every alias is expanded; stops counting past ``limit``.
+
+    Aliases share one node in the composed graph, so counting with a memo
+    takes time linear in the text, however far the aliases would expand.
+    """
+    sizes, active = {}, set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise RecipeShapeError("a YAML alias refers to itself (a recursive value)")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(key)
+        sizes[key] = min(total, limit + 1)
+        return sizes[key]
+
+    return size(root)
+
+
 def yaml_load(text: str):
-    """Parse YAML data (never objects) with floats like ``3e-4`` understood."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    """Parse YAML data (never objects) with floats like ``3e-4`` understood.
+
+    Raises:
+        RecipeShapeError: A key given twice in one mapping, or more than
+            ``MAX_RECIPE_NODES`` values once aliases are expanded.
+        yaml.YAMLError: Invalid YAML.
+    """
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+            raise RecipeShapeError(f"it expands to more than {MAX_RECIPE_NODES} values once its YAML aliases are "
+                                   "expanded (nested anchors?); a recipe holds a few hundred")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 _SECTION_CLASSES = SECTION_CLASSES
@@ -72,7 +138,7 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, key: str):
     """Check ``value`` against type hint ``tp``; return it (ints become floats for float keys)."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"{key} must be {_type_name(tp)}, got {short(value)}")
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -90,8 +156,8 @@ def _coerce(value, tp, key: str):
         if value is False and "off" in typing.get_args(tp):
             return "off"  # YAML 1.1 reads a bare `off` as false
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}"
-                              + _suggest(str(value), [str(a) for a in typing.get_args(tp)]))
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {short(value)}"
+                              + _suggest(str(value)[:100], [str(a) for a in typing.get_args(tp)]))
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -112,6 +178,8 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -127,7 +195,8 @@ def _build_section(name: str, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in fields_:
-            raise ConfigError(f"unknown key {name}.{key}" + _suggest(key, fields_).replace("mean ", f"mean {name}."))
+            raise ConfigError(f"unknown key {name}.{str(key)[:40]}"
+                              + _suggest(str(key), fields_).replace("mean ", f"mean {name}."))
         kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
     for key in fields_:
         if (name, key) in REQUIRED and key not in kwargs:
@@ -138,15 +207,17 @@ def _build_section(name: str, values: dict):
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split ``section.key=value``; the value is parsed as YAML (so 200 is an int)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {short(text)} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {short(text)} must look like section.key=value")
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecipeShapeError as e:
+        raise ConfigError(f"override {short(dotted, 40)}: {e}") from None
     return parts[0], parts[1], value
 
 
@@ -167,6 +238,10 @@ def read_recipe(path) -> dict:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(e, "problem", None) or "invalid syntax"
         raise ConfigError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    except RecipeShapeError as e:
+        raise ConfigError(f"recipe {path}: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer of more digits than Python converts; deep nesting
+        raise ConfigError(f"recipe {path} holds a value that cannot be read: {str(e)[:120]}") from None
     if data is None:
         raise ConfigError(f"recipe {path} is empty")
     if not isinstance(data, dict):
@@ -186,11 +261,12 @@ def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
     merged = {}
     for section, values in data.items():
         if section not in _SECTION_CLASSES:
-            raise ConfigError(f"{source}: unknown section {section!r}" + _suggest(str(section), _SECTION_CLASSES))
+            raise ConfigError(f"{source}: unknown section {short(section, 40)}"
+                              + _suggest(str(section)[:100], _SECTION_CLASSES))
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {section} must be a mapping of keys, got {values!r}")
+            raise ConfigError(f"{source}: section {section} must be a mapping of keys, got {short(values)}")
         merged[section] = dict(values)
     for text in overrides:
         try:
@@ -198,7 +274,7 @@ def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         if section not in _SECTION_CLASSES:
-            raise ConfigError(f"{source}: override {text!r} names unknown section {section!r}"
+            raise ConfigError(f"{source}: override {short(text)} names unknown section {short(section, 40)}"
                               + _suggest(section, _SECTION_CLASSES))
         if section == "training" and key in ("steps", "epochs"):
             # An override of one length key replaces the recipe's other one.

@@ -4,7 +4,9 @@ A split goes from rows (JSONL/Parquet/CSV file, a directory of split files, or
 a hub dataset) to a :class:`TokenizedSplit`: one flat token array plus
 per-sample start, length and prompt length. Tokenizing happens once: the
 result is stored by ``datasets``' own map cache under a fingerprint of the
-raw data, the tokenizer and the format settings.
+raw data, the tokenizer and the format settings. A local file is known by a
+hash of its bytes (``datasets`` alone knows it by path and modification
+time, so a file replaced in place would be served from the old cache).
 
 Row formats are mlx-lm's (``text``, ``prompt``/``completion``, chat
 ``messages``), tokenized by mlx-lm's own dataset classes so that prompts are
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .hub import looks_like_hub_id
+from .hub import close_match, hub_offline, looks_like_hub_id, mistyped_local_path
 from ..errors import DataError
 
 SPLIT_FILE_NAMES = {
@@ -35,6 +37,8 @@ HUB_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "val", 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Bump when tokenization output changes meaning, to invalidate old caches.
 TOKENIZE_VERSION = 1
+READ_CHUNK = 8 * 1024 * 1024
+TEXT_BUILDERS = ("json", "csv")
 
 
 @dataclass
@@ -133,9 +137,13 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
         if "train" not in sources:
             raise DataError(f"data.path {path} has no train file (train.jsonl, train.parquet or train.csv)")
         return sources
+    typo = mistyped_local_path(cfg.path)
+    if typo:
+        raise DataError(f"data.path {cfg.path}: {typo}")
     if looks_like_hub_id(cfg.path):
         return {s: Source(s, f"{cfg.path}[{s}]", cfg.path, hub_split=s) for s in SPLIT_FILE_NAMES}
-    raise DataError(f"data.path {cfg.path} does not exist (and is not a hub id like org/name)")
+    raise DataError(f"data.path {cfg.path} does not exist (and is not a hub id like org/name)"
+                   + close_match(cfg.path))
 
 
 # --------------------------------------------------------------------------- loading
@@ -154,6 +162,47 @@ def _first_bad_jsonl_line(path: str) -> str | None:
             if not isinstance(row, dict):
                 return f"{path} line {number} is not a JSON object (got {type(row).__name__})"
     return None
+
+
+def _content_hasher():
+    """xxh3 (a dependency of ``datasets``, ~10 GB/s) where present; blake2b otherwise."""
+    try:
+        import xxhash
+
+        return xxhash.xxh3_128()
+    except ImportError:
+        return hashlib.blake2b(digest_size=16)
+
+
+def content_digest(source: Source) -> str:
+    """Hash of a local data file's bytes; text files are also checked to be UTF-8 and not blank.
+
+    Raises:
+        DataError: Naming the file and line of the first byte that is not
+            UTF-8, or saying that the file holds only blank lines.
+    """
+    path, text = source.data_files, source.builder in TEXT_BUILDERS
+    h, blank, lines = _content_hasher(), True, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            if not chunk.endswith(b"\n"):
+                chunk += f.readline()  # whole lines: a multi-byte character is never split
+            h.update(chunk)
+            if not text:
+                continue
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line_start = chunk.rfind(b"\n", 0, e.start) + 1
+                line = lines + chunk.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{source.description} line {line} is not "
+                                f"valid UTF-8 (byte 0x{chunk[e.start]:02x} at byte {e.start - line_start + 1} of "
+                                "the line); save the file as UTF-8") from None
+            blank = blank and not chunk.strip()
+            lines += chunk.count(b"\n")
+    if text and blank:
+        raise DataError(f"data file {source.description} holds only blank lines, no rows")
+    return h.hexdigest()
 
 
 def _row_location(source: Source, row: int) -> str:
@@ -180,8 +229,10 @@ def load_rows(source: Source, cache_dir: str | None = None, required: bool = Tru
         if source.data_files is not None:
             if os.path.getsize(source.data_files) == 0:
                 raise DataError(f"data file {source.description} is empty")
-            ds = datasets.load_dataset(source.builder, data_files=source.data_files, split="train",
-                                       cache_dir=cache_dir)
+            # The config name carries the content hash, so datasets' cache (keyed by path and mtime
+            # alone) and everything derived from it (the tokenized rows) follow the bytes.
+            ds = datasets.load_dataset(source.builder, f"content-{content_digest(source)[:16]}",
+                                       data_files=source.data_files, split="train", cache_dir=cache_dir)
         else:
             ds = _load_hub_split(source, cache_dir, required)
             if ds is None:
@@ -194,6 +245,9 @@ def load_rows(source: Source, cache_dir: str | None = None, required: bool = Tru
             if bad:
                 raise DataError(bad) from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if source.data_files is None and hub_offline():
+            raise DataError(f"could not load {source.description}: it is not a local path, and HF_HUB_OFFLINE=1 "
+                            f"forbids fetching it from the hub ({reason})") from None
         raise DataError(f"could not load {source.description}: {reason}") from None
     if len(ds) == 0:
         raise DataError(f"data file {source.description} has no rows")

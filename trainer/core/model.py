@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import MethodConfig, ModelConfig
-from .hub import looks_like_hub_id
+from .hub import close_match, hub_offline, in_hub_cache, looks_like_hub_id, mistyped_local_path
 from ..errors import ModelError
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -29,9 +29,16 @@ def resolve_model_path(path: str) -> str:
         if not (local / "config.json").is_file():
             raise ModelError(f"model.path {path} has no config.json; it is not an mlx-lm model directory")
         return str(local)
+    typo = mistyped_local_path(path)
+    if typo:
+        raise ModelError(f"model.path {path}: {typo}")
     if looks_like_hub_id(path):
+        if hub_offline() and not in_hub_cache(path):
+            raise ModelError(f"model.path {path} is neither a local directory nor in the hub cache, and "
+                             "HF_HUB_OFFLINE=1 forbids downloading it")
         return path
-    raise ModelError(f"model.path {path} does not exist (and is not a hub id like org/name)")
+    raise ModelError(f"model.path {path} does not exist (and is not a hub id like org/name)"
+                    + close_match(path))
 
 
 def load_base(cfg: ModelConfig):

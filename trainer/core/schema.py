@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, short
 
 
 def _suggest(name: str, options) -> str:
@@ -151,7 +151,7 @@ class TrainingConfig:
         if not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"training.betas must be two numbers in [0, 1), got {self.betas}")
+            raise ConfigError(f"training.betas must be two numbers in [0, 1), got {short(self.betas)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

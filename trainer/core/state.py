@@ -58,6 +58,8 @@ class TrainingState:
         recipe_digest: Hash of the resolved recipe.
         balance: The balancer's state (split of each micro-batch across
             ranks, speed estimates), so a resumed run splits as it would have.
+        dataset: Fingerprint of the training split it trained on (resume
+            refuses other data unless told to accept changes).
     """
 
     step: int = 0
@@ -72,6 +74,7 @@ class TrainingState:
     versions: dict = field(default_factory=dict)
     recipe_digest: str = ""
     balance: dict | None = None  # trainer.core.balance.Balancer.to_dict(): the split and its speed estimates
+    dataset: str = ""
 
     @property
     def global_batch(self) -> int:
@@ -117,4 +120,4 @@ class TrainingState:
                    total_steps=int(data.get("total_steps", 0)), val_loss=data.get("val_loss"),
                    best=BestCheckpoint(float(best["val_loss"]), str(best["path"])) if best else None,
                    versions=dict(data.get("versions") or {}), recipe_digest=str(data.get("recipe_digest", "")),
-                   balance=data.get("balance"))
+                   balance=data.get("balance"), dataset=str(data.get("dataset", "")))

@@ -6,23 +6,25 @@ schedules updates. The maths of an update is in ``trainer.core.step``; every
 collective is in ``trainer.core.parallel``.
 """
 
+import errno
 import json
+import signal
 import time
 from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 
-from ..cluster import health
+from ..cluster import connect, health, runlock
+from ..cluster import status as status_file
 from ..cluster.hostfile import check_ring_hostfile
 from ..cluster.peers import PeerMonitor
 from ..core import checkpoint
 from ..core.config import Config
 from ..core.evaluate import evaluate_loss
 from ..core.metrics import MetricWindow, NullReporter, Reporter, start_wandb
-from ..core.parallel import init_world
 from ..core.step import run_update
-from ..errors import DistributedError, UserError
+from ..errors import CheckpointError, DistributedError, Stopped, UserError
 from .hooks import RunOptions
 from .setup import Run, build_run
 
@@ -172,47 +174,96 @@ def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:
     timings.flush()
 
 
-def train(cfg: Config, resume=None, options: RunOptions | None = None) -> dict:
+def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_changes: bool = False) -> dict:
     """Run a recipe on this process's rank.
 
     Args:
         cfg (Config): The resolved recipe.
-        resume (str | bool | None): ``True`` resumes from the newest checkpoint
-            in ``checkpoint.dir``; a path resumes from that checkpoint.
+        resume (str | bool | None): ``True`` resumes from the newest intact
+            checkpoint in ``checkpoint.dir``; a path resumes from that checkpoint.
             Default: ``None`` (start fresh).
         options (RunOptions | None): Hooks for tests and the benchmarks'
             switches. Default: ``None`` (plain training).
+        allow_changes (bool): Resume even though the recipe or data changed
+            since the checkpoint (``--allow-changes``; the changes are
+            recorded in ``metrics.jsonl``). Default: ``False``.
 
     Returns:
-        dict: Final step, whether it stopped early, and the last val loss.
+        dict: Final step, whether it stopped early (and the signal that
+        asked, 0 if none), and the last val loss.
     """
     notes = check_ring_hostfile()  # a repeated ip:port would never connect
-    world = init_world(cfg.parallel.backend)
-    for note in notes:
-        world.print0(f"[mlx-dp] note: {note}")
     run_dir = Path(cfg.checkpoint.dir)
-    health.install(world, run_dir, cfg.parallel.timeout_s, peers=PeerMonitor.start(world))
-    reporter = NullReporter()
+    status_file.reset()
+    # Armed before the ranks connect: a signal or a missing rank then ends with words and a status too.
+    health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck)
+    world, lock, reporter = None, None, NullReporter()
     try:
-        run = build_run(cfg, world, resume, options)
+        world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s, should_stop=health.stop_signal)
+        health.attach(world)
+        health.attach(world, PeerMonitor.start(world))
+        for note in notes:
+            world.print0(f"[mlx-dp] note: {note}")
+        try:
+            lock, run_id = runlock.acquire_for_group(world, run_dir)
+        except UserError:
+            status_file.disown()  # another run owns checkpoint.dir: write nothing there
+            raise
+        status_file.set_run(run_id)
+        run = build_run(cfg, world, resume, options, allow_changes)
         reporter = _reporter(run)
+        if run.resumed is not None:
+            reporter.log(run.resumed.record())
         result = fit(run, reporter)
-        health.status(world, run_dir, "stopped" if result["stopped"] else "completed", step=result["step"])
+        result["signal"] = health.stop_signal()
+        reason = None
+        if result["stopped"]:
+            asked = signal.Signals(result["signal"]).name if result["signal"] else "a stop request"
+            reason = f"{asked}: stopped after saving update {result['step']}; continue with --resume"
+        health.status(world, run_dir, "stopped" if result["stopped"] else "completed", step=result["step"],
+                      reason=reason)
         return result
-    except UserError as e:
+    except KeyboardInterrupt:
         health.failing()
-        health.status(world, run_dir, "failed", reason=str(e), step=health.current_step())
+        health.status(world, run_dir, "failed", step=health.current_step(),
+                      reason=f"interrupted: a second Ctrl-C at update {health.current_step()} aborted before a "
+                             "checkpoint was saved; --resume continues from the last one")
         raise
-    except Exception as e:
+    except Stopped as e:
+        health.status(world, run_dir, "stopped", step=health.current_step(), reason=str(e))
+        raise
+    except Exception as e:  # noqa: BLE001 (recorded, then raised as a user error where it is one)
         health.failing()
-        reason = health.describe_failure(e)
-        health.status(world, run_dir, "failed", reason=reason, step=health.current_step())
-        if reason != str(e):
-            raise DistributedError(reason) from None
-        raise
+        error = _as_user_error(e, run_dir)
+        health.status(world, run_dir, "failed", step=health.current_step(), reason=str(error))
+        if error is e:
+            raise
+        raise error from None
     finally:
-        reporter.close()
+        try:
+            reporter.close()
+        except OSError:  # a full disk fails the last flush too; the error above is the one to report
+            pass
+        if lock is not None:
+            lock.release()
         health.uninstall()
+
+
+def _first_exchange_stuck() -> str:
+    return ("the ranks connected, but their first exchange did not complete: a rank stopped or died just after "
+            "connecting (see the other ranks' messages)")
+
+
+def _as_user_error(error: Exception, run_dir: Path) -> Exception:
+    """A full disk or a lost peer as one line for people; other exceptions unchanged (a bug: traceback)."""
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(error.filename) if error.filename else Path(run_dir)
+        directory = where.parent if error.filename else where
+        return CheckpointError(f"could not write {where}: {checkpoint.describe_os_error(error, directory)}")
+    reason = health.describe_failure(error)
+    return DistributedError(reason) if reason != str(error) else error
 
 
 def _reporter(run: Run):

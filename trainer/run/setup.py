@@ -32,6 +32,7 @@ from ..core.state import TrainingState
 from ..core.step import StepFunctions
 from ..errors import DataError, UserError
 from .hooks import RunOptions
+from .resume import Resumed, restore
 
 
 def versions() -> dict:
@@ -61,6 +62,7 @@ class Run:
     options: RunOptions
     last_compute_s: list | None = None  # each rank's compute seconds on the latest measured update
     compiled_shapes: set = field(default_factory=set)  # micro-batch shapes the step has been compiled for
+    resumed: Resumed | None = None  # what a resume found (reported in metrics.jsonl)
 
     @property
     def total_steps(self) -> int:
@@ -79,7 +81,8 @@ def planned_steps(cfg: Config, num_samples: int, world_size: int) -> int:
     return max(1, math.ceil(t.epochs * micro_per_epoch / t.grad_accumulation))
 
 
-def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None = None) -> Run:
+def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None = None,
+              allow_changes: bool = False) -> Run:
     """Set up a run on this rank (every rank calls it; it contains collectives).
 
     Args:
@@ -88,33 +91,43 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
         resume (str | bool | None): ``True``: the newest checkpoint in
             ``checkpoint.dir``; a path: that checkpoint; ``None``: start fresh.
         options (RunOptions | None): Hooks and the benchmark's switches. Default: ``None``.
+        allow_changes (bool): Resume even though the recipe or the data
+            changed since the checkpoint (``--allow-changes``). Default: ``False``.
     """
     options = options or RunOptions()
     run_dir = Path(cfg.checkpoint.dir)
     world.print0(f"[mlx-dp] resolved recipe:\n{cfg.to_yaml()}")
     if world.is_main:
         checkpoint.check_writable(run_dir)
+        removed = checkpoint.clean_stale_temporaries(run_dir)
+        if removed:
+            world.print0(f"[mlx-dp] removed {len(removed)} temporary file(s) left by an earlier run that died: "
+                         + ", ".join(removed[:4]) + (" ..." if len(removed) > 4 else ""))
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     health.status(world, run_dir, "running", step=0)
 
     model, tokenizer, adapter_cfg = _load_model(cfg, world)
     splits = _load_data(cfg, world, tokenizer)
     t = cfg.training
+    dataset = splits["train"].fingerprint()
     state = TrainingState(world_size=world.size, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
                           total_steps=planned_steps(cfg, len(splits["train"]), world.size), versions=versions(),
-                          recipe_digest=digest(cfg.to_yaml()))
+                          recipe_digest=digest(cfg.to_yaml()), dataset=dataset)
     _check_enough_data(cfg, world, splits["train"], state)
     stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple)
     optimizer = build_optimizer(t, state.total_steps)
     balancer = _balancer(cfg, world)
-    saved_optimizer = None
+    saved_optimizer, resumed = None, None
     if resume is not None:
-        state, saved_optimizer = _restore(cfg, world, run_dir, resume, model, stream, state)
+        # The optimizer state goes in place in _step_functions, before mx.compile captures it.
+        state, saved_optimizer, resumed = restore(cfg, world, run_dir, resume, model, stream, state,
+                                                  trainable_parameters(model), dataset, allow_changes,
+                                                  note=world.print0)
         balancer = _restored_balancer(balancer, state, world)
 
     # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
     check_agreement(world, {
-        "recipe": state.recipe_digest, **versions(), "dataset": splits["train"].fingerprint(),
+        "recipe": state.recipe_digest, **versions(), "dataset": dataset,
         "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable_parameters(model).items()]),
         "trainable values": _weights_digest(model),
     })
@@ -124,7 +137,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     fns = _step_functions(cfg, model, optimizer, reducer, saved_optimizer)
     return Run(cfg=cfg, world=world, run_dir=run_dir, model=model, tokenizer=tokenizer, adapter_config=adapter_cfg,
                splits=splits, stream=stream, optimizer=optimizer, reducer=reducer, fns=fns, state=state,
-               balancer=balancer, options=options)
+               balancer=balancer, options=options, resumed=resumed)
 
 
 def _load_model(cfg: Config, world: World):
@@ -158,36 +171,6 @@ def _check_enough_data(cfg: Config, world: World, train, state: TrainingState) -
     world.print0(f"[mlx-dp] world: {world.size} rank(s); global batch = {t.batch_size} x {world.size} x "
                  f"{t.grad_accumulation} = {state.global_batch} sequences per update; "
                  f"{len(train)} training samples; {state.total_steps} updates")
-
-
-def _restore(cfg: Config, world: World, run_dir: Path, resume, model, stream: BatchStream,
-             fresh: TrainingState) -> tuple[TrainingState, dict]:
-    """Load a checkpoint into the model, RNG and data stream; return the state to continue and the
-    saved optimizer state (unsharded; ``_step_functions`` puts it in place)."""
-    path = checkpoint.find_resume(run_dir, resume if isinstance(resume, str) else None)
-    ckpt = checkpoint.load_checkpoint(path)
-    saved = ckpt.state
-    checkpoint.check_weights_match(ckpt.weights, trainable_parameters(model), path)
-    if saved.global_batch != fresh.global_batch and not cfg.parallel.allow_world_size_change:
-        raise UserError(
-            f"checkpoint {path} was trained with a global batch of {saved.global_batch} "
-            f"({saved.world_size} ranks x {saved.batch_size} x {saved.grad_accumulation}), "
-            f"but this run has {fresh.global_batch}; keep batch_size x ranks x grad_accumulation equal, or set "
-            "parallel.allow_world_size_change=true")
-    model.load_weights(list(ckpt.weights.items()), strict=False)
-    # mx.random.state cannot be assigned in mlx 0.32, but its key is two
-    # uint32 words and seed(s) sets the key to [s >> 32, s & 0xffffffff].
-    hi, lo = saved.rng_key
-    mx.random.seed((hi << 32) | lo)
-    note = stream.restore(saved.data)
-    if note:
-        world.print0(f"[mlx-dp] {note}")
-    world.print0(f"[mlx-dp] resumed from {path} at update {saved.step} "
-                 f"(epoch {saved.data.epoch}, batch {saved.data.index})")
-    # This run's shape and provenance, the checkpoint's progress.
-    fresh.step, fresh.data, fresh.best, fresh.val_loss = saved.step, stream.position(), saved.best, saved.val_loss
-    fresh.balance = saved.balance
-    return fresh, ckpt.optimizer
 
 
 def _balancer(cfg: Config, world: World) -> Balancer:

@@ -7,11 +7,12 @@ adapters and the split, and runs it on every rank.
 import dataclasses
 from pathlib import Path
 
+from ..cluster.connect import join
 from ..core.data import load_splits
 from ..core.evaluate import evaluate_loss, exact_match
 from ..core.model import load_base
-from ..core.parallel import init_world
 from ..errors import CheckpointError, DataError
+from .adapters import load_trained
 
 
 def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) -> dict:
@@ -24,16 +25,14 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
             scores the base model.
         split_name (str | None): ``test`` or ``valid``; default ``eval.split``.
     """
-    world = init_world(cfg.parallel.backend)
+    world = join(cfg.parallel.backend, cfg.parallel.timeout_s)
     model, tokenizer, _ = load_base(cfg.model)
     source = Path(checkpoint or cfg.checkpoint.dir)
     if checkpoint != "none":
-        from mlx_lm.tuner.utils import load_adapters
-
         if not (source / "adapters.safetensors").is_file():
             raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint "
                                   "(or --checkpoint none for the base model)")
-        load_adapters(model, str(source))
+        load_trained(model, cfg, source)
     split_name = split_name or cfg.eval.split
     data_cfg = dataclasses.replace(cfg.data, packing=False)
     splits = world.rank0_first(lambda: load_splits(data_cfg, tokenizer, (split_name,), show_progress=world.is_main))

@@ -4,11 +4,36 @@ This is mlx-lm's own fuse path (``mlx_lm.fuse``): load the base with the
 adapters, replace each adapter layer by its ``fuse()`` result, save with
 ``mlx_lm.utils.save``. It is repeated here only because ``mlx_lm.fuse``
 exposes it as a command-line ``main()``, not as a function.
+
+Nothing is overwritten: ``--out`` must be new or empty and must not be the
+run directory; the model is written to a temporary directory beside it and
+renamed into place, so a failed export leaves nothing half-written.
 """
 
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError
+
+
+def check_destination(out: Path, run_dirs) -> None:
+    """Refuse an ``--out`` that holds files, or that is the run directory itself.
+
+    Raises:
+        CheckpointError: Naming the directory and a file that would be overwritten.
+    """
+    target = out.resolve()
+    for run_dir in run_dirs:
+        if target == Path(run_dir).resolve():
+            raise CheckpointError(f"--out {out} is the run directory itself; export into a new directory")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"--out {out} is a file; export into a new directory")
+    if target.is_dir():
+        present = sorted(p.name for p in target.iterdir())
+        if present:
+            raise CheckpointError(f"--out {out} already holds files ({', '.join(present[:3])}"
+                                  f"{', ...' if len(present) > 3 else ''}); export into a new or empty directory")
 
 
 def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = False) -> Path:
@@ -16,26 +41,23 @@ def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = Fals
 
     Args:
         cfg (trainer.core.config.Config): The recipe (model.path names the base).
-        out (str): Destination directory (created; must not hold a model already).
+        out (str): Destination directory: new, or empty.
         checkpoint (str | None): Adapters to fuse: a run directory or a
             ``checkpoints/step_*`` directory; default ``checkpoint.dir``.
         dequantize (bool): Write a dequantized (full-precision) model from a
             quantized (QLoRA) base. Default: ``False``.
     """
     from mlx.utils import tree_unflatten
-    from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, save
 
     from ..core.model import load_base, resolve_model_path
+    from .adapters import load_trained
 
     source = Path(checkpoint or cfg.checkpoint.dir)
-    if not (source / "adapters.safetensors").is_file():
-        raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint")
     target = Path(out)
-    if (target / "config.json").exists():
-        raise CheckpointError(f"{target} already holds a model; choose another --out")
+    check_destination(target, [source, cfg.checkpoint.dir])
     model, tokenizer, config = load_base(cfg.model)
-    load_adapters(model, str(source))
+    load_trained(model, cfg, source)
     fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()
              if hasattr(module, "fuse")]
     if fused:
@@ -44,5 +66,14 @@ def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = Fals
         model = dequantize_model(model)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    save(target, resolve_model_path(cfg.model.path), model, tokenizer, config, donate_model=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp{os.getpid()}"
+    try:
+        save(staging, resolve_model_path(cfg.model.path), model, tokenizer, config, donate_model=False)
+        check_destination(target, [])  # nothing appeared there meanwhile
+        os.replace(staging, target)  # an empty directory is replaced; a new one created
+    except OSError as e:
+        raise CheckpointError(f"could not write the model to {target}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
