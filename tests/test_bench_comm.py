@@ -22,3 +22,5 @@ def test_bench_comm_end_to_end(tmp_path):
     assert len(timeline["buckets"]) == data["buckets"] and timeline["backward_end_s"] > 0
     assert data["tcp_gbps"]["one_way"] > 0 and data["busbw_sweep"]
     assert "exposed communication fraction" in result.stdout
+    assert set(data["reduce_scatter_s"]) == {"sendrecv", "all_sum"} and all(v > 0 for v in data["reduce_scatter_s"].values())
+    assert "reduce-scatter of one" in result.stdout

@@ -142,6 +142,11 @@ def print_table(result: dict) -> None:
           f"ours vs average_gradients {fmt(result['overlap_vs_average_gradients'], '.2f')}x")
     sweep = "  ".join(f"{int(k) // 1024}K:{v:.2f}" for k, v in result["busbw_sweep"].items())
     print(f"all_sum busbw GB/s by size: {sweep}")
+    scatter = result.get("reduce_scatter_s")
+    if scatter:
+        print(f"reduce-scatter of one {result['bucket_mb']:g} MiB bucket (parallel.shard_optimizer): send/recv "
+              f"{scatter['sendrecv'] * 1e3:.1f} ms, all_sum + slice {scatter['all_sum'] * 1e3:.1f} ms "
+              f"({scatter['all_sum'] / scatter['sendrecv']:.2f}x)")
     tcp = result.get("tcp_gbps") or {}
     print(f"busbw at bucket size {fmt(result['busbw_at_bucket'], '.2f')} GB/s = {fmt(result['busbw_ratio'])} of best "
           f"{fmt(result['busbw_best_gbps'], '.2f')}; raw TCP {fmt(tcp.get('one_way'), '.2f')} GB/s one way, "

@@ -41,7 +41,6 @@ def worker(spec_path: str) -> int:
     n_params = sum(v.size for v in params.values())
     grad_bytes = sum(v.nbytes for v in params.values())
     optimizer = optim.AdamW(1e-6, weight_decay=0.0)
-    fns = StepFunctions(model, optimizer, max_grad_norm=None)
     forward = make_eval_loss(model)
     vocab = model.args.vocab_size if hasattr(model, "args") else 256
     tokens = np.random.default_rng(world.rank).integers(0, vocab, (spec["batch"], spec["seq"] + 1)).astype(np.int32)
@@ -52,6 +51,9 @@ def worker(spec_path: str) -> int:
     order = backward_order(model, arrays[0])
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
                            int(spec["bucket_mb"] * MiB), int(spec["first_bucket_mb"] * MiB))
+    del params  # holding the first weights would keep a second copy alive once the updates replace them
+    # the update is applied bucket by bucket, as in training
+    fns = StepFunctions(model, optimizer, max_grad_norm=None, groups=[list(b.names) for b in buckets])
     stream = resolve_comm_stream(spec["comm_stream"])
     reducers = {"serial": GradientReducer(world, buckets, overlap=False, stream=stream),
                 "overlap": GradientReducer(world, buckets, overlap=True, stream=stream),
@@ -90,6 +92,7 @@ def worker(spec_path: str) -> int:
     timeline = record_timeline(world, step, reducers["overlap"], order) if world.size > 1 else None
     sweep, at_bucket = busbw_sweep(world, spec["sweep_bytes"], int(spec["bucket_mb"] * MiB), spec["sweep_reps"])
     tcp = tcp_bandwidth(world) if world.size > 1 else None
+    scatter = reduce_scatter_times(world, int(spec["bucket_mb"] * MiB), spec["sweep_reps"]) if world.size > 1 else None
 
     per_rank = world.all_gather_bytes(json.dumps({"times": times, "peaks": peaks}).encode())
     if world.rank == 0:
@@ -109,6 +112,7 @@ def worker(spec_path: str) -> int:
             "peak_memory_unbucketed_bytes": max(r["peaks"]["unbucketed"] for r in ranks),
             "step_time_unbucketed_s": median(times["unbucketed"]),
             "busbw_sweep": sweep, "busbw_at_bucket": at_bucket, "tcp_gbps": tcp, "timeline": timeline,
+            "reduce_scatter_s": scatter,
             "raw_step_times_s": times,
         }
         with open(spec["out"], "w") as f:
@@ -174,6 +178,38 @@ def record_timeline(world, step, reducer, order):
         "backward_end_s": events["backward_end"],
         "step_end_s": step_end,
     }
+
+
+def reduce_scatter_times(world, nbytes: int, reps: int) -> dict:
+    """Median seconds of one bucket's reduce-scatter (parallel.shard_optimizer) by method.
+
+    ``sendrecv`` (the ring's own, from send/recv) against ``all_sum`` and a slice,
+    which moves twice the bytes; the trainer uses whichever the backend offers
+    first (``sum_scatter``, else ``sendrecv``).
+    """
+    import mlx.core as mx
+
+    from ..core.parallel import Bucket
+    from ..core.parallel.shards import ShardedReducer, ShardPlan
+
+    size = nbytes // 4
+    bucket = Bucket(("x",), ((size,),), (size,), (mx.float32,), mx.float32)
+    plan = ShardPlan.make([bucket], world.size)
+    x = mx.random.normal((size,), key=mx.random.key(world.rank))
+    mx.eval(x)
+    out = {}
+    for method in ("sendrecv", "all_sum"):
+        reducer = ShardedReducer(world, plan, method=method)
+        reducer.plan_checked = True  # one plan, built the same on every rank
+        samples = []
+        for r in range(reps + 1):
+            world.barrier()
+            start = time.perf_counter()
+            mx.eval(reducer.reduce_scatter({"x": x}))  # note: sync point
+            if r:
+                samples.append(time.perf_counter() - start)
+        out[method] = median(samples)
+    return out
 
 
 def busbw_sweep(world, sizes: list[int], bucket_bytes: int, reps: int):

@@ -9,9 +9,9 @@ the state per rank falls by the world size. An update:
    timings and each rank's sum of squared gradient shards, so the global
    gradient norm (for clipping) and the non-finite decision are identical on
    every rank;
-3. applies the optimizer to this rank's weight shards (compiled, like the
-   unsharded update in ``trainer.core.step``);
-4. all-gathers the updated weight shards into whole buckets and puts them
+3. applies the optimizer to this rank's weight shards, bucket by bucket
+   (``trainer.core.update``, as the unsharded update does);
+4. all-gathers each updated weight shard into its whole bucket and puts it
    into the model.
 
 The optimizers are mlx.optimizers' own, applied to flat shards, which is exact
@@ -23,16 +23,14 @@ gathers the shards into the unsharded layout (a collective), which resumes
 sharded or not, on any world size.
 """
 
-from functools import partial
-
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from ..errors import ConfigError
 from .parallel.shards import ShardedReducer
-from .step import _select_inplace
+from .update import BucketedUpdate, clip_scale
 
 SHARDABLE = (optim.AdamW, optim.Adam, optim.SGD)  # element-wise: a flat shard updates like the whole
 
@@ -62,23 +60,10 @@ class ShardedOptimizer:
         self.plan, self.world = reducer.plan, reducer.world
         self.max_grad_norm = max_grad_norm
         self.shards = self._weight_shards()  # this rank's weights, flat; the next update starts from them
-        if saved_state is not None:  # before compiling: mx.compile captures optimizer.state as it is then
+        if saved_state is not None:
             self._load_full_state(saved_state)
         optimizer.init(self.shards)
-
-        @partial(mx.compile, inputs=[optimizer.state], outputs=[optimizer.state])
-        def update(shards: dict, weights: dict, loss_sum, norm_squared):
-            norm = mx.sqrt(norm_squared)
-            if max_grad_norm is not None:  # as optim.clip_grad_norm, with the norm summed over ranks
-                scale = mx.minimum(max_grad_norm / (norm + 1e-6), 1.0)
-                shards = tree_map(lambda g: g * scale, shards)
-            finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
-            old_state = tree_map(lambda x: x, optimizer.state)
-            new = optimizer.apply_gradients(shards, weights)
-            _select_inplace(optimizer.state, old_state, finite)  # a skipped update leaves no trace
-            return tree_map(lambda n, o: mx.where(finite, n, o), new, weights), norm, finite
-
-        self._update = update
+        self._bucketed = BucketedUpdate(optimizer, [[_key(i)] for i in range(len(self.plan.buckets))])
 
     def _weight_shards(self) -> dict:
         """This rank's shard of each bucket's weights, flat (copies of the model's)."""
@@ -94,25 +79,39 @@ class ShardedOptimizer:
     def apply(self, shards: list, loss_sum: mx.array, norm_squared: mx.array):
         """Update this rank's shards and gather every rank's into the model, bucket by bucket.
 
-        The gather of each bucket is evaluated before the next, so the model's
-        old weights are freed one bucket at a time: an update never holds two
-        copies of every weight.
+        Each bucket is evaluated before the next, so old and new weights and
+        moments coexist for one bucket at a time (``trainer.core.update``).
 
         Returns:
             tuple: ``(norm, finite)``, evaluated.
         """
-        weights = self.shards
-        grads = {_key(i): shard.astype(weights[_key(i)].dtype) for i, shard in enumerate(shards)}
-        new, norm, finite = self._update(grads, weights, loss_sum, norm_squared)
-        self.shards = new
+        norm = mx.sqrt(norm_squared)  # summed over ranks from each rank's shards: clip_grad_norm's norm
+        finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
+        if not finite.item():  # note: sync point; a skipped update leaves no trace, on every rank alike
+            return norm, finite
+        scale = clip_scale(norm, self.max_grad_norm)
+        self._bucketed.advance()
+        previous = None
         for i, bucket in enumerate(self.plan.buckets):
-            whole = self.reducer.gather(i, new[_key(i)])
+            key = _key(i)
+            grad = {key: shards[i].astype(self.shards[key].dtype)}
+            new = self._bucketed.apply(i, grad, {key: self.shards[key]}, scale)[key]
+            whole = self.reducer.gather(i, new)
             pos, updates = 0, []
             for name, shape, size, dtype in zip(bucket.names, bucket.shapes, bucket.sizes, bucket.dtypes):
                 updates.append((name, whole[pos:pos + size].reshape(shape).astype(dtype)))
                 pos += size
+            start, stop = self.plan.bounds[i][self.world.rank]
+            # This rank's shard is a view of the gathered bucket the model's weights view too: no extra copy.
+            self.shards[key] = whole[start:stop]
             self.model.load_weights(updates, strict=False)
-            mx.eval([w for _, w in updates])  # note: sync point per bucket (see above)
+            # Dispatch this bucket and wait for the one before: the gather of one bucket overlaps the
+            # update of the next, and at most two buckets' old and new weights coexist.
+            mx.async_eval([w for _, w in updates], self.shards[key])
+            if previous is not None:
+                mx.eval(previous)  # note: sync point per bucket (see above)
+            previous = [w for _, w in updates]
+        mx.eval(previous)
         return norm, finite
 
     # ------------------------------------------------------------ checkpoints

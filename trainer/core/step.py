@@ -15,9 +15,10 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from .batches import Batch
+from .update import BucketedUpdate, clip_scale, global_norm
 
 
 def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx.array:
@@ -42,26 +43,16 @@ def to_arrays(batch: Batch) -> tuple:
     return arrays if batch.segments is None else (*arrays, mx.array(batch.segments))
 
 
-def _select_inplace(tree, old, keep_new: mx.array) -> None:
-    """Where ``keep_new`` is false, put ``old``'s leaves back into ``tree`` (in place)."""
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for key, value in list(items):
-        if isinstance(value, (dict, list)):
-            _select_inplace(value, old[key], keep_new)
-        elif isinstance(value, mx.array):
-            tree[key] = mx.where(keep_new, value, old[key])
-
-
 class StepFunctions:
     """Compiled pieces of one optimizer update.
 
     * ``grads(scale, inputs, targets, mask[, segments])``: forward + backward
       of one micro-batch, returning ``(loss_sum, grads)``; the gradient is of
       ``loss_sum * scale``.
-    * ``update(grads, loss_sum)``: clip, check finiteness, apply the optimizer.
-      A non-finite loss or gradient norm leaves weights and optimizer state
-      untouched. Inputs are already summed over ranks, so every rank takes
-      the same decision.
+    * ``update(grads, loss_sum)``: check finiteness, clip, apply the optimizer
+      bucket by bucket (``trainer.core.update``). A non-finite loss or
+      gradient norm leaves weights and optimizer state untouched. Inputs are
+      already summed over ranks, so every rank takes the same decision.
 
     With optimizer state sharded across ranks, ``sharding``
     (``trainer.core.sharded.ShardedOptimizer``) does the update instead.
@@ -70,17 +61,21 @@ class StepFunctions:
         model (nn.Module): The model with its trainable parameters set.
         optimizer (optim.Optimizer): The optimizer (initialised here, unless sharded).
         max_grad_norm (float | None): Clip the global norm to this; ``None`` disables.
+        groups (list[list[str]] | None): Parameter names updated together, e.g.
+            the gradient buckets. Default: ``None`` (one group of everything).
         sharding (ShardedOptimizer | None): The sharded update. Default: ``None``.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float | None,
-                 sharding=None):
+                 groups: list[list[str]] | None = None, sharding=None):
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.sharding = sharding
         if sharding is None:
             optimizer.init(model.trainable_parameters())
+            self.groups = groups or [[name for name, _ in tree_flatten(model.trainable_parameters())]]
+            self._bucketed = BucketedUpdate(optimizer, self.groups)
 
         def scaled_loss(scale, inputs, targets, mask, *segments):
             loss_sum = token_loss_sum(model, inputs, targets, mask, *segments)
@@ -96,25 +91,27 @@ class StepFunctions:
             (_, loss_sum), g = value_and_grad(scale, *arrays)
             return loss_sum, g
 
-        update_state = [model.state, optimizer.state]
-
-        @partial(mx.compile, inputs=update_state, outputs=update_state)
-        def update(g, loss_sum):
-            if max_grad_norm is not None:
-                g, norm = optim.clip_grad_norm(g, max_grad_norm)
-            else:
-                # mx.square, not x ** 2: power() is ~5x slower on the CPU backend
-                norm = mx.sqrt(sum(mx.square(x.astype(mx.float32)).sum() for _, x in tree_flatten(g)))
-            finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
-            params = model.trainable_parameters()
-            old_state = tree_map(lambda x: x, optimizer.state)
-            new_params = optimizer.apply_gradients(g, params)
-            model.update(tree_map(lambda new, old: mx.where(finite, new, old), new_params, params))
-            _select_inplace(optimizer.state, old_state, finite)
-            return norm, finite
-
         self.grads = grads
-        self.update = update
+
+    def update(self, grads: dict, loss_sum: mx.array):
+        """Clip and apply summed gradients (flat ``name -> gradient``; emptied as it goes).
+
+        Returns:
+            tuple: ``(norm, finite)``, evaluated.
+        """
+        norm = global_norm([grads[name] for group in self.groups for name in group])
+        finite = mx.logical_and(mx.isfinite(norm), mx.isfinite(loss_sum))
+        if not finite.item():  # note: sync point; a skipped update leaves no trace, on every rank alike
+            return norm, finite
+        scale = clip_scale(norm, self.max_grad_norm)
+        self._bucketed.advance()
+        params = dict(tree_flatten(self.model.trainable_parameters()))
+        for index, group in enumerate(self.groups):
+            new = self._bucketed.apply(index, {n: grads.pop(n) for n in group}, {n: params.pop(n) for n in group},
+                                       scale)
+            self.model.load_weights(list(new.items()), strict=False)
+            mx.eval(new)  # note: sync point per bucket, so old and new weights coexist for one bucket only
+        return norm, finite
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (its shards only, when sharded)."""
@@ -171,6 +168,7 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     extra = mx.concatenate([local_loss.reshape(1), mx.array([float(stop), *seconds], mx.float32)])
     flat = dict(tree_flatten(grads))
     del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
+    world.waiting("sync")  # everything is dispatched; the update below waits for the peers' buckets
     if fns.sharding is not None:
         # Each rank gets its shard of every bucket summed; the global norm is the sum of the
         # ranks' squared shards, which rides in the one small all_sum with the loss and flags.
@@ -181,7 +179,7 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         extra = extra[:-1]
     else:
         summed, extra = reducer.reduce(flat, extra=extra)
-        norm, finite = fns.update(tree_unflatten(list(summed.items())), extra[0])
+        norm, finite = fns.update(summed, extra[0])  # note: syncs per bucket
     return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "compute_s": extra[2:],
             "tokens": total_tokens}
 

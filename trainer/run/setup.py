@@ -211,7 +211,7 @@ def _step_functions(cfg: Config, model, optimizer, reducer, saved_optimizer: dic
     if not getattr(reducer, "sharded", False):
         if saved_optimizer is not None:
             optimizer.state = saved_optimizer
-        return StepFunctions(model, optimizer, t.max_grad_norm)
+        return StepFunctions(model, optimizer, t.max_grad_norm, groups=[list(b.names) for b in reducer.buckets])
     sharding = ShardedOptimizer(model, optimizer, reducer, t.max_grad_norm, saved_state=saved_optimizer)
     fns = StepFunctions(model, optimizer, t.max_grad_norm, sharding=sharding)
     reducer.world.print0(f"[mlx-dp] optimizer state sharded over {reducer.world.size} rank(s): "

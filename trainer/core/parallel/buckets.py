@@ -10,6 +10,7 @@ interface: :class:`PassThroughReducer` (no reduction) and
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .world import World, check_agreement, digest
 
@@ -240,7 +241,8 @@ class AverageGradientsReducer:
 
         if self.world.size == 1:
             return grads, extra
-        averaged = average_gradients(grads, group=self.world.group)
+        # it returns a nested tree (it unflattens dotted names): flatten it back like the other reducers
+        averaged = dict(tree_flatten(average_gradients(grads, group=self.world.group)))
         total = None if extra is None else mx.distributed.all_sum(extra, group=self.world.group)
         return averaged, total
 

@@ -64,6 +64,11 @@ class World:
         x = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group, stream=mx.cpu)
         return [float(v) for v in x.tolist()]  # note: sync point
 
+    def waiting(self, phase: str = "sync") -> None:
+        """Tell the watchdog this rank now waits on its peers (the gradient reduction of an update)."""
+        if self.size > 1:
+            _monitor.phase(phase)
+
     def barrier(self, phase: str = "barrier") -> None:
         """Wait until every rank arrives."""
         self.all_sum([1.0], phase=phase)
