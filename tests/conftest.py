@@ -92,7 +92,7 @@ def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None
 
     Output goes to ``tmp_path / f"rank{r}.log"``.
     """
-    from trainer.cluster.launch import write_ring_hostfile
+    from trainer.cluster.ports import write_ring_hostfile
 
     hostfile = write_ring_hostfile(tmp_path / "hosts.json", len(args_per_rank))
     procs = []

@@ -12,12 +12,12 @@ reads its metrics back through ``scaling_report``.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from . import scaling_report as report
+from ..cluster.ports import free_port_block
 from .scaling_plan import BenchError, Plan, Run, RunFailed, bench_overrides
 
 TAIL_LINES = 25
@@ -62,40 +62,15 @@ def _logged(command: list[str], log_base: Path) -> list[str]:
     return ["/bin/sh", "-c", 'exec "$@" >"$0.rank$MLX_RANK.log" 2>&1', str(log_base), *command]
 
 
-def free_port_block(n: int, tries: int = 50) -> int:
-    """A port p with p..p+n-1 all free on loopback now (mlx.launch -n gives rank r port p+r).
-
-    Args:
-        n (int): Consecutive ports needed.
-        tries (int): Random starting points to try. Default: ``50``.
-    """
-    from ..cluster.launch import free_ports
-
-    for _ in range(tries):
-        base = free_ports(1)[0]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise BenchError(f"found no {n} consecutive free TCP ports on loopback for mlx.launch")
-
-
 def _mlx_launch(plan: Plan, n: int, command: list[str], env: dict, log_base: Path) -> int:
     exe = str(Path(sys.executable).parent / "mlx.launch")
     if plan.hostfile and n > 1:
         where = ["--hostfile", plan.hostfile]
     else:  # a free port block: other jobs on this machine may hold mlx.launch's default 32323
-        where = ["-n", str(n), "--starting-port", str(free_port_block(n))]
+        port = free_port_block(n)
+        if port is None:
+            raise BenchError(f"found no {n} consecutive free TCP ports on loopback for mlx.launch")
+        where = ["-n", str(n), "--starting-port", str(port)]
     env_args = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
     with open(f"{log_base}.log", "w") as out:
         # stdin: mlx.launch makes its stdin non-blocking, which would also change our terminal's.
