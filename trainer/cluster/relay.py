@@ -102,7 +102,11 @@ class _Lines:
         self.partial = parts[-1] + hold
         out = []
         for i in range(0, len(parts) - 1, 2):
-            out.append((self.prefix if self.fresh else b"") + parts[i] + parts[i + 1].replace(b"\r\n", b"\n"))
+            text, end = parts[i], parts[i + 1].replace(b"\r\n", b"\n")
+            if not text and end == b"\r" and self.fresh:  # a bar's leading \r: no line of its own
+                out.append(end)
+                continue
+            out.append((self.prefix if self.fresh else b"") + text + end)
             self.fresh = True
         return b"".join(out)
 
