@@ -39,6 +39,23 @@ def _hermetic_env(tmp_path_factory):
     yield
 
 
+HIDE_MATPLOTLIB = """import sys
+class _Hidden:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+sys.meta_path.insert(0, _Hidden())
+"""
+
+
+def without_matplotlib(tmp_path: Path) -> dict:
+    """Environment in which no process can import matplotlib, as after a plain install without it."""
+    site = tmp_path / "hide-matplotlib"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HIDE_MATPLOTLIB)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
 def tiny_recipe(tmp_path: Path, name: str = "recipe.yaml", **sections) -> Path:
     """A small LoRA recipe on the shipped tiny model, with section overrides.
 

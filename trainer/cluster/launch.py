@@ -136,7 +136,8 @@ def _complete_args(args: argparse.Namespace, hostfile) -> None:
         args.env += [f"COLUMNS={cols}", f"LINES={lines}"]
     if args.starting_port is None:
         local = all(h.ssh_hostname == mlx_launcher.LOCAL_HOST for h in hostfile.hosts)
-        ports = len(hostfile.hosts) * max(1, args.connections_per_ip) * max(1, max(len(h.ips) for h in hostfile.hosts))
+        per_host = max(1, args.connections_per_ip) * max(1, max(len(h.ips) for h in hostfile.hosts))
+        ports = len(hostfile.hosts) * per_host
         args.starting_port = (free_port_block(ports) if local else None) or DEFAULT_PORT
 
 
