@@ -143,7 +143,10 @@ def _complete_args(args: argparse.Namespace, hostfile) -> None:
 
 def stock_argv(args: argparse.Namespace, command: list[str]) -> list[str]:
     """The same job as ``mlx.launch``'s arguments (without mlx-dp's own options)."""
-    argv = ["--hostfile", args.hostfile] if args.hostfile else ["--hosts", args.hosts, "-n", str(args.repeat_hosts or 1)]
+    if args.hostfile:
+        argv = ["--hostfile", args.hostfile]
+    else:
+        argv = ["--hosts", args.hosts, "-n", str(args.repeat_hosts or 1)]
     if args.backend:
         argv += ["--backend", args.backend]
     for env in args.env:
