@@ -1,6 +1,6 @@
 """Shared test helpers: the shipped tiny model, recipes in tmp dirs, CLI runners.
 
-Multi-process tests launch real processes (the lean launcher, or mlx.launch)
+Multi-process tests launch real processes (`mlx-dp launch`, or mlx.launch)
 on loopback; nothing of MLX is mocked.
 """
 
@@ -91,7 +91,7 @@ def mlx_dp(*args: str, timeout: float = 300, env: dict | None = None,
 
 def launched(n: int, *args: str, timeout: float = 300, env: dict | None = None,
              faults: str | None = None) -> subprocess.CompletedProcess:
-    """``mlx-dp ARGS`` on n local ranks through the lean launcher."""
+    """``mlx-dp ARGS`` on n local ranks through ``mlx-dp launch``."""
     return run([MLX_DP, "launch", "-n", str(n), "--", *mlx_dp_command(faults), *args], timeout=timeout, env=env)
 
 
