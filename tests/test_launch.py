@@ -126,6 +126,18 @@ def test_bad_arguments_are_one_line():
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_rank_that_cannot_be_started_is_one_line(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]},
+                                              {"ssh": "mac2.invalid", "ips": ["10.9.9.9"]}]}))
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = subprocess.run([MLX_DP, "launch", "--hostfile", str(hostfile), "--", "true"], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "PATH": str(empty)}, stdin=subprocess.DEVNULL)
+    assert result.returncode == 127 and "Traceback" not in result.stderr
+    assert "mlx-dp launch: error: could not start the ranks:" in result.stderr and "'ssh'" in result.stderr
+
+
 def test_an_mlx_without_the_reused_internals_falls_back_to_mlx_launch(tmp_path):
     # Hide one internal in the mlx-dp process only; mlx.launch itself still has it.
     (tmp_path / "sitecustomize.py").write_text(

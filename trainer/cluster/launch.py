@@ -88,6 +88,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
         parser.error("give either --hostfile (its hosts are the ranks) or -n, not both")
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.grace < 0:
+        parser.error("--grace must be 0 or more seconds")
     return parser, args, command
 
 
@@ -110,15 +112,23 @@ def main(argv: list[str], output=None) -> int:
                     else Hostfile.from_list(args.hosts, args.repeat_hosts or 1))
     except ValueError as e:
         parser.error(str(e))
+    as_given = argparse.Namespace(**vars(args))  # for a fallback to mlx.launch, before ours is added
     _complete_args(args, hostfile)
     if args.backend == "mpi":
         return mlx_launcher.run_mpi(parser, hostfile.hosts, args, command)
-    specs = mlx_launcher.rank_specs(parser, hostfile.hosts, args, command)
+    try:
+        specs = mlx_launcher.rank_specs(parser, hostfile.hosts, args, command)
+    except RuntimeError as e:  # MLX's launcher changed in a way the checks did not catch
+        return run_stock(as_given, command, [str(e)])
     from .relay import Output
     from .supervisor import Supervisor
 
     output = output or Output(prefix=args.prefix_output)
-    return Supervisor(specs, output, timeout=args.timeout, grace_s=args.grace, verbose=args.verbose).run()
+    try:
+        return Supervisor(specs, output, timeout=args.timeout, grace_s=args.grace, verbose=args.verbose).run()
+    except OSError as e:  # e.g. no ssh on this machine; every rank started so far has been killed
+        print(f"{PROG}: error: could not start the ranks: {e}", file=sys.stderr, flush=True)
+        return 127
 
 
 def _complete_args(args: argparse.Namespace, hostfile) -> None:
