@@ -38,8 +38,10 @@ trust), ``scaling_report`` (the numbers and the table) and ``scaling_chart``
 """
 
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +161,20 @@ def write_outputs(doc: dict, json_path: str | None, png_path: str | None) -> Non
         print(f"[bench] wrote {png}")
 
 
+def _stop_on_termination() -> None:
+    """SIGTERM and SIGHUP end the benchmark as Ctrl-C does, so the launch in progress (a session of
+    its own) is stopped with it rather than left running."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, interrupt)
+
+
 def main(argv: list[str]) -> int:
     """``mlx-dp bench scaling ...``; returns the exit status.
 
@@ -168,6 +184,7 @@ def main(argv: list[str]) -> int:
     from ..cluster.netem import NetemError
     from ..tools.fastblas import FastBlasError
 
+    _stop_on_termination()
     try:
         plan = make_plan(parse_args(argv))
         if plan.vs_mlx_lm:
