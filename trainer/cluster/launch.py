@@ -50,10 +50,11 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip("`: ").split("\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description="Start the ranks of a distributed MLX job as mlx.launch "
+                                "does, without its spinning relay, with a truthful exit status.",
                                 epilog="Everything after the options (or after --) is the command each rank runs.")
     mlx = p.add_argument_group("as mlx.launch")
-    mlx.add_argument("-n", "--repeat-hosts", dest="repeat_hosts", type=_positive, default=None,
+    mlx.add_argument("-n", "--repeat-hosts", dest="repeat_hosts", type=_positive, default=None, metavar="N",
                      help="ranks per host of --hosts (default 1)")
     mlx.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts (default 127.0.0.1: this machine)")
     mlx.add_argument("--hostfile", default=None, help="JSON hostfile, as written by mlx.distributed_config")
