@@ -93,9 +93,11 @@ def run_round(plan: Plan, round_index: int, work: Path, measured: dict, adapters
             adapters[(run.kind, run.launcher, run.world_size)] = run_dir
             summary = (f"{measured[run]['tokens_per_s']:.0f} tok/s, median step "
                        f"{measured[run]['step_time_median_s']:.3f} s")
-        cpu = measured[run].get("launcher_cpu")
+        cpu, others = measured[run].get("launcher_cpu"), measured[run].get("other_cpu")
         if cpu is not None:
             summary += f", launcher CPU {cpu:.1%} of a core"
+        if others is not None:
+            summary += f", other processes {others:.2f} cores"
         progress.end(summary, time.monotonic() - start)
 
 

@@ -141,11 +141,11 @@ def run_mlx_lm(plan: Plan, run: Run, work: Path) -> tuple[dict, Path]:
         env.update(LD_PRELOAD=plan.shim,
                    OPENBLAS_NUM_THREADS=str(blas_threads(plan, run.world_size) or os.cpu_count() or 1))
     log_base = base / "log"
-    code, launcher_cpu = launch_ranks(plan, run, command, env, log_base)
+    code, cpu = launch_ranks(plan, run, command, env, log_base)
     rows = report.read_jsonl(reports)
     if code != 0 or len(rows) != updates or not (adapters / "adapters.safetensors").is_file():
         show_failure(run.describe(plan), code or 1, log_base)
-    return {**report.mlx_lm_window(rows, plan.warmup, plan.steps), "launcher_cpu": launcher_cpu}, adapters
+    return {**report.mlx_lm_window(rows, plan.warmup, plan.steps), **cpu}, adapters
 
 
 # ---------------------------------------------------------------------------- scoring and the comparison
@@ -187,7 +187,7 @@ def combine_rounds(per_round: list[dict]) -> dict:
                                                            "self_reported_tokens_per_s")}}
     theirs = {**last["mlx_lm"], **{k: mid("mlx_lm", k) for k in (
         "updates_per_s", "step_time_median_s", "step_time_p90_s", "self_reported_tokens_per_s",
-        "self_reported_updates_per_s", "tokens_per_s_our_definition", "launcher_cpu")}}
+        "self_reported_updates_per_s", "tokens_per_s_our_definition", "launcher_cpu", "other_cpu")}}
     ratios = [c["tokens_per_s_ratio"] for c in per_round if c["tokens_per_s_ratio"] is not None]
     own = [c["tokens_per_s_ratio_vs_its_own_timer"] for c in per_round
            if c["tokens_per_s_ratio_vs_its_own_timer"] is not None]

@@ -13,7 +13,9 @@ with the per-rank batch fixed (N ranks do N times the work of one per step):
   where t_N_skip comes from a run whose reducer skips every all_sum;
 * rank spread: the median over steps of (slowest - fastest rank's step time);
 * launcher CPU: the launcher process's own CPU time over wall time while its
-  ranks ran, in cores (its threads, not the ranks).
+  ranks ran, in cores (its threads, not the ranks);
+* others: the CPU other processes took during a run (the machine's busy time
+  minus the job's own), in cores.
 
 Each ratio is taken within one round and reported as the median over rounds
 with its range (``scaling_rounds``).
@@ -259,7 +261,7 @@ def format_table(doc: dict) -> str:
              f"per run, {doc['rounds']} round(s), BLAS {doc['blas']}{threads}, link {doc['link']}",
              f"{'launcher':13s} {'ranks':>5s} {'tok/s':>7s} {'(min-max)':13s} {'median step':>11s} "
              f"{'speedup':>7s} {'effic.':>7s} {'(min-max)':11s} {'exposed comm':>12s} {'effic. no comm':>14s} "
-             f"{'rank spread':>11s} {'peak mem/rank':>13s} {'launcher CPU':>12s}"]
+             f"{'rank spread':>11s} {'peak mem/rank':>13s} {'launcher CPU':>12s} {'others':>6s}"]
     for r in doc["results"]:
         mem = max((m for m in r["peak_memory_gb_per_rank"] if m is not None), default=None)
         valid = r.get("valid", True)
@@ -272,12 +274,13 @@ def format_table(doc: dict) -> str:
             f"{speed:>7s} {eff:>7s} {eff_range:11s} {_pct(r['exposed_comm_share']):>12s} "
             f"{_pct(r['scaling_efficiency_comm_skipped']):>14s} "
             f"{_fmt(None if r['rank_spread_s'] is None else r['rank_spread_s'] * 1e3, '8.1f', ' ms'):>11s} "
-            f"{_fmt(mem, '10.3f', ' GB'):>13s} {_pct(r.get('launcher_cpu'), 1):>12s}")
+            f"{_fmt(mem, '10.3f', ' GB'):>13s} {_pct(r.get('launcher_cpu'), 1):>12s} "
+            f"{_pct(r.get('other_cpu')):>6s}")
     lines.append("tok/s: global loss tokens per second of wall time, median over rounds (min-max); effic.: "
                  "tok/s(N) / (N x tok/s(1)) within each round, same launcher; exposed comm: (t_N - t_N with no "
                  "all_sum) / t_N on median steps; rank spread: median over steps of slowest - fastest rank; "
                  "launcher CPU: the launcher process's own CPU time over wall time while its ranks ran "
-                 "(100% = one core)")
+                 "(100% = one core); others: CPU that other processes on this machine took meanwhile")
     cpu = doc.get("launcher_cpu") or {}
     if cpu:
         lines.append("launcher CPU while ranks trained (median over rounds): " + "; ".join(

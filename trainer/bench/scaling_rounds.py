@@ -6,8 +6,14 @@ ratio is taken within a round (N's run against the 1-rank run of the same
 round and launcher), and each figure is reported as its median over rounds
 with its minimum and maximum.
 
-Two things are never reported as results:
+Three things are never reported as results:
 
+* **a round that ran next to other load**: other processes took more than
+  ``DISTURBED`` cores while one of its runs trained (the whole machine's busy
+  time minus the job's own, ``scaling_runs.wait_measuring_cpu``). N ranks on N
+  cores lose the most to a stranger, so such a round is left out and another
+  measured; if every round was disturbed, the figures come from all of them
+  and a note says so;
 * **a baseline far below its own other rounds** (a 1-rank run under
   ``OUTLIER`` x the median of the other rounds, as when two OpenBLAS threads
   fought a busy relay and one rank fell from 700 to 62 tok/s): the round is
@@ -24,6 +30,7 @@ from .scaling_plan import Plan, Run
 from .stats import median
 
 OUTLIER = 0.8  # a 1-rank round below this share of its other rounds' median is far below them
+DISTURBED = 0.25  # cores other processes may take during a run before its round is not comparable
 
 
 def spread(values: list[float]) -> dict:
@@ -47,6 +54,18 @@ def baseline_outliers(rates: dict[int, float]) -> dict[int, str]:
     return found
 
 
+def disturbed_rounds(plan: Plan, launcher: str, rounds: list[int], measured: dict) -> dict[int, str]:
+    """Rounds in which other processes took more than ``DISTURBED`` cores during one of our runs."""
+    found = {}
+    for i in rounds:
+        loads = [measured[run]["other_cpu"] for run in measured
+                 if run.round == i and run.launcher == launcher and run.kind in ("ours", "skip")
+                 and measured[run].get("other_cpu") is not None]
+        if loads and max(loads) > DISTURBED:
+            found[i] = f"round {i + 1}: other processes took {max(loads):.1f} cores during it"
+    return found
+
+
 def _ratio(a, b):
     return a / b if a and b else None
 
@@ -67,7 +86,13 @@ def _per_round(plan: Plan, launcher: str, n: int, round_index: int, measured: di
             (_ratio(skipped["tokens_per_s"], base["tokens_per_s"]) or 0) / n,
             "skipped_tokens_per_s": (skipped or {}).get("tokens_per_s"),
             "skipped_step_time_median_s": skip_step,
-            "launcher_cpu": ours.get("launcher_cpu")}
+            "launcher_cpu": ours.get("launcher_cpu"), "other_cpu": _load(ours, base, skipped)}
+
+
+def _load(*runs) -> float | None:
+    """The most CPU other processes took during any of these runs, in cores (None: not measured)."""
+    loads = [run["other_cpu"] for run in runs if run and run.get("other_cpu") is not None]
+    return max(loads) if loads else None
 
 
 def _row(plan: Plan, launcher: str, n: int, kept: list[int], measured: dict, excluded: dict) -> dict | None:
@@ -97,6 +122,7 @@ def _row(plan: Plan, launcher: str, n: int, kept: list[int], measured: dict, exc
            "rank_spread_s": spread([r["rank_spread_s"] for r in runs])["median"],
            "peak_memory_gb_per_rank": peaks, "launcher_cpu": mid("launcher_cpu"),
            "launcher_cpu_range": [spread([r["launcher_cpu"] for r in rounds])[k] for k in ("min", "max")],
+           "other_cpu": mid("other_cpu"),
            "tokens_per_step_mean": last["tokens_per_step_mean"], "steps_measured": last["steps_measured"],
            "final_train_loss": last["final_train_loss"], "global_batch": last["global_batch"],
            "per_round": rounds, "excluded_rounds": list(excluded.values()), "valid": True, "invalid_reason": None}
@@ -135,10 +161,13 @@ def summarize(plan: Plan, measured: dict) -> tuple[list[dict], list[str]]:
         rounds = sorted({run.round for run in measured if run.launcher == launcher and run.kind == "ours"})
         base = {i: measured[Run("ours", 1, launcher, i)]["tokens_per_s"] for i in rounds
                 if Run("ours", 1, launcher, i) in measured}
-        excluded = baseline_outliers(base)
+        excluded = {**disturbed_rounds(plan, launcher, rounds, measured), **baseline_outliers(base)}
         kept = [i for i in rounds if i not in excluded]
         if excluded and len(kept) < plan.rounds:
             problems += [f"{launcher}, {reason}" for reason in excluded.values()]
+        if not kept:  # every round disturbed: report them all, and say so
+            kept, excluded = rounds, {-1: "every round ran next to other load or far below the others; "
+                                          "these figures come from all of them"}
         launcher_rows = [row for row in (_row(plan, launcher, n, kept, measured, excluded) for n in plan.sizes)
                          if row is not None]
         base_row = next((row for row in launcher_rows if row["world_size"] == 1), None)
@@ -156,7 +185,7 @@ def notes(rows: list[dict]) -> list[str]:
     out = []
     for row in rows:
         if row["world_size"] == 1 and row["excluded_rounds"]:
-            out.append(f"{row['launcher']}: left out as far below its other rounds (and re-measured): "
+            out.append(f"{row['launcher']}: rounds left out (and re-measured while --max-extra-rounds allowed): "
                        + "; ".join(row["excluded_rounds"]))
         if not row["valid"]:
             out.append(f"{row['launcher']}, {row['world_size']} ranks: not a result: {row['invalid_reason']}")

@@ -32,7 +32,7 @@ CPU_EVERY_S = 0.5
 # ---------------------------------------------------------------------------- launchers
 
 
-def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: Path) -> tuple[int, float | None]:
+def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: Path) -> tuple[int, dict]:
     """Start ``command`` on ``run.world_size`` ranks as ``run`` says and wait for them.
 
     Args:
@@ -44,8 +44,8 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
 
     Returns:
         tuple: The launcher's exit status (mlx.launch can return 0 when a rank failed: the caller
-        checks what the run wrote as well), and the launcher's CPU time over wall time while the
-        ranks ran, in cores (``None`` where it could not be measured).
+        checks what the run wrote as well), and the CPU measurements of :func:`wait_measuring_cpu`
+        (``None`` values where they could not be measured).
     """
     if plan.link is not None and run.world_size > 1:
         from ..cluster.netem import EmulatedCluster, exit_status
@@ -54,7 +54,7 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
             code = exit_status(cluster.run(_logged(command, log_base), env=env, timeout=plan.timeout))
             if cluster.delay_emulated is False and NO_DELAY_NOTE not in plan.notes:
                 plan.notes.append(NO_DELAY_NOTE)
-            return code, None
+            return code, {"launcher_cpu": None, "other_cpu": None}
     argv = launcher_argv(plan, run.launcher, run.world_size, env) + ["--", *command]
     with open(f"{log_base}.log", "w") as out:
         # stdin: mlx.launch makes its stdin non-blocking, which would also change our terminal's.
@@ -109,21 +109,48 @@ def process_cpu_seconds(pid: int) -> float | None:
     return seconds
 
 
-def wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, float | None]:
-    """Wait for the launcher; sample its CPU time every half second after its start-up.
+def system_busy_seconds() -> float | None:
+    """CPU seconds every core of this machine has spent busy since boot (Linux; ``None`` elsewhere).
+
+    Busy is user, nice, system, irq, softirq and steal (time a hypervisor gave to other
+    machines): all of it is CPU the benchmark's ranks did not get.
+    """
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, dict]:
+    """Wait for the launcher; measure its own CPU, and the CPU that other processes took meanwhile.
+
+    The launcher's CPU time is sampled every half second after its start-up (its
+    threads only). The job's whole CPU time (launcher and ranks, which it waits for)
+    comes from ``wait4``; what the machine was busy with beyond that is other
+    processes' load, which slows N ranks on N cores most.
 
     Returns:
-        tuple: Exit status (124 after ``timeout``), and CPU seconds per wall second between
-        the first and last sample (``None`` for a run too short to sample).
+        tuple: Exit status (124 after ``timeout``), and ``launcher_cpu`` (CPU seconds per
+        wall second between the first and last sample; ``None`` for a run too short to
+        sample) and ``other_cpu`` (cores used by other processes over the run; ``None``
+        where it cannot be measured).
     """
-    start, first, last = time.monotonic(), None, None
+    start, first, last, job_cpu = time.monotonic(), None, None, None
+    busy_start = system_busy_seconds()
     try:
         while True:
+            time.sleep(CPU_EVERY_S)
             try:
-                code = proc.wait(timeout=CPU_EVERY_S)
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                code = proc.wait()
                 break
-            except subprocess.TimeoutExpired:
-                pass
+            if pid:
+                proc.returncode = code = os.waitstatus_to_exitcode(status)
+                job_cpu = usage.ru_utime + usage.ru_stime
+                break
             now = time.monotonic()
             if now - start > timeout:
                 _stop_group(proc)
@@ -136,10 +163,14 @@ def wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, flo
     except KeyboardInterrupt:
         _stop_group(proc)
         raise
+    wall, busy_end = time.monotonic() - start, system_busy_seconds()
     share = None
     if first and last and last[0] - first[0] >= 1.0:
         share = (last[1] - first[1]) / (last[0] - first[0])
-    return code, share
+    other = None
+    if None not in (busy_start, busy_end, job_cpu) and wall > 0:
+        other = max(0.0, (busy_end - busy_start - job_cpu) / wall)
+    return code, {"launcher_cpu": share, "other_cpu": other}
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -184,10 +215,10 @@ def run_ours(plan: Plan, run: Run, run_dir: Path) -> dict:
         env[THREADS_ENV] = str(plan.blas_threads)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log_base = run_dir.parent / "log"
-    code, launcher_cpu = launch_ranks(plan, run, command, env, log_base)
+    code, cpu = launch_ranks(plan, run, command, env, log_base)
     if code != 0 or _run_state(run_dir) != "completed":
         show_failure(run.describe(plan), code or 1, log_base)
-    return {**_measured(run_dir, run.world_size, plan), "launcher_cpu": launcher_cpu}
+    return {**_measured(run_dir, run.world_size, plan), **cpu}
 
 
 def _run_state(run_dir: Path) -> str | None:
