@@ -1,6 +1,6 @@
 """Shared test helpers: the shipped tiny model, recipes in tmp dirs, CLI runners.
 
-Multi-process tests launch real processes (the lean launcher, or mlx.launch)
+Multi-process tests launch real processes (`mlx-dp launch`, or mlx.launch)
 on loopback; nothing of MLX is mocked.
 """
 
@@ -39,6 +39,23 @@ def _hermetic_env(tmp_path_factory):
     yield
 
 
+HIDE_MATPLOTLIB = """import sys
+class _Hidden:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+sys.meta_path.insert(0, _Hidden())
+"""
+
+
+def without_matplotlib(tmp_path: Path) -> dict:
+    """Environment in which no process can import matplotlib, as after a plain install without it."""
+    site = tmp_path / "hide-matplotlib"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(HIDE_MATPLOTLIB)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
 def tiny_recipe(tmp_path: Path, name: str = "recipe.yaml", **sections) -> Path:
     """A small LoRA recipe on the shipped tiny model, with section overrides.
 
@@ -74,7 +91,7 @@ def mlx_dp(*args: str, timeout: float = 300, env: dict | None = None,
 
 def launched(n: int, *args: str, timeout: float = 300, env: dict | None = None,
              faults: str | None = None) -> subprocess.CompletedProcess:
-    """``mlx-dp ARGS`` on n local ranks through the lean launcher."""
+    """``mlx-dp ARGS`` on n local ranks through ``mlx-dp launch``."""
     return run([MLX_DP, "launch", "-n", str(n), "--", *mlx_dp_command(faults), *args], timeout=timeout, env=env)
 
 
@@ -92,7 +109,7 @@ def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None
 
     Output goes to ``tmp_path / f"rank{r}.log"``.
     """
-    from trainer.cluster.launch import write_ring_hostfile
+    from trainer.cluster.ports import write_ring_hostfile
 
     hostfile = write_ring_hostfile(tmp_path / "hosts.json", len(args_per_rank))
     procs = []

@@ -1,8 +1,9 @@
 """Tests of ``mlx-dp bench scaling`` (trainer/bench/scaling*.py).
 
-The metric maths is checked on synthetic numbers. One end-to-end run of the real
-CLI (the tiny recipe at 1 and 2 lean-launched ranks, with the mlx_lm.lora
-comparison) is shared by the tests that read its table, JSON and chart: each
+The metric maths and the rounds' checks are tested on synthetic numbers. One
+end-to-end run of the real CLI (the tiny recipe at 1 and 2 ranks under mlx-dp
+launch, with the mlx_lm.lora comparison, matplotlib hidden and the stock BLAS)
+is shared by the tests that read its table, JSON and chart: each
 launch costs seconds of start-up on the stock BLAS, and a second run would repeat
 the first one's three launches.
 """
@@ -12,8 +13,10 @@ import math
 
 import pytest
 
-from conftest import ROOT, mlx_dp
+from conftest import ROOT, mlx_dp, without_matplotlib
 from trainer.bench import scaling, scaling_mlx_lm, scaling_plan, scaling_report as report
+from trainer.bench import scaling_rounds as rounds
+from trainer.bench import scaling_runs as runs
 from trainer.core.config import load_config
 
 RECIPE = "recipes/tiny-lora.yaml"
@@ -53,24 +56,122 @@ def test_rank_spread_is_the_median_gap_over_common_steps():
     assert report.rank_spread({0: {1: 0.5}, 1: {2: 0.5}}) is None
 
 
-def test_add_ratios_compares_each_launcher_with_its_own_one_rank_run():
-    def row(n, launcher, tps, step, skipped=None):
-        return {"world_size": n, "launcher": launcher, "tokens_per_s": tps, "step_time_median_s": step,
-                "comm_skipped": skipped}
+def _measured(rates: dict, step: float = 0.1, others: dict | None = None) -> dict:
+    """Synthetic measurements: ``{(kind, n, launcher, round): tokens/s}`` as ``run_ours`` returns them;
+    ``others`` gives other processes' CPU by the same key (default 0.01 cores)."""
+    out = {}
+    for (kind, n, launcher, round_index), tps in rates.items():
+        out[scaling_plan.Run(kind, n, launcher, round_index)] = {
+            "other_cpu": (others or {}).get((kind, n, launcher, round_index), 0.01),
+            "tokens_per_s": tps, "step_time_median_s": step * 1000 / tps, "step_time_p90_s": step * 1100 / tps,
+            "rank_spread_s": 0.001, "peak_memory_gb_per_rank": [0.1] * n, "launcher_cpu": 0.01 * n,
+            "tokens_per_step_mean": 100.0, "steps_measured": 3, "final_train_loss": 1.0, "global_batch": 8 * n}
+    return out
 
-    results = [row(1, "lean", 1000.0, 0.05), row(2, "lean", 1600.0, 0.0625,
-                                                 {"tokens_per_s": 1800.0, "step_time_median_s": 0.05}),
-               row(1, "mlx.launch", 400.0, 0.125), row(2, "mlx.launch", 400.0, 0.25,
-                                                       {"tokens_per_s": 500.0, "step_time_median_s": 0.2})]
-    report.add_ratios(results)
-    lean1, lean2, ml1, ml2 = results
-    assert lean1["scaling_efficiency"] == 1.0 and lean1["exposed_comm_share"] is None
-    assert lean2["speedup"] == pytest.approx(1.6)
-    assert lean2["scaling_efficiency"] == pytest.approx(0.8)
-    assert lean2["exposed_comm_share"] == pytest.approx(0.2)
-    assert lean2["scaling_efficiency_comm_skipped"] == pytest.approx(0.9)
-    assert ml2["scaling_efficiency"] == pytest.approx(0.5)  # against mlx.launch's 400, not lean's 1000
-    assert ml2["scaling_efficiency_comm_skipped"] == pytest.approx(0.625)
+
+def _plan(rounds: int, launchers=("mlx-dp launch",)) -> scaling_plan.Plan:
+    return scaling_plan.Plan(recipe=RECIPE, overrides=[], cfg=None, sizes=[1, 2], launchers=list(launchers),
+                             warmup=1, steps=3, vs_mlx_lm=False, timeout=60, rounds=rounds)
+
+
+def test_rounds_give_medians_ranges_and_ratios_within_each_round():
+    measured = _measured({("ours", 1, "mlx-dp launch", 0): 1000.0, ("ours", 2, "mlx-dp launch", 0): 1800.0,
+                          ("skip", 2, "mlx-dp launch", 0): 1900.0,
+                          ("ours", 1, "mlx-dp launch", 1): 900.0, ("ours", 2, "mlx-dp launch", 1): 1710.0,
+                          ("skip", 2, "mlx-dp launch", 1): 1800.0,
+                          ("ours", 1, "mlx-dp launch", 2): 950.0, ("ours", 2, "mlx-dp launch", 2): 1843.0,
+                          ("skip", 2, "mlx-dp launch", 2): 1900.0})
+    (one, two), problems = rounds.summarize(_plan(3), measured)
+    assert problems == [] and one["scaling_efficiency"] == 1.0 and two["valid"]
+    assert two["tokens_per_s"] == 1800.0 and two["tokens_per_s_range"] == [1710.0, 1843.0]
+    # efficiency per round (0.90, 0.95, 0.97), paired with that round's own 1-rank run
+    assert two["scaling_efficiency"] == pytest.approx(0.95) and two["rounds"] == 3
+    assert two["scaling_efficiency_range"] == [pytest.approx(0.9), pytest.approx(0.97)]
+    assert two["exposed_comm_share"] == pytest.approx(1 - 1710 / 1800)  # rounds give 5.3%, 5.0%, 3.0%
+    assert two["launcher_cpu"] == pytest.approx(0.02) and two["global_batch"] == 16
+
+
+def test_a_round_next_to_other_load_is_left_out_and_re_measured():
+    rates = {("ours", n, "mlx-dp launch", i): 1000.0 * n * (0.9 if n == 2 else 1) for n in (1, 2) for i in range(3)}
+    rates[("ours", 2, "mlx-dp launch", 1)] = 1100.0  # another process took a core meanwhile
+    busy = {("ours", 2, "mlx-dp launch", 1): 0.9}
+    rows, problems = rounds.summarize(_plan(3), _measured(rates, others=busy))
+    assert problems == ["mlx-dp launch, round 2: other processes took 0.9 cores during it"]
+    assert rows[1]["rounds"] == 2 and rows[1]["scaling_efficiency"] == pytest.approx(0.9)
+    # when no round is quiet, the figures come from all of them and a note says so
+    every = {key: 0.9 for key in rates}
+    rows, problems = rounds.summarize(_plan(3), _measured(rates, others=every))
+    assert rows[1]["rounds"] == 3 and rows[1]["other_cpu"] == pytest.approx(0.9)
+    assert any("every round ran next to other load" in note for note in rounds.notes(rows))
+
+
+def test_a_baseline_far_below_its_other_rounds_is_left_out_and_re_measured():
+    rates = {("ours", 1, "mlx-dp launch", 0): 700.0, ("ours", 2, "mlx-dp launch", 0): 1300.0,
+             ("ours", 1, "mlx-dp launch", 1): 62.0, ("ours", 2, "mlx-dp launch", 1): 1300.0,  # 2100% efficiency
+             ("ours", 1, "mlx-dp launch", 2): 690.0, ("ours", 2, "mlx-dp launch", 2): 1290.0}
+    rows, problems = rounds.summarize(_plan(3), _measured(rates))
+    assert len(problems) == 1 and "round 2: 62 tok/s at 1 rank, far below" in problems[0]
+    one, two = rows
+    assert two["rounds"] == 2 and two["valid"] and two["scaling_efficiency"] < 1.0
+    # once another round replaced it, nothing is left to re-measure; the note still says what was left out
+    rates.update({("ours", 1, "mlx-dp launch", 3): 695.0, ("ours", 2, "mlx-dp launch", 3): 1295.0})
+    rows, problems = rounds.summarize(_plan(3), _measured(rates))
+    assert problems == [] and rows[1]["rounds"] == 3
+    assert any("rounds left out" in note and "far below" in note for note in rounds.notes(rows))
+
+
+@pytest.mark.parametrize("tps_two,valid", [((2100.0, 2120.0), False),  # 105-106% against 1% noise
+                                           ((1980.0, 2040.0), True)])  # 101% within its 3% noise
+def test_an_efficiency_above_100_percent_plus_noise_is_not_a_result(tps_two, valid):
+    rates = {("ours", 1, "mlx-dp launch", 0): 1000.0, ("ours", 1, "mlx-dp launch", 1): 1005.0,
+             ("ours", 2, "mlx-dp launch", 0): tps_two[0], ("ours", 2, "mlx-dp launch", 1): tps_two[1]}
+    rows, problems = rounds.summarize(_plan(2), _measured(rates))
+    assert rows[1]["valid"] is valid and bool(problems) is not valid
+    if not valid:
+        assert "above 100% + the measured noise" in rows[1]["invalid_reason"]
+        table = report.format_table({"recipe": RECIPE, "setup": {"per_rank_batch": 8, "grad_accumulation": 1},
+                                     "steps": 3, "warmup": 1, "rounds": 2, "blas": "mlx", "link": "loopback",
+                                     "results": rows, "notes": rounds.notes(rows)})
+        row_line = next(line for line in table.splitlines() if line.startswith("mlx-dp launch     2"))
+        assert "invalid" in row_line and "105%" not in row_line  # never shown as a result
+        assert "not a result" in table
+
+
+def test_one_round_cannot_vouch_for_an_efficiency_above_100_percent():
+    rates = {("ours", 1, "mlx-dp launch", 0): 1000.0, ("ours", 2, "mlx-dp launch", 0): 2010.0}
+    rows, problems = rounds.summarize(_plan(1), _measured(rates))
+    assert not rows[1]["valid"] and "one round" in rows[1]["invalid_reason"] and problems
+
+
+def test_every_world_size_gets_the_same_blas_threads(monkeypatch):
+    from trainer.tools import fastblas
+
+    monkeypatch.setattr(fastblas, "requested", lambda: True)
+    monkeypatch.setattr(fastblas, "threads_per_rank", lambda local_ranks=1: 4 // local_ranks)
+    plan = scaling_plan.make_plan(scaling_plan.parse_args([RECIPE, "-n", "2"]))
+    assert plan.blas == "openblas" and plan.blas_threads == 2
+    assert scaling_plan.blas_threads(plan, 1) == scaling_plan.blas_threads(plan, 2) == 2
+
+
+def test_the_launchers_own_cpu_is_read_from_the_system():
+    import subprocess
+    import sys
+
+    spin = "import time\nend = time.time() + 3.5\nwhile time.time() < end: pass"
+    busy = runs.wait_measuring_cpu(subprocess.Popen([sys.executable, "-c", spin]), timeout=30)
+    idle = runs.wait_measuring_cpu(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3.5)"]),
+                                   timeout=30)
+    assert busy[0] == 0 and idle[0] == 0
+    assert busy[1]["launcher_cpu"] > 0.5 and idle[1]["launcher_cpu"] < 0.05
+    if sys.platform.startswith("linux"):  # other processes' CPU comes from /proc/stat
+        # a stranger spinning meanwhile shows up as other load
+        stranger = subprocess.Popen([sys.executable, "-c", spin])
+        try:
+            loaded = runs.wait_measuring_cpu(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"]),
+                                             timeout=30)
+        finally:
+            stranger.wait()
+        assert loaded[1]["other_cpu"] > 0.5
 
 
 def test_measure_ours_reads_the_window_after_warmup(tmp_path):
@@ -174,12 +275,12 @@ def test_bad_arguments_are_one_line_and_status_2(argv, expected, capsys):
     assert len(err) == 1 and err[0].startswith("mlx-dp bench scaling: error:") and expected in err[0], err
 
 
-def test_a_hostfile_sets_the_world_size_and_mlx_launch(tmp_path, capsys):
+def test_a_hostfile_sets_the_world_size_and_mlx_dp_launch(tmp_path, capsys):
     hosts = tmp_path / "hosts.json"
     two = [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]
     hosts.write_text(json.dumps({"hosts": two}))
     plan = scaling_plan.make_plan(scaling_plan.parse_args([RECIPE, "--hostfile", str(hosts)]))
-    assert plan.sizes == [1, 2] and plan.launchers == ["mlx.launch"]
+    assert plan.sizes == [1, 2] and plan.launchers == ["mlx-dp launch"]
     assert scaling.main([RECIPE, "--hostfile", str(hosts), "-n", "3"]) == 2
     assert "fixes the world size at its 2 hosts" in capsys.readouterr().err
     hosts.write_text(json.dumps({"hosts": [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac1", "ips": []}]}))
@@ -200,35 +301,42 @@ def test_link_without_root_is_a_clear_error(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One real run: tiny recipe at 1 and 2 lean ranks, 3 measured updates, vs mlx_lm.lora."""
+    """One real run with matplotlib hidden and the stock BLAS: tiny recipe at 1 and 2 ranks under
+    mlx-dp launch, one round, 3 measured updates, vs mlx_lm.lora."""
     out = tmp_path_factory.mktemp("scaling")
-    result = mlx_dp("bench", "scaling", RECIPE, "-n", "2", "--launcher", "lean", "--steps", "3", "--warmup", "1",
-                    "--vs-mlx-lm", "--json", str(out / "scaling.json"), "--keep", str(out / "runs"),
-                    "training.batch_size=4", "eval.max_batches=2", timeout=400)
+    result = mlx_dp("bench", "scaling", RECIPE, "-n", "2", "--launcher", "mlx-dp", "--steps", "3", "--warmup", "1",
+                    "--rounds", "1", "--max-extra-rounds", "0", "--vs-mlx-lm", "--json", str(out / "scaling.json"),
+                    "--keep", str(out / "runs"), "training.batch_size=4", "eval.max_batches=2", timeout=400,
+                    env=without_matplotlib(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads((out / "scaling.json").read_text()), out
 
 
-def test_end_to_end_writes_table_json_and_png(bench_run):
+def test_end_to_end_writes_table_json_and_png_without_matplotlib(bench_run):
     result, doc, out = bench_run
-    assert "[bench] 1/5: world size 1, lean, mlx-dp" in result.stdout
-    assert "[bench] 3/5: world size 2, lean, mlx-dp, communication skipped" in result.stdout
-    assert "scaling efficiency" in result.stdout or "effic." in result.stdout
-    assert doc["blas"] == "mlx" and doc["machine"]["cpu_count"] >= 1 and doc["launchers"] == ["lean"]
-    assert [(r["world_size"], r["launcher"]) for r in doc["results"]] == [(1, "lean"), (2, "lean")]
+    assert "Traceback" not in result.stderr
+    assert "[bench] 1/5: round 1, world size 1, mlx-dp launch, mlx-dp" in result.stdout
+    assert "[bench] 3/5: round 1, world size 2, mlx-dp launch, mlx-dp, communication skipped" in result.stdout
+    assert "effic." in result.stdout and "launcher CPU while ranks trained" in result.stdout
+    assert doc["blas"] == "mlx" and doc["machine"]["cpu_count"] >= 1 and doc["launchers"] == ["mlx-dp launch"]
+    assert doc["rounds"] == 1 and doc["blas_threads_per_rank"] == 1
+    assert [(r["world_size"], r["launcher"]) for r in doc["results"]] == [(1, "mlx-dp launch"), (2, "mlx-dp launch")]
     for r in doc["results"]:
-        assert r["blas"] == "mlx" and r["steps_measured"] == 3
+        assert r["blas"] == "mlx" and r["steps_measured"] == 3 and r["blas_threads_per_rank"] == 1
         assert r["tokens_per_s"] > 0 and r["step_time_median_s"] > 0 and r["scaling_efficiency"] > 0
         peaks = r["peak_memory_gb_per_rank"]
         assert len(peaks) == r["world_size"] and all(m > 0 for m in peaks)
         assert r["rank_spread_s"] >= 0
+        assert 0 <= r["launcher_cpu"] < 0.5  # mlx-dp launch sleeps while its ranks train
     one, two = doc["results"]
     assert one["scaling_efficiency"] == 1.0 and one["comm_skipped"] is None
     assert two["global_batch"] == 2 * one["global_batch"] == 8
     assert two["comm_skipped"]["step_time_median_s"] > 0
     assert two["exposed_comm_share"] is not None and two["scaling_efficiency_comm_skipped"] > 0
     assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]))
+    assert two["valid"] or "one round" in two["invalid_reason"]
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[bench] wrote" in result.stdout and str(out / "scaling.png") in result.stdout
 
 
 def test_vs_mlx_lm_reports_the_ratio_and_both_final_losses(bench_run):
@@ -238,31 +346,33 @@ def test_vs_mlx_lm_reports_the_ratio_and_both_final_losses(bench_run):
     for key in ("mlx_dp_valid_loss", "mlx_lm_valid_loss", "mlx_dp_final_train_loss", "mlx_lm_final_train_loss"):
         assert math.isfinite(losses[key]) and losses[key] > 0, key
     (comparison,) = doc["vs_mlx_lm"]
-    assert comparison["global_batch"] == 8 and comparison["updates"] == 4
+    assert comparison["global_batch"] == 8 and comparison["updates"] == 4 and comparison["rounds"] == 1
     assert comparison["mlx_lm"]["steps_measured"] == 2  # updates 2 and 3; the 4th also validated
-    assert "vs mlx_lm.lora at 2 ranks" in result.stdout
+    assert "vs mlx_lm.lora at 2 ranks, both under mlx-dp launch" in result.stdout
     # mlx_lm.lora got the recipe's optimizer, not mlx's AdamW default weight decay of 0.01.
     import yaml
 
-    config = yaml.safe_load((out / "runs" / "lean-n2-mlx_lm" / "mlx_lm_config.yaml").read_text())
+    config = yaml.safe_load((out / "runs" / "mlx-dp-launch-n2-mlx_lm-r0" / "mlx_lm_config.yaml").read_text())
     assert config["optimizer_config"] == {"adamw": {"weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}}
 
 
-def test_mlx_launch_runs_one_rank_too(tmp_path):
+def test_mlx_launch_runs_one_rank_too_and_its_cpu_is_measured(tmp_path):
     # mlx.launch -n 1 still runs its busy relay loop, so one rank is measured under it as well.
     result = mlx_dp("bench", "scaling", RECIPE, "-n", "1", "--launcher", "mlx.launch", "--steps", "1",
-                    "--warmup", "1", "--json", str(tmp_path / "one.json"), "training.batch_size=2", timeout=300)
+                    "--warmup", "1", "--rounds", "1", "--json", str(tmp_path / "one.json"), "training.batch_size=2",
+                    timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (row,) = json.loads((tmp_path / "one.json").read_text())["results"]
     assert row["launcher"] == "mlx.launch" and row["world_size"] == 1 and row["tokens_per_s"] > 0
+    assert row["launcher_cpu"] is None or row["launcher_cpu"] >= 0
 
 
 def test_a_failing_run_shows_its_tail_and_one_error_line(tmp_path):
-    result = mlx_dp("bench", "scaling", RECIPE, "-n", "1", "--launcher", "lean", "--steps", "1", "--warmup", "1",
-                    f"data.path={tmp_path / 'no-such-data'}", timeout=300)
+    result = mlx_dp("bench", "scaling", RECIPE, "-n", "1", "--launcher", "mlx-dp", "--steps", "1", "--warmup", "1",
+                    "--rounds", "1", f"data.path={tmp_path / 'no-such-data'}", timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "last" in result.stderr and "no-such-data" in result.stderr  # the trainer's own error, relayed
     assert result.stderr.strip().splitlines()[-1] == (
-        "mlx-dp bench scaling: error: world size 1, lean, mlx-dp failed (exit status 2); "
+        "mlx-dp bench scaling: error: world size 1, mlx-dp launch, mlx-dp failed (exit status 2); "
         "the end of its output is above")

@@ -1,4 +1,4 @@
-"""`mlx-dp`: train, evaluate, export, benchmark, list recipes, launch locally.
+"""`mlx-dp`: train, evaluate, export, benchmark, list recipes, launch ranks.
 
     mlx-dp train RECIPE [section.key=value ...] [--resume [PATH] [--allow-changes]]
     mlx-dp eval RECIPE [--checkpoint PATH] [section.key=value ...]
@@ -6,10 +6,11 @@
     mlx-dp bench comm|scaling ...
     mlx-dp recipes list | cp NAME DEST | keys
     mlx-dp hostfile check HOSTFILE
-    mlx-dp launch -n N -- COMMAND ...
+    mlx-dp launch [-n N | --hostfile HOSTFILE] [mlx.launch's options] -- COMMAND ...
 
 Under a launcher every rank runs the same command:
-``mlx.launch -n 2 -- .venv/bin/mlx-dp train recipes/tiny-lora.yaml``.
+``mlx-dp launch -n 2 -- .venv/bin/mlx-dp train recipes/tiny-lora.yaml``
+(``mlx.launch`` takes the same arguments and works too).
 
 Problems a user can fix end with one line on stderr and exit code 2 (3 for
 a lost, missing or disagreeing peer, 4 when the watchdog ends a hung job),

@@ -53,8 +53,8 @@ def parse_args(argv):
                    help="stream of the all_sums (see parallel.comm_stream; default auto)")
     p.add_argument("--sweep-reps", type=int, default=5, help="repetitions per all_sum size (default 5)")
     p.add_argument("--sweep-max-mb", type=float, default=256, help="largest all_sum size swept (default 256)")
-    p.add_argument("--launcher", choices=["lean", "mlx.launch"], default="lean",
-                   help="how to start local ranks (default lean: MLX_RANK/MLX_HOSTFILE only)")
+    p.add_argument("--launcher", choices=["mlx-dp", "mlx.launch", "lean"], default="mlx-dp",
+                   help="how to start local ranks: mlx-dp launch (default; lean is its old name) or mlx.launch")
     p.add_argument("--link", default=None, help="run ranks in network namespaces behind a shaped link "
                    "(1gbe, 10gbe, tb4, none); needs root")
     p.add_argument("--rate", default=None, help="with --link: raw tc rate, e.g. 5gbit")
@@ -73,6 +73,8 @@ def build_bench_model(arch: str, layers: int, width_divisor: int, cache: Path) -
     out = cache / f"{arch}-{layers}l-w{width_divisor}"
     if (out / "config.json").is_file():
         return out
+    print(f"[bench] building a random-weight model of {arch}'s shape with {layers} layers in {out} "
+          "(once; later runs reuse it)", flush=True)
     config = synth.reduce_config(synth.load_arch(arch), num_layers=layers,
                                  vocab_size=synth.tokenizer_vocab_size(tokenizer), width_divisor=width_divisor)
     tmp = Path(tempfile.mkdtemp(prefix=out.name, dir=cache))
@@ -98,7 +100,52 @@ def run_ranks(args, command: list[str], env: dict) -> int:
                               timeout=args.timeout).returncode
     from ..cluster.launch import launch
 
-    return launch(command, args.n, env=env, timeout=args.timeout)
+    return launch(command, args.n, env=env, timeout=args.timeout, grace_s=10.0)
+
+
+def parameter_count(model: Path) -> int | None:
+    """Parameters of a model directory, from its safetensors headers alone (nothing is loaded)."""
+    total = 0
+    for path in sorted(model.glob("*.safetensors")):
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError):
+            return None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count
+    return total or None
+
+
+def stock_blas_estimate(args, model: Path) -> str | None:
+    """On the stock Linux BLAS: about how long the steps will take, and how to make them faster.
+
+    Each rank computes about 34 x parameters x tokens FLOPs per rotation of the
+    seven step kinds timed (four full steps, a forward, a backward, an unbucketed
+    step), and MLX's bundled reference BLAS gets about 2.5 GFLOP/s per core
+    through such steps (measured: 32.5M parameters x 128 tokens, 2 ranks on 2
+    cores, 62 s a rotation; a bare 2048^2 matmul reaches about 6 GFLOP/s,
+    ../shared/PLATFORM.md); ranks share the machine's cores.
+    """
+    from ..tools.fastblas import requested
+
+    if not sys.platform.startswith("linux") or requested():
+        return None
+    params = parameter_count(model)
+    if not params:
+        return None
+    share = min(1.0, (os.cpu_count() or 1) / args.n)
+    seconds = (args.warmup + args.steps) * 34 * params * args.batch * args.seq / (2.5e9 * share)
+    took = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(1, seconds):.0f} s"
+    return (f"the stock Linux BLAS computes fp32 matmul at about 2.5 GFLOP/s per core here, so the "
+            f"{args.warmup + args.steps} steps of {params / 1e6:.3g}M parameters x {args.batch * args.seq} tokens "
+            f"take roughly {took} before the all_sum sweep; faster: MLX_DP_BLAS=openblas (about 15x), "
+            f"or a smaller model or sequence (--layers, --seq)")
 
 
 def derive(raw: dict) -> dict:
@@ -185,6 +232,9 @@ def main(argv: list[str]) -> int:
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {args.n} ranks on {model}, {args.steps} measured steps per variant "
               f"(+{args.warmup} warm-up), interleaved", flush=True)
+        estimate = stock_blas_estimate(args, model)
+        if estimate:
+            print(f"[bench] {estimate}", flush=True)
         command = [sys.executable, "-u", "-m", "trainer.bench.comm", "--worker", str(spec_path)]
         code = run_ranks(args, command, env={"PYTHONUNBUFFERED": "1"})
         if code != 0:
@@ -193,7 +243,8 @@ def main(argv: list[str]) -> int:
         raw = json.loads(Path(spec["out"]).read_text())
     raw.update(derive(raw))
     raw["blas"] = raw.get("blas") or ("openblas" if requested() else "mlx")
-    raw["launcher"] = "emulated cluster (lean, namespaces)" if (args.link or args.rate) else args.launcher
+    launcher = "mlx.launch" if args.launcher == "mlx.launch" else "mlx-dp launch"
+    raw["launcher"] = "emulated cluster (namespaces)" if (args.link or args.rate) else launcher
     raw["link"] = args.link or (f"{args.rate or 'unshaped'}/{args.delay or '0ms'}" if args.rate or args.delay
                                 else "loopback")
     print_table(raw)

@@ -77,7 +77,9 @@ def worker(spec_path: str) -> int:
     measured = list(VARIANTS) + ["forward", "backward", "unbucketed"]
     times = {v: [] for v in measured}
     peaks = {v: 0 for v in measured}
-    for i in range(spec["warmup"] + spec["steps"]):
+    total = spec["warmup"] + spec["steps"]
+    progress = Progress(world.rank == 0, total * len(measured))
+    for i in range(total):
         rotation = measured[i % len(measured):] + measured[:i % len(measured)]
         for variant in rotation:
             world.barrier()  # ranks start each step together
@@ -88,7 +90,9 @@ def worker(spec_path: str) -> int:
             if i >= spec["warmup"]:
                 times[variant].append(dt)
                 peaks[variant] = max(peaks[variant], mx.get_peak_memory())
+            progress.step(f"step {i + 1}/{total}{' (warm-up)' if i < spec['warmup'] else ''}, {variant}", dt)
 
+    progress.say("recording one overlapped step's timeline, then the all_sum sweep and raw TCP")
     timeline = record_timeline(world, step, reducers["overlap"], order) if world.size > 1 else None
     sweep, at_bucket = busbw_sweep(world, spec["sweep_bytes"], int(spec["bucket_mb"] * MiB), spec["sweep_reps"])
     tcp = tcp_bandwidth(world) if world.size > 1 else None
@@ -119,6 +123,28 @@ def worker(spec_path: str) -> int:
             json.dump(result, f)
     world.barrier()
     return 0
+
+
+class Progress:
+    """Rank 0's progress lines: what ran, how long it took, elapsed time, and an estimate of what is left."""
+
+    def __init__(self, active: bool, planned: int):
+        self.active, self.planned, self.done, self.start = active, planned, 0, time.perf_counter()
+
+    def say(self, text: str) -> None:
+        if self.active:
+            print(f"[bench] {text}", flush=True)
+
+    def step(self, label: str, seconds: float) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.planned - self.done)
+        self.say(f"{label}: {seconds:.2f} s; elapsed {_clock(elapsed)}, steps left about {_clock(left)}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class _TimedReducer:

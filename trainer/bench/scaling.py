@@ -2,78 +2,86 @@
 
 The recipe trains for a fixed number of optimizer updates at world size 1
 and at N with the same per-rank batch (so N ranks do N times the work per
-update), and once more at N with the reduction skipped (gradients not
-reduced) to price the communication that nothing hid. The first
-``--warmup`` updates (compilation) are not measured. Definitions are in
+update) and the same OpenBLAS threads per rank, and once more at N with the
+reduction skipped (gradients not reduced) to price the communication that
+nothing hid. The first ``--warmup`` updates (compilation) are not measured.
+All of that runs in ``--rounds`` rounds (1, N, 1, N, ...), and each figure is
+the median over rounds with its spread; a baseline far below its other rounds
+or an efficiency above 100% plus the noise is re-measured or marked invalid
+(``trainer/bench/scaling_rounds.py``). Definitions are in
 ``trainer/bench/scaling_report.py``.
 
 The launcher matters on small machines: ``mlx.launch`` relays output in a
-busy-spinning loop that costs about 1.4 of 2 cores (../shared/PLATFORM.md).
-So every world size, 1 included, runs under ``mlx.launch`` and under the
-lean launcher (``trainer.cluster.launch``: only MLX_RANK and MLX_HOSTFILE per rank),
-and every ratio compares runs launched the same way.
+busy-spinning loop that costs about 1.4 of 2 cores (../shared/PLATFORM.md;
+``trainer/cluster/relay.py``). So every world size, 1 included, runs under
+``mlx-dp launch`` and under ``mlx.launch``, every ratio compares runs
+launched the same way, and each launcher's own CPU use is measured from the
+system while its ranks run and reported next to the throughput it allowed.
 
 Usage::
 
     mlx-dp bench scaling recipes/tiny-lora.yaml -n 2 --json scaling.json   # also writes scaling.png
     MLX_DP_BLAS=openblas mlx-dp bench scaling recipes/tiny-lora.yaml -n 2 --vs-mlx-lm --steps 30
-    mlx-dp bench scaling RECIPE --hostfile hosts.json     # a real cluster: N = its hosts, mlx.launch
+    mlx-dp bench scaling RECIPE --hostfile hosts.json     # a real cluster: N = its hosts
     sudo .venv/bin/mlx-dp bench scaling RECIPE -n 2 --link 10gbe   # N ranks behind a shaped link
 
 ``--vs-mlx-lm`` also trains the same work with ``mlx_lm.lora`` at N ranks under
-the same launcher(s), and scores both adapters with ``mlx-dp eval``. Trailing
-``section.key=value`` overrides apply to every run.
+the same launcher(s), in every round, and scores both adapters with ``mlx-dp
+eval``. Trailing ``section.key=value`` overrides apply to every run.
 
 This module runs the benchmark from start to end; the pieces are
-``scaling_plan`` (arguments, checks, the list of launches), ``scaling_runs``
-(launchers, our trainer's runs), ``scaling_mlx_lm`` (the mlx_lm.lora side)
-and ``scaling_report`` (the numbers, the table and the chart).
+``scaling_plan`` (arguments, checks, the launches of a round), ``scaling_runs``
+(launchers, their CPU, our trainer's runs), ``scaling_mlx_lm`` (the
+mlx_lm.lora side), ``scaling_rounds`` (figures over rounds, and which to
+trust), ``scaling_report`` (the numbers and the table) and ``scaling_chart``
+(the PNG).
 """
 
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ..errors import UserError
 from . import scaling_report as report
+from .scaling_chart import write_png
 from .scaling_mlx_lm import add_mlx_lm, check_mlx_lm_comparable, run_mlx_lm
-from .scaling_plan import PROG, Plan, Run, blas_threads, make_plan, parse_args, schedule
+from .scaling_plan import PROG, Plan, blas_threads, make_plan, parse_args, schedule
+from .scaling_rounds import notes as round_notes
+from .scaling_rounds import summarize
 from .scaling_runs import run_ours
 
 # ---------------------------------------------------------------------------- the benchmark
 
 
-def result_row(plan: Plan, run: Run, ours: dict, skipped: dict | None, wall_s: float) -> dict:
-    """One entry of ``results``: a world size under one launcher (ratios are added later).
+class Progress:
+    """``[bench]`` lines: which run, which round, how long it took, and about how long is left."""
 
-    Args:
-        plan (Plan): The benchmark.
-        run (Run): Our run at this world size.
-        ours (dict): Its measurement.
-        skipped (dict | None): The same with communication skipped (None at one rank).
-        wall_s (float): Seconds the launch took, start-up and final save included.
-    """
-    t = plan.cfg.training
-    link = plan.link.describe() if plan.link is not None and run.world_size > 1 else (
-        "cluster" if plan.hostfile and run.world_size > 1 else "loopback")
-    return {"world_size": run.world_size, "launcher": run.launcher, "link": link, "blas": plan.blas,
-            "blas_threads_per_rank": blas_threads(plan, run.world_size), **ours,
-            "per_rank_batch": t.batch_size, "grad_accumulation": t.grad_accumulation,
-            "comm_skipped": None if skipped is None else {
-                k: skipped[k] for k in ("tokens_per_s", "step_time_median_s", "step_time_p90_s",
-                                        "rank_spread_s", "peak_memory_gb_per_rank")},
-            "wall_s": wall_s}
+    def __init__(self, runs_planned: int):
+        self.planned, self.done, self.start = runs_planned, 0, time.monotonic()
+
+    def begin(self, label: str) -> None:
+        print(f"[bench] {self.done + 1}/{self.planned}: {label} ...", end="", flush=True)
+
+    def end(self, summary: str, seconds: float) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.start
+        left = elapsed / self.done * max(0, self.planned - self.done)
+        eta = f", about {_duration(left)} left" if self.planned > self.done else ""
+        print(f" {summary} ({seconds:.0f} s{eta})", flush=True)
 
 
-def run_all(plan: Plan, work: Path) -> dict:
-    """Launch every run in turn with a progress line each; return the JSON document."""
-    runs = schedule(plan)
-    total = len(runs) + (1 if plan.vs_mlx_lm else 0)
-    measured, walls, adapters = {}, {}, {}
-    for i, run in enumerate(runs, 1):
-        print(f"[bench] {i}/{total}: {run.describe(plan)} ...", end="", flush=True)
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def run_round(plan: Plan, round_index: int, work: Path, measured: dict, adapters: dict, progress: Progress) -> None:
+    """Every launch of one round, in order; measurements go into ``measured``."""
+    for run in schedule(plan, round_index):
+        progress.begin(f"round {round_index + 1}, {run.describe(plan)}")
         start = time.monotonic()
         if run.kind == "mlx_lm":
             measured[run], adapters[("mlx_lm", run.launcher)] = run_mlx_lm(plan, run, work)
@@ -85,40 +93,61 @@ def run_all(plan: Plan, work: Path) -> dict:
             adapters[(run.kind, run.launcher, run.world_size)] = run_dir
             summary = (f"{measured[run]['tokens_per_s']:.0f} tok/s, median step "
                        f"{measured[run]['step_time_median_s']:.3f} s")
-        walls[run] = time.monotonic() - start
-        print(f" {summary} ({walls[run]:.0f} s)", flush=True)
+        cpu, others = measured[run].get("launcher_cpu"), measured[run].get("other_cpu")
+        if cpu is not None:
+            summary += f", launcher CPU {cpu:.1%} of a core"
+        if others is not None:
+            summary += f", other processes {others:.2f} cores"
+        progress.end(summary, time.monotonic() - start)
 
-    results = [result_row(plan, run, measured[run], measured.get(Run("skip", run.world_size, run.launcher)),
-                          walls[run]) for run in runs if run.kind == "ours"]
-    report.add_ratios(results)
-    if any((r["scaling_efficiency"] or 0) > 1.05 for r in results):
-        plan.notes.append("an efficiency above 100% means one rank ran slower than its share: usually other "
-                          "load on the machine changed between the runs, which run one after another; rerun on "
-                          "a quiet machine")
-    threads = {r["world_size"]: r["blas_threads_per_rank"] for r in results}
-    if len(set(threads.values())) > 1:
-        plan.notes.append("OpenBLAS threads per rank differ between world sizes (" + ", ".join(
-            f"{n} rank(s): {t}" for n, t in threads.items()) + "), as the trainer divides the cores among the "
-            "ranks on a machine; multi-threaded OpenBLAS on small matrices can be far slower on a busy "
-            "machine, so compare with --blas-threads 1")
+
+def run_all(plan: Plan, work: Path) -> dict:
+    """Run the rounds (and the extra ones the figures need); return the JSON document."""
+    per_round = len(schedule(plan, 0))
+    progress = Progress(per_round * plan.rounds + (1 if plan.vs_mlx_lm else 0))
+    measured, adapters = {}, {}
+    for round_index in range(plan.rounds):
+        run_round(plan, round_index, work, measured, adapters, progress)
+    results, problems = summarize(plan, measured)
+    extra = 0
+    while problems and extra < plan.max_extra_rounds:
+        print(f"[bench] re-measuring with one more round: {problems[0]}", flush=True)
+        progress.planned += per_round
+        run_round(plan, plan.rounds + extra, work, measured, adapters, progress)
+        extra += 1
+        results, problems = summarize(plan, measured)
+    plan.notes += round_notes(results)
     doc = {"benchmark": "scaling", "recipe": plan.recipe, "overrides": plan.overrides, "warmup": plan.warmup,
            "steps": plan.steps, "sizes": plan.sizes, "launchers": plan.launchers,
-           "launcher_notes": {"lean": "trainer.cluster.launch: only MLX_RANK and MLX_HOSTFILE per rank",
-                              "mlx.launch": "mlx.launch: its output relay busy-polls (about 1.4 cores here)"},
+           "rounds": plan.rounds + extra, "extra_rounds": extra,
+           "launcher_notes": {"mlx-dp launch": "mlx-dp launch: MLX's own rank commands, a relay that blocks in "
+                              "read() (trainer/cluster/relay.py)",
+                              "mlx.launch": "stock mlx.launch: its output relay busy-polls (about 1.4 cores on 2)"},
            "link": plan.link.describe() if plan.link is not None else ("cluster" if plan.hostfile else "loopback"),
-           "hostfile": plan.hostfile, "blas": plan.blas, "machine": report.machine_info(),
+           "hostfile": plan.hostfile, "blas": plan.blas, "blas_threads_per_rank": blas_threads(plan),
+           "machine": report.machine_info(),
            "setup": {"per_rank_batch": plan.cfg.training.batch_size,
                      "grad_accumulation": plan.cfg.training.grad_accumulation,
                      "max_seq_length": plan.cfg.data.max_seq_length, "model": plan.cfg.model.path,
                      "data": plan.cfg.data.path, "method": plan.cfg.method.type},
-           "results": results, "notes": list(plan.notes),
-           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "results": [{**row, "link": _link(plan, row["world_size"]), "blas": plan.blas,
+                        "blas_threads_per_rank": blas_threads(plan),
+                        "per_rank_batch": plan.cfg.training.batch_size,
+                        "grad_accumulation": plan.cfg.training.grad_accumulation} for row in results],
+           "launcher_cpu": report.launcher_cpu_summary(results),
+           "notes": list(plan.notes), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if plan.vs_mlx_lm:
-        print(f"[bench] {total}/{total}: valid loss of both {plan.primary_launcher} adapters with mlx-dp eval ...",
-              end="", flush=True)
+        progress.begin(f"valid loss of both {plan.primary_launcher} adapters with mlx-dp eval")
+        start = time.monotonic()
         add_mlx_lm(plan, doc, measured, adapters, work)
-        print(" done", flush=True)
+        progress.end("done", time.monotonic() - start)
     return doc
+
+
+def _link(plan: Plan, world_size: int) -> str:
+    if plan.link is not None and world_size > 1:
+        return plan.link.describe()
+    return "cluster" if plan.hostfile and world_size > 1 else "loopback"
 
 
 def write_outputs(doc: dict, json_path: str | None, png_path: str | None) -> None:
@@ -130,8 +159,22 @@ def write_outputs(doc: dict, json_path: str | None, png_path: str | None) -> Non
     png = png_path or (str(Path(json_path).with_suffix(".png")) if json_path else None)
     if png:
         Path(png).parent.mkdir(parents=True, exist_ok=True)
-        report.write_png(doc, Path(png))
+        write_png(doc, Path(png))
         print(f"[bench] wrote {png}")
+
+
+def _stop_on_termination() -> None:
+    """SIGTERM and SIGHUP end the benchmark as Ctrl-C does, so the launch in progress (a session of
+    its own) is stopped with it rather than left running."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, interrupt)
 
 
 def main(argv: list[str]) -> int:
@@ -143,13 +186,16 @@ def main(argv: list[str]) -> int:
     from ..cluster.netem import NetemError
     from ..tools.fastblas import FastBlasError
 
+    _stop_on_termination()
     try:
         plan = make_plan(parse_args(argv))
         if plan.vs_mlx_lm:
             plan.notes += check_mlx_lm_comparable(plan.cfg)
+        threads = blas_threads(plan)
         print(f"[bench] {plan.recipe}: world sizes {', '.join(map(str, plan.sizes))} under "
-              f"{' and '.join(plan.launchers)}, {plan.steps} measured updates (+{plan.warmup} warm-up), "
-              f"BLAS {plan.blas}", flush=True)
+              f"{' and '.join(plan.launchers)}, {plan.rounds} round(s) of {plan.steps} measured updates "
+              f"(+{plan.warmup} warm-up) per run, BLAS {plan.blas}"
+              + (f" with {threads} thread(s) per rank at every world size" if threads else ""), flush=True)
         if plan.keep:
             Path(plan.keep).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="mlx-dp-scaling-") as tmp:

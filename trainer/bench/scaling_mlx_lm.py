@@ -18,6 +18,7 @@ from pathlib import Path
 from . import scaling_report as report
 from .scaling_plan import BenchError, Plan, Run, blas_threads
 from .scaling_runs import launch_ranks, show_failure
+from .stats import median
 
 # ---------------------------------------------------------------------------- the same work, in mlx-lm's terms
 
@@ -140,11 +141,11 @@ def run_mlx_lm(plan: Plan, run: Run, work: Path) -> tuple[dict, Path]:
         env.update(LD_PRELOAD=plan.shim,
                    OPENBLAS_NUM_THREADS=str(blas_threads(plan, run.world_size) or os.cpu_count() or 1))
     log_base = base / "log"
-    code = launch_ranks(plan, run, command, env, log_base)
+    code, cpu = launch_ranks(plan, run, command, env, log_base)
     rows = report.read_jsonl(reports)
     if code != 0 or len(rows) != updates or not (adapters / "adapters.safetensors").is_file():
         show_failure(run.describe(plan), code or 1, log_base)
-    return report.mlx_lm_window(rows, plan.warmup, plan.steps), adapters
+    return {**report.mlx_lm_window(rows, plan.warmup, plan.steps), **cpu}, adapters
 
 
 # ---------------------------------------------------------------------------- scoring and the comparison
@@ -174,19 +175,48 @@ def evaluate_adapters(plan: Plan, adapters: dict[str, Path], work: Path) -> dict
     return losses
 
 
+def combine_rounds(per_round: list[dict]) -> dict:
+    """One comparison from several rounds' (``scaling_report.comparison``): medians, the ratio's range."""
+    last = per_round[-1]
+
+    def mid(side: str, key: str):
+        values = [c[side][key] for c in per_round if c[side].get(key) is not None]
+        return median(values) if values else None
+
+    ours = {**last["ours"], **{k: mid("ours", k) for k in ("updates_per_s", "step_time_median_s",
+                                                           "self_reported_tokens_per_s")}}
+    theirs = {**last["mlx_lm"], **{k: mid("mlx_lm", k) for k in (
+        "updates_per_s", "step_time_median_s", "step_time_p90_s", "self_reported_tokens_per_s",
+        "self_reported_updates_per_s", "tokens_per_s_our_definition", "launcher_cpu", "other_cpu")}}
+    ratios = [c["tokens_per_s_ratio"] for c in per_round if c["tokens_per_s_ratio"] is not None]
+    own = [c["tokens_per_s_ratio_vs_its_own_timer"] for c in per_round
+           if c["tokens_per_s_ratio_vs_its_own_timer"] is not None]
+    return {**last, "ours": ours, "mlx_lm": theirs, "rounds": len(per_round),
+            "tokens_per_s_ratio": median(ratios) if ratios else None,
+            "tokens_per_s_ratio_range": [min(ratios), max(ratios)] if ratios else None,
+            "tokens_per_s_ratio_per_round": ratios,
+            "tokens_per_s_ratio_vs_its_own_timer": median(own) if own else None}
+
+
 def add_mlx_lm(plan: Plan, doc: dict, measured: dict, adapters: dict, work: Path) -> None:
-    """The comparisons, the headline ratio and both valid losses, into ``doc``.
+    """The comparisons (one per launcher, over every round), the headline ratio and both valid losses, into ``doc``.
 
     Args:
         plan (Plan): The benchmark.
         doc (dict): The JSON document, completed in place.
         measured (dict): Measurement of every :class:`Run`.
-        adapters (dict): Adapter directories by ``("ours", launcher, n)`` and ``("mlx_lm", launcher)``.
+        adapters (dict): Adapter directories of the last round, by ``("ours", launcher, n)`` and
+            ``("mlx_lm", launcher)``.
         work (Path): Where the evaluations write their results and logs.
     """
-    n, primary = plan.world_size, plan.primary_launcher
-    doc["vs_mlx_lm"] = [report.comparison(n, plan.warmup + plan.steps, launcher, measured[Run("ours", n, launcher)],
-                                          measured[Run("mlx_lm", n, launcher)]) for launcher in plan.launchers]
+    n, primary, updates = plan.world_size, plan.primary_launcher, plan.warmup + plan.steps
+    doc["vs_mlx_lm"] = []
+    for launcher in plan.launchers:
+        rounds = sorted(run.round for run in measured if run.kind == "mlx_lm" and run.launcher == launcher)
+        per_round = [report.comparison(n, updates, launcher, measured[Run("ours", n, launcher, r)],
+                                       measured[Run("mlx_lm", n, launcher, r)])
+                     for r in rounds if Run("ours", n, launcher, r) in measured]
+        doc["vs_mlx_lm"].append(combine_rounds(per_round))
     losses = evaluate_adapters(plan, {"mlx-dp": adapters[("ours", primary, n)],
                                       "mlx_lm": adapters[("mlx_lm", primary)]}, work)
     for c in doc["vs_mlx_lm"]:
@@ -200,6 +230,7 @@ def add_mlx_lm(plan: Plan, doc: dict, measured: dict, adapters: dict, work: Path
                            "mlx_dp_final_train_loss": headline["ours"]["final_train_loss"],
                            "mlx_lm_final_train_loss": headline["mlx_lm"]["final_train_loss"]}
     doc["notes"].append("vs_mlx_lm_tokens_per_s_ratio is mlx-dp's optimizer updates per second over mlx_lm.lora's "
-                        "(same sequences per update), i.e. the tokens/s ratio under one token definition; "
+                        "(same sequences per update), i.e. the tokens/s ratio under one token definition, taken "
+                        "within each round under the same launcher and reported as the median over rounds; "
                         "mlx_lm.lora ran through its own main() with a reporting callback that timestamps "
                         "each update")

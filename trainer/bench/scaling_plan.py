@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 
 PROG = "mlx-dp bench scaling"
 DESCRIPTION = "``mlx-dp bench scaling``: how a recipe's tokens/s grows from one rank to N."
-LAUNCHERS = ("lean", "mlx.launch")
+# How ranks are started: our launcher and stock mlx.launch, each a process of its own whose CPU is measured.
+LAUNCHERS = ("mlx-dp launch", "mlx.launch")
+LAUNCHER_CHOICES = {"mlx-dp": ["mlx-dp launch"], "lean": ["mlx-dp launch"],  # lean: the name before mlx-dp launch
+                    "mlx.launch": ["mlx.launch"], "both": list(LAUNCHERS)}
 # Keys the benchmark sets on every run; a user override of one would silently lose.
 OWN_KEYS = {"training.steps": "use --steps and --warmup", "training.epochs": "use --steps and --warmup",
             "checkpoint.dir": "runs go to a temporary directory; use --keep DIR to keep them"}
@@ -54,18 +57,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     p.add_argument("-n", type=int, default=None, help="world size to compare with 1 (local ranks)")
     p.add_argument("--sizes", default=None, help="world sizes to run, e.g. 1,2,4 (default: 1 and -n)")
-    p.add_argument("--hostfile", default=None, help="mlx.launch hostfile of a real cluster: N = its hosts")
-    p.add_argument("--launcher", choices=["both", *LAUNCHERS], default=None,
-                   help="how to start ranks (default both locally, mlx.launch with --hostfile, lean with --link)")
+    p.add_argument("--hostfile", default=None, help="launch hostfile of a real cluster: N = its hosts")
+    p.add_argument("--launcher", choices=list(LAUNCHER_CHOICES), default=None,
+                   help="how to start ranks: mlx-dp (mlx-dp launch), mlx.launch or both (default both locally, "
+                   "mlx-dp with --hostfile or --link)")
     p.add_argument("--link", default=None, help="run N-rank jobs in network namespaces behind a shaped link "
                    "(1gbe, 10gbe, tb4, none); needs root")
     p.add_argument("--rate", default=None, help="with --link: raw tc rate per direction, e.g. 5gbit")
     p.add_argument("--delay", default=None, help="with --link: raw one-way delay, e.g. 0.2ms")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer updates per run (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured first updates, compilation included "
-                   "(default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of runs, world sizes alternating within each, so "
+                   "drift hits them alike; figures are medians with their spread (default 3)")
+    p.add_argument("--max-extra-rounds", type=int, default=2, help="rounds added to re-measure a baseline far "
+                   "below its other rounds or an efficiency above 100%% + noise (default 2)")
+    # The first updates compile the step once per new sequence-length shape, and at N ranks each
+    # update waits for the slowest rank's compile: on tiny-lora the first ~10 updates of a 2-rank
+    # run were 20-40% slower than later ones, at one rank only the first (measured, 2 cores).
+    p.add_argument("--warmup", type=int, default=10, help="unmeasured first updates, compilation included "
+                   "(default 10)")
     p.add_argument("--blas-threads", type=int, default=None, help="with MLX_DP_BLAS=openblas: OpenBLAS threads "
-                   "per rank in every run (default: the trainer's cores // ranks on a machine)")
+                   "per rank in every run (default: cores // the largest number of ranks on one machine, at "
+                   "every world size)")
     p.add_argument("--vs-mlx-lm", action="store_true", help="also train the same work with mlx_lm.lora at N")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
@@ -90,11 +102,13 @@ class Plan:
     steps: int
     vs_mlx_lm: bool
     timeout: float
+    rounds: int = 1
+    max_extra_rounds: int = 0
     hostfile: str | None = None
     link: "LinkSpec | None" = None  # set when N-rank runs go behind an emulated link
     link_args: dict = field(default_factory=dict)
     blas: str = "mlx"
-    blas_threads: int | None = None  # OpenBLAS threads per rank; None: the trainer's own choice
+    blas_threads: int | None = None  # OpenBLAS threads per rank at every world size; None: each machine decides
     shim: str | None = None  # the OpenBLAS shim mlx_lm.lora gets with LD_PRELOAD
     notes: list[str] = field(default_factory=list)
     keep: str | None = None  # keep run directories here instead of a temporary one
@@ -107,8 +121,8 @@ class Plan:
 
     @property
     def primary_launcher(self) -> str:
-        """The launcher whose numbers headline: lean where it ran (fair on small machines)."""
-        return "lean" if "lean" in self.launchers else self.launchers[0]
+        """The launcher whose numbers headline: mlx-dp launch where it ran (fair on small machines)."""
+        return LAUNCHERS[0] if LAUNCHERS[0] in self.launchers else self.launchers[0]
 
 
 def bench_overrides(plan: Plan, run_dir: Path) -> list[str]:
@@ -119,17 +133,27 @@ def bench_overrides(plan: Plan, run_dir: Path) -> list[str]:
             "checkpoint.every=0", f"checkpoint.dir={run_dir}"]
 
 
-def blas_threads(plan: Plan, world_size: int) -> int | None:
-    """OpenBLAS threads per rank, as the trainer picks them (``fastblas.threads_per_rank``)."""
+def blas_threads(plan: Plan, world_size: int | None = None) -> int | None:
+    """OpenBLAS threads per rank: the same at every world size, so only the world size changes.
+
+    ``world_size`` is accepted for callers that ask per run; the answer does not depend on it.
+    """
+    return 1 if plan.blas != "openblas" else plan.blas_threads
+
+
+def _resolve_blas_threads(plan: Plan) -> None:
+    """Fix the threads per rank once: cores // the most ranks one machine runs (the trainer's own
+    default would give one rank all the cores and N ranks a share each, comparing unlike runs)."""
     from ..tools.fastblas import threads_per_rank
 
-    if plan.blas != "openblas":
-        return 1  # MLX's bundled reference BLAS is single-threaded
-    if plan.blas_threads:
-        return plan.blas_threads
-    if plan.hostfile and world_size > 1:
-        return None  # decided on each remote machine
-    return threads_per_rank(1 if plan.link is not None else world_size)
+    if plan.blas != "openblas" or plan.blas_threads:
+        return
+    if plan.hostfile:
+        plan.notes.append("with --hostfile each machine runs one rank at every world size, so each picks the "
+                          "same OpenBLAS threads for its rank at 1 and at N")
+        return
+    # Behind an emulated link every rank still shares this machine's cores.
+    plan.blas_threads = threads_per_rank(plan.world_size)
 
 
 def make_plan(args) -> Plan:
@@ -146,13 +170,15 @@ def make_plan(args) -> Plan:
             raise BenchError(f"the benchmark sets {key} itself: {OWN_KEYS[key]}")
     if args.warmup < 1:
         raise BenchError("--warmup must be at least 1: the first update compiles the step")
+    if args.rounds < 1 or args.max_extra_rounds < 0:
+        raise BenchError("--rounds must be at least 1 and --max-extra-rounds at least 0")
     if args.steps < (2 if args.vs_mlx_lm else 1):
         raise BenchError("--steps must be at least 1 (2 with --vs-mlx-lm, whose last update also validates)")
     sizes, launchers = _sizes(args), _launchers(args)
     plan = Plan(recipe=args.recipe, overrides=list(args.overrides), cfg=None, sizes=sizes, launchers=launchers,
                 warmup=args.warmup, steps=args.steps, vs_mlx_lm=args.vs_mlx_lm, timeout=args.timeout,
                 hostfile=args.hostfile, keep=args.keep, json=args.json, png=args.png,
-                blas_threads=args.blas_threads)
+                blas_threads=args.blas_threads, rounds=args.rounds, max_extra_rounds=args.max_extra_rounds)
     plan.cfg = load_config(args.recipe, plan.overrides + bench_overrides(plan, Path("runs/bench")))
     if plan.vs_mlx_lm and plan.cfg.training.max_grad_norm is not None:
         # mlx_lm.lora cannot clip gradients: identical work means no clipping on our side either
@@ -163,11 +189,13 @@ def make_plan(args) -> Plan:
     _plan_blas(plan)
     if args.link or args.rate or args.delay:
         _plan_link(plan, args)
+    _resolve_blas_threads(plan)
     if "mlx.launch" in launchers and not (Path(sys.executable).parent / "mlx.launch").is_file():
         raise BenchError(f"mlx.launch is not next to {sys.executable}; install mlx in this environment")
     if plan.hostfile:
-        plan.notes.append("world size 1 ran on this machine under mlx.launch -n 1; the cluster's ranks write "
-                          "per-rank timings on their own machines, so the rank spread covers what is visible here")
+        plan.notes.append("world size 1 ran on this machine under its launcher with -n 1; the cluster's ranks "
+                          "write per-rank timings on their own machines, so the rank spread covers what is "
+                          "visible here")
     return plan
 
 
@@ -197,16 +225,16 @@ def _sizes(args) -> list[int]:
 
 
 def _launchers(args) -> list[str]:
-    if args.hostfile or args.link or args.rate or args.delay:
-        fixed = "mlx.launch" if args.hostfile else "lean"
-        why = "a real cluster runs through mlx.launch" if args.hostfile else \
-            "emulated links start ranks in namespaces (a lean launch)"
-        if args.launcher not in (None, fixed):
-            raise BenchError(f"--launcher {args.launcher} does not apply here: {why}")
-        if args.hostfile and (args.link or args.rate or args.delay):
+    if args.link or args.rate or args.delay:
+        if args.launcher not in (None, "mlx-dp", "lean"):
+            raise BenchError(f"--launcher {args.launcher} does not apply here: emulated links start ranks in "
+                             "namespaces with the emulated cluster's own relay")
+        if args.hostfile:
             raise BenchError("use either --hostfile (a real cluster) or --link (an emulated one)")
-        return [fixed]
-    return list(LAUNCHERS) if args.launcher in (None, "both") else [args.launcher]
+        return [LAUNCHERS[0]]
+    if args.launcher is None:
+        return [LAUNCHERS[0]] if args.hostfile else list(LAUNCHERS)
+    return LAUNCHER_CHOICES[args.launcher]
 
 
 def _plan_link(plan: Plan, args) -> None:
@@ -222,9 +250,9 @@ def _plan_link(plan: Plan, args) -> None:
     if plan.world_size < 2:
         raise BenchError("--link needs a world size of at least 2")
     plan.link_args = {"preset": args.link, "rate": args.rate, "delay": args.delay}
-    if plan.blas == "openblas" and not plan.blas_threads:
-        plan.notes.append("behind an emulated link each rank believes it has a machine of its own, so each "
-                          "uses every core for OpenBLAS; the ranks share this machine's cores")
+    plan.notes.append("behind an emulated link, N ranks are started by the emulated cluster's own relay "
+                      "(blocking reads, as mlx-dp launch) inside this process, so its CPU is not measured; "
+                      "one rank runs under mlx-dp launch")
 
 
 def _plan_blas(plan: Plan) -> None:
@@ -247,11 +275,12 @@ def _plan_blas(plan: Plan) -> None:
 
 @dataclass(frozen=True)
 class Run:
-    """One launch: which trainer, how many ranks, started how."""
+    """One launch: which trainer, how many ranks, started how, in which round."""
 
     kind: str  # "ours", "skip" (ours with gradients not reduced) or "mlx_lm"
     world_size: int
     launcher: str
+    round: int = 0
 
     def describe(self, plan: Plan) -> str:
         what = {"ours": "mlx-dp", "skip": "mlx-dp, communication skipped", "mlx_lm": "mlx_lm.lora"}[self.kind]
@@ -259,17 +288,22 @@ class Run:
         return f"world size {self.world_size}, {self.launcher}{where}, {what}"
 
     def dirname(self) -> str:
-        return f"{self.launcher}-n{self.world_size}-{self.kind}"
+        return f"{self.launcher.replace(' ', '-')}-n{self.world_size}-{self.kind}-r{self.round}"
+
+    def same(self, **changes) -> "Run":
+        """This run with some fields changed, e.g. ``run.same(world_size=1)``."""
+        return Run(**{**self.__dict__, **changes})
 
 
-def schedule(plan: Plan) -> list[Run]:
-    """Every launch, in order: per launcher, each world size, its skip baseline, then mlx-lm."""
+def schedule(plan: Plan, round_index: int) -> list[Run]:
+    """One round of launches: per launcher, each world size in turn (1, N, ...), N's skip baseline,
+    then mlx-lm; every round repeats them, so slow drift of the machine hits every figure alike."""
     runs = []
     for launcher in plan.launchers:
         for n in plan.sizes:
-            runs.append(Run("ours", n, launcher))
+            runs.append(Run("ours", n, launcher, round_index))
             if n > 1:  # one rank never communicates: nothing to skip
-                runs.append(Run("skip", n, launcher))
+                runs.append(Run("skip", n, launcher, round_index))
         if plan.vs_mlx_lm:
-            runs.append(Run("mlx_lm", plan.world_size, launcher))
+            runs.append(Run("mlx_lm", plan.world_size, launcher, round_index))
     return runs

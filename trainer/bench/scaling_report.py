@@ -1,5 +1,5 @@
-"""The numbers and pictures of ``mlx-dp bench scaling``: step statistics,
-scaling ratios, the comparison with mlx-lm, the printed table and the PNG.
+"""The numbers of ``mlx-dp bench scaling``: step statistics, scaling ratios,
+the comparison with mlx-lm and the printed table (the chart is in ``scaling_chart``).
 
 Everything here is pure (files in, dicts and text out; nothing is launched),
 so the maths is unit-tested on synthetic numbers. Definitions, for N ranks
@@ -11,7 +11,14 @@ with the per-rank batch fixed (N ranks do N times the work of one per step):
 * scaling efficiency: tokens/s(N) / (N x tokens/s(1));
 * exposed communication share: (t_N - t_N_skip) / t_N on median step times,
   where t_N_skip comes from a run whose reducer skips every all_sum;
-* rank spread: the median over steps of (slowest - fastest rank's step time).
+* rank spread: the median over steps of (slowest - fastest rank's step time);
+* launcher CPU: the launcher process's own CPU time over wall time while its
+  ranks ran, in cores (its threads, not the ranks);
+* others: the CPU other processes took during a run (the machine's busy time
+  minus the job's own), in cores.
+
+Each ratio is taken within one round and reported as the median over rounds
+with its range (``scaling_rounds``).
 """
 
 import json
@@ -101,23 +108,6 @@ def step_stats(step_times: list[float], tokens: list[float]) -> dict:
         "tokens_per_step_mean": sum(tokens) / len(tokens) if tokens else None,
         "steps_measured": len(step_times),
     }
-
-
-def add_ratios(results: list[dict]) -> None:
-    """Fill speedup, efficiency and exposed communication into each result, in place.
-
-    Each result is compared with the one-rank result of the same launcher, so
-    both sides of every ratio were launched the same way.
-    """
-    base = {r["launcher"]: r for r in results if r["world_size"] == 1}
-    for r in results:
-        one = base.get(r["launcher"], {}).get("tokens_per_s")
-        skipped = r.get("comm_skipped") or {}
-        r["speedup"] = speedup(r["tokens_per_s"], one)
-        r["scaling_efficiency"] = scaling_efficiency(r["tokens_per_s"], one, r["world_size"])
-        r["exposed_comm_share"] = exposed_comm_share(r["step_time_median_s"], skipped.get("step_time_median_s"))
-        r["scaling_efficiency_comm_skipped"] = scaling_efficiency(skipped.get("tokens_per_s"), one,
-                                                                  r["world_size"])
 
 
 def mlx_lm_window(reports: list[dict], warmup: int, steps: int) -> dict:
@@ -241,31 +231,61 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{value * 100:.0f}%"
+def _pct(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value * 100:.{digits}f}%"
+
+
+def _range(values, spec: str = ".0f", scale: float = 1.0, suffix: str = "") -> str:
+    low, high = values if values else (None, None)
+    if low is None or high is None:
+        return ""
+    return f"({low * scale:{spec}}-{high * scale:{spec}}{suffix})"
+
+
+def launcher_cpu_summary(results: list[dict]) -> dict:
+    """Each launcher's own CPU use by world size: median and maximum over rounds, in cores."""
+    summary = {}
+    for r in results:
+        if r.get("launcher_cpu") is not None:
+            summary.setdefault(r["launcher"], {})[str(r["world_size"])] = {
+                "median_cores": r["launcher_cpu"], "max_cores": r["launcher_cpu_range"][1]}
+    return summary
 
 
 def format_table(doc: dict) -> str:
     """The results as a text table, one row per launcher and world size."""
     s = doc["setup"]
+    threads = f" ({doc['blas_threads_per_rank']} thread(s) per rank)" if doc.get("blas_threads_per_rank") else ""
     lines = [f"\nmlx-dp bench scaling: {doc['recipe']}, {s['per_rank_batch']} sequences per rank x "
-             f"{s['grad_accumulation']} accumulation, {doc['steps']} measured updates (+{doc['warmup']} warm-up), "
-             f"BLAS {doc['blas']}, link {doc['link']}",
-             f"{'launcher':11s} {'ranks':>5s} {'tok/s':>9s} {'median step':>11s} {'p90 step':>9s} "
-             f"{'speedup':>7s} {'effic.':>6s} {'exposed comm':>12s} {'effic. no comm':>14s} "
-             f"{'rank spread':>11s} {'peak mem/rank':>13s}"]
+             f"{s['grad_accumulation']} accumulation, {doc['steps']} measured updates (+{doc['warmup']} warm-up) "
+             f"per run, {doc['rounds']} round(s), BLAS {doc['blas']}{threads}, link {doc['link']}",
+             f"{'launcher':13s} {'ranks':>5s} {'tok/s':>7s} {'(min-max)':13s} {'median step':>11s} "
+             f"{'speedup':>7s} {'effic.':>7s} {'(min-max)':11s} {'exposed comm':>12s} {'effic. no comm':>14s} "
+             f"{'rank spread':>11s} {'peak mem/rank':>13s} {'launcher CPU':>12s} {'others':>6s}"]
     for r in doc["results"]:
         mem = max((m for m in r["peak_memory_gb_per_rank"] if m is not None), default=None)
+        valid = r.get("valid", True)
+        speed = _fmt(r["speedup"], "6.2f", "x") if valid else "invalid"
+        eff = _pct(r["scaling_efficiency"]) if valid else "invalid"
+        eff_range = _range(r.get("scaling_efficiency_range"), ".0f", 100, "%") if valid else ""
         lines.append(
-            f"{r['launcher']:11s} {r['world_size']:5d} {_fmt(r['tokens_per_s'], '9.0f')} "
-            f"{_fmt(r['step_time_median_s'], '10.3f', 's')} {_fmt(r['step_time_p90_s'], '8.3f', 's')} "
-            f"{_fmt(r['speedup'], '6.2f', 'x')} {_pct(r['scaling_efficiency']):>6s} "
-            f"{_pct(r['exposed_comm_share']):>12s} {_pct(r['scaling_efficiency_comm_skipped']):>14s} "
+            f"{r['launcher']:13s} {r['world_size']:5d} {_fmt(r['tokens_per_s'], '7.0f')} "
+            f"{_range(r.get('tokens_per_s_range')):13s} {_fmt(r['step_time_median_s'], '10.3f', 's')} "
+            f"{speed:>7s} {eff:>7s} {eff_range:11s} {_pct(r['exposed_comm_share']):>12s} "
+            f"{_pct(r['scaling_efficiency_comm_skipped']):>14s} "
             f"{_fmt(None if r['rank_spread_s'] is None else r['rank_spread_s'] * 1e3, '8.1f', ' ms'):>11s} "
-            f"{_fmt(mem, '10.3f', ' GB'):>13s}")
-    lines.append("tok/s: global loss tokens per second of wall time; effic.: tok/s(N) / (N x tok/s(1)) under the "
-                 "same launcher; exposed comm: (t_N - t_N with no all_sum) / t_N on median steps; "
-                 "rank spread: median over steps of slowest - fastest rank")
+            f"{_fmt(mem, '10.3f', ' GB'):>13s} {_pct(r.get('launcher_cpu'), 1):>12s} "
+            f"{_pct(r.get('other_cpu')):>6s}")
+    lines.append("tok/s: global loss tokens per second of wall time, median over rounds (min-max); effic.: "
+                 "tok/s(N) / (N x tok/s(1)) within each round, same launcher; exposed comm: (t_N - t_N with no "
+                 "all_sum) / t_N on median steps; rank spread: median over steps of slowest - fastest rank; "
+                 "launcher CPU: the launcher process's own CPU time over wall time while its ranks ran "
+                 "(100% = one core); others: CPU that other processes on this machine took meanwhile")
+    cpu = doc.get("launcher_cpu") or {}
+    if cpu:
+        lines.append("launcher CPU while ranks trained (median over rounds): " + "; ".join(
+            f"{launcher} " + ", ".join(f"{_pct(v['median_cores'], 1)} of a core at {n} rank(s)"
+                                       for n, v in sizes.items()) for launcher, sizes in cpu.items()))
     if doc.get("vs_mlx_lm"):
         lines.append(format_vs_mlx_lm(doc["vs_mlx_lm"]))
     for note in doc.get("notes", []):
@@ -278,8 +298,8 @@ def format_vs_mlx_lm(comparisons: list[dict]) -> str:
     lines = []
     for c in comparisons:
         ours, theirs = c["ours"], c["mlx_lm"]
-        lines += [f"\nvs mlx_lm.lora at {c['world_size']} ranks, {c['launcher']} launch, global batch "
-                  f"{c['global_batch']}, {c['updates']} updates each:",
+        lines += [f"\nvs mlx_lm.lora at {c['world_size']} ranks, both under {c['launcher']}, global batch "
+                  f"{c['global_batch']}, {c['updates']} updates each, median of {c.get('rounds', 1)} round(s):",
                   f"{'':12s} {'updates/s':>9s} {'median update':>13s} {'own tok/s':>9s} "
                   f"{'final train loss (own)':>22s} {'valid loss (mlx-dp eval)':>24s}"]
         for name, side in (("mlx-dp", ours), ("mlx_lm.lora", theirs)):
@@ -288,61 +308,11 @@ def format_vs_mlx_lm(comparisons: list[dict]) -> str:
                          f"{_fmt(side['self_reported_tokens_per_s'], '9.0f')} "
                          f"{_fmt(side['final_train_loss'], '22.4f')} {_fmt(side.get('valid_loss'), '24.4f')}")
         lines.append(f"speed ratio (mlx-dp / mlx_lm.lora updates per second = tokens/s under one token "
-                     f"definition): {_fmt(c['tokens_per_s_ratio'], '.2f', 'x')} of wall time "
+                     f"definition): {_fmt(c['tokens_per_s_ratio'], '.2f', 'x')} "
+                     f"{_range(c.get('tokens_per_s_ratio_range'), '.2f', 1, 'x')} of wall time "
                      f"({_fmt(c['tokens_per_s_ratio_vs_its_own_timer'], '.2f', 'x')} against mlx-lm's own "
                      "step timer, which leaves out batch building and lazy tokenization)")
     lines.append("own tok/s is each tool's self-report: mlx-lm also scores the pad after each sample's EOS (one "
                  "extra target per sample) and times only the step; its train loss includes that target too, "
                  "so compare losses in the valid column")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- the chart
-
-
-def write_png(doc: dict, path: Path) -> None:
-    """tokens/s and scaling efficiency against world size, one line per launcher.
-
-    Dashed: the same runs with communication skipped; dotted grey: perfect scaling.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a file
-    import matplotlib.pyplot as plt
-
-    fig, (tps_ax, eff_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    launchers = list(dict.fromkeys(r["launcher"] for r in doc["results"]))
-    for i, launcher in enumerate(launchers):
-        rows = sorted((r for r in doc["results"] if r["launcher"] == launcher), key=lambda r: r["world_size"])
-        sizes = [r["world_size"] for r in rows]
-        color = f"C{i}"
-        tps_ax.plot(sizes, [r["tokens_per_s"] for r in rows], "o-", color=color, label=launcher)
-        eff_ax.plot(sizes, [r["scaling_efficiency"] for r in rows], "o-", color=color, label=launcher)
-        skipped = [(r["world_size"], (r.get("comm_skipped") or {}).get("tokens_per_s"),
-                    r["scaling_efficiency_comm_skipped"]) for r in rows if r.get("comm_skipped")]
-        if skipped:
-            tps_ax.plot([s[0] for s in skipped], [s[1] for s in skipped], "s--", color=color,
-                        label=f"{launcher}, communication skipped")
-            eff_ax.plot([s[0] for s in skipped], [s[2] for s in skipped], "s--", color=color,
-                        label=f"{launcher}, communication skipped")
-        one = next((r["tokens_per_s"] for r in rows if r["world_size"] == 1), None)
-        if one:
-            tps_ax.plot(sizes, [one * n for n in sizes], ":", color="grey",
-                        label="perfect scaling" if i == 0 else None)
-    for c in doc.get("vs_mlx_lm") or []:
-        color = f"C{launchers.index(c['launcher'])}" if c["launcher"] in launchers else "black"
-        tps_ax.plot([c["world_size"]], [c["mlx_lm"]["tokens_per_s_our_definition"]], "x", markersize=10,
-                    color=color, label=f"mlx_lm.lora, {c['launcher']} (our token count)")
-    eff_ax.axhline(1.0, linestyle=":", color="grey")
-    for ax, title in ((tps_ax, "global tokens/s"), (eff_ax, "scaling efficiency")):
-        ax.set_xlabel("world size (ranks)")
-        ax.set_title(title)
-        ax.set_xticks(sorted({r["world_size"] for r in doc["results"]}))
-        ax.grid(alpha=0.3)
-    eff_ax.set_ylim(bottom=0)
-    tps_ax.set_ylim(bottom=0)
-    tps_ax.legend(fontsize=7)
-    fig.suptitle(f"mlx-dp bench scaling: {doc['recipe']} (BLAS {doc['blas']}, link {doc['link']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,33 +1,38 @@
-"""Launching the runs of ``mlx-dp bench scaling`` and measuring ours.
+"""Launching the runs of ``mlx-dp bench scaling``, measuring the launcher, and measuring ours.
 
-:func:`launch_ranks` starts one command on N ranks in one of four ways: the
-lean launcher (``trainer.cluster.launch``, which also runs one rank as a plain
-process), ``mlx.launch -n N`` on loopback, ``mlx.launch --hostfile`` on a
-real cluster, or an emulated cluster of network namespaces behind a shaped
-link. Each rank's output goes to a log file, whose tail is shown when a run
-fails (:func:`show_failure`). :func:`run_ours` trains the recipe that way and
-reads its metrics back through ``scaling_report``.
+:func:`launch_ranks` starts one command on N ranks under ``mlx-dp launch`` or
+stock ``mlx.launch`` (``-n N`` on loopback, ``--hostfile`` on a real cluster),
+each as a process of its own whose CPU time is sampled from the system while
+the ranks run, so each launcher's own cost is reported next to the throughput
+it allowed. Behind an emulated link, N ranks run in network namespaces
+instead. Output goes to a log file, whose tail is shown when a run fails
+(:func:`show_failure`). :func:`run_ours` trains the recipe that way and reads
+its metrics back through ``scaling_report``.
 """
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from . import scaling_report as report
+from ..cluster.ports import free_port_block
 from .scaling_plan import BenchError, Plan, Run, RunFailed, bench_overrides
 
 TAIL_LINES = 25
 NO_DELAY_NOTE = "this kernel has no netem qdisc: the emulated links had their rate but not their delay"
+CPU_SKIP_S = 2.0  # the launcher's own start-up (imports) is not what is measured
+CPU_EVERY_S = 0.5
 
 
 # ---------------------------------------------------------------------------- launchers
 
 
-def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: Path) -> int:
+def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: Path) -> tuple[int, dict]:
     """Start ``command`` on ``run.world_size`` ranks as ``run`` says and wait for them.
 
     Args:
@@ -35,11 +40,12 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
         run (Run): World size and launcher.
         command (list[str]): What every rank runs.
         env (dict): Extra environment for every rank.
-        log_base (Path): Output goes to ``<log_base>.rank<r>.log`` (``<log_base>.log`` under mlx.launch).
+        log_base (Path): Output goes to ``<log_base>.log`` (``<log_base>.rank<r>.log`` behind an emulated link).
 
     Returns:
-        int: The launcher's exit status (mlx.launch can return 0 when a rank failed: the
-        caller checks what the run wrote as well).
+        tuple: The launcher's exit status (mlx.launch can return 0 when a rank failed: the caller
+        checks what the run wrote as well), and the CPU measurements of :func:`wait_measuring_cpu`
+        (``None`` values where they could not be measured).
     """
     if plan.link is not None and run.world_size > 1:
         from ..cluster.netem import EmulatedCluster, exit_status
@@ -48,78 +54,130 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
             code = exit_status(cluster.run(_logged(command, log_base), env=env, timeout=plan.timeout))
             if cluster.delay_emulated is False and NO_DELAY_NOTE not in plan.notes:
                 plan.notes.append(NO_DELAY_NOTE)
-            return code
-    if run.launcher == "mlx.launch":
-        return _mlx_launch(plan, run.world_size, command, env, log_base)
-    from ..cluster.launch import launch
+            return code, {"launcher_cpu": None, "other_cpu": None}
+    argv = launcher_argv(plan, run.launcher, run.world_size, env) + ["--", *command]
+    with open(f"{log_base}.log", "w") as out:
+        # stdin: mlx.launch makes its stdin non-blocking, which would also change our terminal's.
+        # A session of its own, so a timeout or Ctrl-C can stop the launcher and what it started.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        return wait_measuring_cpu(proc, plan.timeout)
 
-    return launch(_logged(command, log_base), run.world_size, env=env, timeout=plan.timeout)
+
+def launcher_argv(plan: Plan, launcher: str, n: int, env: dict) -> list[str]:
+    """The launcher's command line up to ``--``: where the ranks go and their environment."""
+    env_args = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
+    if launcher == "mlx.launch":
+        exe = [str(Path(sys.executable).parent / "mlx.launch")]
+        if plan.hostfile and n > 1:
+            where = ["--hostfile", plan.hostfile]
+        else:  # a free port block: other jobs on this machine may hold mlx.launch's default 32323
+            port = free_port_block(n)
+            if port is None:
+                raise BenchError(f"found no {n} consecutive free TCP ports on loopback for mlx.launch")
+            where = ["-n", str(n), "--starting-port", str(port)]
+    else:  # mlx-dp launch picks free ports itself for a local launch
+        exe = [sys.executable, "-m", "trainer", "launch", "--prefix-output"]
+        where = ["--hostfile", plan.hostfile] if plan.hostfile and n > 1 else ["-n", str(n)]
+    return [*exe, *where, *env_args]
 
 
 def _logged(command: list[str], log_base: Path) -> list[str]:
-    # The lean launcher and the emulated cluster let ranks write to our terminal; this
-    # wrapper sends each rank's output to its own file instead (MLX_RANK is set by then).
+    # The emulated cluster lets ranks write to our terminal; this wrapper sends each
+    # rank's output to its own file instead (MLX_RANK is set by then).
     return ["/bin/sh", "-c", 'exec "$@" >"$0.rank$MLX_RANK.log" 2>&1', str(log_base), *command]
 
 
-def free_port_block(n: int, tries: int = 50) -> int:
-    """A port p with p..p+n-1 all free on loopback now (mlx.launch -n gives rank r port p+r).
-
-    Args:
-        n (int): Consecutive ports needed.
-        tries (int): Random starting points to try. Default: ``50``.
-    """
-    from ..cluster.launch import free_ports
-
-    for _ in range(tries):
-        base = free_ports(1)[0]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise BenchError(f"found no {n} consecutive free TCP ports on loopback for mlx.launch")
-
-
-def _mlx_launch(plan: Plan, n: int, command: list[str], env: dict, log_base: Path) -> int:
-    exe = str(Path(sys.executable).parent / "mlx.launch")
-    if plan.hostfile and n > 1:
-        where = ["--hostfile", plan.hostfile]
-    else:  # a free port block: other jobs on this machine may hold mlx.launch's default 32323
-        where = ["-n", str(n), "--starting-port", str(free_port_block(n))]
-    env_args = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
-    with open(f"{log_base}.log", "w") as out:
-        # stdin: mlx.launch makes its stdin non-blocking, which would also change our terminal's.
-        # A session of its own, so a timeout or Ctrl-C can stop mlx.launch and every rank it started.
-        proc = subprocess.Popen([exe, *where, *env_args, "--", *command], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        return _wait_group(proc, plan.timeout)
-
-
-def _wait_group(proc: subprocess.Popen, timeout: float) -> int:
-    """Wait for a process started in a session of its own; on timeout (status 124) or
-    Ctrl-C stop it and everything it started."""
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (its threads, not its children); None if unknown."""
     try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop_group(proc)
-        return 124
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    try:  # macOS and other systems without /proc: ps's cumulative CPU time, [[dd-]hh:]mm:ss.ss
+        text = subprocess.run(["ps", "-o", "time=", "-p", str(pid)], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    parts = re.split(r"[-:]", text)
+    if not text or not all(re.fullmatch(r"\d+(\.\d+)?", p) for p in parts):
+        return None
+    seconds = 0.0
+    for value, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += float(value) * unit
+    return seconds
+
+
+def system_busy_seconds() -> float | None:
+    """CPU seconds every core of this machine has spent busy since boot (Linux; ``None`` elsewhere).
+
+    Busy is user, nice, system, irq, softirq and steal (time a hypervisor gave to other
+    machines): all of it is CPU the benchmark's ranks did not get.
+    """
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_measuring_cpu(proc: subprocess.Popen, timeout: float) -> tuple[int, dict]:
+    """Wait for the launcher; measure its own CPU, and the CPU that other processes took meanwhile.
+
+    The launcher's CPU time is sampled every half second after its start-up (its
+    threads only). The job's whole CPU time (launcher and ranks, which it waits for)
+    comes from ``wait4``; what the machine was busy with beyond that is other
+    processes' load, which slows N ranks on N cores most.
+
+    Returns:
+        tuple: Exit status (124 after ``timeout``), and ``launcher_cpu`` (CPU seconds per
+        wall second between the first and last sample; ``None`` for a run too short to
+        sample) and ``other_cpu`` (cores used by other processes over the run; ``None``
+        where it cannot be measured).
+    """
+    start, first, last, job_cpu = time.monotonic(), None, None, None
+    busy_start = system_busy_seconds()
+    try:
+        while True:
+            time.sleep(CPU_EVERY_S)
+            try:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                code = proc.wait()
+                break
+            if pid:
+                proc.returncode = code = os.waitstatus_to_exitcode(status)
+                job_cpu = usage.ru_utime + usage.ru_stime
+                break
+            now = time.monotonic()
+            if now - start > timeout:
+                _stop_group(proc)
+                code = 124
+                break
+            cpu = process_cpu_seconds(proc.pid)
+            if cpu is not None and now - start >= CPU_SKIP_S:
+                first = first or (now, cpu)
+                last = (now, cpu)
     except KeyboardInterrupt:
         _stop_group(proc)
         raise
+    wall, busy_end = time.monotonic() - start, system_busy_seconds()
+    share = None
+    if first and last and last[0] - first[0] >= 1.0:
+        share = (last[1] - first[1]) / (last[0] - first[0])
+    other = None
+    if None not in (busy_start, busy_end, job_cpu) and wall > 0:
+        other = max(0.0, (busy_end - busy_start - job_cpu) / wall)
+    return code, {"launcher_cpu": share, "other_cpu": other}
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group we started, SIGKILL what is left after ``grace_s``."""
+    """SIGTERM the process group we started, SIGKILL what is left after ``grace_s``.
+
+    mlx-dp launch passes SIGTERM on to its ranks (their own sessions), and they die with it.
+    """
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -153,14 +211,14 @@ def run_ours(plan: Plan, run: Run, run_dir: Path) -> dict:
     command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-dp", *switches, "--", "train", plan.recipe,
                *plan.overrides, *bench_overrides(plan, run_dir)]
     env = {"PYTHONUNBUFFERED": "1"}
-    if plan.blas_threads:  # otherwise each rank takes its share of its machine's cores
+    if plan.blas_threads:  # the same at every world size (scaling_plan.blas_threads)
         env[THREADS_ENV] = str(plan.blas_threads)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    log_base = run_dir.parent / "log"  # log.rank<r>.log (or log.log from mlx.launch)
-    code = launch_ranks(plan, run, command, env, log_base)
+    log_base = run_dir.parent / "log"
+    code, cpu = launch_ranks(plan, run, command, env, log_base)
     if code != 0 or _run_state(run_dir) != "completed":
         show_failure(run.describe(plan), code or 1, log_base)
-    return _measured(run_dir, run.world_size, plan)
+    return {**_measured(run_dir, run.world_size, plan), **cpu}
 
 
 def _run_state(run_dir: Path) -> str | None:

@@ -1,123 +1,226 @@
-"""A lean local launcher: N processes on this machine, ring backend over loopback.
+"""``mlx-dp launch``: ``mlx.launch``'s command line, without its spinning relay, with a truthful exit status.
 
-``mlx.launch`` relays every rank's output through a busy-polling loop that
-costs about 1.4 cores on a 2-core machine (../shared/PLATFORM.md), which
-distorts throughput on small machines. This launcher only sets ``MLX_RANK``
-and ``MLX_HOSTFILE`` for each rank and lets the ranks write straight to the
-terminal. It is for local measurement and tests; real clusters use
-``mlx.launch --hostfile``.
+    mlx-dp launch -n 2 -- .venv/bin/mlx-dp train recipes/tiny-lora.yaml
+    mlx-dp launch --hostfile hosts.json -- ~/mlx-dp/.venv/bin/mlx-dp train recipes/qwen3-0.6b-lora.yaml
+    mlx-dp launch -n 2 --prefix-output --timeout 600 -- python -u script.py
 
-Usage::
+It takes ``mlx.launch``'s options (``-n``, ``--hosts``, ``--hostfile``,
+``--backend``, ``--env``, ``--python``, ``--cwd``, ``--starting-port``,
+``--connections-per-ip``, ``--nccl-port``, ``--mpi-arg``, ``--verbose``) and
+starts the ranks exactly as ``mlx.launch`` does, with MLX's own code: hostfile
+parsing, ssh to remote hosts, each backend's environment and files
+(``trainer/cluster/mlx_launcher.py``). Only the part that runs the ranks and
+relays their output is mlx-dp's own (``trainer/cluster/relay.py`` says why;
+``trainer/cluster/supervisor.py`` what happens on failures and signals).
 
-    mlx-dp launch -n 2 -- mlx-dp train recipes/tiny-lora.yaml
+Differences a user sees: a failing rank is named and its status becomes the
+launcher's (``mlx.launch`` exits 0); Ctrl-C lets ranks checkpoint and stop;
+``--prefix-output`` tags lines with their rank; ``--timeout`` bounds the job;
+a local launch picks free ports unless ``--starting-port`` is given (other jobs
+may hold ``mlx.launch``'s default 32323); every rank gets
+``MLX_DP_LAUNCHER=mlx-dp launch``. If this MLX lacks the internals reused
+here, one line says so and stock ``mlx.launch`` runs the job instead.
 """
 
-import json
-import os
-import signal
-import socket
+import argparse
+import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+from ..env import LAUNCHER_VAR
+from . import mlx_launcher
+from .ports import free_port_block
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports that are free on loopback right now."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+PROG = "mlx-dp launch"
+LAUNCHER_NAME = "mlx-dp launch"
+DEFAULT_PORT = 32323  # mlx.launch's --starting-port
+DEFAULT_GRACE_S = 30.0
+BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
 
 
-def write_ring_hostfile(path: Path, n: int, host: str = "127.0.0.1") -> Path:
-    """Write the JSON hostfile the ring backend reads from ``MLX_HOSTFILE``."""
-    path.write_text(json.dumps([[f"{host}:{p}"] for p in free_ports(n)]))
-    return path
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Start the ranks of a distributed MLX job as mlx.launch "
+                                "does, without its spinning relay, with a truthful exit status.",
+                                epilog="Everything after the options (or after --) is the command each rank runs.")
+    mlx = p.add_argument_group("as mlx.launch")
+    mlx.add_argument("-n", "--repeat-hosts", dest="repeat_hosts", type=_positive, default=None, metavar="N",
+                     help="ranks per host of --hosts (default 1)")
+    mlx.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts (default 127.0.0.1: this machine)")
+    mlx.add_argument("--hostfile", default=None, help="JSON hostfile, as written by mlx.distributed_config")
+    mlx.add_argument("--backend", choices=BACKENDS, default=None,
+                     help="distributed backend (default: the hostfile's, else ring; nccl where CUDA is)")
+    mlx.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set for every rank")
+    mlx.add_argument("--python", default=None, help="run the command with this interpreter on every host")
+    mlx.add_argument("--cwd", default=None, help="working directory on every host (default: this one, where it exists)")
+    mlx.add_argument("--starting-port", "-p", type=int, default=None,
+                     help=f"ring/jaccl: first port, one more per rank and IP (default: free ports for a "
+                     f"local launch, else {DEFAULT_PORT})")
+    mlx.add_argument("--connections-per-ip", type=int, default=1, help="ring: connections per IP (default 1)")
+    mlx.add_argument("--nccl-port", type=int, default=12345, help="nccl: rank 0's port (default 12345)")
+    mlx.add_argument("--mpi-arg", action="append", default=[], help="mpi: passed to mpirun")
+    mlx.add_argument("--verbose", action="store_true", help="say what is run and when each rank ends")
+    own = p.add_argument_group("mlx-dp's own")
+    own.add_argument("--prefix-output", action="store_true", help="start every output line with [rank]")
+    own.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds (status 124)")
+    own.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
+                     help=f"seconds from SIGTERM to SIGKILL when ranks are stopped (default {DEFAULT_GRACE_S:g})")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- program [args...]")
+    return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --, e.g. mlx-dp launch -n 2 -- mlx-dp train recipe.yaml")
+    if args.hostfile and args.repeat_hosts is not None:
+        parser.error("give either --hostfile (its hosts are the ranks) or -n, not both")
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    if args.grace < 0:
+        parser.error("--grace must be 0 or more seconds")
+    return parser, args, command
+
+
+def main(argv: list[str], output=None) -> int:
+    """``mlx-dp launch ...``; returns the exit status.
+
+    Args:
+        argv (list[str]): The arguments after ``mlx-dp launch``.
+        output (trainer.cluster.relay.Output | None): Where ranks' output goes.
+            Default: ``None`` (this process's stdout and stderr).
+    """
+    parser, args, command = parse_args(argv)
+    missing = mlx_launcher.missing_internals()
+    if missing:
+        return run_stock(args, command, missing)
+    from mlx._distributed_utils.common import Hostfile
+
+    try:
+        hostfile = (Hostfile.from_file(args.hostfile) if args.hostfile
+                    else Hostfile.from_list(args.hosts, args.repeat_hosts or 1))
+    except ValueError as e:
+        parser.error(str(e))
+    as_given = argparse.Namespace(**vars(args))  # for a fallback to mlx.launch, before ours is added
+    _complete_args(args, hostfile)
+    if args.backend == "mpi":
+        return mlx_launcher.run_mpi(parser, hostfile.hosts, args, command)
+    try:
+        specs = mlx_launcher.rank_specs(parser, hostfile.hosts, args, command)
+    except RuntimeError as e:  # MLX's launcher changed in a way the checks did not catch
+        return run_stock(as_given, command, [str(e)])
+    from .relay import Output
+    from .supervisor import Supervisor
+
+    output = output or Output(prefix=args.prefix_output)
+    try:
+        return Supervisor(specs, output, timeout=args.timeout, grace_s=args.grace, verbose=args.verbose).run()
+    except OSError as e:  # e.g. no ssh on this machine; every rank started so far has been killed
+        print(f"{PROG}: error: could not start the ranks: {e}", file=sys.stderr, flush=True)
+        return 127
+
+
+def _complete_args(args: argparse.Namespace, hostfile) -> None:
+    """What ``mlx.launch``'s main() decides before launching, plus the launcher's name for the ranks."""
+    if hostfile.backend and args.backend is None:
+        args.backend = hostfile.backend
+    if args.backend is None:
+        import mlx.core as mx
+
+        cuda = getattr(mx, "cuda", None)
+        args.backend = "nccl" if cuda is not None and cuda.is_available() else "ring"
+    args.env = list(hostfile.envs) + list(args.env) + [f"{LAUNCHER_VAR}={LAUNCHER_NAME}"]
+    cols, lines = shutil.get_terminal_size((0, 0))
+    if cols > 0 and not any(e.startswith("COLUMNS=") for e in args.env):
+        args.env += [f"COLUMNS={cols}", f"LINES={lines}"]
+    if args.starting_port is None:
+        local = all(h.ssh_hostname == mlx_launcher.LOCAL_HOST for h in hostfile.hosts)
+        per_host = max(1, args.connections_per_ip) * max(1, max(len(h.ips) for h in hostfile.hosts))
+        ports = len(hostfile.hosts) * per_host
+        args.starting_port = (free_port_block(ports) if local else None) or DEFAULT_PORT
+
+
+def stock_argv(args: argparse.Namespace, command: list[str]) -> list[str]:
+    """The same job as ``mlx.launch``'s arguments (without mlx-dp's own options)."""
+    if args.hostfile:
+        argv = ["--hostfile", args.hostfile]
+    else:
+        argv = ["--hosts", args.hosts, "-n", str(args.repeat_hosts or 1)]
+    if args.backend:
+        argv += ["--backend", args.backend]
+    for env in args.env:
+        argv += ["--env", env]
+    for name in ("python", "cwd", "starting_port"):
+        if getattr(args, name) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if args.connections_per_ip != 1:
+        argv += ["--connections-per-ip", str(args.connections_per_ip)]
+    if args.nccl_port != 12345:
+        argv += ["--nccl-port", str(args.nccl_port)]
+    for arg in args.mpi_arg:
+        argv += ["--mpi-arg", arg]
+    if args.verbose:
+        argv.append("--verbose")
+    return argv + ["--", *command]
+
+
+def run_stock(args: argparse.Namespace, command: list[str], missing: list[str]) -> int:
+    """Run the job with stock ``mlx.launch`` (this MLX lacks what mlx-dp reuses); one line says so."""
+    exe = Path(sys.executable).parent / "mlx.launch"
+    exe = str(exe) if exe.is_file() else shutil.which("mlx.launch")
+    try:
+        from importlib.metadata import version
+
+        mlx_version = version("mlx")
+    except Exception:  # noqa: BLE001 - only for the message
+        mlx_version = "unknown"
+    if exe is None:
+        print(f"{PROG}: error: this MLX ({mlx_version}) lacks the launcher internals mlx-dp reuses "
+              f"({', '.join(missing)}), and no mlx.launch was found to fall back on", file=sys.stderr, flush=True)
+        return 2
+    print(f"{PROG}: this MLX ({mlx_version}) lacks the launcher internals mlx-dp reuses ({', '.join(missing)}); "
+          "running stock mlx.launch instead (its relay busy-polls a core, it exits 0 when a rank fails, "
+          "and --timeout/--prefix-output do not apply)", file=sys.stderr, flush=True)
+    proc = subprocess.Popen([exe, *stock_argv(args, command)])
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # mlx.launch got the Ctrl-C too (same process group)
+        return proc.wait()
 
 
 def launch(command: list[str], n: int, env: dict | None = None, timeout: float | None = None,
-           grace_s: float = 10.0) -> int:
-    """Run ``command`` as ranks 0..n-1 and wait for all of them.
-
-    If a rank fails, the others are sent SIGTERM, then SIGKILL after
-    ``grace_s``. Returns the first non-zero exit status (a signal ``-k``
-    becomes ``128+k``), or 0.
+           prefix: bool = False, grace_s: float = DEFAULT_GRACE_S, output=None) -> int:
+    """Run ``command`` as ``n`` local ranks through ``mlx-dp launch``; returns the exit status.
 
     Args:
         command (list[str]): The program and its arguments.
         n (int): Number of ranks.
         env (dict | None): Extra environment for every rank. Default: ``None``.
-        timeout (float | None): Kill everything after this many seconds. Default: ``None``.
-        grace_s (float): Time between SIGTERM and SIGKILL. Default: ``10``.
+        timeout (float | None): Stop every rank after this many seconds. Default: ``None``.
+        prefix (bool): Prefix output lines with the rank. Default: ``False``.
+        grace_s (float): From SIGTERM to SIGKILL. Default: ``30``.
+        output (trainer.cluster.relay.Output | None): Where output goes. Default: this process's.
     """
-    with tempfile.TemporaryDirectory(prefix="mlx-dp-launch-") as tmp:
-        base = {**os.environ, **(env or {})}
-        if n > 1:  # a one-entry ring never connects: one rank runs as a plain process
-            base["MLX_HOSTFILE"] = str(write_ring_hostfile(Path(tmp) / "hosts.json", n))
-        else:
-            base.pop("MLX_HOSTFILE", None)
-        procs = [subprocess.Popen(command, env={**base, "MLX_RANK": str(r)}) for r in range(n)]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        first_failure = 0
-        try:
-            while any(p.poll() is None for p in procs):
-                failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-                timed_out = deadline is not None and time.monotonic() > deadline
-                if (failed or timed_out) and not first_failure:
-                    first_failure = _status(failed[0]) if failed else 124
-                    _terminate(procs, grace_s)
-                    break
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            for p in procs:
-                p.wait()
-        codes = [p.wait() for p in procs]
-        if first_failure:
-            return first_failure
-        bad = [c for c in codes if c != 0]
-        return _status(bad[0]) if bad else 0
-
-
-def _status(code: int) -> int:
-    return 128 - code if code < 0 else code
-
-
-def _terminate(procs, grace_s: float) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + grace_s
-    while time.monotonic() < end and any(p.poll() is None for p in procs):
-        time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-
-
-def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="mlx-dp launch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", type=int, required=True, help="number of local ranks")
-    parser.add_argument("--timeout", type=float, default=None, help="kill all ranks after this many seconds")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- program [args...]")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("give the command after --, e.g. mlx-dp launch -n 2 -- mlx-dp train recipe.yaml")
-    if args.n < 1:
-        parser.error("-n must be at least 1")
-    return launch(command, args.n, timeout=args.timeout)
+    argv = ["-n", str(n), "--grace", str(grace_s)]
+    for key, value in (env or {}).items():
+        argv += ["--env", f"{key}={value}"]
+    if timeout is not None:
+        argv += ["--timeout", str(timeout)]
+    if prefix:
+        argv.append("--prefix-output")
+    return main([*argv, "--", *command], output=output)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,11 @@ class EmulatedCluster:
         delay: tc-style one-way rank-to-rank delay overriding the preset, e.g. ``"0.2ms"``.
         port: rank r's ring backend listens on ``port + r`` (default 32323, as mlx.launch).
         mtu: MTU of every veth (default 1500, plain Ethernet; 9000 for jumbo frames).
+        host_ip: also give the bridge an address, ``SUBNET.254``, so this (root) namespace
+            reaches the ranks, e.g. to ssh into them (default ``False``).
+        subnet: the first three octets of every address (default ``SUBNET``). Give a cluster
+            with ``host_ip`` a subnet of its own: the root namespace is shared, and two bridges
+            with one subnet there would make routing ambiguous.
 
     Use as a context manager: entering builds the cluster (root only) and exiting removes
     every namespace, link, qdisc and temp file, also on exceptions, Ctrl-C and SIGTERM
@@ -171,14 +176,16 @@ class EmulatedCluster:
     _active = False  # one per process: names carry only the pid
 
     def __init__(self, n: int, preset: str | None = None, rate: str | None = None,
-                 delay: str | None = None, port: int = DEFAULT_PORT, mtu: int = 1500):
+                 delay: str | None = None, port: int = DEFAULT_PORT, mtu: int = 1500,
+                 host_ip: bool = False, subnet: str = SUBNET):
         if not 2 <= n <= 200:
             raise NetemError(f"an emulated cluster needs 2 to 200 ranks, not {n}")
         self.n, self.port, self.mtu = n, port, mtu
         self.link = link_spec(preset, rate, delay)
         self.prefix = f"{NAME_ROOT}{os.getpid()}-"
         self.namespaces = [f"{self.prefix}r{rank}" for rank in range(n)]
-        self.ips = [f"{SUBNET}.{rank + 1}" for rank in range(n)]
+        self.ips = [f"{subnet}.{rank + 1}" for rank in range(n)]
+        self.host_ip = f"{subnet}.254" if host_ip else None
         self.bridge = f"{self.prefix}br"
         self.host_veths = [f"{self.prefix}h{rank}" for rank in range(n)]
         self.delay_emulated = None if self.link.delay_s > 0 else True  # None: not tried yet
@@ -228,6 +235,8 @@ class EmulatedCluster:
 
         _sh(ip, "link", "add", self.bridge, "type", "bridge")
         _sh(ip, "link", "set", self.bridge, "up")
+        if self.host_ip:
+            _sh(ip, "addr", "add", f"{self.host_ip}/24", "dev", self.bridge)
         for space, veth, addr in zip(self.namespaces, self.host_veths, self.ips):
             _sh(ip, "netns", "add", space)
             _sh(ip, "link", "add", veth, "mtu", str(self.mtu), "type", "veth",
