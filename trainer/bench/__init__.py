@@ -1,6 +1,7 @@
 """Benchmarks: ``mlx-dp bench comm`` (gradient communication),
 ``mlx-dp bench scaling`` (tokens/s against one machine) and
-``mlx-dp bench memory`` (memory per rank, optimizer state sharded or not).
+``mlx-dp bench memory`` (memory per rank, optimizer state sharded or not) and
+``mlx-dp bench profile`` (where the time of one update goes, in-process).
 
 Each prints a table and writes JSON. They launch their own ranks, so they
 are run in one process: ``mlx-dp bench comm -n 2``.
@@ -8,7 +9,7 @@ are run in one process: ``mlx-dp bench comm -n 2``.
 
 import sys
 
-USAGE = "usage: mlx-dp bench {comm,scaling,memory} ..."
+USAGE = "usage: mlx-dp bench {comm,scaling,memory,profile} ..."
 
 
 def main(argv: list[str]) -> int:
@@ -28,5 +29,9 @@ def main(argv: list[str]) -> int:
         from .memory import main as memory_main
 
         return memory_main(rest)
+    if kind == "profile":
+        from .profile import main as profile_main
+
+        return profile_main(rest)
     print(f"{USAGE}\nmlx-dp bench: unknown benchmark {kind!r}", file=sys.stderr)
     return 2
