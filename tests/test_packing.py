@@ -43,7 +43,7 @@ def test_packed_loss_equals_unpacked_loss(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     cfg = DataConfig(path=str(TINY_DATA), max_seq_length=128)
     plain = load_splits(cfg, tokenizer, ("valid",), show_progress=False)["valid"]
-    packed = load_splits(DataConfig(path=str(TINY_DATA), max_seq_length=128, packing=True), tokenizer,
+    packed = load_splits(DataConfig(path=str(TINY_DATA), max_seq_length=128, packing=True, pack_length=128), tokenizer,
                          ("valid",), show_progress=False)["valid"]
     assert len(packed) < len(plain) / 4
     loss_a, tokens_a, pad_a = loss_and_padding(model, plain, 8)
@@ -75,3 +75,40 @@ def test_training_with_packing_runs(tmp_path):
     result = mlx_dp("train", str(recipe))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "packed 3168 samples into" in result.stdout
+
+
+def test_packed_row_length_is_chosen_from_the_data():
+    from trainer.core.packing import pack_length
+
+    lengths = np.array([100, 120, 150, 180, 200])  # mean 150
+    assert pack_length(lengths, 2048, 16) == 305  # 2 x 150 = 300, inputs rounded up to 304
+    assert pack_length(lengths, 256, 16) == 256, "capped by max_seq_length"
+    assert pack_length(lengths * 2, 2048, 16) == 609, "follows the data"
+
+
+def test_pack_length_key_is_checked():
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.pack_length"):
+        DataConfig(path="x", max_seq_length=64, pack_length=100)
+
+
+def test_samples_longer_than_the_row_get_their_own_row():
+    lengths = np.array([300, 40, 50, 60, 200])
+    rows = pack_rows(lengths, 128)
+    assert [0] in rows and [4] in rows
+    assert sorted(i for row in rows for i in row) == list(range(5))
+
+
+def test_packing_says_when_it_cannot_win():
+    from trainer.core.packing import PackedSplit, outlook
+
+    class Split:
+        def __init__(self, lengths):
+            self.lengths, self.loss_counts = np.array(lengths), np.array(lengths) - 1
+            self.name = self.source = "s"
+
+    same = Split([33] * 64)  # equal lengths: unpacked batches are already full
+    assert "cannot win" in outlook(PackedSplit(same, pack_rows(same.lengths, 65)), 8, 16)
+    mixed = Split(list(np.random.default_rng(0).integers(5, 120, 256)))
+    assert outlook(PackedSplit(mixed, pack_rows(mixed.lengths, 129)), 8, 16) is None

@@ -449,9 +449,12 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
         mapped = tokenize_split(sources[name], ds, tokenizer, cfg, tok_fp, show_progress)
         out[name] = to_split(name, sources[name], mapped, cfg)
         if cfg.packing:
-            from .packing import pack
+            from .packing import pack, pack_length
 
-            out[name] = pack(out[name], cfg.max_seq_length)
+            # every split packs to the training split's row length (the same shapes to compile)
+            basis = getattr(out["train"], "base", out["train"]) if "train" in out else out[name]
+            length = cfg.pack_length or pack_length(basis.lengths, cfg.max_seq_length, cfg.pad_multiple)
+            out[name] = pack(out[name], length)
     if "train" in splits and "train" not in out:
         raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset}")
     return out

@@ -1,8 +1,14 @@
 """Sample packing: short samples share a row; attention and loss stay within a sample.
 
 ``data.packing: true`` packs tokenized samples into rows of at most
-``data.max_seq_length`` tokens (best-fit decreasing), so far fewer tokens are
-padding. Each row carries a segment id per token:
+``data.pack_length`` tokens (best-fit decreasing), so far fewer tokens are
+padding. The row length is chosen from the data unless set
+(:func:`pack_length`): every token of a packed row attends over (and masks
+out) the whole row before it, so rows much longer than the samples spend
+attention on pairs that are then thrown away; about twice the mean sample
+keeps that waste near what unpacked rows of mixed lengths already spend. A
+sample longer than the row gets a row of its own. Each row carries a
+segment id per token:
 
 * the loss mask is each sample's own mask, and the target that would cross
   into the next sample is excluded;
@@ -18,6 +24,22 @@ import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
+
+
+def pack_length(lengths: np.ndarray, max_seq_length: int, pad_multiple: int) -> int:
+    """The packed row length chosen from the data: about twice the mean sample length.
+
+    Rounded up so the model input (length - 1) is a multiple of ``pad_multiple``,
+    at least the median sample, and capped by ``max_seq_length``.
+
+    Args:
+        lengths (np.ndarray): Token length of every sample.
+        max_seq_length (int): The cap (``data.max_seq_length``).
+        pad_multiple (int): ``data.pad_multiple``.
+    """
+    target = max(2 * float(np.mean(lengths)), float(np.median(lengths)), 2.0)
+    width = 1 + -(-(int(np.ceil(target)) - 1) // pad_multiple) * pad_multiple
+    return int(min(width, max_seq_length))
 
 
 def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -91,10 +113,41 @@ def pack(split, capacity: int) -> PackedSplit:
     """Pack a tokenized split into rows of at most ``capacity`` tokens."""
     rows = pack_rows(split.lengths, capacity)
     packed = PackedSplit(split, rows)
+    longer = int((split.lengths > capacity).sum())
     packed.notes = list(split.notes) + [
-        f"packed {len(split)} samples into {len(rows)} rows of up to {capacity} tokens "
-        f"({packed.total_tokens() / (len(rows) * capacity):.0%} full)"]
+        f"packed {len(split)} samples into {len(rows)} rows of {capacity} tokens "
+        f"({packed.total_tokens() / np.maximum(packed.lengths, capacity).sum():.0%} full"
+        + (f"; {longer} longer samples have rows of their own)" if longer else ")")]
     return packed
+
+
+def token_slots(lengths: np.ndarray, micro_batch: int, pad_multiple: int, seed: int = 0) -> int:
+    """Token slots (rows x padded width) one epoch of length-grouped batches computes."""
+    from .batches import epoch_batches, padded_width
+
+    return sum(len(b) * padded_width(int(lengths[b].max()), pad_multiple)
+               for b in epoch_batches(lengths, micro_batch, seed, 0))
+
+
+def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int) -> str | None:
+    """A warning when packing cannot win: unpacked length-grouped batches are nearly as full.
+
+    Packing saves the padded slots of unpacked batches and costs attention over
+    whole rows; when it saves under 5% of the slots, it cannot pay for that.
+
+    Args:
+        packed (PackedSplit): The packed training split.
+        micro_batch (int): Rows of a global micro-batch (unpacked samples or packed rows alike).
+        pad_multiple (int): ``data.pad_multiple``.
+    """
+    unpacked = token_slots(packed.base.lengths, micro_batch, pad_multiple)
+    rows = token_slots(packed.lengths, micro_batch, pad_multiple)
+    saved = 1 - rows / unpacked
+    if saved >= 0.05:
+        return None
+    return (f"packing cannot win on this data: length-grouped batches without it compute {unpacked} token slots "
+            f"an epoch and packed rows {rows} ({saved:+.1%} saved), while packed rows attend across samples; "
+            "set data.packing=false")
 
 
 class SegmentMask:

@@ -87,7 +87,9 @@ class DataConfig:
     max_seq_length: int = _doc("longest sample in tokens; see long_samples", 2048)
     long_samples: Literal["drop", "truncate"] = _doc("what to do with samples over max_seq_length", "drop")
     pad_multiple: int = _doc("pad batches to a multiple of this length (fewer distinct shapes to compile)", 16)
-    packing: bool = _doc("pack short samples into full max_seq_length rows (attention stays within a sample)", False)
+    packing: bool = _doc("pack short samples into shared rows (attention stays within a sample); see pack_length", False)
+    pack_length: int = _doc("packed row length in tokens; 0: chosen from the data (about 2x the mean sample, "
+                            "capped by max_seq_length): longer rows waste attention across samples", 0)
     cache_dir: Optional[str] = _doc("where tokenized data is cached; null: the datasets library's cache", None)
 
     def __post_init__(self):
@@ -99,6 +101,9 @@ class DataConfig:
             raise ConfigError(f"data.max_seq_length must be at least 2, got {self.max_seq_length}")
         if self.pad_multiple < 1:
             raise ConfigError(f"data.pad_multiple must be at least 1, got {self.pad_multiple}")
+        if self.pack_length != 0 and not 2 <= self.pack_length <= self.max_seq_length:
+            raise ConfigError(f"data.pack_length must be 0 (chosen from the data) or between 2 and "
+                              f"data.max_seq_length={self.max_seq_length}, got {self.pack_length}")
         if self.hf_dataset is not None:
             if not self.hf_dataset.get("path"):
                 raise ConfigError("data.hf_dataset needs a `path` (the hub id)")

@@ -114,6 +114,12 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
                           total_steps=planned_steps(cfg, len(splits["train"]), world.size), versions=versions(),
                           recipe_digest=digest(cfg.to_yaml()), dataset=dataset)
     _check_enough_data(cfg, world, splits["train"], state)
+    if cfg.data.packing:
+        from ..core.packing import outlook
+
+        warning = outlook(splits["train"], t.batch_size * world.size, cfg.data.pad_multiple)
+        if warning:
+            world.print0(f"[mlx-dp] WARNING: {warning}")
     stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple)
     optimizer = build_optimizer(t, state.total_steps)
     balancer = _balancer(cfg, world)
