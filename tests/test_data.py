@@ -152,3 +152,28 @@ def test_bytes_that_are_not_utf8_and_blank_files_are_named(tokenizer, tmp_path):
     path.write_text("\n \n\t\n\n")
     with pytest.raises(DataError, match="holds only blank lines, no rows"):
         load_splits(DataConfig(path=str(path)), tokenizer, ("train",), show_progress=False)
+
+
+def test_truncate_trains_what_mlx_lm_trains(tokenizer, tmp_path):
+    """data.long_samples=truncate keeps a long sample's first max_seq_length tokens and scores the same
+    targets as mlx_lm.lora's iterate_batches + default_loss on the same row (so comparisons use
+    identical samples)."""
+    import mlx.core as mx
+    from mlx_lm.tuner.trainer import iterate_batches
+
+    from trainer.core.batches import make_batch
+
+    row = {"text": " ".join(f"word{i}" for i in range(60))}
+    path = write_jsonl(tmp_path / "long.jsonl", [row])
+    full = load_splits(DataConfig(path=str(path), max_seq_length=4096), tokenizer, ("train",), False)["train"]
+    cut = load_splits(DataConfig(path=str(path), max_seq_length=24, long_samples="truncate"), tokenizer,
+                      ("train",), False)["train"]
+    tokens = list(full.sample(0))
+    assert len(tokens) > 24
+    theirs, lengths = next(iterate_batches([(tokens, 0)], 1, 24))
+    ours = make_batch(cut, np.array([0]), 0, 1, 1, 1)
+    assert np.array_equal(np.asarray(theirs)[0, :24], cut.sample(0)), "the same first 24 tokens"
+    steps = mx.arange(1, theirs.shape[1])
+    their_mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])  # mlx-lm's default_loss
+    assert ours.tokens == int(their_mask.sum().item()) == 23, "the same targets count"
+    assert np.array_equal(ours.targets[0, :23], np.asarray(theirs)[0, 1:24])

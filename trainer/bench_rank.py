@@ -1,11 +1,12 @@
 """The body of one rank of a benchmark's run, started by the benchmark's launcher, never by hand.
 
     python -m trainer.bench_rank mlx-dp [--no-reduce] -- train RECIPE [overrides]
-    python -m trainer.bench_rank mlx-lm REPORTS -- MLX_LM_LORA_ARGS
+    python -m trainer.bench_rank mlx-lm REPORTS [--sort-by-tokens] -- MLX_LM_LORA_ARGS
 
 ``mlx-dp`` runs the trainer's own command; ``--no-reduce`` makes its reducer
 skip every ``all_sum``, the compute-only baseline of ``bench scaling``
-(ranks then train apart). ``mlx-lm`` runs ``mlx_lm.lora`` for the comparison.
+(ranks then train apart). ``mlx-lm`` runs ``mlx_lm.lora`` for the comparison;
+``--sort-by-tokens`` repairs its length sort first (:func:`repair_length_sort`).
 """
 
 import json
@@ -26,19 +27,40 @@ def mlx_dp_rank(argv: list[str]) -> int:
     return 0
 
 
-def mlx_lm_worker(reports_path: str, lora_argv: list[str]) -> int:
+def repair_length_sort() -> None:
+    """Make mlx_lm.lora sort samples by their token count, as mlx-lm PR #1029 proposed.
+
+    mlx-lm 0.32's ``iterate_batches`` sorts a ``CacheDataset`` by ``itemlen``,
+    which returns ``len()`` of the raw row: the number of fields of a dict (1 for
+    ``{"text": ...}``), not its tokens. The sort is then a no-op, batches are
+    random in length and padded to their longest sample. Comparing against that
+    flatters any trainer that groups by length, so the fair peer sorts by tokens
+    (tokenizing every row once, before the first batch: outside the timed updates).
+    """
+    from mlx_lm.tuner.datasets import CacheDataset
+
+    CacheDataset.itemlen = lambda self, idx: len(self[idx][0])
+
+
+def mlx_lm_worker(reports_path: str, lora_argv: list[str], sort_by_tokens: bool = False) -> int:
     """Rank body: mlx_lm.lora's own ``main()``, with a reporting callback that appends each
     report and the wall time it arrived to ``reports_path`` (rank 0).
 
     The callback is mlx-lm's own hook (``get_reporting_callbacks``, which also serves
-    wandb); its console only prints rounded numbers and no step times.
+    wandb); its console only prints rounded numbers and no step times. Validation
+    reports (with their wall time) go to ``reports_path + ".val"``: mlx-lm validates
+    inside its first and last iterations, and an epoch's timing leaves that out.
 
     Args:
         reports_path (str): JSON-lines file rank 0 appends one record per report to.
         lora_argv (list[str]): mlx_lm.lora's arguments (from ``scaling_mlx_lm.mlx_lm_args``).
+        sort_by_tokens (bool): :func:`repair_length_sort` first. Default: ``False``.
     """
     import mlx_lm.lora as lora
     from mlx_lm.tuner.callbacks import TrainingCallback
+
+    if sort_by_tokens:
+        repair_length_sort()
 
     if not hasattr(lora, "get_reporting_callbacks"):
         print("mlx-dp bench scaling: this mlx-lm has no mlx_lm.lora.get_reporting_callbacks to time its updates",
@@ -54,6 +76,14 @@ def mlx_lm_worker(reports_path: str, lora_argv: list[str]) -> int:
             with open(reports_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+        def on_val_loss_report(self, info: dict) -> None:
+            if launch_env().rank != 0:
+                return
+            record = {"time": time.perf_counter(),
+                      **{k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()}}
+            with open(reports_path + ".val", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     lora.get_reporting_callbacks = lambda *args, **kwargs: Recorder()
     sys.argv = ["mlx_lm.lora", *lora_argv]
     lora.main()
@@ -65,8 +95,11 @@ def main(argv: list[str]) -> int:
         return mlx_dp_rank(argv[1:])
     if argv[:1] == ["mlx-lm"] and len(argv) >= 2:
         rest = argv[2:]
-        return mlx_lm_worker(argv[1], rest[1:] if rest[:1] == ["--"] else rest)
-    print("usage: python -m trainer.bench_rank {mlx-dp [--no-reduce] -- ARGS | mlx-lm REPORTS -- ARGS}",
+        sort_by_tokens = rest[:1] == ["--sort-by-tokens"]
+        rest = rest[1:] if sort_by_tokens else rest
+        return mlx_lm_worker(argv[1], rest[1:] if rest[:1] == ["--"] else rest, sort_by_tokens)
+    print("usage: python -m trainer.bench_rank {mlx-dp [--no-reduce] -- ARGS | "
+          "mlx-lm REPORTS [--sort-by-tokens] -- ARGS}",
           file=sys.stderr)
     return 2
 

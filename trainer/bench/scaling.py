@@ -23,6 +23,7 @@ Usage::
     mlx-dp bench scaling recipes/tiny-lora.yaml -n 2 --json scaling.json   # also writes scaling.png
     MLX_DP_BLAS=openblas mlx-dp bench scaling recipes/tiny-lora.yaml -n 2 --vs-mlx-lm --steps 30
     mlx-dp bench scaling RECIPE --hostfile hosts.json     # a real cluster: N = its hosts
+    mlx-dp bench scaling RECIPE -n 2 --epoch --vs-mlx-lm --mlx-lm-sort tokens --variant data.packing=true
     sudo .venv/bin/mlx-dp bench scaling RECIPE -n 2 --link 10gbe   # N ranks behind a shaped link
 
 ``--vs-mlx-lm`` also trains the same work with ``mlx_lm.lora`` at N ranks under
@@ -198,6 +199,16 @@ def main(argv: list[str]) -> int:
               + (f" with {threads} thread(s) per rank at every world size" if threads else ""), flush=True)
         if plan.keep:
             Path(plan.keep).mkdir(parents=True, exist_ok=True)
+        if plan.epoch:
+            from . import scaling_epoch
+
+            scaling_epoch.check_epoch_plan(plan)
+            with tempfile.TemporaryDirectory(prefix="mlx-dp-scaling-") as tmp:
+                doc = scaling_epoch.run_epochs(plan, Path(plan.keep or tmp).resolve(),
+                                               Progress(len(scaling_epoch.epoch_schedule(plan, 0)) * plan.rounds))
+            print(scaling_epoch.format_epochs(doc))
+            scaling_epoch.write(doc, plan.json)
+            return 0
         with tempfile.TemporaryDirectory(prefix="mlx-dp-scaling-") as tmp:
             doc = run_all(plan, Path(plan.keep or tmp).resolve())
         print(report.format_table(doc))

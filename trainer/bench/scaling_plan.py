@@ -79,6 +79,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "per rank in every run (default: cores // the largest number of ranks on one machine, at "
                    "every world size)")
     p.add_argument("--vs-mlx-lm", action="store_true", help="also train the same work with mlx_lm.lora at N")
+    p.add_argument("--epoch", action="store_true", help="train one epoch at N ranks only and compare loss tokens/s "
+                   "(trainer/bench/scaling_epoch.py); --steps and --warmup do not apply")
+    p.add_argument("--variant", action="append", default=[], help="with --epoch: also run mlx-dp with these "
+                   "overrides (space-separated), e.g. --variant data.packing=true; repeatable")
+    p.add_argument("--mlx-lm-sort", choices=["fields", "tokens"], default="fields", help="mlx_lm.lora's length "
+                   "sort: fields (as shipped: CacheDataset.itemlen counts a row's fields) or tokens (repaired "
+                   "as in mlx-lm PR #1029)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
     p.add_argument("--keep", default=None, help="keep every run's logs, metrics and adapters in this directory")
@@ -112,6 +119,9 @@ class Plan:
     shim: str | None = None  # the OpenBLAS shim mlx_lm.lora gets with LD_PRELOAD
     notes: list[str] = field(default_factory=list)
     keep: str | None = None  # keep run directories here instead of a temporary one
+    epoch: bool = False  # one epoch at N ranks, loss tokens/s (scaling_epoch)
+    variants: list[str] = field(default_factory=list)  # extra mlx-dp runs with these overrides (--epoch)
+    mlx_lm_sort: str = "fields"  # mlx_lm.lora's length sort: "fields" (as shipped) or "tokens" (repaired)
     json: str | None = None
     png: str | None = None
 
@@ -127,7 +137,8 @@ class Plan:
 
 def bench_overrides(plan: Plan, run_dir: Path) -> list[str]:
     """Overrides for one measured training run (after the user's, so they win)."""
-    return [f"training.steps={plan.warmup + plan.steps}", "logging.every=1", "logging.per_rank_timings=true",
+    length = ["training.steps=null", "training.epochs=1"] if plan.epoch else [f"training.steps={plan.warmup + plan.steps}"]
+    return [*length, "logging.every=1", "logging.per_rank_timings=true",
             "logging.progress_bar=false", "logging.wandb=false", "eval.every=0", "eval.at_start=false",
             "eval.max_batches=1",  # the trainer still validates once at the end; keep that short
             "checkpoint.every=0", f"checkpoint.dir={run_dir}"]
@@ -168,17 +179,24 @@ def make_plan(args) -> Plan:
         key = text.split("=", 1)[0].strip()
         if key in OWN_KEYS:
             raise BenchError(f"the benchmark sets {key} itself: {OWN_KEYS[key]}")
-    if args.warmup < 1:
+    if args.variant and not args.epoch:
+        raise BenchError("--variant applies to --epoch only")
+    if args.epoch:
+        args.warmup, args.steps = 0, 0  # the whole epoch is measured, compilation included
+    elif args.warmup < 1:
         raise BenchError("--warmup must be at least 1: the first update compiles the step")
     if args.rounds < 1 or args.max_extra_rounds < 0:
         raise BenchError("--rounds must be at least 1 and --max-extra-rounds at least 0")
-    if args.steps < (2 if args.vs_mlx_lm else 1):
+    if not args.epoch and args.steps < (2 if args.vs_mlx_lm else 1):
         raise BenchError("--steps must be at least 1 (2 with --vs-mlx-lm, whose last update also validates)")
     sizes, launchers = _sizes(args), _launchers(args)
     plan = Plan(recipe=args.recipe, overrides=list(args.overrides), cfg=None, sizes=sizes, launchers=launchers,
                 warmup=args.warmup, steps=args.steps, vs_mlx_lm=args.vs_mlx_lm, timeout=args.timeout,
                 hostfile=args.hostfile, keep=args.keep, json=args.json, png=args.png,
-                blas_threads=args.blas_threads, rounds=args.rounds, max_extra_rounds=args.max_extra_rounds)
+                blas_threads=args.blas_threads, rounds=args.rounds, max_extra_rounds=args.max_extra_rounds,
+                epoch=args.epoch, variants=list(args.variant), mlx_lm_sort=args.mlx_lm_sort)
+    if args.epoch:
+        plan.sizes = [plan.world_size]  # one epoch at N; the scaling from 1 is the other mode's question
     plan.cfg = load_config(args.recipe, plan.overrides + bench_overrides(plan, Path("runs/bench")))
     if plan.vs_mlx_lm and plan.cfg.training.max_grad_norm is not None:
         # mlx_lm.lora cannot clip gradients: identical work means no clipping on our side either
