@@ -103,3 +103,44 @@ def test_stream_remaps_its_position_to_another_micro_batch():
     assert "micro-batches changed from 8 to 16" in note
     assert (four.epoch, four.index) == (1, 1)  # 3 of 12 batches of epoch 1 done = 1 (rounded down) of 6
     assert four.epoch_progress() == pytest.approx(1 + 1 / 6)
+
+
+def same_batch(x, y):
+    return (np.array_equal(x.inputs, y.inputs) and np.array_equal(x.mask, y.mask)
+            and np.array_equal(x.indices, y.indices) and x.global_tokens == y.global_tokens)
+
+
+def test_prefetched_order_is_the_order_built_in_place_through_split_changes():
+    split = fake_split(50)
+    plain = BatchStream(split, 2, 1, 2, seed=5, pad_multiple=8)
+    ahead = BatchStream(split, 2, 1, 2, seed=5, pad_multiple=8, prefetch=True)
+    try:
+        for step in range(40):  # three epochs of 13 batches
+            if step == 9:  # a new balance split while a batch is already built ahead under the old one
+                plain.set_split([3, 1])
+                ahead.set_split([3, 1])
+            x, y = next(plain), next(ahead)
+            assert same_batch(x, y), f"batch {step} differs"
+            assert x.inputs.shape[0] == (1 if step >= 9 else 2)
+    finally:
+        ahead.close()
+
+
+def test_prefetching_stream_resumes_exactly():
+    split = fake_split(50)
+    a = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8, prefetch=True)
+    for _ in range(17):
+        next(a)
+    position = a.position()  # the batch built ahead is not counted as served
+    b = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8, prefetch=True)
+    assert b.restore(position) is None
+    reference = BatchStream(split, 2, 0, 2, seed=5, pad_multiple=8)
+    for _ in range(17):
+        next(reference)
+    try:
+        for _ in range(10):
+            r = next(reference)
+            assert same_batch(next(a), r) and same_batch(next(b), r)
+    finally:
+        a.close()
+        b.close()

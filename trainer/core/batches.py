@@ -165,10 +165,14 @@ class BatchStream:
         seed (int): Data-order seed.
         pad_multiple (int): See :func:`padded_width`.
         shuffle (bool): Shuffle per epoch (``False``: fixed length order). Default: ``True``.
+        prefetch (bool): Build the next micro-batch on a background thread while
+            the caller computes. The order is unchanged: a prefetched batch is served
+            only if it is the one (epoch, index, row split) the stream would build
+            next, else it is built anew. Default: ``False``.
     """
 
     def __init__(self, split, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 pad_multiple: int, shuffle: bool = True):
+                 pad_multiple: int, shuffle: bool = True, prefetch: bool = False):
         self.split = split
         self.rows = per_rank_batch
         self.rank = rank
@@ -182,6 +186,9 @@ class BatchStream:
         self.index = 0
         self._plan = None
         self._plan_epoch = None
+        self.prefetch = prefetch
+        self._pool = None
+        self._ahead = None  # (key, future) of the batch built ahead
 
     def _batches(self) -> list[np.ndarray]:
         if self._plan_epoch != self.epoch:
@@ -209,6 +216,7 @@ class BatchStream:
         same fraction of the same epoch.
         """
         self.epoch = position.epoch
+        self._ahead = None
         if position.micro_batch == self.micro_batch:
             self.index = position.index
             return None
@@ -219,17 +227,35 @@ class BatchStream:
     def __iter__(self):
         return self
 
+    def _build(self, batch: np.ndarray, row_split: tuple) -> Batch:
+        """This rank's micro-batch of ``batch`` under ``row_split`` (reads no mutable state: it runs on a thread)."""
+        even = len(set(row_split)) == 1
+        return make_batch(self.split, batch, self.rank, self.world_size, row_split[self.rank], self.pad_multiple,
+                          None if even else list(row_split))
+
     def __next__(self) -> Batch:
         plan = self._batches()
         if self.index >= len(plan):
             self.epoch += 1
             self.index = 0
             plan = self._batches()
-        batch = plan[self.index]
+        key = (self.epoch, self.index, tuple(self.row_split))
+        ahead, self._ahead = self._ahead, None
+        batch = ahead[1].result() if ahead is not None and ahead[0] == key else self._build(plan[self.index], key[2])
         self.index += 1
-        even = len(set(self.row_split)) == 1
-        return make_batch(self.split, batch, self.rank, self.world_size, self.rows, self.pad_multiple,
-                          None if even else self.row_split)
+        if self.prefetch and self.index < len(plan):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="mlx-dp-batches")
+            nxt = (self.epoch, self.index, key[2])
+            self._ahead = (nxt, self._pool.submit(self._build, plan[self.index], key[2]))
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it holds no state a checkpoint needs)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._ahead = None, None
 
     def epoch_progress(self) -> float:
         """Epochs completed, fractional."""

@@ -120,7 +120,8 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
         warning = outlook(splits["train"], t.batch_size * world.size, cfg.data.pad_multiple)
         if warning:
             world.print0(f"[mlx-dp] WARNING: {warning}")
-    stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple)
+    stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple,
+                         prefetch=cfg.data.prefetch)
     optimizer = build_optimizer(t, state.total_steps)
     balancer = _balancer(cfg, world)
     saved_optimizer, resumed = None, None
