@@ -133,7 +133,9 @@ def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int) -> str | N
     """A warning when packing cannot win: unpacked length-grouped batches are nearly as full.
 
     Packing saves the padded slots of unpacked batches and costs attention over
-    whole rows; when it saves under 5% of the slots, it cannot pay for that.
+    whole rows. Measured (docs/RESULTS.md): on the tiny task it saved about 30% of
+    the slots and ran 18-31% faster; on variable-length text (mean 150 tokens) it
+    saved about 5% and ran about 7% slower. Under 10% saved, it is said not to win.
 
     Args:
         packed (PackedSplit): The packed training split.
@@ -143,7 +145,7 @@ def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int) -> str | N
     unpacked = token_slots(packed.base.lengths, micro_batch, pad_multiple)
     rows = token_slots(packed.lengths, micro_batch, pad_multiple)
     saved = 1 - rows / unpacked
-    if saved >= 0.05:
+    if saved >= 0.10:
         return None
     return (f"packing cannot win on this data: length-grouped batches without it compute {unpacked} token slots "
             f"an epoch and packed rows {rows} ({saved:+.1%} saved), while packed rows attend across samples; "
