@@ -194,8 +194,9 @@ def main(argv: list[str]) -> int:
             plan.notes += check_mlx_lm_comparable(plan.cfg)
         threads = blas_threads(plan)
         print(f"[bench] {plan.recipe}: world sizes {', '.join(map(str, plan.sizes))} under "
-              f"{' and '.join(plan.launchers)}, {plan.rounds} round(s) of {plan.steps} measured updates "
-              f"(+{plan.warmup} warm-up) per run, BLAS {plan.blas}"
+              f"{' and '.join(plan.launchers)}, {plan.rounds} round(s) of "
+              + ("one epoch" if plan.epoch else f"{plan.steps} measured updates (+{plan.warmup} warm-up)")
+              + f" per run, BLAS {plan.blas}"
               + (f" with {threads} thread(s) per rank at every world size" if threads else ""), flush=True)
         if plan.keep:
             Path(plan.keep).mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,9 @@ class Plan:
 
 def bench_overrides(plan: Plan, run_dir: Path) -> list[str]:
     """Overrides for one measured training run (after the user's, so they win)."""
-    length = ["training.steps=null", "training.epochs=1"] if plan.epoch else [f"training.steps={plan.warmup + plan.steps}"]
+    length = [f"training.steps={plan.warmup + plan.steps}"]
+    if plan.epoch:
+        length = ["training.steps=null", "training.epochs=1"]
     return [*length, "logging.every=1", "logging.per_rank_timings=true",
             "logging.progress_bar=false", "logging.wandb=false", "eval.every=0", "eval.at_start=false",
             "eval.max_batches=1",  # the trainer still validates once at the end; keep that short
