@@ -26,6 +26,7 @@ It trains (weights change) but writes nothing but its JSON.
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -160,24 +161,23 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     try:
-        with tempfile.TemporaryDirectory(prefix="mlx-dp-profile-") as tmp:
-            cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={Path(tmp) / 'run'}"])
-            _prepare_runtime()
-            from ..cluster import connect
-            from ..core.batches import batches_per_epoch
-            from ..run.setup import build_run
-            from ..tools.fastblas import active
+        # One directory name on every rank: ranks check before training that their recipes agree.
+        run_dir = Path(tempfile.gettempdir()) / f"mlx-dp-profile-{os.getuid()}"
+        cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={run_dir}"])
+        _prepare_runtime()
+        from ..cluster import connect
+        from ..core.batches import batches_per_epoch
+        from ..run.setup import build_run
+        from ..tools.fastblas import active
 
-            world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s)
-            run = build_run(cfg, world, None)
-            stream = run.stream
-            updates = args.steps
-            if args.epoch:
-                updates = -(-batches_per_epoch(len(stream.split), stream.micro_batch) // cfg.training.grad_accumulation)
-            result = profile_updates(run, updates)
-            close = getattr(stream, "close", None)
-            if close:
-                close()
+        world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s)
+        run = build_run(cfg, world, None)
+        stream = run.stream
+        updates = args.steps
+        if args.epoch:
+            updates = -(-batches_per_epoch(len(stream.split), stream.micro_batch) // cfg.training.grad_accumulation)
+        result = profile_updates(run, updates)
+        stream.close()  # the prefetch thread
         summary = summarize(result["updates"], world.size)
         shapes = [list(s) for s in result["distinct_shapes"]]
         if world.is_main:
