@@ -268,7 +268,7 @@ def test_mlx_lm_args_give_the_same_work():
     ([RECIPE, "-n", "2", "--blas-threads", "1"], "--blas-threads needs MLX_DP_BLAS=openblas"),
     ([RECIPE, "-n", "2", "--vs-mlx-lm", "data.path=data/tiny-task/train.jsonl"],
      "--vs-mlx-lm needs data.path to be a directory"),
-    ([RECIPE, "-n", "2", "--slow", "1=2"], "--slow 1=2: the share of a core must be in (0, 1]"),
+    ([RECIPE, "-n", "2", "--slow", "1=2"], "--slow 1=2: the share of a core must be from 0.1 to 1"),
     ([RECIPE, "-n", "2", "--slow", "2=0.5", "--launcher", "mlx-dp"], "--slow names rank 2, but the largest world"),
     ([RECIPE, "-n", "2", "--slow", "1=0.5", "--launcher", "mlx.launch"], "--slow needs --launcher mlx-dp"),
     ([RECIPE, "-n", "2", "--balance", "off,fast"], "parallel.balance must be one of 'off', 'auto' or a list of numbers, got 'fast'"),
