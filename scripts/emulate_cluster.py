@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.cluster.cpulimit import CpuLimitError, parse_slow  # noqa: E402
 from trainer.cluster.netem import (PRESETS, EmulatedCluster, NetemError,  # noqa: E402
                            check_permitted, cleanup_stale, exit_status)
 
@@ -37,6 +38,9 @@ def parse_args(argv):
     parser.add_argument("--port", type=int, default=32323,
                         help="rank r listens on port + r (default 32323, as mlx.launch)")
     parser.add_argument("--timeout", type=float, help="stop all ranks after this many seconds")
+    parser.add_argument("--slow", metavar="RANK=SHARE[,...]",
+                        help="emulate slower Macs: cap ranks at a share of one core, e.g. 1=0.5 "
+                        "(needs the cgroup v1 cpu controller)")
     parser.add_argument("--write-hostfile", metavar="PATH",
                         help="also copy the ring MLX_HOSTFILE (list of ip:port lists) here")
     parser.add_argument("--write-launch-hostfile", metavar="PATH",
@@ -54,6 +58,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        slow = parse_slow(args.slow)
+    except CpuLimitError as e:
+        print(f"emulate_cluster: {e}", file=sys.stderr)
+        return 2
     reason = check_permitted()
     if reason:
         print(reason + ".", file=sys.stderr)
@@ -74,7 +83,11 @@ def main(argv=None) -> int:
         print(f"emulate_cluster: {cluster.n} ranks at {', '.join(cluster.ips)} in namespaces "
               f"{cluster.prefix}r*, link {cluster.link.describe()}{delay_note}",
               file=sys.stderr, flush=True)
-        codes = cluster.run(args.command, timeout=args.timeout)
+        try:
+            codes = cluster.run(args.command, timeout=args.timeout, slow=slow)
+        except CpuLimitError as e:
+            print(f"emulate_cluster: {e}", file=sys.stderr)
+            return 2
     if any(codes):
         print(f"emulate_cluster: exit codes by rank {codes}", file=sys.stderr)
     return exit_status(codes)

@@ -268,11 +268,41 @@ def test_mlx_lm_args_give_the_same_work():
     ([RECIPE, "-n", "2", "--blas-threads", "1"], "--blas-threads needs MLX_DP_BLAS=openblas"),
     ([RECIPE, "-n", "2", "--vs-mlx-lm", "data.path=data/tiny-task/train.jsonl"],
      "--vs-mlx-lm needs data.path to be a directory"),
+    ([RECIPE, "-n", "2", "--slow", "1=2"], "--slow 1=2: the share of a core must be from 0.1 to 1"),
+    ([RECIPE, "-n", "2", "--slow", "2=0.5", "--launcher", "mlx-dp"], "--slow names rank 2, but the largest world"),
+    ([RECIPE, "-n", "2", "--slow", "1=0.5", "--launcher", "mlx.launch"], "--slow needs --launcher mlx-dp"),
+    ([RECIPE, "-n", "2", "--balance", "off,fast"], "parallel.balance must be one of 'off', 'auto' or a list of numbers, got 'fast'"),
+    ([RECIPE, "-n", "1", "--balance", "off,auto"], "--balance compares settings at N ranks"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(argv, expected, capsys):
     assert scaling.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mlx-dp bench scaling: error:") and expected in err[0], err
+
+
+def test_balance_settings_are_compared_within_each_round():
+    from trainer.bench.scaling_balance import format_balance, summarize_balance
+
+    plan = _plan(3)
+    plan.balances, plan.slow = ["off", "auto", "[2, 1]"], {1: 0.5}
+    rates = {("off", 0): 1000.0, ("auto", 0): 1400.0, ("[2, 1]", 0): 1300.0,
+             ("off", 1): 800.0, ("auto", 1): 1200.0, ("[2, 1]", 1): 1000.0,   # a slower round: ratio 1.5
+             ("off", 2): 1000.0, ("auto", 2): 3000.0, ("[2, 1]", 2): 1000.0}  # next to other load
+    measured = {}
+    for (setting, i), tps in rates.items():
+        measured[scaling_plan.Run("balance", 2, "mlx-dp launch", i, balance=setting)] = {
+            "tokens_per_s": tps, "step_time_median_s": 100 / tps, "other_cpu": 0.9 if i == 2 else 0.01,
+            "rows_per_rank": [3, 1] if setting == "auto" else [2, 2], "rank_step_time_median_s": [0.1, 0.1],
+            "compute_s_per_rank": [0.05, 0.1] if setting == "off" else [0.075, 0.075]}
+    (block,) = summarize_balance(plan, measured)
+    off, auto, fixed = block["settings"]
+    assert block["rounds_used"] == [1, 2] and block["rounds_left_out"] == [3]
+    assert off["vs_off"] == 1.0 and auto["vs_off_per_round"] == [pytest.approx(1.4), pytest.approx(1.5)]
+    assert auto["vs_off"] == pytest.approx(1.45) and auto["vs_off_range"] == [pytest.approx(1.4), pytest.approx(1.5)]
+    assert auto["rows_per_rank"] == [3, 1] and off["compute_s_per_rank"] == [0.05, 0.1]
+    assert fixed["tokens_per_s"] == 1150.0 and fixed["tokens_per_s_range"] == [1000.0, 1300.0]
+    text = format_balance([block])
+    assert "rank 1 at 0.5 of a core" in text and "auto" in text and "1.45x" in text and "3/1" in text
 
 
 def test_a_hostfile_sets_the_world_size_and_mlx_dp_launch(tmp_path, capsys):
@@ -354,6 +384,28 @@ def test_vs_mlx_lm_reports_the_ratio_and_both_final_losses(bench_run):
 
     config = yaml.safe_load((out / "runs" / "mlx-dp-launch-n2-mlx_lm-r0" / "mlx_lm_config.yaml").read_text())
     assert config["optimizer_config"] == {"adamw": {"weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8}}
+
+
+def test_slow_rank_and_balance_auto_end_to_end(tmp_path):
+    from trainer.cluster.cpulimit import check_permitted
+
+    reason = check_permitted()
+    if reason:
+        pytest.skip(reason)
+    result = mlx_dp("bench", "scaling", RECIPE, "-n", "2", "--steps", "4", "--warmup", "4", "--rounds", "1",
+                    "--max-extra-rounds", "0", "--slow", "1=0.3", "--json", str(tmp_path / "balance.json"),
+                    "training.batch_size=4", timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads((tmp_path / "balance.json").read_text())
+    assert doc["launchers"] == ["mlx-dp launch"] and doc["slow"] == {"1": 0.3}  # mlx.launch cannot be capped
+    (block,) = doc["balance"]
+    off, auto = block["settings"]
+    assert (off["balance"], auto["balance"]) == ("off", "auto")
+    assert off["rows_per_rank"] == [4, 4] and sum(auto["rows_per_rank"]) == 8
+    # rank 1 at 0.3 of a core: with an even split it computes longer, and auto gives it fewer rows
+    assert off["compute_s_per_rank"][1] > 1.5 * off["compute_s_per_rank"][0]
+    assert auto["rows_per_rank"][0] > auto["rows_per_rank"][1] >= 1
+    assert "parallel.balance at 2 ranks under mlx-dp launch (rank 1 at 0.3 of a core)" in result.stdout
 
 
 def test_mlx_launch_runs_one_rank_too_and_its_cpu_is_measured(tmp_path):

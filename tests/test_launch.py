@@ -121,7 +121,9 @@ def test_the_launcher_sleeps_while_ranks_run():
 def test_bad_arguments_are_one_line():
     for args, expected in ((["-n", "2"], "give the command after --"),
                            (["--hostfile", "missing.json", "--", "true"], "missing.json doesn't exist"),
-                           (["-n", "0", "--", "true"], "not a positive whole number")):
+                           (["-n", "0", "--", "true"], "not a positive whole number"),
+                           (["-n", "2", "--slow", "1=0", "--", "true"], "--slow 1=0: the share of a core"),
+                           (["-n", "2", "--slow", "2=0.5", "--", "true"], "rank 2 does not exist in a 2-rank")):
         result = subprocess.run([MLX_DP, "launch", *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
@@ -205,3 +207,22 @@ def test_sigterm_or_sighup_to_the_launcher_leaves_no_orphans_and_a_true_status(t
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_slow_caps_a_local_rank_at_its_share_of_a_core():
+    from trainer.cluster.cpulimit import check_permitted
+
+    reason = check_permitted()
+    if reason:
+        pytest.skip(reason)
+    # each rank spins for 3 s of wall time and reports the CPU it got; rank 1 may have a quarter core
+    body = ("start, cpu = time.time(), time.process_time()\n"
+            "while time.time() - start < 3: pass\n"
+            "print(RANK, time.process_time() - cpu, flush=True)")
+    proc = launcher("-n", "2", "--slow", "1=0.25", "--", *rank_script(body))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    cpu = dict(line.split() for line in out.splitlines())
+    assert float(cpu["1"]) < 0.25 * 3 * 1.25  # the quota (with a little slack for accounting)
+    assert float(cpu["0"]) > 2 * float(cpu["1"])  # rank 0 is not capped
+    assert not [g for g in Path("/sys/fs/cgroup/cpu").iterdir() if g.name.startswith(f"mlx-dp-{proc.pid}-")]

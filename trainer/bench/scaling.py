@@ -48,6 +48,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import scaling_report as report
+from .scaling_balance import format_balance, summarize_balance
 from .scaling_chart import write_png
 from .scaling_mlx_lm import add_mlx_lm, check_mlx_lm_comparable, run_mlx_lm
 from .scaling_plan import PROG, Plan, blas_threads, make_plan, parse_args, schedule
@@ -137,6 +138,9 @@ def run_all(plan: Plan, work: Path) -> dict:
                         "grad_accumulation": plan.cfg.training.grad_accumulation} for row in results],
            "launcher_cpu": report.launcher_cpu_summary(results),
            "notes": list(plan.notes), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if plan.balances:
+        doc["slow"] = {str(rank): share for rank, share in plan.slow.items()}
+        doc["balance"] = summarize_balance(plan, measured)
     if plan.vs_mlx_lm:
         progress.begin(f"valid loss of both {plan.primary_launcher} adapters with mlx-dp eval")
         start = time.monotonic()
@@ -213,6 +217,8 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory(prefix="mlx-dp-scaling-") as tmp:
             doc = run_all(plan, Path(plan.keep or tmp).resolve())
         print(report.format_table(doc))
+        if doc.get("balance"):
+            print(format_balance(doc["balance"]))
         write_outputs(doc, plan.json, plan.png)
         return 0
     except (UserError, NetemError, FastBlasError) as e:

@@ -8,6 +8,7 @@ as one line, before minutes of training are spent.
 
 import argparse
 import platform
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mlx-lm-sort", choices=["fields", "tokens"], default="fields", help="mlx_lm.lora's length "
                    "sort: fields (as shipped: CacheDataset.itemlen counts a row's fields) or tokens (repaired "
                    "as in mlx-lm PR #1029)")
+    p.add_argument("--slow", default=None, metavar="RANK=SHARE[,...]",
+                   help="emulate a slower Mac: cap ranks at a share of one core in every run, e.g. 1=0.5 "
+                   "(cgroup v1 CPU quota; root, Linux; ranks on this machine)")
+    p.add_argument("--balance", default=None, metavar="SETTINGS",
+                   help="also run N ranks with each parallel.balance setting, e.g. off,auto or off,auto,[2,1], "
+                   "and report their throughput side by side (default with --slow: off,auto)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
     p.add_argument("--keep", default=None, help="keep every run's logs, metrics and adapters in this directory")
@@ -124,6 +131,8 @@ class Plan:
     mlx_lm_sort: str = "fields"  # mlx_lm.lora's length sort: "fields" (as shipped) or "tokens" (repaired)
     json: str | None = None
     png: str | None = None
+    slow: dict = field(default_factory=dict)  # rank -> share of one core (cluster.cpulimit), in every run
+    balances: list[str] = field(default_factory=list)  # parallel.balance settings compared at N ranks
 
     @property
     def world_size(self) -> int:
@@ -207,6 +216,7 @@ def make_plan(args) -> Plan:
         plan.notes.append("gradient clipping is off in every mlx-dp run here: mlx_lm.lora has none, and "
                           "identical work is compared")
     _plan_blas(plan)
+    _plan_slow(plan, args)
     if args.link or args.rate or args.delay:
         _plan_link(plan, args)
     _resolve_blas_threads(plan)
@@ -257,6 +267,46 @@ def _launchers(args) -> list[str]:
     return LAUNCHER_CHOICES[args.launcher]
 
 
+def _plan_slow(plan: Plan, args) -> None:
+    """``--slow`` and ``--balance``: a mixed cluster emulated on one machine, and the balance settings compared."""
+    from ..cluster.cpulimit import CpuLimitError, check_permitted, parse_slow
+    from ..core.config import load_config
+
+    try:
+        plan.slow = parse_slow(args.slow)
+    except CpuLimitError as e:
+        raise BenchError(str(e)) from None
+    if plan.slow:
+        if plan.hostfile:
+            raise BenchError("--slow emulates a slower Mac on this machine; on a real cluster the Macs differ "
+                             "already: drop --slow")
+        if "mlx.launch" in plan.launchers:
+            if args.launcher in ("mlx.launch", "both"):
+                raise BenchError("--slow needs --launcher mlx-dp: mlx.launch gives no handle on its ranks' "
+                                 "processes to cap")
+            plan.launchers = [LAUNCHERS[0]]
+        if max(plan.slow) >= plan.world_size:
+            raise BenchError(f"--slow names rank {max(plan.slow)}, but the largest world size is {plan.world_size}")
+        reason = check_permitted()
+        if reason:
+            raise BenchError(reason)
+        plan.notes.append("slower Macs emulated: " + ", ".join(f"rank {r} capped at {s:g} of a core"
+                                                              for r, s in sorted(plan.slow.items()))
+                          + " (cgroup CPU quota) in every run")
+    text = args.balance if args.balance is not None else ("off,auto" if plan.slow else "")
+    settings = [s.strip() for s in re.split(r",(?![^\[]*\])", text) if s.strip()]
+    if settings and plan.epoch:
+        raise BenchError("--balance compares settings in step runs; with --epoch use --variant parallel.balance=auto")
+    if settings and plan.world_size < 2:
+        raise BenchError("--balance compares settings at N ranks: give -n 2 or more")
+    for setting in settings:
+        try:
+            load_config(plan.recipe, plan.overrides + [f"parallel.balance={setting}"])
+        except UserError as e:
+            raise BenchError(f"--balance {setting}: {e}") from None
+    plan.balances = settings
+
+
 def _plan_link(plan: Plan, args) -> None:
     from ..cluster import netem
 
@@ -297,18 +347,21 @@ def _plan_blas(plan: Plan) -> None:
 class Run:
     """One launch: which trainer, how many ranks, started how, in which round."""
 
-    kind: str  # "ours", "skip" (ours with gradients not reduced) or "mlx_lm"
+    kind: str  # "ours", "skip" (ours with gradients not reduced), "balance" (ours with `balance` set) or "mlx_lm"
     world_size: int
     launcher: str
     round: int = 0
+    balance: str | None = None  # parallel.balance of a "balance" run
 
     def describe(self, plan: Plan) -> str:
-        what = {"ours": "mlx-dp", "skip": "mlx-dp, communication skipped", "mlx_lm": "mlx_lm.lora"}[self.kind]
+        what = {"ours": "mlx-dp", "skip": "mlx-dp, communication skipped", "mlx_lm": "mlx_lm.lora",
+                "balance": f"mlx-dp, parallel.balance={self.balance}"}[self.kind]
         where = f", {plan.link.describe()} link" if plan.link is not None and self.world_size > 1 else ""
         return f"world size {self.world_size}, {self.launcher}{where}, {what}"
 
     def dirname(self) -> str:
-        return f"{self.launcher.replace(' ', '-')}-n{self.world_size}-{self.kind}-r{self.round}"
+        balance = "" if self.balance is None else "-" + re.sub(r"[^a-z0-9.]+", "_", self.balance)
+        return f"{self.launcher.replace(' ', '-')}-n{self.world_size}-{self.kind}{balance}-r{self.round}"
 
     def same(self, **changes) -> "Run":
         """This run with some fields changed, e.g. ``run.same(world_size=1)``."""
@@ -324,6 +377,8 @@ def schedule(plan: Plan, round_index: int) -> list[Run]:
             runs.append(Run("ours", n, launcher, round_index))
             if n > 1:  # one rank never communicates: nothing to skip
                 runs.append(Run("skip", n, launcher, round_index))
+        for setting in plan.balances:  # the N-rank run once per balance setting, in turn
+            runs.append(Run("balance", plan.world_size, launcher, round_index, balance=setting))
         if plan.vs_mlx_lm:
             runs.append(Run("mlx_lm", plan.world_size, launcher, round_index))
     return runs

@@ -170,7 +170,16 @@ def measure_ours(run_dir: Path, world_size: int, warmup: int, steps: int) -> dic
         "peak_memory_gb_per_rank": peaks,
         "final_train_loss": records[-1]["train_loss"],
         "global_batch": records[-1]["global_batch"],
+        # parallel.balance's split and each rank's own forward+backward time (metrics of every update)
+        "rows_per_rank": window[-1].get("rows_per_rank"),
+        "compute_s_per_rank": _per_rank_medians([r.get("compute_s_per_rank") for r in window]),
     }
+
+
+def _per_rank_medians(rows: list) -> list[float] | None:
+    """Median per rank of per-update lists (``None`` where the metric was not logged)."""
+    rows = [r for r in rows if r]
+    return [median(list(col)) for col in zip(*rows)] if rows else None
 
 
 def machine_info() -> dict:

@@ -51,7 +51,8 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
         from ..cluster.netem import EmulatedCluster, exit_status
 
         with EmulatedCluster(run.world_size, **plan.link_args) as cluster:
-            code = exit_status(cluster.run(_logged(command, log_base), env=env, timeout=plan.timeout))
+            code = exit_status(cluster.run(_logged(command, log_base), env=env, timeout=plan.timeout,
+                                           slow=plan.slow))
             if cluster.delay_emulated is False and NO_DELAY_NOTE not in plan.notes:
                 plan.notes.append(NO_DELAY_NOTE)
             return code, {"launcher_cpu": None, "other_cpu": None}
@@ -78,6 +79,9 @@ def launcher_argv(plan: Plan, launcher: str, n: int, env: dict) -> list[str]:
             where = ["-n", str(n), "--starting-port", str(port)]
     else:  # mlx-dp launch picks free ports itself for a local launch
         exe = [sys.executable, "-m", "trainer", "launch", "--prefix-output"]
+        slow = {rank: share for rank, share in plan.slow.items() if rank < n}
+        if slow:
+            exe += ["--slow", ",".join(f"{rank}={share}" for rank, share in slow.items())]
         where = ["--hostfile", plan.hostfile] if plan.hostfile and n > 1 else ["-n", str(n)]
     return [*exe, *where, *env_args]
 
@@ -208,8 +212,9 @@ def run_ours(plan: Plan, run: Run, run_dir: Path) -> dict:
     from ..tools.fastblas import THREADS_ENV
 
     switches = ["--no-reduce"] if run.kind == "skip" else []
+    balance = [] if run.balance is None else [f"parallel.balance={run.balance}"]
     command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-dp", *switches, "--", "train", plan.recipe,
-               *plan.overrides, *bench_overrides(plan, run_dir)]
+               *plan.overrides, *balance, *bench_overrides(plan, run_dir)]
     env = {"PYTHONUNBUFFERED": "1"}
     if plan.blas_threads:  # the same at every world size (scaling_plan.blas_threads)
         env[THREADS_ENV] = str(plan.blas_threads)

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from .cpulimit import CpuLimits
 from .netem_links import (DEFAULT_PORT, PRESETS, LinkSpec, NetemError, launch_hostfile,  # noqa: F401
                           link_spec, parse_delay, parse_rate, ring_hostfile)
 
@@ -275,7 +276,8 @@ class EmulatedCluster:
                 "limit", str(limit))
 
     def run(self, command: list[str], env: dict[str, str] | None = None,
-            timeout: float | None = None, stdout=None, stderr=None) -> list[int]:
+            timeout: float | None = None, stdout=None, stderr=None,
+            slow: dict[int, float] | None = None) -> list[int]:
         """Runs ``command`` once per rank, each in its namespace; returns per-rank codes.
 
         Each rank inherits this process's environment plus ``env`` plus ``MLX_RANK`` and
@@ -290,6 +292,8 @@ class EmulatedCluster:
                 (default ``None``: no limit).
             stdout, stderr: text streams for the relayed lines (default ``sys.stdout``
                 and ``sys.stderr`` at call time).
+            slow: rank -> share of one core, to emulate slower Macs (``cluster.cpulimit``;
+                default ``None``: every rank unlimited).
 
         Returns:
             Exit codes by rank: 0 success, negative -s for death by signal s,
@@ -300,6 +304,7 @@ class EmulatedCluster:
         streams = (stdout or sys.stdout, stderr or sys.stderr)
         done: queue.Queue = queue.Queue()
         procs, relays, lock = [], [], threading.Lock()
+        limits = CpuLimits(slow or {}).__enter__()  # CpuLimitError before anything starts
         try:
             # Start every rank before any relay thread, so no thread of ours is mid-call
             # when a child forks and runs _die_with_parent.
@@ -311,6 +316,7 @@ class EmulatedCluster:
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True,  # our signals reach the whole rank, Ctrl-C only us
                     preexec_fn=_die_with_parent))
+                limits.add(rank, procs[-1].pid)  # ip netns exec execs the command: same process
             for rank, proc in enumerate(procs):
                 for pipe, stream in zip((proc.stdout, proc.stderr), streams):
                     relays.append(threading.Thread(
@@ -323,6 +329,7 @@ class EmulatedCluster:
             _stop(procs)
             for relay in relays:
                 relay.join(timeout=STOP_GRACE_S)
+            limits.close()
 
     def _wait(self, procs, done, timeout, err) -> list[int]:
         codes: list[int | None] = [None] * len(procs)

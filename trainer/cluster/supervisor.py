@@ -57,11 +57,14 @@ class Supervisor:
         timeout (float | None): Stop every rank after this many seconds. Default: ``None``.
         grace_s (float): From SIGTERM to SIGKILL. Default: ``30``.
         verbose (bool): Also say when each rank completes. Default: ``False``.
+        on_start (Callable[[int, int], None] | None): Called with (rank, pid) as each rank's
+            process starts, e.g. ``CpuLimits.add``. Default: ``None``.
     """
 
     def __init__(self, specs: list[RankSpec], output: Output, timeout: float | None = None,
-                 grace_s: float = 30.0, verbose: bool = False):
+                 grace_s: float = 30.0, verbose: bool = False, on_start=None):
         self.specs, self.output, self.timeout, self.grace_s, self.verbose = specs, output, timeout, grace_s, verbose
+        self.on_start = on_start
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.ranks: list[Rank] = []
         self.codes: dict[int, int] = {}
@@ -78,6 +81,8 @@ class Supervisor:
         try:
             for spec in self.specs:  # every fork before any thread starts (see relay._die_with_parent)
                 self.ranks.append(Rank(spec, self.output, self.events))
+                if self.on_start is not None:
+                    self.on_start(spec.rank, self.ranks[-1].proc.pid)
             for rank in self.ranks:
                 rank.start_threads()
             threading.Thread(target=forward_stdin, args=(self.ranks,), daemon=True, name="stdin").start()

@@ -109,6 +109,10 @@ class Balancer:
     split: list[int] = field(default_factory=list)
     measurements: int = 0
     pending: bool = False  # a measured update was voided: measure the next one
+    # Also time each rank's compute under off and fixed splits, on auto's schedule, only to report it
+    # (logging.per_rank_timings; bench scaling --balance compares compute per rank across settings).
+    # Not part of the saved state: the recipe decides it.
+    timed: bool = False
 
     def __post_init__(self):
         if not self.split:
@@ -126,7 +130,7 @@ class Balancer:
 
     def wants_measure(self, step: int) -> bool:
         """Whether update ``step`` (1-based) measures each rank's compute time."""
-        if self.mode != "auto":
+        if self.mode != "auto" and not self.timed:
             return False
         return self.pending or step in MEASURE_FIRST or (step > MEASURE_FIRST[-1] and step % REMEASURE_EVERY == 0)
 
