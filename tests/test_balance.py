@@ -93,3 +93,13 @@ def test_fixed_speeds_and_a_rank_that_barely_helps():
     slow = Balancer.from_setting([20, 1], rows=16, world_size=2)
     assert slow.split == [15, 1] and "rank 1 barely helps" in slow.describe()
     assert Balancer.from_setting("auto", rows=4, world_size=1).mode == "off"
+
+
+def test_off_and_fixed_splits_time_compute_only_when_asked():
+    # logging.compute_timings: measured updates cost overlap and memory, so only on request
+    for balancer in (Balancer.from_setting("off", 8, 2), Balancer.from_setting([3, 1], 8, 2)):
+        assert not any(balancer.wants_measure(step) for step in range(1, 40))
+        balancer.timed = True
+        assert [s for s in range(1, 40) if balancer.wants_measure(s)] == [2, 3, 4, 16, 32]
+        split = list(balancer.split)
+        assert balancer.observe([1.0, 3.0], [64]) is None and balancer.split == split  # reported, never acted on

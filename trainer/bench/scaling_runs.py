@@ -212,7 +212,8 @@ def run_ours(plan: Plan, run: Run, run_dir: Path) -> dict:
     from ..tools.fastblas import THREADS_ENV
 
     switches = ["--no-reduce"] if run.kind == "skip" else []
-    balance = [] if run.balance is None else [f"parallel.balance={run.balance}"]
+    # balance runs also time each rank's compute under every setting, to report it side by side
+    balance = [] if run.balance is None else [f"parallel.balance={run.balance}", "logging.compute_timings=true"]
     command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-dp", *switches, "--", "train", plan.recipe,
                *plan.overrides, *balance, *bench_overrides(plan, run_dir)]
     env = {"PYTHONUNBUFFERED": "1"}

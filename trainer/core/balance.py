@@ -110,8 +110,10 @@ class Balancer:
     measurements: int = 0
     pending: bool = False  # a measured update was voided: measure the next one
     # Also time each rank's compute under off and fixed splits, on auto's schedule, only to report it
-    # (logging.per_rank_timings; bench scaling --balance compares compute per rank across settings).
-    # Not part of the saved state: the recipe decides it.
+    # (logging.compute_timings; bench scaling --balance compares compute per rank across settings).
+    # Opt-in: a measured update evaluates every gradient before the first is sent, so it neither
+    # overlaps communication nor frees gradients bucket by bucket (a full fine-tune's peak memory
+    # rises by about one gradient copy on those updates). Not saved: the recipe decides it.
     timed: bool = False
 
     def __post_init__(self):

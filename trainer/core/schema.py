@@ -209,8 +209,11 @@ class LoggingConfig:
 
     every: int = _doc("report train loss, tokens/s and memory every N updates", 10)
     progress_bar: bool = _doc("tqdm bar on rank 0", True)
-    per_rank_timings: bool = _doc("every rank writes metrics.rank<r>.jsonl with its step times (find stragglers), "
-                                  "and metrics.jsonl gets each rank's compute time on a few updates", False)
+    per_rank_timings: bool = _doc("every rank writes metrics.rank<r>.jsonl with its step times (find stragglers)",
+                                  False)
+    compute_timings: bool = _doc("time each rank's forward+backward on updates 2-4 and every 16th (compute_s_per_rank "
+                                 "in metrics.jsonl; always on with parallel.balance: auto); those updates do not "
+                                 "overlap communication and hold every gradient at once", False)
     wandb: bool = _doc("log to Weights & Biases from rank 0 (offline when there is no network)", False)
     wandb_project: str = _doc("wandb project name", "mlx-dp")
     wandb_run_name: Optional[str] = _doc("wandb run name; null: derived from checkpoint.dir", None)

@@ -131,7 +131,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
                                                   trainable_parameters(model), dataset, allow_changes,
                                                   note=world.print0)
         balancer = _restored_balancer(balancer, state, world)
-    balancer.timed = cfg.logging.per_rank_timings and world.size > 1
+    balancer.timed = cfg.logging.compute_timings and world.size > 1
 
     # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
     check_agreement(world, {
