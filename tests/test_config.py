@@ -160,3 +160,16 @@ def test_nested_aliases_are_bounded_and_messages_stay_short(tmp_path):
     with pytest.raises(ConfigError, match="must be one of") as e:
         load_config(write(tmp_path, yaml.safe_dump(BASE), "b.yaml"), ["method.type=" + "x" * 100000])
     assert len(str(e.value)) < 400
+
+
+def test_an_install_without_the_repository_finds_recipes_of_a_clone_or_says_where_they_are(tmp_path, monkeypatch):
+    from trainer.errors import ConfigError
+    from trainer.tools import recipes
+
+    monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path / "site-packages" / "recipes")  # as after pip install .
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="ships in the mlx-dp repository"):
+        recipes.all_recipes(recipes.RECIPES_DIR)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.yaml").write_text("# mine\nmodel: {path: x}\n")
+    assert [recipes.recipe_name(p, recipes.RECIPES_DIR) for p in recipes.all_recipes(recipes.RECIPES_DIR)] == ["mine"]

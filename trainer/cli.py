@@ -127,7 +127,10 @@ def _cmd_hostfile(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-dp", description="Data-parallel fine-tuning on MLX from YAML recipes.")
+    parser = argparse.ArgumentParser(
+        prog="mlx-dp", description="Data-parallel fine-tuning on MLX from YAML recipes.",
+        epilog="also: mlx-dp launch (start ranks as mlx.launch does, without its busy relay; see mlx-dp launch "
+        "--help) and mlx-dp bench comm|scaling|memory|profile (benchmarks; see mlx-dp bench --help)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune from a recipe (run under a launcher for several ranks)")

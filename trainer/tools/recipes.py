@@ -11,9 +11,24 @@ from ..errors import ConfigError
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
+def library(root: Path = RECIPES_DIR) -> Path:
+    """The recipe directory: ``root``, or, for an install without the repository next to it
+    (``pip install`` puts only the package in site-packages), ``./recipes`` of a clone.
+
+    Raises:
+        ConfigError: Neither exists.
+    """
+    if not root.is_dir() and root == RECIPES_DIR and (Path.cwd() / "recipes").is_dir():
+        return Path.cwd() / "recipes"
+    if not root.is_dir():
+        raise ConfigError(f"no recipe library at {root}: it ships in the mlx-dp repository (recipes/); run from "
+                          "a clone of it, or give a recipe file's path")
+    return root
+
+
 def all_recipes(root: Path = RECIPES_DIR) -> list[Path]:
     """Every recipe file under ``root``, recursively, sorted."""
-    return sorted(p for p in root.rglob("*.yaml") if p.is_file())
+    return sorted(p for p in library(root).rglob("*.yaml") if p.is_file())
 
 
 def summary(path: Path) -> str:
@@ -27,7 +42,7 @@ def summary(path: Path) -> str:
 
 
 def recipe_name(path: Path, root: Path = RECIPES_DIR) -> str:
-    return str(path.relative_to(root).with_suffix(""))
+    return str(path.relative_to(library(root)).with_suffix(""))
 
 
 def list_recipes(root: Path = RECIPES_DIR) -> list[tuple[str, str]]:
