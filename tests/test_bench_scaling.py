@@ -357,7 +357,9 @@ def test_end_to_end_writes_table_json_and_png_without_matplotlib(bench_run):
         peaks = r["peak_memory_gb_per_rank"]
         assert len(peaks) == r["world_size"] and all(m > 0 for m in peaks)
         assert r["rank_spread_s"] >= 0
-        assert 0 <= r["launcher_cpu"] < 0.5  # mlx-dp launch sleeps while its ranks train
+        # mlx-dp launch sleeps while its ranks train; a run shorter than the start-up skip plus one
+        # second has no samples (None, by design); tests/test_launch.py times a long one.
+        assert r["launcher_cpu"] is None or 0 <= r["launcher_cpu"] < 0.5
     one, two = doc["results"]
     assert one["scaling_efficiency"] == 1.0 and one["comm_skipped"] is None
     assert two["global_batch"] == 2 * one["global_batch"] == 8
