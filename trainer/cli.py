@@ -26,15 +26,8 @@ import signal
 import sys
 
 from .env import launch_env
-from .errors import ConfigError, Stopped, UserError
-
-
-def _prepare_runtime() -> None:
-    """Things that must happen before mlx.core is imported."""
-    from .tools import fastblas
-
-    fastblas.maybe_enable(local_ranks=launch_env().local_ranks())
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from .errors import ConfigError, UserError
+from .tools.runtime import prepare_runtime, print_error
 
 
 def _cmd_train(args, options=None) -> int:
@@ -45,7 +38,7 @@ def _cmd_train(args, options=None) -> int:
         args.overrides.append(args.resume)
         args.resume = ""
     cfg = load_config(args.recipe, args.overrides)
-    _prepare_runtime()
+    prepare_runtime()
     from .run.loop import train
 
     resume = None
@@ -63,7 +56,7 @@ def _cmd_eval(args) -> int:
     from .core.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    _prepare_runtime()
+    prepare_runtime()
     from .tools.evaluation import run_eval
 
     result = run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split)
@@ -83,7 +76,7 @@ def _cmd_export(args) -> int:
     from .core.config import load_config
 
     cfg = load_config(args.recipe, args.overrides)
-    _prepare_runtime()
+    prepare_runtime()
     from .tools.export import export
 
     out = export(cfg, args.out, checkpoint=args.checkpoint, dequantize=args.dequantize)
@@ -173,21 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MAX_ERROR_CHARS = 1000
-
-
-def _print_error(error: UserError) -> None:
-    """One line on stderr, on every rank: a recipe error on one machine (a stale
-    override, a stale checkout) must be seen even while rank 0 waits for it."""
-    rank = launch_env().rank
-    prefix = f"[rank {rank}] " if rank else ""
-    text = " ".join(str(error).split())
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[:MAX_ERROR_CHARS] + "..."
-    kind = "stopped" if isinstance(error, Stopped) else "error"
-    print(f"mlx-dp: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
-
-
 def _recipe_after_resume(argv: list[str]) -> list[str]:
     """``train --resume recipe.yaml ...``: the YAML file is the recipe, not the checkpoint to resume.
 
@@ -235,7 +213,7 @@ def main(argv: list[str] | None = None, options=None) -> None:
     try:
         code = _cmd_train(args, options) if args.command == "train" else args.func(args)
     except UserError as e:
-        _print_error(e)
+        print_error(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("mlx-dp: interrupted", file=sys.stderr)

@@ -156,7 +156,7 @@ def format_split(summary: dict, shapes: list) -> str:
 
 def main(argv: list[str]) -> int:
     """``mlx-dp bench profile ...``; returns the exit status."""
-    from ..cli import _prepare_runtime, _print_error
+    from ..tools.runtime import prepare_runtime, print_error
     from ..core.config import load_config
 
     args = parse_args(argv)
@@ -164,7 +164,7 @@ def main(argv: list[str]) -> int:
         # One directory name on every rank: ranks check before training that their recipes agree.
         run_dir = Path(tempfile.gettempdir()) / f"mlx-dp-profile-{os.getuid()}"
         cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={run_dir}"])
-        _prepare_runtime()
+        prepare_runtime()
         from ..cluster import connect
         from ..core.batches import batches_per_epoch
         from ..run.setup import build_run
@@ -191,7 +191,7 @@ def main(argv: list[str]) -> int:
                 print(f"[bench] wrote {args.json}")
         return 0
     except UserError as e:
-        _print_error(e)
+        print_error(e)
         return e.exit_code
 
 

@@ -1,0 +1,33 @@
+"""What every entry point that trains does first and last: prepare the process, report errors.
+
+Shared by ``trainer.cli`` and the benchmarks that build a training run
+(``trainer.bench.profile``), so neither imports the other.
+"""
+
+import os
+import sys
+
+from ..env import launch_env
+from ..errors import Stopped, UserError
+
+MAX_ERROR_CHARS = 1000
+
+
+def prepare_runtime() -> None:
+    """Things that must happen before mlx.core is imported."""
+    from . import fastblas
+
+    fastblas.maybe_enable(local_ranks=launch_env().local_ranks())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def print_error(error: UserError) -> None:
+    """One line on stderr, on every rank: a recipe error on one machine (a stale
+    override, a stale checkout) must be seen even while rank 0 waits for it."""
+    rank = launch_env().rank
+    prefix = f"[rank {rank}] " if rank else ""
+    text = " ".join(str(error).split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    kind = "stopped" if isinstance(error, Stopped) else "error"
+    print(f"mlx-dp: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
