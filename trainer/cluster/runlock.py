@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.checkpoint import process_alive
-from ..errors import CheckpointError, DistributedError
+from ..errors import CheckpointError
 
 LOCK_NAME = "run.lock"
 REFRESH_S = 30.0
@@ -149,7 +149,8 @@ def acquire_for_group(world, run_dir: Path) -> tuple[RunLock | None, str]:
 
     Raises:
         CheckpointError: On rank 0, when another run holds the directory.
-        DistributedError: On the other ranks, in that case.
+        CheckpointError: On the other ranks too, in that case: the same mistake (a directory in
+            use) with the same exit status, whichever rank a launcher hears from first.
     """
     lock, error = None, None
     if world.is_main:
@@ -164,5 +165,5 @@ def acquire_for_group(world, run_dir: Path) -> tuple[RunLock | None, str]:
     if error is not None:
         raise error
     if not run_id:
-        raise DistributedError(f"rank 0 could not lock {run_dir}; see its message")
+        raise CheckpointError(f"rank 0 could not lock {run_dir}; see its message")
     return lock, run_id
