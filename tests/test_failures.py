@@ -87,8 +87,15 @@ def test_killed_peer_under_mlx_launch(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert time.monotonic() - start < 60
     # mlx.launch itself exits 0 here (measured with mlx 0.32.4); the trainer makes the failure visible
-    assert "lost rank 1" in out and "Traceback" not in out
-    assert status(tmp_path)["state"] == "failed"
+    assert "Traceback" not in out
+    if "lost rank 1" in out:
+        assert status(tmp_path)["state"] == "failed"
+    else:
+        # mlx.launch races the trainer: it SIGTERMs the surviving rank when it sees rank 1 die, and
+        # that may land before rank 0's next collective notices the loss. The status must then say
+        # the run ended (stopped by that signal, or failed), never "running".
+        assert "Node with rank 0 exited with code" in out
+        assert status(tmp_path)["state"] in ("failed", "stopped")
     assert_checkpoint_intact(tmp_path)
 
 
