@@ -36,12 +36,17 @@ SWEEP_BYTES = [256 * 1024, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
 # ---------------------------------------------------------------------------- parent
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mlx-dp bench comm", description=__doc__.split("\n\n")[0])
+def add_model_args(p) -> None:
+    """Ranks and the benchmark model's shape: the options ``bench comm`` and ``bench memory`` share."""
     p.add_argument("-n", type=int, default=2, help="ranks (default 2)")
     p.add_argument("--arch", default="qwen3-0.6b", help="architecture in data/archs (default qwen3-0.6b)")
     p.add_argument("--layers", type=int, default=8, help="decoder layers to keep (default 8: >100M params)")
     p.add_argument("--width-divisor", type=int, default=1, help="divide hidden sizes (for quick tests)")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="mlx-dp bench comm", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--model", default=None, help="use this model directory instead of building one")
     p.add_argument("--batch", type=int, default=1, help="sequences per rank (default 1)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .comm import build_bench_model
+from .comm import add_model_args, build_bench_model
 from .scaling_report import read_jsonl
 from .stats import median
 
@@ -37,10 +37,7 @@ VARIANTS = ("unsharded", "sharded")
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="mlx-dp bench memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("-n", type=int, default=2, help="ranks (default 2)")
-    p.add_argument("--arch", default="qwen3-0.6b", help="architecture in data/archs (default qwen3-0.6b)")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers to keep (default 8: >100M params)")
-    p.add_argument("--width-divisor", type=int, default=1, help="divide hidden sizes (for quick tests)")
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=1, help="sequences per rank (default 1)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--steps", type=int, default=4, help="measured updates per launch (default 4)")
