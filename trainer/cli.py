@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-dp", description="Data-parallel fine-tuning on MLX from YAML recipes.",
         epilog="also: mlx-dp launch (start ranks as mlx.launch does, without its busy relay; see mlx-dp launch "
-        "--help) and mlx-dp bench comm|scaling|memory|profile (benchmarks; see mlx-dp bench --help)")
+        "--help) and mlx-dp bench comm|scaling|memory|profile|attention (benchmarks; see mlx-dp bench --help)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune from a recipe (run under a launcher for several ranks)")

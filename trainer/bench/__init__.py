@@ -1,7 +1,8 @@
 """Benchmarks: ``mlx-dp bench comm`` (gradient communication),
 ``mlx-dp bench scaling`` (tokens/s against one machine) and
 ``mlx-dp bench memory`` (memory per rank, optimizer state sharded or not) and
-``mlx-dp bench profile`` (where the time of one update goes, in-process).
+``mlx-dp bench profile`` (where the time of one update goes, in-process) and
+``mlx-dp bench attention`` (the step with attention in query blocks, per row width).
 
 Each prints a table and writes JSON. They launch their own ranks, so they
 are run in one process: ``mlx-dp bench comm -n 2``.
@@ -9,7 +10,7 @@ are run in one process: ``mlx-dp bench comm -n 2``.
 
 import sys
 
-USAGE = "usage: mlx-dp bench {comm,scaling,memory,profile} ..."
+USAGE = "usage: mlx-dp bench {comm,scaling,memory,profile,attention} ..."
 
 
 def main(argv: list[str]) -> int:
@@ -33,5 +34,9 @@ def main(argv: list[str]) -> int:
         from .profile import main as profile_main
 
         return profile_main(rest)
+    if kind == "attention":
+        from .attention import main as attention_main
+
+        return attention_main(rest)
     print(f"{USAGE}\nmlx-dp bench: unknown benchmark {kind!r}", file=sys.stderr)
     return 2

@@ -138,6 +138,10 @@ class TrainingConfig:
     min_learning_rate: float = _doc("final learning rate of cosine/linear decay", 0.0)
     max_grad_norm: Optional[float] = _doc("clip the global gradient norm; null: no clipping", None)
     grad_checkpoint: bool = _doc("recompute activations in backward: less memory, ~30% more compute", False)
+    attention_block: Union[Literal["auto"], int] = _doc(
+        "compute causal attention this many queries at a time, skipping the masked keys (same result; faster "
+        "on MLX's CPU backend for rows over ~128 tokens); 0: MLX's kernel over whole rows; auto: 64 on a CPU, "
+        "0 on a GPU", "auto")
     skip_nonfinite: bool = _doc("skip an update whose loss or gradient norm is NaN/inf instead of stopping", False)
     seed: int = _doc("seed for adapter init, dropout and data order", 0)
 
@@ -164,6 +168,9 @@ class TrainingConfig:
             raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
         if self.weight_decay < 0:
             raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.attention_block != "auto" and (isinstance(self.attention_block, bool) or self.attention_block < 0):
+            raise ConfigError(f"training.attention_block must be auto, 0 or a positive number of queries, "
+                              f"got {short(self.attention_block)}")
 
 
 @dataclass(frozen=True)

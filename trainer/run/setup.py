@@ -17,6 +17,7 @@ import mlx.core as mx
 from .. import __version__
 from ..cluster import health
 from ..core import checkpoint
+from ..core.attention import resolve_block, use_blocks
 from ..core.balance import Balancer
 from ..core.batches import BatchStream, batches_per_epoch
 from ..core.config import Config
@@ -155,6 +156,9 @@ def _load_model(cfg: Config, world: World):
     apply_method(model, cfg.method, cfg.training.seed)
     trainable, total = count_parameters(model)
     world.print0(f"[mlx-dp] {cfg.method.type}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters")
+    block = resolve_block(cfg.training.attention_block)
+    if use_blocks(model, block):
+        world.print0(f"[mlx-dp] attention: causal, {block} queries at a time (training.attention_block)")
     return model, tokenizer, adapter_config(cfg.method, cfg.model.path, len(model.layers))
 
 
