@@ -116,3 +116,28 @@ def test_auto_is_blocks_on_cpu_and_the_key_is_checked(tmp_path):
     result = mlx_dp("train", str(recipe))
     assert result.returncode == 2
     assert "training.attention_block must be" in result.stderr
+
+
+def test_bench_attention_times_both_ways(tmp_path):
+    out = tmp_path / "attention.json"
+    result = mlx_dp("bench", "attention", str(tiny_recipe(tmp_path)), "--widths", "40,70", "--blocks", "16",
+                    "--batch", "2", "--rounds", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+
+    doc = json.loads(out.read_text())
+    assert [w["width"] for w in doc["widths"]] == [40, 70]
+    for width in doc["widths"]:
+        assert len(width["rounds"]) == 2 and all(set(r) == {"0", "16"} and min(r.values()) > 0
+                                                 for r in width["rounds"])
+        ratios = [r["0"] / r["16"] for r in width["rounds"]]  # within a round
+        v = width["variants"]["16"]
+        assert v["speedup"] == pytest.approx(sum(ratios) / 2), "the median of two rounds"
+        assert (v["speedup_min"], v["speedup_max"]) == (min(ratios), max(ratios))
+    assert "block 16" in result.stdout
+
+
+def test_bench_attention_refuses_bad_widths(tmp_path):
+    result = mlx_dp("bench", "attention", str(tiny_recipe(tmp_path)), "--widths", "0,x")
+    assert result.returncode == 2
+    assert "--widths" in result.stderr

@@ -6,7 +6,8 @@ padding. The row length is chosen from the data unless set
 (:func:`pack_length`): every token of a packed row attends over (and masks
 out) the whole row before it, so rows much longer than the samples spend
 attention on pairs that are then thrown away; about twice the mean sample
-keeps that waste near what unpacked rows of mixed lengths already spend. A
+keeps that waste near what unpacked rows of mixed lengths already spend
+(attention in query blocks, ``trainer.core.attention``, skips much of it). A
 sample longer than the row gets a row of its own. Each row carries a
 segment id per token:
 
@@ -129,23 +130,29 @@ def token_slots(lengths: np.ndarray, micro_batch: int, pad_multiple: int, seed: 
                for b in epoch_batches(lengths, micro_batch, seed, 0))
 
 
-def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int) -> str | None:
+def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int, blocked: bool) -> str | None:
     """A warning when packing cannot win: unpacked length-grouped batches are nearly as full.
 
-    Packing saves the padded slots of unpacked batches and costs attention over
-    whole rows. Measured (docs/RESULTS.md): on the tiny task it saved about 30% of
-    the slots and ran 18-31% faster; on variable-length text (mean 150 tokens) it
-    saved about 5% and ran about 7% slower. Under 10% saved, it is said not to win.
+    Packing saves the padded slots of unpacked batches, and fewer row widths
+    compile; it costs attention across the samples sharing a row. Measured
+    (docs/RESULTS.md), one epoch at 2 ranks: on the tiny task it saved about 30%
+    of the slots and ran about 30% faster; on variable-length text (mean 150
+    tokens) it saved about 6% and tied with MLX's whole-row attention, and ran
+    7% faster (1.02-1.13x) with attention in query blocks, which computes far
+    less of the cross-sample attention. Under 10% saved (whole rows), or 3%
+    (blocks: the cross-sample attention of one block is what is left), it is
+    said not to win.
 
     Args:
         packed (PackedSplit): The packed training split.
         micro_batch (int): Rows of a global micro-batch (unpacked samples or packed rows alike).
         pad_multiple (int): ``data.pad_multiple``.
+        blocked (bool): Attention runs in query blocks (``training.attention_block``).
     """
     unpacked = token_slots(packed.base.lengths, micro_batch, pad_multiple)
     rows = token_slots(packed.lengths, micro_batch, pad_multiple)
     saved = 1 - rows / unpacked
-    if saved >= 0.10:
+    if saved >= (0.03 if blocked else 0.10):
         return None
     return (f"packing cannot win on this data: length-grouped batches without it compute {unpacked} token slots "
             f"an epoch and packed rows {rows} ({saved:+.1%} saved), while packed rows attend across samples; "

@@ -118,7 +118,8 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     if cfg.data.packing:
         from ..core.packing import outlook
 
-        warning = outlook(splits["train"], t.batch_size * world.size, cfg.data.pad_multiple)
+        warning = outlook(splits["train"], t.batch_size * world.size, cfg.data.pad_multiple,
+                          blocked=resolve_block(t.attention_block) > 0)
         if warning:
             world.print0(f"[mlx-dp] WARNING: {warning}")
     stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple,
