@@ -166,6 +166,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={run_dir}"])
         prepare_runtime()
         from ..cluster import connect
+        from ..core.attention import resolve_block
         from ..core.batches import batches_per_epoch
         from ..run.setup import build_run
         from ..tools.fastblas import active
@@ -184,7 +185,8 @@ def main(argv: list[str]) -> int:
             print(format_split(summary, shapes), flush=True)
             if args.json:
                 doc = {"benchmark": "profile", "recipe": args.recipe, "overrides": args.overrides,
-                       "epoch": args.epoch, "blas": active(), "summary": summary, "distinct_shapes": shapes,
+                       "epoch": args.epoch, "blas": active(),
+                       "attention_block": resolve_block(cfg.training.attention_block), "summary": summary, "distinct_shapes": shapes,
                        "per_update": result["updates"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

@@ -3,10 +3,11 @@
 Why this exists: mlx-lm's attention layers call ``mx.fast.scaled_dot_product_attention``.
 On MLX's CPU backend that (and its backward) computes the whole L x L score matrix
 and then masks away the half above the diagonal. Measured on a 2-core Linux machine
-(docs/RESULTS.md, "Attention in blocks"), a 5M Llama's forward+backward at batch 8 was
-1.06x faster in blocks of 64 at 160 tokens, 1.19x at 224 and 1.45x at 320: on
-variable-length text, where most tokens sit in the longer rows, attention is what
-grows. Nothing in MLX or mlx-lm skips those blocks for training, so this does.
+(docs/RESULTS.md, "Attention in query blocks"): a 5M Llama's forward+backward of 8 rows
+ran 1.02-1.05x faster in blocks of 64 at 96-320 tokens and 1.40x at 512, and one epoch
+of variable-length text (mean 148 tokens, tail to 512) at 2 ranks ran 1.10x faster,
+which took mlx-dp from 1.07x to 1.27x mlx_lm.lora's tokens/s there. Nothing in MLX or
+mlx-lm skips those blocks for training, so this does.
 
 How: the queries are split into blocks of ``block``; block ``i`` (queries
 ``s..e``) attends keys ``0..e`` only, through the same
@@ -34,7 +35,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
-DEFAULT_CPU_BLOCK = 64  # best of 32/64/96/128 at 160-512 tokens (docs/RESULTS.md)
+DEFAULT_CPU_BLOCK = 64  # 32 and 128 were within noise of it at 96-512 tokens (docs/RESULTS.md)
 
 _state = {"block": 0, "original": None}
 

@@ -5,9 +5,10 @@
 padding. The row length is chosen from the data unless set
 (:func:`pack_length`): every token of a packed row attends over (and masks
 out) the whole row before it, so rows much longer than the samples spend
-attention on pairs that are then thrown away; about twice the mean sample
-keeps that waste near what unpacked rows of mixed lengths already spend
-(attention in query blocks, ``trainer.core.attention``, skips much of it). A
+attention on pairs that are then thrown away (attention in query blocks,
+``trainer.core.attention``, skips the pairs above the diagonal, not those
+across samples below it). About 1.5 times the mean sample was the fastest of
+1.5x, 2x and 3x measured (docs/RESULTS.md). A
 sample longer than the row gets a row of its own. Each row carries a
 segment id per token:
 
@@ -28,7 +29,10 @@ import numpy as np
 
 
 def pack_length(lengths: np.ndarray, max_seq_length: int, pad_multiple: int) -> int:
-    """The packed row length chosen from the data: about twice the mean sample length.
+    """The packed row length chosen from the data: about 1.5 times the mean sample length.
+
+    One epoch of variable-length text (mean 148 tokens) at 2 ranks, attention in
+    blocks: rows of 1.5x the mean ran 1.07x unpacked, 2x 1.02x, 3x 0.97x.
 
     Rounded up so the model input (length - 1) is a multiple of ``pad_multiple``,
     at least the median sample, and capped by ``max_seq_length``.
@@ -38,7 +42,7 @@ def pack_length(lengths: np.ndarray, max_seq_length: int, pad_multiple: int) -> 
         max_seq_length (int): The cap (``data.max_seq_length``).
         pad_multiple (int): ``data.pad_multiple``.
     """
-    target = max(2 * float(np.mean(lengths)), float(np.median(lengths)), 2.0)
+    target = max(1.5 * float(np.mean(lengths)), float(np.median(lengths)), 2.0)
     width = 1 + -(-(int(np.ceil(target)) - 1) // pad_multiple) * pad_multiple
     return int(min(width, max_seq_length))
 
@@ -133,15 +137,15 @@ def token_slots(lengths: np.ndarray, micro_batch: int, pad_multiple: int, seed: 
 def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int, blocked: bool) -> str | None:
     """A warning when packing cannot win: unpacked length-grouped batches are nearly as full.
 
-    Packing saves the padded slots of unpacked batches, and fewer row widths
-    compile; it costs attention across the samples sharing a row. Measured
+    Packing saves the padded slots of unpacked batches and compiles fewer row
+    widths; it costs attention across the samples sharing a row. Measured
     (docs/RESULTS.md), one epoch at 2 ranks: on the tiny task it saved about 30%
-    of the slots and ran about 30% faster; on variable-length text (mean 150
-    tokens) it saved about 6% and tied with MLX's whole-row attention, and ran
-    7% faster (1.02-1.13x) with attention in query blocks, which computes far
-    less of the cross-sample attention. Under 10% saved (whole rows), or 3%
-    (blocks: the cross-sample attention of one block is what is left), it is
-    said not to win.
+    of the slots and ran 1.3-1.4x faster; on variable-length text (mean 148
+    tokens) with attention in query blocks, rows of 1.5x the mean saved 4% of
+    the slots and ran 1.07x faster (fewer widths to compile did the rest); with
+    MLX's whole-row attention, 2x rows saved 6% and ran 0.90x. So it is said not
+    to win under 2% saved with blocks (equal lengths: nothing to gain), and
+    under 10% with whole rows.
 
     Args:
         packed (PackedSplit): The packed training split.
@@ -152,7 +156,7 @@ def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int, blocked: b
     unpacked = token_slots(packed.base.lengths, micro_batch, pad_multiple)
     rows = token_slots(packed.lengths, micro_batch, pad_multiple)
     saved = 1 - rows / unpacked
-    if saved >= (0.03 if blocked else 0.10):
+    if saved >= (0.02 if blocked else 0.10):
         return None
     return (f"packing cannot win on this data: length-grouped batches without it compute {unpacked} token slots "
             f"an epoch and packed rows {rows} ({saved:+.1%} saved), while packed rows attend across samples; "

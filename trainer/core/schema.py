@@ -89,7 +89,7 @@ class DataConfig:
     pad_multiple: int = _doc("pad batches to a multiple of this length (fewer distinct shapes to compile)", 16)
     packing: bool = _doc("pack short samples into shared rows (attention stays within a sample); see pack_length", False)
     prefetch: bool = _doc("build the next batch on a thread while the step computes (same order)", True)
-    pack_length: int = _doc("packed row length in tokens; 0: chosen from the data (about 2x the mean sample, "
+    pack_length: int = _doc("packed row length in tokens; 0: chosen from the data (about 1.5x the mean sample, "
                             "capped by max_seq_length): longer rows waste attention across samples", 0)
     cache_dir: Optional[str] = _doc("where tokenized data is cached; null: the datasets library's cache", None)
 
