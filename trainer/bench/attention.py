@@ -14,12 +14,11 @@ GPU, say).
 """
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from ..errors import UserError
+from .recipe_args import parse_with_overrides, write_json
 from .stats import median
 
 PROG = "mlx-dp bench attention"
@@ -44,11 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per width (default 3)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args, extra = p.parse_known_args(argv)
-    stray = [a for a in extra if "=" not in a or a.startswith("-")]
-    if stray:
-        p.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides += extra
+    args = parse_with_overrides(p, argv)
     if args.rounds < 1 or (args.batch is not None and args.batch < 1):
         p.error("--rounds and --batch must be positive")
     return args
@@ -123,9 +118,7 @@ def main(argv: list[str]) -> int:
             doc = {"benchmark": "attention", "recipe": args.recipe, "overrides": args.overrides,
                    "device": str(mx.default_device()), "blas": active(), "widths": results,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-            print(f"[bench] wrote {args.json}")
+            write_json(args.json, doc)
         return 0
     except UserError as e:
         print_error(e)

@@ -25,7 +25,6 @@ It trains (weights change) but writes nothing but its JSON.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from .recipe_args import parse_with_overrides, write_json
 
 PROG = "mlx-dp bench profile"
 PHASES = ("batch", "compile", "forward_backward", "mask", "reduce_update")
@@ -45,11 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epoch", action="store_true", help="profile one whole epoch instead of --steps updates")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args, extra = p.parse_known_args(argv)
-    stray = [a for a in extra if "=" not in a or a.startswith("-")]
-    if stray:
-        p.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides += extra
+    args = parse_with_overrides(p, argv)
     return args
 
 
@@ -186,11 +182,10 @@ def main(argv: list[str]) -> int:
             if args.json:
                 doc = {"benchmark": "profile", "recipe": args.recipe, "overrides": args.overrides,
                        "epoch": args.epoch, "blas": active(),
-                       "attention_block": resolve_block(cfg.training.attention_block), "summary": summary, "distinct_shapes": shapes,
+                       "attention_block": resolve_block(cfg.training.attention_block), "summary": summary,
+                       "distinct_shapes": shapes,
                        "per_update": result["updates"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-                print(f"[bench] wrote {args.json}")
+                write_json(args.json, doc)
         return 0
     except UserError as e:
         print_error(e)
