@@ -56,6 +56,9 @@ def mlx_lm_worker(reports_path: str, lora_argv: list[str], sort_by_tokens: bool 
         lora_argv (list[str]): mlx_lm.lora's arguments (from ``scaling_mlx_lm.mlx_lm_args``).
         sort_by_tokens (bool): :func:`repair_length_sort` first. Default: ``False``.
     """
+    from .tools import fastjit
+
+    fastjit.maybe_enable()  # the same compiled kernels as our ranks (MLX_DP_JIT decides for both)
     import mlx_lm.lora as lora
     from mlx_lm.tuner.callbacks import TrainingCallback
 

@@ -126,7 +126,7 @@ def run_all(plan: Plan, work: Path) -> dict:
                               "read() (trainer/cluster/relay.py)",
                               "mlx.launch": "stock mlx.launch: its output relay busy-polls (about 1.4 cores on 2)"},
            "link": plan.link.describe() if plan.link is not None else ("cluster" if plan.hostfile else "loopback"),
-           "hostfile": plan.hostfile, "blas": plan.blas, "blas_threads_per_rank": blas_threads(plan),
+           "hostfile": plan.hostfile, "blas": plan.blas, "jit": plan.jit, "blas_threads_per_rank": blas_threads(plan),
            "machine": report.machine_info(),
            "setup": {"per_rank_batch": plan.cfg.training.batch_size,
                      "grad_accumulation": plan.cfg.training.grad_accumulation,
@@ -200,7 +200,7 @@ def main(argv: list[str]) -> int:
         print(f"[bench] {plan.recipe}: world sizes {', '.join(map(str, plan.sizes))} under "
               f"{' and '.join(plan.launchers)}, {plan.rounds} round(s) of "
               + ("one epoch" if plan.epoch else f"{plan.steps} measured updates (+{plan.warmup} warm-up)")
-              + f" per run, BLAS {plan.blas}"
+              + f" per run, BLAS {plan.blas}, fused kernels {plan.jit}"
               + (f" with {threads} thread(s) per rank at every world size" if threads else ""), flush=True)
         if plan.keep:
             Path(plan.keep).mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,7 @@ def run_epochs(plan: Plan, work: Path, progress) -> dict:
     return {"benchmark": "scaling --epoch", "recipe": plan.recipe, "overrides": plan.overrides,
             "variants": plan.variants, "world_size": plan.world_size, "launchers": plan.launchers,
             "rounds": plan.rounds, "mlx_lm_sort": plan.mlx_lm_sort if plan.vs_mlx_lm else None,
-            "blas": plan.blas, "blas_threads_per_rank": blas_threads(plan), "machine": machine_info(),
+            "blas": plan.blas, "jit": plan.jit, "blas_threads_per_rank": blas_threads(plan), "machine": machine_info(),
             **summary, "measured": [{**run.__dict__, **m} for run, m in measured.items()],
             "notes": list(plan.notes) + ["tokens/s: loss tokens of one epoch over the wall time of its updates "
                                          "(compilation included, validation left out); ratios within each round, "

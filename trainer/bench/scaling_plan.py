@@ -122,6 +122,7 @@ class Plan:
     link: "LinkSpec | None" = None  # set when N-rank runs go behind an emulated link
     link_args: dict = field(default_factory=dict)
     blas: str = "mlx"
+    jit: str = "mlx"  # what compiles MLX's fused kernels (trainer.tools.fastjit), for both tools
     blas_threads: int | None = None  # OpenBLAS threads per rank at every world size; None: each machine decides
     shim: str | None = None  # the OpenBLAS shim mlx_lm.lora gets with LD_PRELOAD
     notes: list[str] = field(default_factory=list)
@@ -326,10 +327,11 @@ def _plan_link(plan: Plan, args) -> None:
 
 
 def _plan_blas(plan: Plan) -> None:
-    from ..tools import fastblas
+    from ..tools import fastblas, fastjit
 
     try:
         plan.blas = "openblas" if fastblas.requested() else "mlx"
+        plan.jit = "avx2" if fastjit.requested() and fastjit.why_not() is None else "mlx"
         if plan.blas == "openblas" and platform.system() != "Linux":
             raise BenchError(f"{fastblas.ENV_VAR}=openblas is only for Linux CPU; unset it")
         if plan.blas_threads is not None and (plan.blas != "openblas" or plan.blas_threads < 1):

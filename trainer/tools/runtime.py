@@ -15,9 +15,10 @@ MAX_ERROR_CHARS = 1000
 
 def prepare_runtime() -> None:
     """Things that must happen before mlx.core is imported."""
-    from . import fastblas
+    from . import fastblas, fastjit
 
     fastblas.maybe_enable(local_ranks=launch_env().local_ranks())
+    fastjit.maybe_enable()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -1,0 +1,157 @@
+"""Vector instructions for the kernels MLX compiles at run time on Linux x86-64.
+
+Why this exists: ``mx.compile`` fuses chains of elementwise ops into C++ kernels
+that MLX builds with ``g++`` the first time it needs them, into
+``$TMPDIR/mlx/<version>/cpu``. MLX adds ``-mavx2 -mfma -mf16c`` to that command
+only when MLX itself was built for AVX2 (``mlx/backend/cpu/jit_compiler.cpp``);
+the PyPI ``mlx[cpu]`` wheel is built for baseline x86-64, so its fused kernels
+run scalar code, and every ``exp`` in them (a Cephes polynomial) makes six calls
+to glibc's ``fmaf``. Measured on the 2-core Linux VM (docs/RESULTS.md): a fused
+``exp(x - m)`` went from 11.9 to 3.8 ns per element and a fused softmax from
+17.8 to 5.2 ns. :mod:`trainer.core.fused` writes the training step's
+exp-heavy ops so that their ``exp`` lands in such kernels.
+
+The results do not change: there is no ``-ffast-math``, and
+``-ffp-contract=off`` stops g++ from turning ``a * b + c`` into one rounding
+(it would, with ``-mfma``: the check below caught it), so the same operations
+run in the same order, only in vector registers and with MLX's explicit
+``fma`` as one instruction. :func:`enable` checks that bit for bit against
+MLX's own ``exp``, ``sigmoid`` and ``multiply``/``add`` before anything trains.
+
+How: a ``g++`` wrapper that appends the flags goes first on ``PATH`` (MLX runs
+``g++`` through the shell), and ``TMPDIR`` points at a kernel cache of its own,
+so that kernels built without the flags (MLX's default ``/tmp/mlx``) are never
+loaded in their place. Python's own temporary files stay where they were.
+
+``MLX_DP_JIT``: ``auto`` (default) uses it on Linux x86-64 when the CPU has
+AVX2, FMA and F16C and ``g++`` is installed; ``mlx`` leaves MLX's command as it is.
+Benchmarks give mlx_lm.lora the same setting (``trainer.bench_rank``).
+"""
+
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+
+ENV_VAR = "MLX_DP_JIT"
+FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
+_CPU_FEATURES = ("avx2", "fma", "f16c")
+
+_state = {"active": False}
+
+
+class FastJitError(UserError):
+    """``MLX_DP_JIT`` is invalid, or the flagged kernels disagree with MLX's."""
+
+
+def requested() -> bool:
+    """False when ``MLX_DP_JIT=mlx``; raises on a value that is neither."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value not in ("auto", "mlx", ""):
+        raise FastJitError(f"{ENV_VAR}={value!r} is not one of 'auto' or 'mlx'")
+    return value != "mlx"
+
+
+def active() -> str:
+    """What compiles MLX's fused kernels here: ``"avx2"`` (this module) or ``"mlx"`` (unchanged)."""
+    return "avx2" if _state["active"] else "mlx"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def why_not() -> str | None:
+    """Why this machine cannot use it (one sentence), or ``None`` when it can."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return "only Linux x86-64 needs it (MLX builds its own kernels for the CPU it runs on elsewhere)"
+    missing = [f for f in _CPU_FEATURES if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if shutil.which("g++") is None:
+        return "g++ is not installed (MLX then runs without fused kernels)"
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MLX_DP_CACHE") or Path.home() / ".cache" / "mlx-dp"
+    return Path(root) / "jit-avx2"
+
+
+def _wrapper(bin_dir: Path, gxx: str) -> None:
+    """Write ``bin_dir/g++`` (atomically: ranks may race) calling ``gxx`` with :data:`FLAGS` appended."""
+    text = f'#!/bin/sh\nexec "{gxx}" "$@" {" ".join(FLAGS)}\n'
+    target = bin_dir / "g++"
+    if target.is_file() and target.read_text() == text:
+        return
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tmp = bin_dir / f".g++.{os.getpid()}"
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    os.replace(tmp, target)
+
+
+def enable() -> None:
+    """Route MLX's kernel compiler through the wrapper; check that results are unchanged.
+
+    Must run before MLX compiles its first fused kernel in this process (it may
+    run after ``mlx.core`` is imported).
+    """
+    reason = why_not()
+    if reason:
+        raise FastJitError(reason)
+    root = _cache_dir()
+    bin_dir = root / "bin"
+    gxx = shutil.which("g++")
+    if Path(gxx).resolve() != (bin_dir / "g++").resolve():
+        _wrapper(bin_dir, gxx)
+    tempfile.tempdir = tempfile.gettempdir()  # Python's temporary files stay where they were
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["TMPDIR"] = str(root)
+    _state["active"] = True
+    _check_against_mlx()
+
+
+def _check_against_mlx() -> None:
+    """Fused (vectorised) kernels must give MLX's unfused results bit for bit."""
+    import mlx.core as mx
+
+    x = mx.random.normal((4099,), key=mx.random.key(7)) * 30.0
+    y = mx.random.normal((4099,), key=mx.random.key(8))
+    special = mx.array([0.0, -0.0, 88.5, -88.5, -1e30, 1e30, float("inf"), float("-inf"), float("nan")])
+    x = mx.concatenate([x, special])
+    y = mx.concatenate([y, mx.zeros(special.shape)])
+    fused = mx.compile(lambda a, b: (mx.exp(a - b), a * b + a, mx.sigmoid(a) * 1.0))(x, y)
+    plain = (mx.exp(x - y), x * y + x, mx.sigmoid(x))
+    for got, want, name in zip(fused, plain, ("exp", "multiply-add", "sigmoid")):
+        mx.eval(got, want)
+        same = mx.logical_or(got == want, mx.logical_and(mx.isnan(got), mx.isnan(want))).all().item()
+        if not same:
+            raise FastJitError(f"MLX's fused {name} compiled with {' '.join(FLAGS)} differs from its "
+                               f"unfused one; set {ENV_VAR}=mlx to leave MLX's compiler alone")
+
+
+def maybe_enable() -> str | None:
+    """Enable when asked and possible; returns why not when ``auto`` could not (``None`` otherwise)."""
+    if _state["active"] or not requested():
+        return None
+    reason = why_not()
+    if reason:
+        return reason
+    enable()
+    return None
+
+
+if __name__ == "__main__":  # python -m trainer.tools.fastjit: what this machine gets
+    print(why_not() or f"MLX's fused kernels are compiled with {' '.join(FLAGS)} here", file=sys.stdout)
