@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
         from ..core.attention import use_blocks
         from ..core.model import apply_method, load_base
         from ..core.step import StepFunctions
+        from ..tools import fastjit
         from ..tools.fastblas import active
 
         model, _, _ = load_base(cfg.model)
@@ -116,7 +117,7 @@ def main(argv: list[str]) -> int:
         use_blocks(model, 0)
         if args.json:
             doc = {"benchmark": "attention", "recipe": args.recipe, "overrides": args.overrides,
-                   "device": str(mx.default_device()), "blas": active(), "widths": results,
+                   "device": str(mx.default_device()), "blas": active(), "jit": fastjit.active(), "widths": results,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json(args.json, doc)
         return 0

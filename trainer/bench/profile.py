@@ -162,9 +162,11 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={run_dir}"])
         prepare_runtime()
         from ..cluster import connect
+        from ..core import fused
         from ..core.attention import resolve_block
         from ..core.batches import batches_per_epoch
         from ..run.setup import build_run
+        from ..tools import fastjit
         from ..tools.fastblas import active
 
         world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s)
@@ -181,8 +183,9 @@ def main(argv: list[str]) -> int:
             print(format_split(summary, shapes), flush=True)
             if args.json:
                 doc = {"benchmark": "profile", "recipe": args.recipe, "overrides": args.overrides,
-                       "epoch": args.epoch, "blas": active(),
-                       "attention_block": resolve_block(cfg.training.attention_block), "summary": summary,
+                       "epoch": args.epoch, "blas": active(), "jit": fastjit.active(),
+                       "attention_block": resolve_block(cfg.training.attention_block),
+                       "fused_exp": fused.resolve(cfg.training.fused_exp), "summary": summary,
                        "distinct_shapes": shapes,
                        "per_update": result["updates"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 write_json(args.json, doc)

@@ -37,7 +37,7 @@ import mlx.nn as nn
 
 DEFAULT_CPU_BLOCK = 64  # 32 and 128 were within noise of it at 96-512 tokens (docs/RESULTS.md)
 
-_state = {"block": 0, "original": None}
+_state = {"block": 0, "fused": False, "original": None}
 
 
 def resolve_block(setting) -> int:
@@ -84,36 +84,46 @@ def _causal(mask, cache) -> bool:
 def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     """mlx-lm's ``scaled_dot_product_attention``, in query blocks where that is exact (see the module doc)."""
     original = _state["original"]
-    block = _state["block"]
+    block, fused = _state["block"], _state["fused"]
     length = queries.shape[2]
-    if (block <= 0 or length <= block or keys.shape[2] != length or sinks is not None or hasattr(cache, "bits")
+    blocks = 0 < block < length
+    if (not (blocks or fused) or keys.shape[2] != length or sinks is not None or hasattr(cache, "bits")
             or not _causal(mask, cache)):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+    if fused:  # the softmax's exp in fused kernels (trainer.core.fused); a single block when blocks are off
+        from .fused import attention
+
+        return attention(queries, keys, values, scale, mask, block if blocks else length)
     return blocked_attention(queries, keys, values, scale, mask, block)
 
 
-def use_blocks(model: nn.Module, block: int) -> list[str]:
+def use_blocks(model: nn.Module, block: int, fused: bool = False) -> list[str]:
     """Route ``model``'s attention through :func:`scaled_dot_product_attention` in blocks of ``block``.
 
-    ``block`` 0 restores mlx-lm's function. The setting is per process (the
-    modules are shared by every model of that type); the compiled step traces
-    with whatever is set when it first runs.
+    ``block`` 0 keeps whole rows. ``fused`` computes each block with
+    ``trainer.core.fused.attention`` (the softmax's exp in fused kernels)
+    instead of MLX's attention call. ``block`` 0 without ``fused`` restores
+    mlx-lm's function. The setting is per process (the modules are shared by
+    every model of that type); the compiled step traces with whatever is set
+    when it first runs.
 
     Returns:
         list[str]: The mlx-lm model modules now routed (empty when the model
-        calls MLX's attention directly, or ``block`` is 0).
+        calls MLX's attention directly, or neither blocks nor ``fused`` are asked for).
     """
     from mlx_lm.models import base
 
     _state["original"] = base.scaled_dot_product_attention
     _state["block"] = max(0, int(block))
+    _state["fused"] = bool(fused)
+    on = bool(_state["block"] or _state["fused"])
     routed = []
     for name in sorted({type(m).__module__ for _, m in model.named_modules()}):
         module = sys.modules.get(name)
         current = getattr(module, "scaled_dot_product_attention", None)
         if current is base.scaled_dot_product_attention or current is scaled_dot_product_attention:
             setattr(module, "scaled_dot_product_attention",
-                    scaled_dot_product_attention if _state["block"] else base.scaled_dot_product_attention)
-            if _state["block"]:
+                    scaled_dot_product_attention if on else base.scaled_dot_product_attention)
+            if on:
                 routed.append(name)
     return routed

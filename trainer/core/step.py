@@ -17,6 +17,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from . import fused
 from .batches import Batch
 from .update import BucketedUpdate, clip_scale, global_norm
 
@@ -25,7 +26,8 @@ def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx
     """Sum of masked next-token cross-entropies, in float32.
 
     ``segments`` (packed rows) keeps attention within each sample; see
-    ``trainer.core.packing.SegmentMask``.
+    ``trainer.core.packing.SegmentMask``. The cross-entropy is
+    ``trainer.core.fused``'s where ``training.fused_exp`` routes it there.
     """
     if segments is None:
         logits = model(inputs)
@@ -33,7 +35,7 @@ def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx
         from .packing import SegmentMask
 
         logits = model(inputs, cache=[SegmentMask(segments)] * len(model.layers))
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ce = (fused.cross_entropy if fused.enabled() else nn.losses.cross_entropy)(logits, targets) * mask
     return ce.astype(mx.float32).sum()
 
 

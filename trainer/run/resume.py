@@ -26,7 +26,8 @@ from ..errors import CheckpointError, UserError, short
 # (the global batch is checked on its own), memory-only switches and the cache.
 FREE_ON_RESUME_SECTIONS = ("eval", "checkpoint", "logging", "parallel")
 FREE_ON_RESUME = ("training.steps", "training.epochs", "training.batch_size", "training.grad_accumulation",
-                  "training.grad_checkpoint", "training.attention_block", "training.skip_nonfinite",
+                  "training.grad_checkpoint", "training.attention_block", "training.fused_exp",
+                  "training.skip_nonfinite",
                   "data.cache_dir")
 ALLOW_FLAG = "--allow-changes"
 

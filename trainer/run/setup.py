@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .. import __version__
 from ..cluster import health
-from ..core import checkpoint
+from ..core import checkpoint, fused
 from ..core.attention import resolve_block, use_blocks
 from ..core.balance import Balancer
 from ..core.batches import BatchStream, batches_per_epoch
@@ -32,6 +32,7 @@ from ..core.sharded import ShardedOptimizer
 from ..core.state import TrainingState
 from ..core.step import StepFunctions
 from ..errors import DataError, UserError
+from ..tools import fastjit
 from .hooks import RunOptions
 from .resume import Resumed, restore
 
@@ -158,8 +159,13 @@ def _load_model(cfg: Config, world: World):
     trainable, total = count_parameters(model)
     world.print0(f"[mlx-dp] {cfg.method.type}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters")
     block = resolve_block(cfg.training.attention_block)
-    if use_blocks(model, block):
+    on = fused.resolve(cfg.training.fused_exp)
+    if use_blocks(model, block, fused=on) and block:
         world.print0(f"[mlx-dp] attention: causal, {block} queries at a time (training.attention_block)")
+    swiglu = fused.use_fused(model, on)
+    if on:
+        world.print0(f"[mlx-dp] fused exp: loss, attention{', SwiGLU' if swiglu else ''} "
+                     f"(training.fused_exp; MLX's fused kernels: {fastjit.active()})")
     return model, tokenizer, adapter_config(cfg.method, cfg.model.path, len(model.layers))
 
 
