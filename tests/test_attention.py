@@ -126,6 +126,7 @@ def test_bench_attention_times_both_ways(tmp_path):
     import json
 
     doc = json.loads(out.read_text())
+    assert doc["fused_exp"] is (mx.default_device().type == mx.cpu), "blocks are timed as training runs them"
     assert [w["width"] for w in doc["widths"]] == [40, 70]
     for width in doc["widths"]:
         assert len(width["rounds"]) == 2 and all(set(r) == {"0", "16"} and min(r.values()) > 0

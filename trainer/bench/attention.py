@@ -1,9 +1,11 @@
 """``mlx-dp bench attention``: the training step with attention in query blocks, against whole rows.
 
 For each row width it times the trainer's own compiled forward+backward
-(``StepFunctions.grads``, the recipe's model and method) with
-``training.attention_block`` 0 (MLX's kernel over whole rows) and each block
-size asked for. Variants take turns within a round, in an order that rotates
+(``StepFunctions.grads``, the recipe's model and method) with MLX's own ops
+(its attention kernel over whole rows, mlx-lm's SwiGLU, MLX's cross-entropy:
+``training.attention_block: 0``, ``training.fused_exp: false``) and with each
+block size asked for, under the recipe's ``training.fused_exp`` (``auto``: on
+a CPU, see ``trainer.core.fused``). Variants take turns within a round, in an order that rotates
 every round; a ratio is taken within a round, then the median and range over
 rounds are reported, so that a noisy machine cannot fake a speed-up. Use it to
 choose ``attention_block`` on a machine whose default was not measured (a Mac's
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> int:
         import mlx.core as mx
         import mlx.optimizers as optim
 
+        from ..core import fused
         from ..core.attention import use_blocks
         from ..core.model import apply_method, load_base
         from ..core.step import StepFunctions
@@ -80,6 +83,7 @@ def main(argv: list[str]) -> int:
         model, _, _ = load_base(cfg.model)
         apply_method(model, cfg.method, cfg.training.seed)
         variants = [0] + [b for b in args.blocks if b != 0]
+        fused_on = fused.resolve(cfg.training.fused_exp)
         if not use_blocks(model, variants[-1]):
             raise UserError(f"{cfg.model.path}: its attention does not go through mlx-lm's "
                             "scaled_dot_product_attention, so blocks do not apply to it")
@@ -88,6 +92,8 @@ def main(argv: list[str]) -> int:
         batch = args.batch or cfg.training.batch_size
         vocab = int(model.args.vocab_size) if hasattr(model, "args") else 1000
         results = []
+        after = " + fused exp" if fused_on else ""
+        print(f"[bench] MLX's ops (whole rows) against blocks{after}; MLX's fused kernels: {fastjit.active()}")
         print(f"{'width':>6} " + " ".join(f"{'block ' + str(v) if v else 'whole rows':>22}" for v in variants))
         for width in args.widths:
             key = mx.random.key(width)
@@ -96,7 +102,9 @@ def main(argv: list[str]) -> int:
             scale = mx.array(1.0 / inputs.size, mx.float32)
 
             def step(v):
-                use_blocks(model, v)
+                # A new width retraces: route before every call, as that variant was first traced.
+                use_blocks(model, v, fused=fused_on and v > 0)
+                fused.use_fused(model, fused_on and v > 0)
                 start = time.perf_counter()
                 mx.eval(fns[v].grads(scale, *arrays))
                 return time.perf_counter() - start
@@ -115,9 +123,10 @@ def main(argv: list[str]) -> int:
             results.append({"width": width, "batch": batch, "rounds": [{str(k): s for k, s in r.items()} for r in rounds],
                             "variants": {str(v): s for v, s in row.items()}})
         use_blocks(model, 0)
+        fused.use_fused(model, False)
         if args.json:
             doc = {"benchmark": "attention", "recipe": args.recipe, "overrides": args.overrides,
-                   "device": str(mx.default_device()), "blas": active(), "jit": fastjit.active(), "widths": results,
+                   "device": str(mx.default_device()), "blas": active(), "jit": fastjit.active(), "fused_exp": fused_on, "widths": results,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json(args.json, doc)
         return 0

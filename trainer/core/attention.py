@@ -27,7 +27,10 @@ causal mask of :class:`~trainer.core.packing.SegmentMask`), as many queries as
 keys, more than one block, no quantized KV cache and no attention sinks.
 Everything else (generation with a KV cache, sliding-window or bidirectional
 masks) goes to mlx-lm's function unchanged. On a GPU the default leaves MLX's
-fused kernels alone: the measurement above is the CPU's.
+fused kernels alone: the measurement above is the CPU's. With
+``training.fused_exp`` (on by default on a CPU) each block, or a row short
+enough to be one block, is computed by :func:`trainer.core.fused.attention`
+instead of MLX's call, so that its softmax's exp runs in a fused kernel.
 """
 
 import sys

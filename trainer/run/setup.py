@@ -32,7 +32,6 @@ from ..core.sharded import ShardedOptimizer
 from ..core.state import TrainingState
 from ..core.step import StepFunctions
 from ..errors import DataError, UserError
-from ..tools import fastjit
 from .hooks import RunOptions
 from .resume import Resumed, restore
 
@@ -164,8 +163,7 @@ def _load_model(cfg: Config, world: World):
         world.print0(f"[mlx-dp] attention: causal, {block} queries at a time (training.attention_block)")
     swiglu = fused.use_fused(model, on)
     if on:
-        world.print0(f"[mlx-dp] fused exp: loss, attention{', SwiGLU' if swiglu else ''} "
-                     f"(training.fused_exp; MLX's fused kernels: {fastjit.active()})")
+        world.print0(f"[mlx-dp] fused exp: loss, attention{', SwiGLU' if swiglu else ''} (training.fused_exp)")
     return model, tokenizer, adapter_config(cfg.method, cfg.model.path, len(model.layers))
 
 
