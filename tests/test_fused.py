@@ -238,3 +238,26 @@ def test_fastjit_setting_is_checked(tmp_path):
     result = mlx_dp("train", str(tiny_recipe(tmp_path)), env={"MLX_DP_JIT": "fast"})
     assert result.returncode == 2
     assert "MLX_DP_JIT='fast' is not one of 'auto' or 'mlx'" in one_error_line(result)
+
+
+def test_fastjit_wrapper_renames_the_library_into_place(tmp_path):
+    """MLX loads a kernel library once its file exists: the compiler must write it under another name."""
+    fake = tmp_path / "fake-g++"  # records its arguments, writes its -o file
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(dirname "$0")/args"\n'
+                    'for a do [ "$prev" = -o ] && echo lib > "$a"; prev=$a; done\nexit 0\n')
+    fake.chmod(0o755)
+    fastjit._wrapper(tmp_path / "bin", str(fake))
+    out = tmp_path / "out dir" / "libk.so"
+    out.parent.mkdir()
+    result = subprocess.run([str(tmp_path / "bin" / "g++"), "-O3", "k.cpp", "-o", str(out)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    written = args[args.index("-o") + 1]
+    assert written != str(out) and written.startswith(str(out)) and written.endswith(".tmp"), "built under another name"
+    assert out.read_text() == "lib\n" and not list(out.parent.glob("*.tmp")), "then renamed into place"
+    assert all(flag in args for flag in fastjit.FLAGS)
+
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    failed = subprocess.run([str(tmp_path / "bin" / "g++"), "k.cpp", "-o", str(tmp_path / "x.so")])
+    assert failed.returncode == 3 and not (tmp_path / "x.so").exists(), "a failed compile leaves nothing"

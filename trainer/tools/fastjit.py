@@ -90,8 +90,22 @@ def _cache_dir() -> Path:
 
 
 def _wrapper(bin_dir: Path, gxx: str) -> None:
-    """Write ``bin_dir/g++`` (atomically: ranks may race) calling ``gxx`` with :data:`FLAGS` appended."""
-    text = f'#!/bin/sh\nexec "{gxx}" "$@" {" ".join(FLAGS)}\n'
+    """Write ``bin_dir/g++`` (atomically: ranks may race) calling ``gxx`` with :data:`FLAGS` appended.
+
+    The wrapper also builds the library under a private name and renames it into
+    place: MLX loads a kernel's library as soon as the file exists, so a rank
+    must never see another rank's half-written one.
+    """
+    text = f"""#!/bin/sh
+out= prev=
+for a do
+  shift
+  if [ "$prev" = "-o" ]; then out=$a; set -- "$@" "$a.$$.tmp"; else set -- "$@" "$a"; fi
+  prev=$a
+done
+"{gxx}" "$@" {" ".join(FLAGS)} || exit $?
+if [ -n "$out" ]; then mv -f "$out.$$.tmp" "$out"; fi
+"""
     target = bin_dir / "g++"
     if target.is_file() and target.read_text() == text:
         return
