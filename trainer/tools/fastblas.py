@@ -80,7 +80,8 @@ def _openblas_library() -> str:
     return found[0]
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """mlx-dp's own cache: ``$MLX_DP_CACHE``, else ``~/.cache/mlx-dp``."""
     root = os.environ.get("MLX_DP_CACHE") or Path.home() / ".cache" / "mlx-dp"
     return Path(root)
 
@@ -94,7 +95,7 @@ def build_shim() -> Path:
     """
     openblas = _openblas_library()
     key = hashlib.sha1((_SHIM_SOURCE + openblas).encode()).hexdigest()[:12]
-    out = _cache_dir() / f"mlx_dp_blas_{key}.so"
+    out = cache_dir() / f"mlx_dp_blas_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .fastblas import cache_dir
 
 ENV_VAR = "MLX_DP_JIT"
 FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
@@ -84,11 +85,6 @@ def why_not() -> str | None:
     return None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MLX_DP_CACHE") or Path.home() / ".cache" / "mlx-dp"
-    return Path(root) / "jit-avx2"
-
-
 def _wrapper(bin_dir: Path, gxx: str) -> None:
     """Write ``bin_dir/g++`` (atomically: ranks may race) calling ``gxx`` with :data:`FLAGS` appended.
 
@@ -125,7 +121,7 @@ def enable() -> None:
     reason = why_not()
     if reason:
         raise FastJitError(reason)
-    root = _cache_dir()
+    root = cache_dir() / "jit-avx2"
     bin_dir = root / "bin"
     gxx = shutil.which("g++")
     if Path(gxx).resolve() != (bin_dir / "g++").resolve():
