@@ -126,7 +126,8 @@ def main(argv: list[str]) -> int:
         fused.use_fused(model, False)
         if args.json:
             doc = {"benchmark": "attention", "recipe": args.recipe, "overrides": args.overrides,
-                   "device": str(mx.default_device()), "blas": active(), "jit": fastjit.active(), "fused_exp": fused_on, "widths": results,
+                   "device": str(mx.default_device()), "blas": active(), "jit": fastjit.active(),
+                   "fused_exp": fused_on, "widths": results,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             write_json(args.json, doc)
         return 0

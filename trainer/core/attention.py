@@ -38,6 +38,8 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fused as _fused
+
 DEFAULT_CPU_BLOCK = 64  # 32 and 128 were within noise of it at 96-512 tokens (docs/RESULTS.md)
 
 _state = {"block": 0, "fused": False, "original": None}
@@ -94,9 +96,7 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
             or not _causal(mask, cache)):
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
     if fused:  # the softmax's exp in fused kernels (trainer.core.fused); a single block when blocks are off
-        from .fused import attention
-
-        return attention(queries, keys, values, scale, mask, block if blocks else length)
+        return _fused.attention(queries, keys, values, scale, mask, block if blocks else length)
     return blocked_attention(queries, keys, values, scale, mask, block)
 
 

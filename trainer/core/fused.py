@@ -120,13 +120,9 @@ def _allowed(mask, start: int, end: int, repeats: int):
     if isinstance(mask, str):  # "causal": query i (absolute start + i) sees keys 0..start + i
         allowed = mx.arange(start, end)[:, None] >= mx.arange(end)[None]
         return mx.broadcast_to(allowed[None], (repeats, rows, end)).reshape(repeats * rows, end)
-    part = mask[..., start:end, :end]  # (batch, 1 or heads, rows, end)
-    if part.ndim == 4 and part.shape[1] == 1:
-        batch = part.shape[0]
-        return mx.broadcast_to(part[:, :, None], (batch, 1, repeats, rows, end)).reshape(batch, 1, -1, end)
-    if part.ndim == 4:  # one mask per query head: heads = kv_heads x repeats, in that order
-        return part.reshape(part.shape[0], -1, repeats * rows, end)
-    return mx.broadcast_to(part[None], (repeats, rows, end)).reshape(repeats * rows, end)
+    part = mask[..., start:end, :end]  # packed rows' SegmentMask: (batch, 1, rows, end), boolean
+    batch = part.shape[0]
+    return mx.broadcast_to(part[:, :, None], (batch, 1, repeats, rows, end)).reshape(batch, 1, -1, end)
 
 
 def attention(queries, keys, values, scale: float, mask, block: int) -> mx.array:
@@ -139,8 +135,8 @@ def attention(queries, keys, values, scale: float, mask, block: int) -> mx.array
         keys (mx.array): (batch, kv_heads, length, dim).
         values (mx.array): (batch, kv_heads, length, dim).
         scale (float): Score scale.
-        mask (str | mx.array): ``"causal"``, or a causal boolean (batch, 1, length, length)
-            mask such as packed rows' (an additive float mask is added).
+        mask (str | mx.array): ``"causal"``, or packed rows' boolean (batch, 1, length, length)
+            mask (``trainer.core.packing.SegmentMask``; ``trainer.core.attention`` routes no other).
         block (int): Queries per block (the length or more: one block).
     """
     batch, heads, length, dim = queries.shape
@@ -152,11 +148,7 @@ def attention(queries, keys, values, scale: float, mask, block: int) -> mx.array
         # (batch, heads, rows, dim) -> (batch, kv_heads, repeats * rows, dim): head h reads kv head h // repeats
         q = (queries[:, :, start:end] * scale).reshape(batch, kv_heads, repeats * (end - start), dim)
         scores = (q @ keys[:, :, :end].swapaxes(-1, -2)).astype(mx.float32)
-        allowed = _allowed(mask, start, end, repeats)
-        if allowed.dtype == mx.bool_:
-            scores = mx.where(allowed, scores, _MASKED)
-        else:
-            scores = scores + allowed.astype(mx.float32)
+        scores = mx.where(_allowed(mask, start, end, repeats), scores, _MASKED)
         top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))  # the softmax is shift-invariant
         weights = mx.exp(scores - top)  # fused: sub + exp in one compiled kernel
         out = (weights.astype(values.dtype) @ values[:, :, :end]) / weights.sum(axis=-1, keepdims=True).astype(
