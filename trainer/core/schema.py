@@ -146,6 +146,10 @@ class TrainingConfig:
         "write SwiGLU, the loss and attention's softmax so that MLX fuses their exp into compiled kernels "
         "(same result up to float rounding; on MLX's CPU backend ~4x cheaper exps); auto: on a CPU, not on a GPU",
         "auto")
+    clear_cache_threshold: int = _doc(
+        "empty MLX's buffer cache after an update when it holds more than this many bytes (mlx-lm's "
+        "clear_cache_threshold and default: 0 empties it after every update, so a Mac's memory goes back to "
+        "macOS); -1 never", 0)
     skip_nonfinite: bool = _doc("skip an update whose loss or gradient norm is NaN/inf instead of stopping", False)
     seed: int = _doc("seed for adapter init, dropout and data order", 0)
 
@@ -170,6 +174,9 @@ class TrainingConfig:
             raise ConfigError(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if self.clear_cache_threshold < -1:
+            raise ConfigError(f"training.clear_cache_threshold must be -1 (never), 0 or a number of bytes, "
+                              f"got {self.clear_cache_threshold}")
         if self.weight_decay < 0:
             raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
         if self.fused_exp != "auto" and not isinstance(self.fused_exp, bool):

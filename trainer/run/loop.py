@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from ..cluster import connect, health, runlock
 from ..cluster import status as status_file
@@ -48,6 +49,7 @@ def fit(run: Run, reporter) -> dict:
         mx.eval(run.model.state, run.optimizer.state, mx.random.state, out["loss_sum"], out["grad_norm"],
                 out["finite"], out["stop"], out["compute_s"])  # note: the step's one blocking sync point
         state.step += 1
+        _clear_cache(cfg.training.clear_cache_threshold)
         toc = time.perf_counter()
         window.add(out, micro, toc - tic)
         _rebalance(run, out, micro, reporter)
@@ -68,6 +70,12 @@ def fit(run: Run, reporter) -> dict:
             world.print0(f"[mlx-dp] stop requested: saved update {state.step} to {run.run_dir}; continue with --resume")
             return {"step": state.step, "stopped": True}
     return {"step": state.step, "stopped": False, "val_loss": val_loss}
+
+
+def _clear_cache(threshold: int) -> None:
+    """Give MLX's cached buffers back once the update is done, as mlx-lm's trainer does (``_clear_cache``)."""
+    if threshold >= 0 and mx.get_cache_memory() > threshold:
+        mx.clear_cache()
 
 
 def _update(run: Run, step: int) -> tuple[list, dict]:
@@ -197,7 +205,7 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
     status_file.reset()
     # Armed before the ranks connect: a signal or a missing rank then ends with words and a status too.
     health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck)
-    world, lock, reporter = None, None, NullReporter()
+    world, lock, reporter, wired = None, None, NullReporter(), None
     try:
         world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s, should_stop=health.stop_signal)
         health.attach(world)
@@ -210,6 +218,8 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
             status_file.disown()  # another run owns checkpoint.dir: write nothing there
             raise
         status_file.set_run(run_id)
+        # As mlx-lm's trainer: on a Mac, let MLX keep the recommended working set wired (a no-op elsewhere).
+        wired = maybe_set_recommended_wired_limit()
         run = build_run(cfg, world, resume, options, allow_changes)
         reporter = _reporter(run)
         if run.resumed is not None:
@@ -246,6 +256,8 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
             pass
         if lock is not None:
             lock.release()
+        if wired is not None:
+            mx.set_wired_limit(wired)  # the process's own limit again (mlx-lm leaves it set)
         health.uninstall()
 
 

@@ -27,6 +27,7 @@ from ..errors import CheckpointError, UserError, short
 FREE_ON_RESUME_SECTIONS = ("eval", "checkpoint", "logging", "parallel")
 FREE_ON_RESUME = ("training.steps", "training.epochs", "training.batch_size", "training.grad_accumulation",
                   "training.grad_checkpoint", "training.attention_block", "training.fused_exp",
+                  "training.clear_cache_threshold",
                   "training.skip_nonfinite",
                   "data.cache_dir")
 ALLOW_FLAG = "--allow-changes"
