@@ -39,6 +39,8 @@ class LaunchEnv:
         ring_hosts: The ring hostfile's entries, one ``["ip:port", ...]``
             list per rank (empty without a ring or for one rank).
         coordinator: ``"host:port"`` of rank 0 for jaccl/nccl, or ``None``.
+        prepared: Every backend whose environment is set (a launcher may set
+            more than one), in no particular order.
     """
 
     rank: int = 0
@@ -49,6 +51,7 @@ class LaunchEnv:
     ring_hosts: list = field(default_factory=list)
     coordinator: str | None = None
     hostfile_blank: bool = False
+    prepared: tuple = ()
 
     @property
     def launched(self) -> bool:
@@ -120,6 +123,9 @@ def launch_env() -> LaunchEnv:
         coordinator = env["NCCL_HOST_IP"] + (f":{env['NCCL_PORT']}" if env.get("NCCL_PORT") else "")
     elif "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
         backend = "mpi"
+    prepared = tuple(name for name, ready in (
+        ("ring", bool(ring_hosts)), ("jaccl", bool(env.get("MLX_JACCL_COORDINATOR"))),
+        ("nccl", bool(env.get("NCCL_HOST_IP"))), ("mpi", "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env)) if ready)
     size = len(ring_hosts) if ring_hosts else _int_var(SIZE_VARS)
     if env.get(LAUNCHER_VAR):
         launcher = env[LAUNCHER_VAR]
@@ -130,7 +136,7 @@ def launch_env() -> LaunchEnv:
     else:
         launcher = "none"
     return LaunchEnv(rank=rank, world_size=size, launcher=launcher, backend=backend, hostfile=hostfile,
-                     ring_hosts=ring_hosts, coordinator=coordinator, hostfile_blank=blank)
+                     ring_hosts=ring_hosts, coordinator=coordinator, hostfile_blank=blank, prepared=prepared)
 
 
 def drop_blank_hostfile() -> None:

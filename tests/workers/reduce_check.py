@@ -5,8 +5,10 @@ random trees and bucket settings; "mismatch" gives rank 1 a different bucket
 plan and calls reduce(), which must refuse before any all_sum; "scatter"
 compares the reduce-scatter of sharded optimizer state (ring send/recv and
 all_sum + slice) with a per-array all_sum, and the all-gather with the
-original; "scatter-mismatch" gives rank 1 a different shard plan. Prints one
-JSON line on rank 0.
+original; "scatter-mismatch" gives rank 1 a different shard plan; "settle" has
+rank 1 send its gradients 1.5 s late and times how long rank 0's reducers take
+to return (they must wait on the host, so no GPU kernel waits on a peer).
+Prints one JSON line on rank 0.
 """
 
 import json
@@ -147,8 +149,33 @@ def scatter_mismatch(world) -> dict:
     return {"refused": refused, **{f"{name}_calls": n for name, n in calls.items()}}
 
 
+def settle(world) -> dict:
+    import time
+
+    names, shapes, dtypes, values = random_tree(3, world.rank)
+    buckets = plan_buckets(list(reversed(names)), shapes, dtypes, 256, 64)
+    late = 1.5
+    seconds = {}
+    for name, make in (("reduce", lambda: GradientReducer(world, buckets)),
+                       ("reduce_scatter", lambda: ShardedReducer(world, ShardPlan.make(buckets, world.size),
+                                                                 method="sendrecv"))):
+        reducer = make()
+        reducer.check_plan()
+        world.barrier()
+        if world.rank == 1:
+            time.sleep(late)  # a slow peer: its buckets arrive late
+        start = time.perf_counter()
+        if name == "reduce":
+            out, _ = reducer.reduce(dict(values), extra=mx.array([1.0]))
+        else:
+            out = reducer.reduce_scatter(dict(values))
+        seconds[name] = time.perf_counter() - start  # before anything evaluates what came back
+        mx.eval(out)
+    return {"late_s": late, "seconds": seconds}
+
+
 world = init_world()
 result = {"compare": compare, "mismatch": mismatch, "scatter": scatter,
-          "scatter-mismatch": scatter_mismatch}[sys.argv[1]](world)
+          "scatter-mismatch": scatter_mismatch, "settle": settle}[sys.argv[1]](world)
 if world.rank == 0:
     print("RESULT " + json.dumps(result), flush=True)

@@ -30,7 +30,7 @@ def worker(spec_path: str) -> int:
     from ..core.batches import Batch
     from ..core.model import backward_order, trainable_parameters
     from ..core.parallel import (AverageGradientsReducer, GradientReducer, PassThroughReducer, init_world,
-                                 plan_buckets, resolve_comm_stream)
+                                 plan_buckets)
     from ..core.step import StepFunctions, make_eval_loss, run_update, to_arrays
 
     spec = json.load(open(spec_path))
@@ -54,7 +54,7 @@ def worker(spec_path: str) -> int:
     del params  # holding the first weights would keep a second copy alive once the updates replace them
     # the update is applied bucket by bucket, as in training
     fns = StepFunctions(model, optimizer, max_grad_norm=None, groups=[list(b.names) for b in buckets])
-    stream = resolve_comm_stream(spec["comm_stream"])
+    stream = world.placement.resolve(spec["comm_stream"])
     reducers = {"serial": GradientReducer(world, buckets, overlap=False, stream=stream),
                 "overlap": GradientReducer(world, buckets, overlap=True, stream=stream),
                 # the same buckets, concatenated and split locally, without any all_sum: the only

@@ -29,6 +29,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from ..errors import ConfigError
+from .parallel.placement import settle
 from .parallel.shards import ShardedReducer
 from .update import BucketedUpdate, clip_scale
 
@@ -92,27 +93,33 @@ class ShardedOptimizer:
         scale = clip_scale(norm, self.max_grad_norm)
         self._bucketed.advance()
         previous = None
-        for i, bucket in enumerate(self.plan.buckets):
+        for i in range(len(self.plan.buckets)):
             key = _key(i)
             grad = {key: shards[i].astype(self.shards[key].dtype)}
             new = self._bucketed.apply(i, grad, {key: self.shards[key]}, scale)[key]
             whole = self.reducer.gather(i, new)
-            pos, updates = 0, []
-            for name, shape, size, dtype in zip(bucket.names, bucket.shapes, bucket.sizes, bucket.dtypes):
-                updates.append((name, whole[pos:pos + size].reshape(shape).astype(dtype)))
-                pos += size
-            start, stop = self.plan.bounds[i][self.world.rank]
-            # This rank's shard is a view of the gathered bucket the model's weights view too: no extra copy.
-            self.shards[key] = whole[start:stop]
-            self.model.load_weights(updates, strict=False)
-            # Dispatch this bucket and wait for the one before: the gather of one bucket overlaps the
-            # update of the next, and at most two buckets' old and new weights coexist.
-            mx.async_eval([w for _, w in updates], self.shards[key])
+            # Dispatch this bucket's update and gather; meanwhile put the one before into the model.
+            # The gathered bucket is waited for on the host before GPU work slices it (the Metal watchdog).
+            mx.async_eval(whole)
             if previous is not None:
-                mx.eval(previous)  # note: sync point per bucket (see above)
-            previous = [w for _, w in updates]
-        mx.eval(previous)
+                self._load_bucket(*previous)  # note: syncs on the previous bucket
+            previous = (i, whole)
+        self._load_bucket(*previous)
         return norm, finite
+
+    def _load_bucket(self, index: int, whole: mx.array) -> None:
+        """Put gathered bucket ``index`` into the model and keep this rank's shard of it. Blocking."""
+        settle(whole)  # note: sync point per bucket; at most two buckets' old and new weights coexist
+        bucket = self.plan.buckets[index]
+        pos, updates = 0, []
+        for name, shape, size, dtype in zip(bucket.names, bucket.shapes, bucket.sizes, bucket.dtypes):
+            updates.append((name, whole[pos:pos + size].reshape(shape).astype(dtype)))
+            pos += size
+        start, stop = self.plan.bounds[index][self.world.rank]
+        # This rank's shard is a view of the gathered bucket the model's weights view too: no extra copy.
+        self.shards[_key(index)] = whole[start:stop]
+        self.model.load_weights(updates, strict=False)
+        mx.eval([w for _, w in updates], self.shards[_key(index)])  # note: sync point
 
     # ------------------------------------------------------------ checkpoints
 
@@ -127,6 +134,7 @@ class ShardedOptimizer:
         for i, bucket in enumerate(self.plan.buckets):
             for name, shard in state[_key(i)].items():
                 whole = self.reducer.gather(i, shard)  # padded; the padding is dropped below
+                settle(whole)  # note: sync point; on the host, before any GPU slice waits on the gather
                 pos = 0
                 for param, shape, size in zip(bucket.names, bucket.shapes, bucket.sizes):
                     flat[f"{param}.{name}"] = whole[pos:pos + size].reshape(shape)

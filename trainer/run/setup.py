@@ -26,7 +26,7 @@ from ..core.metrics import format_bytes
 from ..core.model import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
                           load_base, trainable_parameters)
 from ..core.optim import build_optimizer
-from ..core.parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets, resolve_comm_stream
+from ..core.parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets
 from ..core.parallel.shards import ShardedReducer, ShardPlan
 from ..core.sharded import ShardedOptimizer
 from ..core.state import TrainingState
@@ -247,16 +247,18 @@ def _build_reducer(cfg: Config, world: World, model, train, communicate: bool):
                            getattr(mx, p.comm_dtype) if p.comm_dtype else None)
     if p.shard_optimizer and communicate:  # (ranks training apart have nothing to share)
         reducer = ShardedReducer(world, ShardPlan.make(buckets, world.size), overlap=p.overlap,
-                                 stream=resolve_comm_stream(p.comm_stream))
+                                 stream=p.comm_stream)
     else:
-        reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=resolve_comm_stream(p.comm_stream),
-                                  communicate=communicate)
+        reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=p.comm_stream, communicate=communicate)
     if world.size > 1:
         reducer.check_plan()
         if not communicate:
             world.print0("[mlx-dp] WARNING: gradients are not reduced, ranks train apart "
                          "(a benchmark baseline, not training)")
         how = "reduce-scattered" if p.shard_optimizer and communicate else "reduced"
+        stream = "a stream of their own" if world.placement.resolve(p.comm_stream) == "separate" else \
+            "the backend's stream"
         world.print0(f"[mlx-dp] gradients: {format_bytes(reducer.nbytes)} in {len(buckets)} bucket(s), {how} "
-                     f"{'during backward' if p.overlap else 'after backward'}")
+                     f"{'during backward' if p.overlap else 'after backward'} on {stream} "
+                     f"({world.placement.describe()})")
     return reducer

@@ -7,6 +7,9 @@
 * ``buckets``: gradient buckets and their ``all_sum``s, filled in the order
   backward produces gradients and each dispatched as soon as its gradients
   exist (:class:`GradientReducer`), plus the benchmarks' baselines.
+* ``placement``: where each collective runs on a CPU, Metal or CUDA, and the
+  host waits that keep a Mac's GPU from waiting on a peer (the one place that
+  names a device for a collective).
 * ``shards``: reduce-scatter and all-gather of bucket shards for optimizer
   state sharded across ranks (``parallel.shard_optimizer``), built from
   ``send``/``recv`` where the backend (ring) has no ``sum_scatter``.
@@ -16,5 +19,6 @@ launcher set).
 """
 
 from .buckets import (MiB, AverageGradientsReducer, Bucket, GradientReducer, PassThroughReducer,  # noqa: F401
-                      plan_buckets, plan_digest, resolve_comm_stream)
-from .world import World, all_sum_seconds, check_agreement, digest, init_world, set_monitor  # noqa: F401
+                      plan_buckets, plan_digest)
+from .placement import Placement, settle  # noqa: F401
+from .world import World, all_sum_seconds, check_agreement, digest, init_world, resolve_backend, set_monitor  # noqa: F401

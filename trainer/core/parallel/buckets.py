@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .placement import settle
 from .world import World, check_agreement, digest
 
 MiB = 1024 * 1024
@@ -80,14 +81,6 @@ def plan_digest(buckets: list[Bucket]) -> str:
     return digest(*[f"{b.names}|{b.shapes}|{b.dtypes}|{b.comm_dtype}" for b in buckets])
 
 
-def resolve_comm_stream(choice: str) -> str:
-    """``auto``: a separate stream on a GPU; on a CPU the compute stream, since a
-    second stream's thread only competes for the same busy cores (PLATFORM.md)."""
-    if choice != "auto":
-        return choice
-    return "separate" if mx.default_device() == mx.gpu else "default"
-
-
 class GradientReducer:
     """Sums gradients over ranks in buckets, overlapping with backward.
 
@@ -100,10 +93,13 @@ class GradientReducer:
     optimizer update, which consumes the reduced buckets, is only built after
     every bucket has been dispatched.
 
-    The ``all_sum`` runs on a dedicated communication stream (``stream=
-    "separate"``), so the compute stream goes on with backward meanwhile, or
-    on the compute stream itself (``"default"``), which is faster where there
-    is no idle core for a second stream's thread (2 CPU cores, 2 ranks).
+    Where the ``all_sum`` runs is the world's :class:`~trainer.core.parallel.placement.Placement`'s
+    choice: no stream (``"default"``: the backend's own, which on a Mac is the
+    CPU's, apart from the GPU's compute), or a stream of its own on the
+    backend's communication device (``"separate"``: NCCL on CUDA, or a CPU with
+    an idle core). Once every bucket is dispatched, :meth:`reduce` waits on the
+    host for the sums before anything consumes them, so no GPU kernel ever
+    waits on a slow peer (the Metal watchdog; see ``placement.py``).
 
     With ``overlap=False`` (the serial path, kept for comparison) the whole
     backward is evaluated first and the buckets are reduced afterwards.
@@ -122,7 +118,7 @@ class GradientReducer:
         world (World): The group.
         buckets (list[Bucket]): From :func:`plan_buckets`.
         overlap (bool): See above. Default: ``True``.
-        stream (str): ``"separate"`` or ``"default"``. Default: ``"separate"``.
+        stream (str): ``parallel.comm_stream``: ``"auto"``, ``"separate"`` or ``"default"``. Default: ``"auto"``.
         communicate (bool): ``False`` buckets and unbuckets locally without
             any ``all_sum``: the compute-only baseline of the benchmarks
             (ranks then train apart). Default: ``True``.
@@ -130,16 +126,16 @@ class GradientReducer:
 
     averages = False  # returns sums over ranks (see run_update's loss scale)
 
-    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "separate",
+    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "auto",
                  communicate: bool = True):
         self.world = world
         self.buckets = buckets
         self.overlap = overlap
         self.communicate = communicate
         self.plan_checked = not communicate or world.size == 1
-        if stream not in ("separate", "default"):
-            raise ValueError(f"stream must be 'separate' or 'default', not {stream!r}")
-        self.stream = mx.new_stream(mx.default_device()) if world.size > 1 and stream == "separate" else None
+        if stream not in ("auto", "separate", "default"):
+            raise ValueError(f"stream must be 'auto', 'separate' or 'default', not {stream!r}")
+        self.stream = world.placement.stream(stream) if world.size > 1 else None
 
     @property
     def nbytes(self) -> int:
@@ -193,6 +189,10 @@ class GradientReducer:
         if extra is not None and not any(c for _, _, c in sent):
             extra_total = self._sum(extra)
             mx.async_eval(extra_total)
+        if self.communicate:
+            # note: sync point. Every bucket is dispatched; what follows consumes the sums, so wait for them
+            # here, on the host, and no GPU command buffer waits on a peer (the Metal watchdog).
+            settle([total for _, total, _ in sent] + ([extra_total] if extra_total is not None else []))
         out = {}
         for bucket, total, carries_extra in sent:
             if carries_extra:

@@ -24,11 +24,14 @@ flat bucket itself, with no copy. The padding's gradients are zero, so its
 weights and moments stay zero.
 
 Like the gradient buckets, each bucket's reduce-scatter is dispatched as soon
-as backward has produced its gradients. Where the receives run matters: the
-ring's socket threads spin while a receive waits for data, so on a CPU
-(``stream="default"``) receives go on the compute stream, posted only once
-this rank's own gradients are ready, as ``all_sum`` is there; on a GPU they
-get a stream of their own and overlap with backward.
+as backward has produced its gradients. Where the receives run is the
+placement's choice (``placement.py``): with no stream of their own they go on
+the backend's default stream (on a CPU the compute stream, posted only once
+this rank's own gradients are ready, since the ring's socket threads spin
+while a receive waits; on a Mac the CPU's, apart from the GPU); sends always
+get a stream of their own on the communication device. The additions between
+a receive and the next send run on the receive's stream, and every result is
+waited for on the host before GPU work consumes it (the Metal watchdog).
 """
 
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .buckets import Bucket
+from .placement import settle
 from .world import World, check_agreement, digest
 
 
@@ -93,14 +97,14 @@ def ring_reduce_scatter(world: World, flat: mx.array, bounds, streams) -> mx.arr
         world (World): The group.
         flat (mx.array): This rank's flat bucket (lazy).
         bounds: Each rank's ``(start, stop)`` in ``flat``.
-        streams (tuple): ``(send_stream, recv_stream)``.
+        streams (tuple): ``(send_stream, recv_stream or None, stream of the additions)``.
 
     Returns:
         mx.array: Shard ``rank``, summed; it depends on every send, so
         evaluating it completes this rank's part of the exchange.
     """
     n, r = world.size, world.rank
-    send_stream, recv_stream = streams
+    send_stream, recv_stream, add_stream = streams
     chunks = [flat[start:stop] for start, stop in bounds]
     right, left = (r + 1) % n, (r - 1) % n
     partial, sent = chunks[(r - 1) % n], []
@@ -108,7 +112,7 @@ def ring_reduce_scatter(world: World, flat: mx.array, bounds, streams) -> mx.arr
         sent.append(mx.distributed.send(partial, right, group=world.group, stream=send_stream))
         index = (r - 2 - k) % n
         received = mx.distributed.recv_like(chunks[index], left, group=world.group, stream=recv_stream)
-        partial = received + chunks[index]
+        partial = mx.add(received, chunks[index], stream=add_stream)  # beside the receive: no GPU kernel waits on it
         if k < n - 2:
             # Dispatch this step now. A receive has no inputs, so in one evaluation of the whole
             # chain MLX may queue step 2's receive before step 1's: it would then take the message
@@ -152,16 +156,16 @@ class ShardedReducer:
             :func:`ring_reduce_scatter`), ``"sendrecv"`` or ``"all_sum"`` (an
             ``all_sum`` and a slice: twice the bytes, kept for comparison).
             Default: ``"auto"``.
-        stream (str): Where receives run: ``"default"`` (the compute stream:
-            right for a CPU, see the module docstring) or ``"separate"``.
-            Default: ``"default"``.
+        stream (str): Where receives run, as ``parallel.comm_stream``: ``"auto"``,
+            ``"default"`` (the backend's stream) or ``"separate"`` (see the module
+            docstring). Default: ``"auto"``.
     """
 
     averages = False
     sharded = True
 
     def __init__(self, world: World, plan: ShardPlan, overlap: bool = True, method: str = "auto",
-                 stream: str = "default"):
+                 stream: str = "auto"):
         self.world, self.plan, self.overlap = world, plan, overlap
         self.buckets = list(plan.buckets)
         self.plan_checked = world.size == 1
@@ -170,8 +174,11 @@ class ShardedReducer:
         if method not in ("sum_scatter", "sendrecv", "all_sum"):
             raise ValueError(f"unknown reduce-scatter method {method!r}")
         self.method = method
-        receive = mx.new_stream(mx.cpu) if stream == "separate" else mx.default_stream(mx.default_device())
-        self.streams = (mx.new_stream(mx.cpu), receive) if method == "sendrecv" else None
+        self.streams = None
+        if method == "sendrecv" and world.size > 1:
+            placement = world.placement
+            receive = placement.stream(stream)
+            self.streams = (placement.new_stream(), receive, placement.host_ops(receive))
 
     @property
     def nbytes(self) -> int:
@@ -211,14 +218,22 @@ class ShardedReducer:
             shards.append(shard)
             if on_dispatch is not None:
                 on_dispatch(i, bucket, shard)
+        if self.world.size > 1:
+            settle(shards)  # note: sync point; the update consumes them: wait here, not in a GPU kernel
         return shards
 
     def sum_small(self, values: mx.array) -> mx.array:
-        """Sum a short float32 vector over ranks (lazy), on the compute stream, after the shards."""
+        """Sum a short float32 vector over ranks, after the shards (evaluated: the update reads it)."""
         if self.world.size == 1:
             return values
-        return mx.distributed.all_sum(values, group=self.world.group)
+        total = mx.distributed.all_sum(values, group=self.world.group)
+        settle(total)  # note: sync point (see reduce_scatter)
+        return total
 
     def gather(self, index: int, shard: mx.array) -> mx.array:
-        """Bucket ``index`` whole again (padded), from every rank's updated shard (lazy)."""
+        """Bucket ``index`` whole again (padded), from every rank's updated shard (lazy).
+
+        Call :func:`~trainer.core.parallel.placement.settle` on the result before
+        slicing it on a GPU (``trainer.core.sharded`` does).
+        """
         return all_gather_shards(self.world, shard)

@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from ...env import drop_blank_hostfile, launch_env
 from ...errors import DistributedError
+from .placement import Placement, gpu_kind
 
 
 class _NullMonitor:
@@ -39,6 +40,7 @@ class World:
     rank: int
     size: int
     host: str
+    placement: Placement = Placement(compute="cpu", backend=None)  # where collectives run (init_world sets it)
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +54,7 @@ class World:
     # -- blocking collectives: each is a sync point on every rank ----------------
 
     def all_sum(self, values: list[float], phase: str = "all_sum", watched: bool = True) -> list[float]:
-        """Sum a few floats over ranks, in float64 on the CPU. Blocking.
+        """Sum a few floats over ranks, in float64 (exact for counts), where the backend communicates. Blocking.
 
         ``watched=False`` tells the watchdog that the wait may be long for a good
         reason (a peer doing unbounded work alone); it then only ends the job
@@ -61,7 +63,8 @@ class World:
         if self.size == 1:
             return [float(v) for v in values]
         _monitor.phase(phase, watched=watched)
-        x = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group, stream=mx.cpu)
+        # No stream: the backend's own device (placement.py); float64 is summed on the CPU or as ncclDouble.
+        x = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), group=self.group)
         return [float(v) for v in x.tolist()]  # note: sync point
 
     def waiting(self, phase: str = "sync") -> None:
@@ -78,10 +81,10 @@ class World:
         if self.size == 1:
             return [data]
         _monitor.phase(phase)
-        lengths = mx.distributed.all_gather(mx.array([len(data)], mx.int32), group=self.group, stream=mx.cpu)
+        lengths = mx.distributed.all_gather(mx.array([len(data)], mx.int32), group=self.group)
         width = max(lengths.tolist())
         padded = mx.array(list(data.ljust(width, b"\0")), mx.int32)
-        rows = mx.distributed.all_gather(padded, group=self.group, stream=mx.cpu).reshape(self.size, width)
+        rows = mx.distributed.all_gather(padded, group=self.group).reshape(self.size, width)
         return [bytes(r[:n]) for r, n in zip(rows.tolist(), lengths.tolist())]
 
     def rank0_first(self, fn):
@@ -117,7 +120,31 @@ def init_world(backend: str = "any") -> World:
         group = mx.distributed.init(strict=launched, backend=backend)
     except RuntimeError as e:
         raise DistributedError(f"could not join the distributed group (backend {backend}): {e}") from None
-    return World(group=group, rank=group.rank(), size=group.size(), host=socket.gethostname())
+    chosen = resolve_backend(backend, group.size())
+    return World(group=group, rank=group.rank(), size=group.size(), host=socket.gethostname(),
+                 placement=Placement.detect(chosen))
+
+
+# MLX's order for backend "any" (mlx/distributed/distributed.cpp, init): NCCL where CUDA is, then ring,
+# MPI and JACCL, each taken only when the launcher prepared its environment.
+ANY_ORDER = ("nccl", "ring", "mpi", "jaccl")
+
+
+def resolve_backend(requested: str, size: int) -> str | None:
+    """The backend MLX joined: ``requested``, or for ``any`` the one MLX picks; ``None`` for one process.
+
+    MLX's group does not say which backend it is, so this follows MLX's own
+    choice from the launcher's environment.
+    """
+    if size <= 1:
+        return None
+    if requested != "any":
+        return requested
+    prepared = launch_env().prepared
+    for name in ANY_ORDER:
+        if name in prepared and (name != "nccl" or gpu_kind() == "cuda"):
+            return name
+    return "ring"
 
 
 # ---------------------------------------------------------------------- agreement
@@ -172,7 +199,7 @@ def all_sum_seconds(world: World, nbytes: int, reps: int) -> list[float]:
     for r in range(reps + 1):
         world.barrier()
         start = time.perf_counter()
-        mx.eval(mx.distributed.all_sum(x, group=world.group, stream=mx.cpu))  # note: sync point
+        mx.eval(mx.distributed.all_sum(x, group=world.group))  # note: sync point
         if r:  # the first is a warm-up
             samples.append(time.perf_counter() - start)
     return samples
