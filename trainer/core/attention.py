@@ -19,9 +19,9 @@ concatenated. The result equals the whole-row call up to float rounding
 the score work with n blocks.
 
 Where it applies: mlx-lm model modules import ``scaled_dot_product_attention``
-from ``mlx_lm.models.base`` by name; :func:`use_blocks` replaces that name in
-the modules of the given model (as mlx-lm's own ``grad_checkpoint`` replaces a
-layer class's ``__call__``). The replacement takes over only calls it can do
+from ``mlx_lm.models.base`` by name; :func:`use_blocks` routes the attention
+modules of the given model to this module's version (``trainer.core.routing``:
+the model's own modules, never mlx-lm's module globals). The replacement takes over only calls it can do
 exactly: a causal mask (``"causal"``, or the packed rows' block-diagonal
 causal mask of :class:`~trainer.core.packing.SegmentMask`), as many queries as
 keys, more than one block, no quantized KV cache and no attention sinks.
@@ -33,16 +33,15 @@ enough to be one block, is computed by :func:`trainer.core.fused.attention`
 instead of MLX's call, so that its softmax's exp runs in a fused kernel.
 """
 
-import sys
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import fused as _fused
+from .routing import route
 
 DEFAULT_CPU_BLOCK = 64  # 32 and 128 were within noise of it at 96-512 tokens (docs/RESULTS.md)
-
-_state = {"block": 0, "fused": False, "original": None}
 
 
 def resolve_block(setting) -> int:
@@ -86,28 +85,35 @@ def _causal(mask, cache) -> bool:
     return isinstance(cache, SegmentMask) and isinstance(mask, mx.array)
 
 
-def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
-    """mlx-lm's ``scaled_dot_product_attention``, in query blocks where that is exact (see the module doc)."""
-    original = _state["original"]
-    block, fused = _state["block"], _state["fused"]
-    length = queries.shape[2]
-    blocks = 0 < block < length
-    if (not (blocks or fused) or keys.shape[2] != length or sinks is not None or hasattr(cache, "bits")
-            or not _causal(mask, cache)):
-        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-    if fused:  # the softmax's exp in fused kernels (trainer.core.fused); a single block when blocks are off
-        return _fused.attention(queries, keys, values, scale, mask, block if blocks else length)
-    return blocked_attention(queries, keys, values, scale, mask, block)
+@lru_cache(maxsize=None)
+def attention_in_blocks(block: int, fused: bool):
+    """mlx-lm's ``scaled_dot_product_attention``, in query blocks of ``block`` where that is exact (see the
+    module doc), each block by ``trainer.core.fused.attention`` when ``fused``. One function per setting."""
+    from mlx_lm.models import base
+
+    original = base.scaled_dot_product_attention
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+        length = queries.shape[2]
+        blocks = 0 < block < length
+        if (not (blocks or fused) or keys.shape[2] != length or sinks is not None or hasattr(cache, "bits")
+                or not _causal(mask, cache)):
+            return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+        if fused:  # the softmax's exp in fused kernels (trainer.core.fused); a single block when blocks are off
+            return _fused.attention(queries, keys, values, scale, mask, block if blocks else length)
+        return blocked_attention(queries, keys, values, scale, mask, block)
+
+    return scaled_dot_product_attention
 
 
 def use_blocks(model: nn.Module, block: int, fused: bool = False) -> list[str]:
-    """Route ``model``'s attention through :func:`scaled_dot_product_attention` in blocks of ``block``.
+    """Route ``model``'s attention through :func:`attention_in_blocks` in blocks of ``block``.
 
     ``block`` 0 keeps whole rows. ``fused`` computes each block with
     ``trainer.core.fused.attention`` (the softmax's exp in fused kernels)
-    instead of MLX's attention call. ``block`` 0 without ``fused`` restores
-    mlx-lm's function. The setting is per process (the modules are shared by
-    every model of that type); the compiled step traces with whatever is set
+    instead of MLX's attention call. ``block`` 0 without ``fused`` gives the
+    model mlx-lm's function back. Only this model's modules change
+    (``trainer.core.routing``); a compiled step traces with whatever they call
     when it first runs.
 
     Returns:
@@ -116,17 +122,6 @@ def use_blocks(model: nn.Module, block: int, fused: bool = False) -> list[str]:
     """
     from mlx_lm.models import base
 
-    _state["original"] = base.scaled_dot_product_attention
-    _state["block"] = max(0, int(block))
-    _state["fused"] = bool(fused)
-    on = bool(_state["block"] or _state["fused"])
-    routed = []
-    for name in sorted({type(m).__module__ for _, m in model.named_modules()}):
-        module = sys.modules.get(name)
-        current = getattr(module, "scaled_dot_product_attention", None)
-        if current is base.scaled_dot_product_attention or current is scaled_dot_product_attention:
-            setattr(module, "scaled_dot_product_attention",
-                    scaled_dot_product_attention if on else base.scaled_dot_product_attention)
-            if on:
-                routed.append(name)
-    return routed
+    block = max(0, int(block))
+    on = {"scaled_dot_product_attention": attention_in_blocks(block, bool(fused))} if block or fused else {}
+    return route(model, {"scaled_dot_product_attention": base.scaled_dot_product_attention}, on)

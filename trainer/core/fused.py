@@ -39,8 +39,6 @@ the size of the logits that MLX's ``logsumexp`` does not allocate: on a CPU with
 a large vocabulary, set ``training.fused_exp: false`` if that peak matters.
 """
 
-import sys
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -161,24 +159,19 @@ def attention(queries, keys, values, scale: float, mask, block: int) -> mx.array
 
 
 def use_fused(model: nn.Module, on: bool) -> list[str]:
-    """Route ``model``'s SwiGLU, attention and the loss through this module (``on``), or back.
+    """Route ``model``'s SwiGLU and the trainer's loss through this module (``on``), or back.
 
-    Like ``trainer.core.attention.use_blocks`` (which handles the attention
-    side), the setting is per process and a compiled step keeps what was set
-    when it was traced.
+    ``trainer.core.attention.use_blocks`` handles the attention side. Only this
+    model's modules change (``trainer.core.routing``: never mlx-lm's module
+    globals); the loss choice is this module's own (:func:`enabled`, read by
+    ``trainer.core.step``). A compiled step keeps what was set when it was traced.
 
     Returns:
         list[str]: The mlx-lm model modules whose ``swiglu`` is now :func:`swiglu`.
     """
     from mlx_lm.models import activations
 
+    from .routing import route
+
     _state["on"] = bool(on)
-    routed = []
-    for name in sorted({type(m).__module__ for _, m in model.named_modules()}):
-        module = sys.modules.get(name)
-        current = getattr(module, "swiglu", None)
-        if current is activations.swiglu or current is swiglu:
-            setattr(module, "swiglu", swiglu if on else activations.swiglu)
-            if on:
-                routed.append(name)
-    return routed
+    return route(model, {"swiglu": activations.swiglu}, {"swiglu": swiglu} if on else {})

@@ -14,16 +14,19 @@ from mlx.utils import tree_flatten
 from .config import MethodConfig, ModelConfig
 from .hub import close_match, hub_offline, in_hub_cache, looks_like_hub_id, mistyped_local_path
 from ..errors import ModelError
+from ..library import resolve as resolve_builtin
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def resolve_model_path(path: str) -> str:
-    """Return the path unchanged if usable, else raise a clear error.
+    """The path to load: a local directory, a hub id, or a built-in model's folder; else a clear error.
 
     A local-looking path (``./x``, ``/x``, ``x/y/z``) must exist; an
-    ``org/name`` that does not exist locally is passed to the hub.
+    ``org/name`` that does not exist locally is passed to the hub;
+    ``builtin:NAME`` is the library's (``trainer.library``).
     """
+    path = resolve_builtin(path)
     local = Path(path).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
@@ -124,7 +127,7 @@ def apply_method(model: nn.Module, method: MethodConfig, seed: int) -> None:
 def adapter_config(method: MethodConfig, model_path: str, num_model_layers: int) -> dict:
     """The ``adapter_config.json`` that mlx-lm's ``load_adapters`` reads."""
     num_layers = num_model_layers if method.num_layers == -1 else method.num_layers
-    config = {"fine_tune_type": method.type, "num_layers": num_layers, "model": model_path}
+    config = {"fine_tune_type": method.type, "num_layers": num_layers, "model": resolve_builtin(model_path)}
     if method.type != "full":
         config["lora_parameters"] = lora_parameters(method)
     return config
@@ -168,32 +171,33 @@ def backward_order(model: nn.Module, inputs: mx.array) -> list[str]:
         model (nn.Module): The model with its trainable parameters set.
         inputs (mx.array): A (batch, length) int32 token array.
     """
-    names = {id(m): name for name, m in model.named_modules()}
     first_call: dict[str, int] = {}
-    classes = {type(m) for _, m in model.named_modules()}
-    saved = {}
+    modules = [(name, m, type(m)) for name, m in model.named_modules()]
+    recording: dict[type, type] = {}
 
-    def make_wrapper(original):
-        def wrapper(self, *args, **kwargs):
-            name = names.get(id(self))
-            if name is not None and name not in first_call:
-                first_call[name] = len(first_call)
-            return original(self, *args, **kwargs)
-        return wrapper
+    def recorder(cls: type, name_of) -> type:
+        # A subclass of the module's class that notes the first call of each instance: only this
+        # model's modules change class for the trace, and they get their own back at once.
+        if cls not in recording:
+            def __call__(self, *args, **kwargs):
+                name = name_of(self)
+                if name not in first_call:
+                    first_call[name] = len(first_call)
+                return cls.__call__(self, *args, **kwargs)
 
-    for cls in classes:
-        saved[cls] = cls.__dict__.get("__call__")
-        cls.__call__ = make_wrapper(cls.__call__)
+            recording[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+        return recording[cls]
+
+    names = {id(m): name for name, m, _ in modules}
     was_training = model.training
     model.eval()  # no dropout: tracing must not consume random numbers
     try:
+        for _, module, cls in modules:
+            module.__class__ = recorder(cls, lambda m: names[id(m)])
         model(inputs)
     finally:
-        for cls, original in saved.items():
-            if original is None:
-                del cls.__call__
-            else:
-                cls.__call__ = original
+        for _, module, cls in modules:
+            module.__class__ = cls
         model.train(was_training)
 
     trainable = list(trainable_parameters(model))
