@@ -3,7 +3,7 @@
 Why this exists: the Linux ``mlx[cpu]`` wheel links a single-threaded reference
 BLAS, so fp32 matmul runs at about 5 GFLOP/s, while the OpenBLAS that numpy
 already ships reaches about 85 GFLOP/s on one core of the same machine
-(../shared/PLATFORM.md). MLX resolves ``cblas_sgemm`` dynamically, so a tiny
+(docs/PLATFORM.md). MLX resolves ``cblas_sgemm`` dynamically, so a tiny
 shim that forwards it to numpy's OpenBLAS and is loaded ``RTLD_GLOBAL`` before
 ``mlx.core`` makes every fp32 matmul use OpenBLAS. Nothing else changes.
 
@@ -170,11 +170,15 @@ def threads_per_rank(local_ranks: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
 
 
-def maybe_enable(local_ranks: int = 1) -> None:
-    """Enable the shim when ``MLX_DP_BLAS=openblas``; otherwise do nothing.
+def maybe_enable(local_ranks: int = 1) -> str | None:
+    """Enable the shim when ``MLX_DP_BLAS=openblas``; returns a line to print when it did, else ``None``.
 
     Args:
         local_ranks (int): Ranks sharing this machine (see :func:`threads_per_rank`). Default: ``1``.
     """
     if requested() and not _state["active"]:
-        enable(threads=threads_per_rank(local_ranks))
+        threads = threads_per_rank(local_ranks)
+        enable(threads=threads)
+        return (f"{ENV_VAR}=openblas: MLX's fp32 CPU matmuls go to numpy's OpenBLAS ({threads} thread(s) per rank), "
+                "checked against MLX's own at start")
+    return None

@@ -22,10 +22,13 @@ How: a ``g++`` wrapper that appends the flags goes first on ``PATH`` (MLX runs
 ``g++`` through the shell), and ``TMPDIR`` points at a kernel cache of its own,
 so that kernels built without the flags (MLX's default ``/tmp/mlx``) are never
 loaded in their place. Python's own temporary files stay where they were.
+Both are changes to the whole process and its children, which a library must
+not make unasked, so this is opt-in and said at start.
 
-``MLX_DP_JIT``: ``auto`` (default) uses it on Linux x86-64 when the CPU has
-AVX2, FMA and F16C and ``g++`` is installed; ``mlx`` leaves MLX's command as it is.
-Benchmarks give mlx_lm.lora the same setting (``trainer.bench_rank``).
+``MLX_DP_JIT``: ``mlx`` (default) leaves MLX's compiler as it is; ``avx2`` uses
+the flags on Linux x86-64 when the CPU has AVX2, FMA and F16C and ``g++`` is
+installed (and refuses in one sentence where it cannot). The lab's benchmarks
+give mlx_lm.lora the same setting (``lab.rank``).
 """
 
 import os
@@ -50,11 +53,16 @@ class FastJitError(UserError):
 
 
 def requested() -> bool:
-    """False when ``MLX_DP_JIT=mlx``; raises on a value that is neither."""
-    value = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if value not in ("auto", "mlx", ""):
-        raise FastJitError(f"{ENV_VAR}={value!r} is not one of 'auto' or 'mlx'")
-    return value != "mlx"
+    """True when ``MLX_DP_JIT=avx2``; raises on a value that is neither ``mlx`` nor ``avx2``."""
+    value = os.environ.get(ENV_VAR, "mlx").strip().lower()
+    if value not in ("avx2", "mlx", ""):
+        raise FastJitError(f"{ENV_VAR}={value!r} is not one of 'mlx' (the default) or 'avx2'")
+    return value == "avx2"
+
+
+def active_setting() -> str:
+    """What compiles MLX's fused kernels in a process started with this environment: ``avx2`` or ``mlx``."""
+    return "avx2" if requested() and why_not() is None else "mlx"
 
 
 def active() -> str:
@@ -153,15 +161,18 @@ def _check_against_mlx() -> None:
 
 
 def maybe_enable() -> str | None:
-    """Enable when asked and possible; returns why not when ``auto`` could not (``None`` otherwise)."""
+    """Enable when asked (``MLX_DP_JIT=avx2``); returns a line to print when it did, else ``None``.
+
+    Raises:
+        FastJitError: It was asked for where it cannot work (the reason in one sentence).
+    """
     if _state["active"] or not requested():
         return None
-    reason = why_not()
-    if reason:
-        return reason
     enable()
-    return None
+    return (f"{ENV_VAR}=avx2: MLX's fused kernels are compiled with {' '.join(FLAGS)} (this process's PATH starts "
+            f"with a g++ wrapper and its TMPDIR is {os.environ['TMPDIR']})")
 
 
-if __name__ == "__main__":  # python -m trainer.tools.fastjit: what this machine gets
-    print(why_not() or f"MLX's fused kernels are compiled with {' '.join(FLAGS)} here", file=sys.stdout)
+if __name__ == "__main__":  # python -m trainer.tools.fastjit: what this machine would get
+    print(why_not() or f"with {ENV_VAR}=avx2, MLX's fused kernels are compiled with {' '.join(FLAGS)} here",
+          file=sys.stdout)

@@ -14,11 +14,14 @@ MAX_ERROR_CHARS = 1000
 
 
 def prepare_runtime() -> None:
-    """Things that must happen before mlx.core is imported."""
+    """Things that must happen before mlx.core is imported: the opt-in Linux CPU speed-ups, said on rank 0."""
     from . import fastblas, fastjit
 
-    fastblas.maybe_enable(local_ranks=launch_env().local_ranks())
-    fastjit.maybe_enable()
+    env = launch_env()
+    notes = [fastblas.maybe_enable(local_ranks=env.local_ranks()), fastjit.maybe_enable()]
+    for note in filter(None, notes):
+        if env.rank == 0:
+            print(f"[mlx-dp] {note}", flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
