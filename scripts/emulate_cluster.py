@@ -7,21 +7,18 @@
     sudo .venv/bin/python scripts/emulate_cluster.py --cleanup-stale
 
 Each rank runs inside its own namespace with MLX_RANK and MLX_HOSTFILE added to this
-process's environment; its output is relayed with a ``[rank]`` prefix. If any rank fails
-the others are stopped, and the exit status is the first failing rank's. Everything the
-run made is removed when it ends, also on Ctrl-C and SIGTERM. See ``trainer/netem.py``.
+process's environment, started by mlx-dp's launcher code; its output is relayed with a
+``[rank]`` prefix. If any rank fails the others are stopped, and the exit status is the
+failing rank's. Everything the run made is removed when it ends, also on Ctrl-C and SIGTERM.
+See ``scripts/lab/netem.py``.
 """
 
 import argparse
-import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer.cluster.cpulimit import CpuLimitError, parse_slow  # noqa: E402
-from trainer.cluster.netem import (PRESETS, EmulatedCluster, NetemError,  # noqa: E402
-                           check_permitted, cleanup_stale, exit_status)
+from lab.cpulimit import CpuLimitError, parse_slow  # noqa: E402
+from lab.netem import PRESETS, EmulatedCluster, NetemError, check_permitted, cleanup_stale  # noqa: E402
 
 
 def parse_args(argv):
@@ -84,13 +81,10 @@ def main(argv=None) -> int:
               f"{cluster.prefix}r*, link {cluster.link.describe()}{delay_note}",
               file=sys.stderr, flush=True)
         try:
-            codes = cluster.run(args.command, timeout=args.timeout, slow=slow)
+            return cluster.run(args.command, timeout=args.timeout, slow=slow)
         except CpuLimitError as e:
             print(f"emulate_cluster: {e}", file=sys.stderr)
             return 2
-    if any(codes):
-        print(f"emulate_cluster: exit codes by rank {codes}", file=sys.stderr)
-    return exit_status(codes)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The default is Qwen3-0.6B's real layer shape (hidden 1024, 16 heads of 128,
 8 kv heads, MLP 3072, qk-norm) with 8 layers and the tiny tokenizer's
 vocabulary: 126.9M parameters, 484 MiB of fp32 gradients. The same model
-`mlx-dp bench comm` builds and caches.
+`python scripts/lab bench comm` builds and caches.
 
     .venv/bin/python scripts/make_bench_model.py                # prints the path
     M=$(.venv/bin/python scripts/make_bench_model.py)
@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from trainer.bench.comm import build_bench_model
+from lab.bench.comm import build_bench_model
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Write a text dataset of chosen token lengths from the tiny world's corpus (see trainer/tools/textsets.py).
+"""Write a text dataset of chosen token lengths from the tiny world's corpus (see scripts/lab/textsets.py).
 
     .venv/bin/python scripts/make_text_set.py --out /tmp/text256 --lengths fixed --mean 256
     .venv/bin/python scripts/make_text_set.py --out /tmp/varlen --lengths lognormal --mean 150 --max 1024
@@ -7,7 +7,7 @@
 import argparse
 import json
 
-from trainer.tools.textsets import make_text_set
+from lab.textsets import make_text_set
 
 
 def main() -> None:

@@ -1,42 +1,23 @@
-"""Benchmarks: ``mlx-dp bench comm`` (gradient communication),
-``mlx-dp bench scaling`` (tokens/s against one machine) and
-``mlx-dp bench memory`` (memory per rank, optimizer state sharded or not) and
-``mlx-dp bench profile`` (where the time of one update goes, in-process) and
-``mlx-dp bench attention`` (the step with attention in query blocks, per row width).
+"""``mlx-dp bench scaling``: how much faster N ranks train a recipe than one (tokens/s, side by side).
 
-Each prints a table and writes JSON. They launch their own ranks, so they
-are run in one process: ``mlx-dp bench comm -n 2``.
+The lab's other benchmarks (gradient communication, memory, profiles, attention)
+live in the repository's ``scripts/lab`` and are not part of the package.
 """
 
 import sys
 
-USAGE = "usage: mlx-dp bench {comm,scaling,memory,profile,attention} ..."
+USAGE = "usage: mlx-dp bench scaling RECIPE -n N [options] [section.key=value ...]"
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + __doc__)
+        print(USAGE + "\n\n" + __doc__ + "\nmlx-dp bench scaling --help lists the options.")
         return 0 if argv else 2
     kind, rest = argv[0], argv[1:]
-    if kind == "comm":
-        from .comm import main as comm_main
-
-        return comm_main(rest)
     if kind == "scaling":
         from .scaling import main as scaling_main
 
         return scaling_main(rest)
-    if kind == "memory":
-        from .memory import main as memory_main
-
-        return memory_main(rest)
-    if kind == "profile":
-        from .profile import main as profile_main
-
-        return profile_main(rest)
-    if kind == "attention":
-        from .attention import main as attention_main
-
-        return attention_main(rest)
-    print(f"{USAGE}\nmlx-dp bench: unknown benchmark {kind!r}", file=sys.stderr)
+    print(f"{USAGE}\nmlx-dp bench: unknown benchmark {kind!r} (the others are the repository's lab: "
+          "python scripts/lab bench --help)", file=sys.stderr)
     return 2

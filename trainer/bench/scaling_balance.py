@@ -1,7 +1,7 @@
 """``mlx-dp bench scaling --balance off,auto``: the N-rank throughput of each ``parallel.balance`` setting.
 
-A mixed desk cluster (emulated here with ``--slow 1=0.5``: rank 1 capped at
-half a core) is where ``parallel.balance: auto`` earns its keep: with an even
+A mixed desk cluster (the lab emulates one with ``--slow 1=0.5``: rank 1
+capped at half a core) is where ``parallel.balance: auto`` earns its keep: with an even
 split every update waits for the slow rank. Each setting trains the same
 recipe at N ranks once per round, in turn, so drift hits them alike; each
 ratio against the first setting is taken within a round and reported as the
@@ -51,7 +51,7 @@ def summarize_balance(plan: Plan, measured: dict) -> list[dict]:
                 f"vs_{first}": ratios["median"], f"vs_{first}_range": [ratios["min"], ratios["max"]],
                 f"vs_{first}_per_round": [_ratio(runs[(setting, r)]["tokens_per_s"],
                                                  runs[(first, r)]["tokens_per_s"]) for r in kept]})
-        blocks.append({"launcher": launcher, "world_size": plan.world_size, "slow": plan.slow,
+        blocks.append({"launcher": launcher, "world_size": plan.world_size, "slow": plan.hook("slow") or {},
                        "rounds_used": [r + 1 for r in kept], "rounds_left_out": [r + 1 for r in complete
                                                                                  if r not in kept],
                        "note": note, "settings": settings})
@@ -67,7 +67,7 @@ def format_balance(blocks: list[dict]) -> str:
     lines = []
     for b in blocks:
         first = b["settings"][0]["balance"]
-        slow = ", ".join(f"rank {r} at {s:g} of a core" for r, s in sorted(b["slow"].items())) or "equal ranks"
+        slow = ", ".join(f"rank {r} at {s:g} of a core" for r, s in sorted(b["slow"].items())) or "as they are"
         lines += [f"\nparallel.balance at {b['world_size']} ranks under {b['launcher']} ({slow}), "
                   f"median of {len(b['rounds_used'])} round(s)"
                   + (f", round(s) {b['rounds_left_out']} left out (other load)" if b["rounds_left_out"] else "")

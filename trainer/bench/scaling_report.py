@@ -1,5 +1,5 @@
-"""The numbers of ``mlx-dp bench scaling``: step statistics, scaling ratios,
-the comparison with mlx-lm and the printed table (the chart is in ``scaling_chart``).
+"""The numbers of ``mlx-dp bench scaling``: step statistics, scaling ratios
+and the printed table (the chart is in ``scaling_chart``).
 
 Everything here is pure (files in, dicts and text out; nothing is launched),
 so the maths is unit-tested on synthetic numbers. Definitions, for N ranks
@@ -9,8 +9,6 @@ with the per-rank batch fixed (N ranks do N times the work of one per step):
   (rank 0's, which includes waiting for peers);
 * speedup: tokens/s(N) / tokens/s(1), both launched the same way;
 * scaling efficiency: tokens/s(N) / (N x tokens/s(1));
-* exposed communication share: (t_N - t_N_skip) / t_N on median step times,
-  where t_N_skip comes from a run whose reducer skips every all_sum;
 * rank spread: the median over steps of (slowest - fastest rank's step time);
 * launcher CPU: the launcher process's own CPU time over wall time while its
   ranks ran, in cores (its threads, not the ranks);
@@ -71,17 +69,6 @@ def scaling_efficiency(tokens_per_s: float | None, base_tokens_per_s: float | No
     return None if ratio is None else ratio / world_size
 
 
-def exposed_comm_share(step_median_s: float | None, skip_step_median_s: float | None) -> float | None:
-    """(t_N - t_N_skip) / t_N: the share of a step spent on communication nothing hid.
-
-    Noise can make it slightly negative when communication is almost free; it is
-    reported as measured, not clamped.
-    """
-    if not step_median_s or skip_step_median_s is None:
-        return None
-    return (step_median_s - skip_step_median_s) / step_median_s
-
-
 def rank_spread(step_times_by_rank: dict[int, dict[int, float]]) -> float | None:
     """Median over steps of (slowest rank - fastest rank), using steps every rank recorded.
 
@@ -107,35 +94,6 @@ def step_stats(step_times: list[float], tokens: list[float]) -> dict:
         "step_time_p90_s": p90(step_times) if step_times else None,
         "tokens_per_step_mean": sum(tokens) / len(tokens) if tokens else None,
         "steps_measured": len(step_times),
-    }
-
-
-def mlx_lm_window(reports: list[dict], warmup: int, steps: int) -> dict:
-    """Update times of an mlx_lm.lora run from its per-update reports.
-
-    ``reports`` hold, per optimizer update u (1-based, in order), the wall time
-    ``time`` at which mlx-lm reported it and its own ``tokens_per_second``,
-    ``iterations_per_second``, ``trained_tokens`` and ``train_loss``. Update u
-    took ``time[u] - time[u-1]``: from the end of one report to the next, like
-    our trainer's step time (batch building included). mlx-lm validates inside
-    its last update, so the window is updates warmup+1 .. warmup+steps-1.
-    """
-    by_update = {i + 1: r for i, r in enumerate(reports)}
-    window = [u for u in range(warmup + 1, warmup + steps) if u in by_update and u - 1 in by_update]
-    times = [by_update[u]["time"] - by_update[u - 1]["time"] for u in window]
-    own_tokens = [by_update[u]["trained_tokens"] - by_update[u - 1]["trained_tokens"] for u in window]
-    own_time = [n / by_update[u]["tokens_per_second"] for n, u in zip(own_tokens, window)]
-    last = reports[-1] if reports else {}
-    return {
-        "step_time_median_s": median(times) if times else None,
-        "step_time_p90_s": p90(times) if times else None,
-        "updates_per_s": 1 / median(times) if times else None,
-        "steps_measured": len(times),
-        "self_reported_tokens_per_s": throughput(own_tokens, own_time),
-        "self_reported_updates_per_s": median([by_update[u]["iterations_per_second"] for u in window])
-        if window else None,
-        "final_train_loss": last.get("train_loss"),
-        "peak_memory_gb": last.get("peak_memory"),
     }
 
 
@@ -200,39 +158,10 @@ def machine_info() -> dict:
             "mlx_lm": installed("mlx-lm"), "mlx_dp": __version__}
 
 
-def comparison(world_size: int, updates: int, launcher: str, ours: dict, theirs: dict) -> dict:
-    """mlx-dp against mlx_lm.lora at N ranks under one launcher.
-
-    Both process the same sequences per update, so the fair speed ratio is updates per
-    second (ours / theirs): the tokens/s ratio under one token definition. Also given
-    against mlx-lm's own timer, which leaves out building each batch (and, in the first
-    epoch, tokenizing its samples: mlx-lm tokenizes lazily).
-
-    Args:
-        world_size (int): N.
-        updates (int): Optimizer updates each run made.
-        launcher (str): How both were launched.
-        ours (dict): :func:`measure_ours` of our run at N.
-        theirs (dict): :func:`mlx_lm_window` of mlx-lm's run at N.
-    """
-    ours_rate = 1 / ours["step_time_median_s"]
-    theirs_rate, theirs_own = theirs["updates_per_s"], theirs["self_reported_updates_per_s"]
-    theirs = {**theirs, "tokens_per_s_our_definition":
-              theirs_rate * ours["tokens_per_step_mean"] if theirs_rate else None}
-    return {"world_size": world_size, "launcher": launcher, "global_batch": ours["global_batch"],
-            "updates": updates,
-            "ours": {"updates_per_s": ours_rate, "step_time_median_s": ours["step_time_median_s"],
-                     "self_reported_tokens_per_s": ours["tokens_per_s"], "final_train_loss": ours["final_train_loss"],
-                     "steps_measured": ours["steps_measured"]},
-            "mlx_lm": theirs,
-            "tokens_per_s_ratio": ours_rate / theirs_rate if theirs_rate else None,
-            "tokens_per_s_ratio_vs_its_own_timer": ours_rate / theirs_own if theirs_own else None}
-
-
 # ---------------------------------------------------------------------------- the table
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
+def fmt(value, spec: str, suffix: str = "") -> str:
     """``value`` formatted by ``spec`` plus ``suffix``, or a dash of the same width."""
     if value is None:
         width = spec.split(".")[0]
@@ -240,11 +169,11 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
-def _pct(value, digits: int = 0) -> str:
+def pct(value, digits: int = 0) -> str:
     return "-" if value is None else f"{value * 100:.{digits}f}%"
 
 
-def _range(values, spec: str = ".0f", scale: float = 1.0, suffix: str = "") -> str:
+def fmt_range(values, spec: str = ".0f", scale: float = 1.0, suffix: str = "") -> str:
     low, high = values if values else (None, None)
     if low is None or high is None:
         return ""
@@ -269,59 +198,32 @@ def format_table(doc: dict) -> str:
              f"{s['grad_accumulation']} accumulation, {doc['steps']} measured updates (+{doc['warmup']} warm-up) "
              f"per run, {doc['rounds']} round(s), BLAS {doc['blas']}{threads}, link {doc['link']}",
              f"{'launcher':13s} {'ranks':>5s} {'tok/s':>7s} {'(min-max)':13s} {'median step':>11s} "
-             f"{'speedup':>7s} {'effic.':>7s} {'(min-max)':11s} {'exposed comm':>12s} {'effic. no comm':>14s} "
+             f"{'speedup':>7s} {'effic.':>7s} {'(min-max)':11s} "
              f"{'rank spread':>11s} {'peak mem/rank':>13s} {'launcher CPU':>12s} {'others':>6s}"]
     for r in doc["results"]:
         mem = max((m for m in r["peak_memory_gb_per_rank"] if m is not None), default=None)
         valid = r.get("valid", True)
-        speed = _fmt(r["speedup"], "6.2f", "x") if valid else "invalid"
-        eff = _pct(r["scaling_efficiency"]) if valid else "invalid"
-        eff_range = _range(r.get("scaling_efficiency_range"), ".0f", 100, "%") if valid else ""
+        speed = fmt(r["speedup"], "6.2f", "x") if valid else "invalid"
+        eff = pct(r["scaling_efficiency"]) if valid else "invalid"
+        eff_range = fmt_range(r.get("scaling_efficiency_range"), ".0f", 100, "%") if valid else ""
         lines.append(
-            f"{r['launcher']:13s} {r['world_size']:5d} {_fmt(r['tokens_per_s'], '7.0f')} "
-            f"{_range(r.get('tokens_per_s_range')):13s} {_fmt(r['step_time_median_s'], '10.3f', 's')} "
-            f"{speed:>7s} {eff:>7s} {eff_range:11s} {_pct(r['exposed_comm_share']):>12s} "
-            f"{_pct(r['scaling_efficiency_comm_skipped']):>14s} "
-            f"{_fmt(None if r['rank_spread_s'] is None else r['rank_spread_s'] * 1e3, '8.1f', ' ms'):>11s} "
-            f"{_fmt(mem, '10.3f', ' GB'):>13s} {_pct(r.get('launcher_cpu'), 1):>12s} "
-            f"{_pct(r.get('other_cpu')):>6s}")
+            f"{r['launcher']:13s} {r['world_size']:5d} {fmt(r['tokens_per_s'], '7.0f')} "
+            f"{fmt_range(r.get('tokens_per_s_range')):13s} {fmt(r['step_time_median_s'], '10.3f', 's')} "
+            f"{speed:>7s} {eff:>7s} {eff_range:11s} "
+            f"{fmt(None if r['rank_spread_s'] is None else r['rank_spread_s'] * 1e3, '8.1f', ' ms'):>11s} "
+            f"{fmt(mem, '10.3f', ' GB'):>13s} {pct(r.get('launcher_cpu'), 1):>12s} "
+            f"{pct(r.get('other_cpu')):>6s}")
     lines.append("tok/s: global loss tokens per second of wall time, median over rounds (min-max); effic.: "
-                 "tok/s(N) / (N x tok/s(1)) within each round, same launcher; exposed comm: (t_N - t_N with no "
-                 "all_sum) / t_N on median steps; rank spread: median over steps of slowest - fastest rank; "
+                 "tok/s(N) / (N x tok/s(1)) within each round, same launcher; "
+                 "rank spread: median over steps of slowest - fastest rank; "
                  "launcher CPU: the launcher process's own CPU time over wall time while its ranks ran "
                  "(100% = one core); others: CPU that other processes on this machine took meanwhile")
     cpu = doc.get("launcher_cpu") or {}
     if cpu:
         lines.append("launcher CPU while ranks trained (median over rounds): " + "; ".join(
-            f"{launcher} " + ", ".join(f"{_pct(v['median_cores'], 1)} of a core at {n} rank(s)"
+            f"{launcher} " + ", ".join(f"{pct(v['median_cores'], 1)} of a core at {n} rank(s)"
                                        for n, v in sizes.items()) for launcher, sizes in cpu.items()))
-    if doc.get("vs_mlx_lm"):
-        lines.append(format_vs_mlx_lm(doc["vs_mlx_lm"]))
+    lines += doc.get("extra_tables", [])  # what the plan's extensions added
     for note in doc.get("notes", []):
         lines.append(f"note: {note}")
-    return "\n".join(lines)
-
-
-def format_vs_mlx_lm(comparisons: list[dict]) -> str:
-    """The mlx_lm.lora comparison: one block per launcher."""
-    lines = []
-    for c in comparisons:
-        ours, theirs = c["ours"], c["mlx_lm"]
-        lines += [f"\nvs mlx_lm.lora at {c['world_size']} ranks, both under {c['launcher']}, global batch "
-                  f"{c['global_batch']}, {c['updates']} updates each, median of {c.get('rounds', 1)} round(s):",
-                  f"{'':12s} {'updates/s':>9s} {'median update':>13s} {'own tok/s':>9s} "
-                  f"{'final train loss (own)':>22s} {'valid loss (mlx-dp eval)':>24s}"]
-        for name, side in (("mlx-dp", ours), ("mlx_lm.lora", theirs)):
-            lines.append(f"{name:12s} {_fmt(side['updates_per_s'], '9.2f')} "
-                         f"{_fmt(side['step_time_median_s'], '12.3f', 's')} "
-                         f"{_fmt(side['self_reported_tokens_per_s'], '9.0f')} "
-                         f"{_fmt(side['final_train_loss'], '22.4f')} {_fmt(side.get('valid_loss'), '24.4f')}")
-        lines.append(f"speed ratio (mlx-dp / mlx_lm.lora updates per second = tokens/s under one token "
-                     f"definition): {_fmt(c['tokens_per_s_ratio'], '.2f', 'x')} "
-                     f"{_range(c.get('tokens_per_s_ratio_range'), '.2f', 1, 'x')} of wall time "
-                     f"({_fmt(c['tokens_per_s_ratio_vs_its_own_timer'], '.2f', 'x')} against mlx-lm's own "
-                     "step timer, which leaves out batch building and lazy tokenization)")
-    lines.append("own tok/s is each tool's self-report: mlx-lm also scores the pad after each sample's EOS (one "
-                 "extra target per sample) and times only the step; its train loss includes that target too, "
-                 "so compare losses in the valid column")
     return "\n".join(lines)

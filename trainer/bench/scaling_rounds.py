@@ -54,12 +54,17 @@ def baseline_outliers(rates: dict[int, float]) -> dict[int, str]:
     return found
 
 
+def round_kinds(plan: Plan) -> set:
+    """Kinds of run whose figures a round's ratios use: ours, and those the extensions name."""
+    return {"ours", *[kind for extension in plan.extensions for kind in getattr(extension, "round_kinds", ())]}
+
+
 def disturbed_rounds(plan: Plan, launcher: str, rounds: list[int], measured: dict) -> dict[int, str]:
     """Rounds in which other processes took more than ``DISTURBED`` cores during one of our runs."""
-    found = {}
+    found, kinds = {}, round_kinds(plan)
     for i in rounds:
         loads = [measured[run]["other_cpu"] for run in measured
-                 if run.round == i and run.launcher == launcher and run.kind in ("ours", "skip")
+                 if run.round == i and run.launcher == launcher and run.kind in kinds
                  and measured[run].get("other_cpu") is not None]
         if loads and max(loads) > DISTURBED:
             found[i] = f"round {i + 1}: other processes took {max(loads):.1f} cores during it"
@@ -76,17 +81,14 @@ def _per_round(plan: Plan, launcher: str, n: int, round_index: int, measured: di
     base = measured.get(Run("ours", 1, launcher, round_index))
     if ours is None or base is None:
         return None
-    skipped = measured.get(Run("skip", n, launcher, round_index)) if n > 1 else None
     speedup = _ratio(ours["tokens_per_s"], base["tokens_per_s"])
-    step, skip_step = ours["step_time_median_s"], (skipped or {}).get("step_time_median_s")
-    return {"round": round_index + 1, "tokens_per_s": ours["tokens_per_s"], "step_time_median_s": step,
-            "speedup": speedup, "scaling_efficiency": None if speedup is None else speedup / n,
-            "exposed_comm_share": (step - skip_step) / step if step and skip_step is not None else None,
-            "scaling_efficiency_comm_skipped": None if not skipped else
-            (_ratio(skipped["tokens_per_s"], base["tokens_per_s"]) or 0) / n,
-            "skipped_tokens_per_s": (skipped or {}).get("tokens_per_s"),
-            "skipped_step_time_median_s": skip_step,
-            "launcher_cpu": ours.get("launcher_cpu"), "other_cpu": _load(ours, base, skipped)}
+    row = {"round": round_index + 1, "tokens_per_s": ours["tokens_per_s"],
+           "step_time_median_s": ours["step_time_median_s"], "speedup": speedup,
+           "scaling_efficiency": None if speedup is None else speedup / n,
+           "launcher_cpu": ours.get("launcher_cpu"), "other_cpu": _load(ours, base)}
+    for extension in plan.extensions:  # e.g. the lab's figures against a run with communication skipped
+        row.update(getattr(extension, "per_round", lambda *a: {})(plan, launcher, n, round_index, measured))
+    return row
 
 
 def _load(*runs) -> float | None:
@@ -115,10 +117,6 @@ def _row(plan: Plan, launcher: str, n: int, kept: list[int], measured: dict, exc
            "step_time_p90_s": spread([r["step_time_p90_s"] for r in runs])["median"],
            "speedup": speed["median"], "speedup_range": [speed["min"], speed["max"]],
            "scaling_efficiency": eff["median"], "scaling_efficiency_range": [eff["min"], eff["max"]],
-           "exposed_comm_share": mid("exposed_comm_share"),
-           "scaling_efficiency_comm_skipped": mid("scaling_efficiency_comm_skipped"),
-           "comm_skipped": None if n == 1 else {"tokens_per_s": mid("skipped_tokens_per_s"),
-                                                "step_time_median_s": mid("skipped_step_time_median_s")},
            "rank_spread_s": spread([r["rank_spread_s"] for r in runs])["median"],
            "peak_memory_gb_per_rank": peaks, "launcher_cpu": mid("launcher_cpu"),
            "launcher_cpu_range": [spread([r["launcher_cpu"] for r in rounds])[k] for k in ("min", "max")],
@@ -126,6 +124,8 @@ def _row(plan: Plan, launcher: str, n: int, kept: list[int], measured: dict, exc
            "tokens_per_step_mean": last["tokens_per_step_mean"], "steps_measured": last["steps_measured"],
            "final_train_loss": last["final_train_loss"], "global_batch": last["global_batch"],
            "per_round": rounds, "excluded_rounds": list(excluded.values()), "valid": True, "invalid_reason": None}
+    for extension in plan.extensions:  # medians of what the extensions added to each round
+        row.update(getattr(extension, "row", lambda *a: {})(plan, n, rounds, mid))
     return row
 
 

@@ -1,11 +1,12 @@
 """Launching the runs of ``mlx-dp bench scaling``, measuring the launcher, and measuring ours.
 
-:func:`launch_ranks` starts one command on N ranks under ``mlx-dp launch`` or
-stock ``mlx.launch`` (``-n N`` on loopback, ``--hostfile`` on a real cluster),
-each as a process of its own whose CPU time is sampled from the system while
-the ranks run, so each launcher's own cost is reported next to the throughput
-it allowed. Behind an emulated link, N ranks run in network namespaces
-instead. Output goes to a log file, whose tail is shown when a run fails
+:func:`launch_ranks` starts one command on N ranks under ``mlx-dp launch``
+(``-n N`` on loopback, ``--hostfile`` on a real cluster) as a process of its
+own, whose CPU time is sampled from the system while the ranks run, so the
+launcher's own cost is reported next to the throughput it allowed; so is the
+CPU other processes took meanwhile (a round next to other load is left out).
+An extension of the plan may launch another way (``Plan.hook("launch")``).
+Output goes to a log file, whose tail is shown when a run fails
 (:func:`show_failure`). :func:`run_ours` trains the recipe that way and reads
 its metrics back through ``scaling_report``.
 """
@@ -20,11 +21,9 @@ import time
 from pathlib import Path
 
 from . import scaling_report as report
-from ..cluster.ports import free_port_block
-from .scaling_plan import BenchError, Plan, Run, RunFailed, bench_overrides
+from .scaling_plan import Plan, Run, RunFailed, bench_overrides
 
 TAIL_LINES = 25
-NO_DELAY_NOTE = "this kernel has no netem qdisc: the emulated links had their rate but not their delay"
 CPU_SKIP_S = 2.0  # the launcher's own start-up (imports) is not what is measured
 CPU_EVERY_S = 0.5
 
@@ -36,60 +35,39 @@ def launch_ranks(plan: Plan, run: Run, command: list[str], env: dict, log_base: 
     """Start ``command`` on ``run.world_size`` ranks as ``run`` says and wait for them.
 
     Args:
-        plan (Plan): Timeout, hostfile and link.
+        plan (Plan): Timeout and hostfile (and extensions that may launch instead).
         run (Run): World size and launcher.
         command (list[str]): What every rank runs.
         env (dict): Extra environment for every rank.
-        log_base (Path): Output goes to ``<log_base>.log`` (``<log_base>.rank<r>.log`` behind an emulated link).
+        log_base (Path): Output goes to ``<log_base>.log``.
 
     Returns:
-        tuple: The launcher's exit status (mlx.launch can return 0 when a rank failed: the caller
-        checks what the run wrote as well), and the CPU measurements of :func:`wait_measuring_cpu`
+        tuple: The launcher's exit status, and the CPU measurements of :func:`wait_measuring_cpu`
         (``None`` values where they could not be measured).
     """
-    if plan.link is not None and run.world_size > 1:
-        from ..cluster.netem import EmulatedCluster, exit_status
+    taken = plan.hook("launch", run, command, env, log_base)
+    if taken is not None:
+        return taken
+    return launch_process(launcher_argv(plan, run.world_size, env) + ["--", *command], log_base, plan.timeout)
 
-        with EmulatedCluster(run.world_size, **plan.link_args) as cluster:
-            code = exit_status(cluster.run(_logged(command, log_base), env=env, timeout=plan.timeout,
-                                           slow=plan.slow))
-            if cluster.delay_emulated is False and NO_DELAY_NOTE not in plan.notes:
-                plan.notes.append(NO_DELAY_NOTE)
-            return code, {"launcher_cpu": None, "other_cpu": None}
-    argv = launcher_argv(plan, run.launcher, run.world_size, env) + ["--", *command]
+
+def launch_process(argv: list[str], log_base: Path, timeout: float) -> tuple[int, dict]:
+    """Run a launcher's command line with output to ``<log_base>.log``, measuring its CPU (see above)."""
     with open(f"{log_base}.log", "w") as out:
-        # stdin: mlx.launch makes its stdin non-blocking, which would also change our terminal's.
         # A session of its own, so a timeout or Ctrl-C can stop the launcher and what it started.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        return wait_measuring_cpu(proc, plan.timeout)
+        return wait_measuring_cpu(proc, timeout)
 
 
-def launcher_argv(plan: Plan, launcher: str, n: int, env: dict) -> list[str]:
-    """The launcher's command line up to ``--``: where the ranks go and their environment."""
+def launcher_argv(plan: Plan, n: int, env: dict) -> list[str]:
+    """``mlx-dp launch``'s command line up to ``--``: where the ranks go and their environment.
+
+    A local launch picks free ports itself (other jobs may hold the default one).
+    """
     env_args = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
-    if launcher == "mlx.launch":
-        exe = [str(Path(sys.executable).parent / "mlx.launch")]
-        if plan.hostfile and n > 1:
-            where = ["--hostfile", plan.hostfile]
-        else:  # a free port block: other jobs on this machine may hold mlx.launch's default 32323
-            port = free_port_block(n)
-            if port is None:
-                raise BenchError(f"found no {n} consecutive free TCP ports on loopback for mlx.launch")
-            where = ["-n", str(n), "--starting-port", str(port)]
-    else:  # mlx-dp launch picks free ports itself for a local launch
-        exe = [sys.executable, "-m", "trainer", "launch", "--prefix-output"]
-        slow = {rank: share for rank, share in plan.slow.items() if rank < n}
-        if slow:
-            exe += ["--slow", ",".join(f"{rank}={share}" for rank, share in slow.items())]
-        where = ["--hostfile", plan.hostfile] if plan.hostfile and n > 1 else ["-n", str(n)]
-    return [*exe, *where, *env_args]
-
-
-def _logged(command: list[str], log_base: Path) -> list[str]:
-    # The emulated cluster lets ranks write to our terminal; this wrapper sends each
-    # rank's output to its own file instead (MLX_RANK is set by then).
-    return ["/bin/sh", "-c", 'exec "$@" >"$0.rank$MLX_RANK.log" 2>&1', str(log_base), *command]
+    where = ["--hostfile", plan.hostfile] if plan.hostfile and n > 1 else ["-n", str(n)]
+    return [sys.executable, "-m", "trainer", "launch", "--prefix-output", *where, *env_args]
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -207,16 +185,25 @@ def show_failure(run_label: str, code: int, log_base: Path) -> None:
 # ---------------------------------------------------------------------------- our trainer
 
 
-def run_ours(plan: Plan, run: Run, run_dir: Path) -> dict:
-    """Train the recipe at ``run.world_size`` ranks into ``run_dir``; measure the updates after warm-up."""
+def run_ours(plan: Plan, run: Run, run_dir: Path, entry: list[str] | None = None,
+             env: dict | None = None) -> dict:
+    """Train the recipe at ``run.world_size`` ranks into ``run_dir``; measure the updates after warm-up.
+
+    Args:
+        plan (Plan): The benchmark.
+        run (Run): Which run.
+        run_dir (Path): Its ``checkpoint.dir``.
+        entry (list[str] | None): The program each rank runs before ``train RECIPE ...``.
+            Default: ``None`` (``python -m trainer``: the trainer as users run it).
+        env (dict | None): More environment for every rank. Default: ``None``.
+    """
     from ..tools.fastblas import THREADS_ENV
 
-    switches = ["--no-reduce"] if run.kind == "skip" else []
     # balance runs also time each rank's compute under every setting, to report it side by side
     balance = [] if run.balance is None else [f"parallel.balance={run.balance}", "logging.compute_timings=true"]
-    command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-dp", *switches, "--", "train", plan.recipe,
-               *plan.overrides, *balance, *bench_overrides(plan, run_dir)]
-    env = {"PYTHONUNBUFFERED": "1"}
+    entry = entry or [sys.executable, "-u", "-m", "trainer"]
+    command = [*entry, "train", plan.recipe, *plan.overrides, *balance, *bench_overrides(plan, run_dir)]
+    env = {"PYTHONUNBUFFERED": "1", **(env or {})}
     if plan.blas_threads:  # the same at every world size (scaling_plan.blas_threads)
         env[THREADS_ENV] = str(plan.blas_threads)
     run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 from ..env import LAUNCHER_VAR
 from . import mlx_launcher
-from .cpulimit import CpuLimitError, CpuLimits, parse_slow
 from .ports import free_port_block
 
 PROG = "mlx-dp launch"
@@ -74,9 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     own = p.add_argument_group("mlx-dp's own")
     own.add_argument("--prefix-output", action="store_true", help="start every output line with [rank]")
     own.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds (status 124)")
-    own.add_argument("--slow", default=None, metavar="RANK=SHARE[,...]",
-                     help="emulate a slower Mac: cap local ranks at a share of one core, e.g. 1=0.5 "
-                     "(a cgroup v1 CPU quota; root, Linux)")
     own.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                      help=f"seconds from SIGTERM to SIGKILL when ranks are stopped (default {DEFAULT_GRACE_S:g})")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- program [args...]")
@@ -95,26 +91,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
         parser.error("--timeout must be positive")
     if args.grace < 0:
         parser.error("--grace must be 0 or more seconds")
-    try:
-        args.slow = parse_slow(args.slow)
-    except CpuLimitError as e:
-        parser.error(str(e))
     return parser, args, command
 
 
-def main(argv: list[str], output=None) -> int:
+def main(argv: list[str], output=None, on_start=None) -> int:
     """``mlx-dp launch ...``; returns the exit status.
 
     Args:
         argv (list[str]): The arguments after ``mlx-dp launch``.
         output (trainer.cluster.relay.Output | None): Where ranks' output goes.
             Default: ``None`` (this process's stdout and stderr).
+        on_start (Callable[[RankSpec, int], None] | None): Called with each rank's spec and
+            the pid of its process as it starts (the lab caps a rank's CPU there).
+            Default: ``None``.
     """
     parser, args, command = parse_args(argv)
     missing = mlx_launcher.missing_internals()
     if missing:
-        if args.slow:
-            parser.error(f"--slow needs the MLX launcher internals mlx-dp reuses ({', '.join(missing)})")
+        if on_start is not None:
+            parser.error(f"this needs the MLX launcher internals mlx-dp reuses ({', '.join(missing)})")
         return run_stock(args, command, missing)
     from mlx._distributed_utils.common import Hostfile
 
@@ -134,18 +129,10 @@ def main(argv: list[str], output=None) -> int:
     from .relay import Output
     from .supervisor import Supervisor
 
-    remote = sorted(s.rank for s in specs if s.rank in args.slow and not s.is_local)
-    if remote or max(args.slow, default=-1) >= len(specs):
-        parser.error(f"--slow caps ranks on this machine only; rank {(remote or [max(args.slow)])[0]} "
-                     + ("runs on another host" if remote else f"does not exist in a {len(specs)}-rank job"))
     output = output or Output(prefix=args.prefix_output)
     try:
-        with CpuLimits(args.slow) as limits:
-            return Supervisor(specs, output, timeout=args.timeout, grace_s=args.grace, verbose=args.verbose,
-                              on_start=limits.add).run()
-    except CpuLimitError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return Supervisor(specs, output, timeout=args.timeout, grace_s=args.grace, verbose=args.verbose,
+                          on_start=on_start).run()
     except OSError as e:  # e.g. no ssh on this machine; every rank started so far has been killed
         print(f"{PROG}: error: could not start the ranks: {e}", file=sys.stderr, flush=True)
         return 127
@@ -220,7 +207,7 @@ def run_stock(args: argparse.Namespace, command: list[str], missing: list[str]) 
 
 
 def launch(command: list[str], n: int, env: dict | None = None, timeout: float | None = None,
-           prefix: bool = False, grace_s: float = DEFAULT_GRACE_S, output=None, slow: str | None = None) -> int:
+           prefix: bool = False, grace_s: float = DEFAULT_GRACE_S, output=None, on_start=None) -> int:
     """Run ``command`` as ``n`` local ranks through ``mlx-dp launch``; returns the exit status.
 
     Args:
@@ -231,16 +218,16 @@ def launch(command: list[str], n: int, env: dict | None = None, timeout: float |
         prefix (bool): Prefix output lines with the rank. Default: ``False``.
         grace_s (float): From SIGTERM to SIGKILL. Default: ``30``.
         output (trainer.cluster.relay.Output | None): Where output goes. Default: this process's.
-        slow (str | None): ``--slow``, e.g. ``"1=0.5"``. Default: ``None``.
+        on_start (callable | None): See :func:`main`. Default: ``None``.
     """
-    argv = ["-n", str(n), "--grace", str(grace_s)] + (["--slow", slow] if slow else [])
+    argv = ["-n", str(n), "--grace", str(grace_s)]
     for key, value in (env or {}).items():
         argv += ["--env", f"{key}={value}"]
     if timeout is not None:
         argv += ["--timeout", str(timeout)]
     if prefix:
         argv.append("--prefix-output")
-    return main([*argv, "--", *command], output=output)
+    return main([*argv, "--", *command], output=output, on_start=on_start)
 
 
 if __name__ == "__main__":

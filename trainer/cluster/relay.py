@@ -5,7 +5,7 @@ Why mlx-dp relays output itself instead of using ``mlx.launch``'s relay
 per-rank threads calls ``select()`` with the child's stdin pipe in the write
 set, and a pipe is always writable, so ``select`` returns at once and the loop
 never sleeps. On the 2-core machine this was written on, that cost about 1.4
-cores while ranks trained (../shared/PLATFORM.md): two ranks ran at 43% of their
+cores while ranks trained (docs/PLATFORM.md): two ranks ran at 43% of their
 speed. On a desk cluster the same cost falls on the Mac you launch from, which
 also runs rank 0. ``mlx.launch`` also exits 0 when a rank fails, and makes the
 terminal's stdin non-blocking.

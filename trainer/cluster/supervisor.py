@@ -57,8 +57,8 @@ class Supervisor:
         timeout (float | None): Stop every rank after this many seconds. Default: ``None``.
         grace_s (float): From SIGTERM to SIGKILL. Default: ``30``.
         verbose (bool): Also say when each rank completes. Default: ``False``.
-        on_start (Callable[[int, int], None] | None): Called with (rank, pid) as each rank's
-            process starts, e.g. ``CpuLimits.add``. Default: ``None``.
+        on_start (Callable[[RankSpec, int], None] | None): Called with each rank's spec and
+            the pid of its process as it starts. Default: ``None``.
     """
 
     def __init__(self, specs: list[RankSpec], output: Output, timeout: float | None = None,
@@ -82,7 +82,7 @@ class Supervisor:
             for spec in self.specs:  # every fork before any thread starts (see relay._die_with_parent)
                 self.ranks.append(Rank(spec, self.output, self.events))
                 if self.on_start is not None:
-                    self.on_start(spec.rank, self.ranks[-1].proc.pid)
+                    self.on_start(spec, self.ranks[-1].proc.pid)
             for rank in self.ranks:
                 rank.start_threads()
             threading.Thread(target=forward_stdin, args=(self.ranks,), daemon=True, name="stdin").start()

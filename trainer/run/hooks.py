@@ -7,6 +7,7 @@ never asks whether a fault is wanted.
 """
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 class Hooks:
@@ -35,10 +36,13 @@ class RunOptions:
 
     Attributes:
         hooks: Seams for tests. Default: no-op :class:`Hooks`.
-        communicate: ``False`` makes the reducer skip every ``all_sum``: the
-            compute-only baseline of ``mlx-dp bench scaling`` (ranks then
-            train apart, so this is never training). Default: ``True``.
+        reducer: ``make(world, buckets, parallel_config) -> reducer`` that
+            replaces the gradient reducer, as PyTorch's DDP communication hooks
+            do: an object the caller passes (the lab's benchmarks pass
+            baselines that do not reduce). It must offer ``reduce``,
+            ``check_plan``, ``nbytes``, ``world`` and ``averages`` like
+            :class:`trainer.core.parallel.GradientReducer`. Default: ``None``.
     """
 
     hooks: Hooks = field(default_factory=Hooks)
-    communicate: bool = True
+    reducer: Callable | None = None

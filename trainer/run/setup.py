@@ -141,7 +141,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
         "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable_parameters(model).items()]),
         "trainable values": _weights_digest(model),
     })
-    reducer = _build_reducer(cfg, world, model, splits["train"], options.communicate)
+    reducer = _build_reducer(cfg, world, model, splits["train"], options.reducer)
     if t.grad_checkpoint:
         enable_grad_checkpoint(model)
     fns = _step_functions(cfg, model, optimizer, reducer, saved_optimizer)
@@ -236,8 +236,12 @@ def _step_functions(cfg: Config, model, optimizer, reducer, saved_optimizer: dic
     return fns
 
 
-def _build_reducer(cfg: Config, world: World, model, train, communicate: bool):
-    """Buckets in the order backward produces gradients, identical on every rank (checked here)."""
+def _build_reducer(cfg: Config, world: World, model, train, make_reducer=None):
+    """Buckets in the order backward produces gradients, identical on every rank (checked here).
+
+    ``make_reducer(world, buckets, parallel_config)`` replaces the reducer
+    (``RunOptions.reducer``: the benchmarks' baselines).
+    """
     p = cfg.parallel
     sample = next(iter(BatchStream(train, 1, 0, 1, cfg.training.seed, cfg.data.pad_multiple)))
     order = backward_order(model, mx.array(sample.inputs))
@@ -245,17 +249,16 @@ def _build_reducer(cfg: Config, world: World, model, train, communicate: bool):
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
                            int(p.bucket_mb * MiB), int(p.first_bucket_mb * MiB),
                            getattr(mx, p.comm_dtype) if p.comm_dtype else None)
-    if p.shard_optimizer and communicate:  # (ranks training apart have nothing to share)
+    if make_reducer is not None:
+        reducer = make_reducer(world, buckets, p)
+    elif p.shard_optimizer:
         reducer = ShardedReducer(world, ShardPlan.make(buckets, world.size), overlap=p.overlap,
                                  stream=p.comm_stream)
     else:
-        reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=p.comm_stream, communicate=communicate)
+        reducer = GradientReducer(world, buckets, overlap=p.overlap, stream=p.comm_stream)
     if world.size > 1:
         reducer.check_plan()
-        if not communicate:
-            world.print0("[mlx-dp] WARNING: gradients are not reduced, ranks train apart "
-                         "(a benchmark baseline, not training)")
-        how = "reduce-scattered" if p.shard_optimizer and communicate else "reduced"
+        how = "reduce-scattered" if getattr(reducer, "sharded", False) else "reduced"
         stream = "a stream of their own" if world.placement.resolve(p.comm_stream) == "separate" else \
             "the backend's stream"
         world.print0(f"[mlx-dp] gradients: {format_bytes(reducer.nbytes)} in {len(buckets)} bucket(s), {how} "

@@ -3,7 +3,7 @@
 ``mlx-dp recipes memory [RECIPE ...]`` prints, for each recipe and N = 1, 2
 and 4 ranks, the memory one rank needs with the optimizer state whole or
 sharded (``parallel.shard_optimizer``), and whether that fits a 16, 32 or
-64 GB Mac. The model is the recipe's real architecture (``data/archs``),
+64 GB Mac. The model is the recipe's real architecture (the library's ``data/archs``),
 built lazily (nothing is computed or downloaded), with the recipe's method
 applied, so weight, adapter and optimizer bytes are counted exactly:
 
@@ -58,24 +58,25 @@ def model_bytes(cfg) -> tuple[int, int, dict]:
     from mlx.utils import tree_flatten
 
     from ..core.model import apply_method
-    from . import synth
+    from ..library import resolve
+    from . import archs
 
-    local = Path(cfg.model.path) / "config.json"
+    local = Path(resolve(cfg.model.path)) / "config.json"
     if local.is_file():  # a model on disk: its own config
         config = json.loads(local.read_text())
         quantized = "quantization" in config
-    else:  # a hub id: the real config recorded in data/archs
-        arch, quantized = synth.arch_for_model_path(cfg.model.path)
-        config = synth.load_arch(arch)
+    else:  # a hub id: the real config recorded in the library's data/archs
+        arch, quantized = archs.arch_for_model_path(cfg.model.path)
+        config = archs.load_arch(arch)
     stored = cfg.model.dtype or config.get("torch_dtype") or "bfloat16"
-    model = synth.build_model(config, dtype=stored)
+    model = archs.build_model(config, dtype=stored)
     if quantized:
         q = config.get("quantization") or {}
         nn.quantize(model, group_size=q.get("group_size", 64), bits=q.get("bits", 4))
     apply_method(model, cfg.method, cfg.training.seed)
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    return weights, trainable, synth._text_config(config)
+    return weights, trainable, archs.text_config(config)
 
 
 def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
@@ -130,3 +131,30 @@ def table(recipes: list) -> str:
             fits.append(", ".join(ok) if ok else "no")
         lines.append(f"| `{recipe_name(path)}` | {cells} | " + " | ".join(fits) + " |")
     return "\n".join(lines)
+
+
+HEADER = "# Memory"
+
+
+def header_line(path) -> str:
+    """A recipe's ``# Memory`` header line: :func:`estimate` at one rank, the worst case, said as such.
+
+    The recipe headers hold exactly this line (``tests/test_memory_plan.py``), so
+    the figures a user reads in a recipe are the ones ``mlx-dp recipes memory`` prints.
+    """
+    from ..core.config import load_config
+    from ..core.metrics import format_bytes
+
+    cfg = load_config(path)
+    sizes = model_bytes(cfg)
+    one = estimate(cfg, 1, False, sizes)
+    fits = next((mac for mac in MACS_GB if one.fits(mac)), None)
+    sharded = next((mac for mac in MACS_GB if estimate(cfg, max(WORLD_SIZES), True, sizes).fits(mac)), None)
+    where = f"fits a {fits} GB Mac" if fits else (
+        f"at {max(WORLD_SIZES)} ranks with parallel.shard_optimizer, a {sharded} GB Mac" if sharded else
+        f"over {int(USABLE * MACS_GB[-1])} GB: lower batch_size or max_seq_length")
+    b, s = cfg.training.batch_size, cfg.data.max_seq_length
+    return (f"{HEADER} (mlx-dp recipes memory; worst case, every row {s} tokens at batch {b}): "
+            f"{format_bytes(one.total - one.activations)} weights, gradients and optimizer state + "
+            f"{format_bytes(one.activations)} activations per rank; {where}.")
+

@@ -6,7 +6,7 @@
   same order.
 * ``buckets``: gradient buckets and their ``all_sum``s, filled in the order
   backward produces gradients and each dispatched as soon as its gradients
-  exist (:class:`GradientReducer`), plus the benchmarks' baselines.
+  exist (:class:`GradientReducer`).
 * ``placement``: where each collective runs on a CPU, Metal or CUDA, and the
   host waits that keep a Mac's GPU from waiting on a peer (the one place that
   names a device for a collective).
@@ -18,7 +18,6 @@ It depends only on MLX, the standard library and ``trainer.env`` (what the
 launcher set).
 """
 
-from .buckets import (MiB, AverageGradientsReducer, Bucket, GradientReducer, PassThroughReducer,  # noqa: F401
-                      plan_buckets, plan_digest)
+from .buckets import MiB, Bucket, GradientReducer, plan_buckets, plan_digest  # noqa: F401
 from .placement import Placement, settle  # noqa: F401
-from .world import World, all_sum_seconds, check_agreement, digest, init_world, resolve_backend, set_monitor  # noqa: F401
+from .world import World, check_agreement, digest, init_world, resolve_backend, set_monitor  # noqa: F401

@@ -2,15 +2,12 @@
 
 :class:`GradientReducer` fills buckets in the order backward produces
 gradients and dispatches each bucket's ``all_sum`` as soon as its gradients
-exist (see the class docstring). The benchmarks' baselines have the same
-interface: :class:`PassThroughReducer` (no reduction) and
-:class:`AverageGradientsReducer` (``mlx.nn.average_gradients``).
+exist (see the class docstring).
 """
 
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .placement import settle
 from .world import World, check_agreement, digest
@@ -119,20 +116,15 @@ class GradientReducer:
         buckets (list[Bucket]): From :func:`plan_buckets`.
         overlap (bool): See above. Default: ``True``.
         stream (str): ``parallel.comm_stream``: ``"auto"``, ``"separate"`` or ``"default"``. Default: ``"auto"``.
-        communicate (bool): ``False`` buckets and unbuckets locally without
-            any ``all_sum``: the compute-only baseline of the benchmarks
-            (ranks then train apart). Default: ``True``.
     """
 
     averages = False  # returns sums over ranks (see run_update's loss scale)
 
-    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "auto",
-                 communicate: bool = True):
+    def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "auto"):
         self.world = world
         self.buckets = buckets
         self.overlap = overlap
-        self.communicate = communicate
-        self.plan_checked = not communicate or world.size == 1
+        self.plan_checked = world.size == 1
         if stream not in ("auto", "separate", "default"):
             raise ValueError(f"stream must be 'auto', 'separate' or 'default', not {stream!r}")
         self.stream = world.placement.stream(stream) if world.size > 1 else None
@@ -147,8 +139,6 @@ class GradientReducer:
         self.plan_checked = True
 
     def _sum(self, x: "mx.array") -> "mx.array":
-        if not self.communicate:
-            return x
         return mx.distributed.all_sum(x, group=self.world.group, stream=self.stream)
 
     def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
@@ -189,10 +179,9 @@ class GradientReducer:
         if extra is not None and not any(c for _, _, c in sent):
             extra_total = self._sum(extra)
             mx.async_eval(extra_total)
-        if self.communicate:
-            # note: sync point. Every bucket is dispatched; what follows consumes the sums, so wait for them
-            # here, on the host, and no GPU command buffer waits on a peer (the Metal watchdog).
-            settle([total for _, total, _ in sent] + ([extra_total] if extra_total is not None else []))
+        # note: sync point. Every bucket is dispatched; what follows consumes the sums, so wait for them
+        # here, on the host, and no GPU command buffer waits on a peer (the Metal watchdog).
+        settle([total for _, total, _ in sent] + ([extra_total] if extra_total is not None else []))
         out = {}
         for bucket, total, carries_extra in sent:
             if carries_extra:
@@ -206,44 +195,3 @@ class GradientReducer:
             for name, shape, dtype, part in zip(bucket.names, bucket.shapes, bucket.dtypes, parts):
                 out[name] = part.reshape(shape).astype(dtype)
         return out, extra_total
-
-
-class PassThroughReducer:
-    """No reduction at all: gradients as backward returns them (a benchmark's compute-only baseline)."""
-
-    averages = False
-
-    def __init__(self, world: World):
-        self.world = world
-
-    def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
-        return grads, extra
-
-
-class AverageGradientsReducer:
-    """``mlx.nn.average_gradients`` behind the reducer interface: the baseline of ``bench comm``.
-
-    It averages rather than sums (``averages = True``: ``run_update`` then
-    scales the loss by the world size, so the update is the same), and it
-    reduces in parameter order inside the step's graph, after backward.
-
-    Args:
-        world (World): The group.
-    """
-
-    averages = True
-
-    def __init__(self, world: World):
-        self.world = world
-
-    def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None):
-        from mlx.nn import average_gradients
-
-        if self.world.size == 1:
-            return grads, extra
-        # it returns a nested tree (it unflattens dotted names): flatten it back like the other reducers
-        averaged = dict(tree_flatten(average_gradients(grads, group=self.world.group)))
-        total = None if extra is None else mx.distributed.all_sum(extra, group=self.world.group)
-        return averaged, total
-
-

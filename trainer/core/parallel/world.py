@@ -184,22 +184,3 @@ def check_agreement(world: World, items: dict[str, str]) -> None:
     if problems:
         raise DistributedError("ranks disagree before training: " + "; ".join(problems)
                                + ". A stale checkout or a different dataset on one machine is the usual cause.")
-
-
-def all_sum_seconds(world: World, nbytes: int, reps: int) -> list[float]:
-    """Wall times of ``reps`` blocking ``all_sum``s of ``nbytes`` of float32 (after one warm-up).
-
-    For bandwidth sweeps (``bench comm``); every rank must call it.
-    """
-    import time
-
-    x = mx.ones((nbytes // 4,), mx.float32)
-    mx.eval(x)
-    samples = []
-    for r in range(reps + 1):
-        world.barrier()
-        start = time.perf_counter()
-        mx.eval(mx.distributed.all_sum(x, group=world.group))  # note: sync point
-        if r:  # the first is a warm-up
-            samples.append(time.perf_counter() - start)
-    return samples

@@ -1,4 +1,4 @@
-"""``mlx-dp bench scaling --epoch``: one epoch at N ranks, loss tokens per second, side by side.
+"""The lab's ``bench scaling --epoch``: one epoch at N ranks, loss tokens per second, side by side.
 
 On variable-length data a fixed window of updates says little: how many
 shapes compile, how full the batches are and how long the epoch's longest
@@ -11,7 +11,7 @@ validation and saving left out):
 * mlx-dp with each ``--variant`` (e.g. ``data.packing=true``);
 * with ``--vs-mlx-lm``, mlx_lm.lora for ``floor(samples / global batch)``
   iterations, its one epoch. ``--mlx-lm-sort tokens`` repairs its length sort
-  first (``trainer.bench_rank.repair_length_sort``, mlx-lm PR #1029); the
+  first (``lab.rank.repair_length_sort``, mlx-lm PR #1029); the
   result says which sort ran. Its time runs from the end of its first
   validation (before its first update) to its last report, less its last
   validation (inside its last iteration).
@@ -28,10 +28,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import scaling_report as report
-from .scaling_plan import BenchError, Plan, Run, bench_overrides, blas_threads
-from .scaling_rounds import spread
-from .scaling_runs import launch_ranks, show_failure
+from trainer.bench import scaling_report as report
+from trainer.bench.scaling_plan import BenchError, Plan, Run, bench_overrides, blas_threads
+from trainer.bench.scaling_rounds import spread
+from trainer.bench.scaling_runs import launch_ranks, show_failure
+
+from lab import pythonpath
 
 
 def check_epoch_plan(plan: Plan) -> None:
@@ -45,7 +47,9 @@ def check_epoch_plan(plan: Plan) -> None:
 
 def train_rows(plan: Plan) -> int:
     """Rows of the training file (mlx_lm.lora's sample count: it truncates and drops nothing)."""
-    path = Path(plan.cfg.data.path) / "train.jsonl"
+    from trainer.library import resolve
+
+    path = Path(resolve(plan.cfg.data.path)) / "train.jsonl"
     return sum(1 for line in path.open() if line.strip())
 
 
@@ -62,11 +66,11 @@ def epoch_schedule(plan: Plan, round_index: int) -> list[Run]:
 
 def run_ours_epoch(plan: Plan, run: Run, run_dir: Path) -> dict:
     """One epoch of mlx-dp (or a variant); its loss tokens and the wall time of its updates."""
-    from ..tools.fastblas import THREADS_ENV
+    from trainer.tools.fastblas import THREADS_ENV
 
     extra = plan.variants[int(run.kind[len("variant"):])].split() if run.kind.startswith("variant") else []
-    command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-dp", "--", "train", plan.recipe,
-               *plan.overrides, *extra, *bench_overrides(plan, run_dir)]
+    command = [sys.executable, "-u", "-m", "trainer", "train", plan.recipe,
+               *plan.overrides, *extra, *bench_overrides(plan, run_dir, epoch=True)]
     env = {"PYTHONUNBUFFERED": "1"}
     if plan.blas_threads:
         env[THREADS_ENV] = str(plan.blas_threads)
@@ -96,9 +100,9 @@ def run_mlx_lm_epoch(plan: Plan, run: Run, work: Path) -> dict:
     config_path.write_text(yaml.safe_dump(mlx_lm_config(plan.cfg, updates)))
     reports, adapters = base / "reports.jsonl", base / "adapters"
     sort = ["--sort-by-tokens"] if plan.mlx_lm_sort == "tokens" else []
-    command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-lm", str(reports), *sort, "--",
+    command = [sys.executable, "-u", "-m", "lab.rank", "mlx-lm", str(reports), *sort, "--",
                *mlx_lm_args(plan.cfg, run.world_size, updates, config_path, adapters)]
-    env = {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath()}
     if plan.shim:
         env.update(LD_PRELOAD=plan.shim, OPENBLAS_NUM_THREADS=str(blas_threads(plan, run.world_size) or 1))
     log_base = base / "log"
@@ -154,7 +158,7 @@ def summarize_epochs(plan: Plan, measured: dict) -> dict:
 
 def run_epochs(plan: Plan, work: Path, progress) -> dict:
     """Every round of the epoch comparison; returns the JSON document."""
-    from .scaling_report import machine_info
+    from trainer.bench.scaling_report import machine_info
 
     measured = {}
     for round_index in range(plan.rounds):

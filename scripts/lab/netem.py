@@ -6,14 +6,14 @@ real TCP between distinct IPs, like Macs on a switch or a Thunderbolt bridge.
 ``tc`` shapes both ends of every veth (traffic out of a rank and traffic into
 it), so each rank's link has the chosen rate in each direction.
 
-    from trainer.cluster.netem import EmulatedCluster
+    from lab.netem import EmulatedCluster
     with EmulatedCluster(n=2, preset="10gbe") as cluster:
-        codes = cluster.run([sys.executable, "bench.py"], timeout=120)
+        status = cluster.run([sys.executable, "bench.py"], timeout=120)
 
-CLI: ``sudo .venv/bin/python scripts/emulate_cluster.py -n 2 --link 10gbe --
-python -u bench.py``. Everything here needs root and iproute2 (``ip``, ``tc``);
-``check_permitted()`` says whether this process has them. Only the standard
-library is used, so the CLI also runs under a system python.
+Ranks are started by mlx-dp's own launcher code (``trainer.cluster.supervisor``)
+inside the namespaces. CLI: ``sudo .venv/bin/python scripts/emulate_cluster.py
+-n 2 --link 10gbe -- python -u bench.py``. Everything here needs root and
+iproute2 (``ip``, ``tc``); ``check_permitted()`` says whether this process has them.
 
 Shaping: the rate is a tbf qdisc on the egress of each veth end; tbf counts
 Ethernet frames, so TCP payload gets about 95% of it at MTU 1500. The delay is a
@@ -29,10 +29,8 @@ a run killed with SIGKILL can be found and removed by ``cleanup_stale()``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import queue
 import re
 import shutil
 import signal
@@ -40,7 +38,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
+from dataclasses import dataclass
+
+from trainer.cluster.mlx_launcher import LOCAL_HOST as LOCAL
+from trainer.cluster.mlx_launcher import RankSpec
+
 from .cpulimit import CpuLimits
 from .netem_links import (DEFAULT_PORT, PRESETS, LinkSpec, NetemError, launch_hostfile,  # noqa: F401
                           link_spec, parse_delay, parse_rate, ring_hostfile)
@@ -142,12 +144,15 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
-def exit_status(codes: list[int]) -> int:
-    """One process exit status for per-rank codes: the first positive code in rank order,
-    else 128 + s for the first rank killed by signal s (as a shell reports it), else 0.
-    Positive codes win because a signal death is usually this module stopping a rank."""
-    failed = [code for code in codes if code > 0] or [128 - code for code in codes if code < 0]
-    return failed[0] if failed else 0
+@dataclass(frozen=True)
+class NamespaceRank(RankSpec):
+    """A rank of mlx-dp's launcher (``trainer.cluster.mlx_launcher.RankSpec``) run inside a network namespace."""
+
+    namespace: str = ""
+    ip: str = "ip"
+
+    def argv(self) -> list[str]:
+        return [self.ip, "netns", "exec", self.namespace, "/bin/bash", "-c", self.script()]
 
 
 class EmulatedCluster:
@@ -275,85 +280,42 @@ class EmulatedCluster:
                 "rate", f"{int(self.link.rate_bps)}bit", "burst", str(burst),
                 "limit", str(limit))
 
-    def run(self, command: list[str], env: dict[str, str] | None = None,
-            timeout: float | None = None, stdout=None, stderr=None,
-            slow: dict[int, float] | None = None) -> list[int]:
-        """Runs ``command`` once per rank, each in its namespace; returns per-rank codes.
+    def run(self, command: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
+            output=None, slow: dict[int, float] | None = None, grace_s: float = STOP_GRACE_S) -> int:
+        """Runs ``command`` once per rank, each in its namespace; returns the job's exit status.
 
-        Each rank inherits this process's environment plus ``env`` plus ``MLX_RANK`` and
-        ``MLX_HOSTFILE`` (nothing else: a lean launch). Output lines are relayed with a
-        ``[rank] `` prefix as they arrive; Python ranks should run with ``-u``.
-        When one rank fails, the others get SIGTERM (SIGKILL 3 s later).
+        The ranks are started, watched and stopped by mlx-dp's own launcher code
+        (``trainer.cluster.supervisor``), as ``mlx-dp launch`` starts them: each
+        gets MLX's launch script with ``MLX_RANK``, ``MLX_HOSTFILE`` (the
+        namespaces' addresses) and ``env``, inside ``ip netns exec``. When one
+        rank fails the others are stopped and its status is the job's.
 
         Args:
             command: argv to run; the same on every rank.
             env: extra environment variables (default ``None``).
-            timeout: seconds before all ranks are stopped and reported as 124
-                (default ``None``: no limit).
-            stdout, stderr: text streams for the relayed lines (default ``sys.stdout``
-                and ``sys.stderr`` at call time).
-            slow: rank -> share of one core, to emulate slower Macs (``cluster.cpulimit``;
+            timeout: seconds before every rank is stopped, status 124 (default ``None``: no limit).
+            output: a ``trainer.cluster.relay.Output`` (default: this process's stdout and
+                stderr, each line prefixed with its rank).
+            slow: rank -> share of one core, to emulate slower Macs (``lab.cpulimit``;
                 default ``None``: every rank unlimited).
+            grace_s: from SIGTERM to SIGKILL when ranks are stopped (default 3 s).
 
         Returns:
-            Exit codes by rank: 0 success, negative -s for death by signal s,
-            124 for ranks stopped by the timeout.
+            int: 0, the first failing rank's status (128 + N for a death by signal N), or 124.
         """
+        from trainer.cluster.relay import Output
+        from trainer.cluster.supervisor import Supervisor
+
         if self.hostfile_path is None:
             raise NetemError("EmulatedCluster.run() needs the cluster entered with `with` first")
-        streams = (stdout or sys.stdout, stderr or sys.stderr)
-        done: queue.Queue = queue.Queue()
-        procs, relays, lock = [], [], threading.Lock()
-        limits = CpuLimits(slow or {}).__enter__()  # CpuLimitError before anything starts
-        try:
-            # Start every rank before any relay thread, so no thread of ours is mid-call
-            # when a child forks and runs _die_with_parent.
-            for rank, space in enumerate(self.namespaces):
-                rank_env = {**os.environ, **(env or {}), "MLX_RANK": str(rank),
-                            "MLX_HOSTFILE": self.hostfile_path}
-                procs.append(subprocess.Popen(
-                    [_tool("ip"), "netns", "exec", space, *command], env=rank_env,
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True,  # our signals reach the whole rank, Ctrl-C only us
-                    preexec_fn=_die_with_parent))
-                limits.add(rank, procs[-1].pid)  # ip netns exec execs the command: same process
-            for rank, proc in enumerate(procs):
-                for pipe, stream in zip((proc.stdout, proc.stderr), streams):
-                    relays.append(threading.Thread(
-                        target=_relay, args=(pipe, stream, f"[{rank}] ", lock), daemon=True))
-                    relays[-1].start()
-                threading.Thread(target=lambda r=rank, p=proc: done.put((r, p.wait())),
-                                 daemon=True).start()
-            return self._wait(procs, done, timeout, streams[1])
-        finally:
-            _stop(procs)
-            for relay in relays:
-                relay.join(timeout=STOP_GRACE_S)
-            limits.close()
-
-    def _wait(self, procs, done, timeout, err) -> list[int]:
-        codes: list[int | None] = [None] * len(procs)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while None in codes:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                rank, code = done.get(timeout=left)  # blocks; Ctrl-C still interrupts it
-            except queue.Empty:
-                late = [rank for rank, code in enumerate(codes) if code is None]
-                print(f"emulate_cluster: ranks {late} still running after the {timeout:g} s "
-                      "timeout; stopping them", file=err, flush=True)
-                _stop(procs)
-                return [124 if code is None else code for code in codes]
-            codes[rank] = code
-            if code == 0:
-                continue
-            running = None in codes
-            print(f"emulate_cluster: rank {rank} exited with status {code}" +
-                  ("; stopping the other ranks" if running else ""), file=err, flush=True)
-            if running:
-                for stopped, stopped_code in _stop(procs).items():
-                    codes[stopped] = stopped_code
-        return codes
+        ring = json.dumps(ring_hostfile(self.ips, self.port))
+        extra = tuple(f"{key}={value}" for key, value in (env or {}).items())
+        specs = [NamespaceRank(rank=rank, host=LOCAL, python=None, cwd=None, files={"MLX_HOSTFILE": ring},
+                               env=extra, command=tuple(command), namespace=space, ip=_tool("ip"))
+                 for rank, space in enumerate(self.namespaces)]
+        with CpuLimits(slow or {}) as limits:  # CpuLimitError before anything starts
+            return Supervisor(specs, output or Output(prefix=True), timeout=timeout, grace_s=grace_s,
+                              on_start=lambda spec, pid: limits.add(spec.rank, pid)).run()
 
     def close(self) -> None:
         """Removes everything this cluster made; safe to call twice. Blocks Ctrl-C and
@@ -377,46 +339,3 @@ class EmulatedCluster:
             self.workdir = self.hostfile_path = self.launch_hostfile_path = None
             if main:  # a signal that came meanwhile is delivered now
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
-
-
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in each rank's child before exec: the kernel SIGKILLs the rank if this launcher
-    dies, even by SIGKILL, so no busy-polling rank outlives it. prctl is looked up at
-    import, since a forked child of a threaded process should not load libraries."""
-    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _relay(pipe, stream, prefix: str, lock: threading.Lock) -> None:
-    """Copies lines from a rank's pipe to ``stream`` with a rank prefix (blocking reads,
-    unlike mlx.launch's busy-spinning relay)."""
-    for raw in iter(pipe.readline, b""):
-        line = raw.decode("utf-8", errors="replace")
-        with lock:
-            stream.write(prefix + line + ("" if line.endswith("\n") else "\n"))
-            stream.flush()
-    pipe.close()
-
-
-def _stop(procs) -> dict[int, int]:
-    """SIGTERMs every live rank's process group, SIGKILLs what is left after the grace
-    period; returns the codes of the ranks it stopped."""
-    live = {rank: proc for rank, proc in enumerate(procs) if proc.poll() is None}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in live.values():
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-        for proc in live.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        if all(proc.poll() is not None for proc in live.values()):
-            break
-    return {rank: proc.returncode for rank, proc in live.items()}

@@ -1,4 +1,4 @@
-"""``mlx-dp bench comm``: how much gradient communication hides behind backward.
+"""``lab bench comm``: how much gradient communication hides behind backward.
 
 Full fine-tuning of a model of realistic shape (random weights built locally,
 default: Qwen3-0.6B's layer shape, 8 layers, >100M parameters) on N local
@@ -18,8 +18,8 @@ against when backward finished.
 
 Usage::
 
-    mlx-dp bench comm -n 2 --json comm.json
-    MLX_DP_BLAS=openblas mlx-dp bench comm -n 2 --link 10gbe   # ranks behind a shaped link
+    python scripts/lab bench comm -n 2 --json comm.json
+    MLX_DP_BLAS=openblas python scripts/lab bench comm -n 2 --link 10gbe   # ranks behind a shaped link
 """
 
 import argparse
@@ -28,6 +28,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+
+from lab import pythonpath
 
 from .comm_worker import VARIANTS, MiB, worker
 SWEEP_BYTES = [256 * 1024, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB]
@@ -45,7 +47,7 @@ def add_model_args(p) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mlx-dp bench comm", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lab bench comm", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--model", default=None, help="use this model directory instead of building one")
     p.add_argument("--batch", type=int, default=1, help="sequences per rank (default 1)")
@@ -58,8 +60,6 @@ def parse_args(argv):
                    help="stream of the all_sums (see parallel.comm_stream; default auto)")
     p.add_argument("--sweep-reps", type=int, default=5, help="repetitions per all_sum size (default 5)")
     p.add_argument("--sweep-max-mb", type=float, default=256, help="largest all_sum size swept (default 256)")
-    p.add_argument("--launcher", choices=["mlx-dp", "mlx.launch", "lean"], default="mlx-dp",
-                   help="how to start local ranks: mlx-dp launch (default; lean is its old name) or mlx.launch")
     p.add_argument("--link", default=None, help="run ranks in network namespaces behind a shaped link "
                    "(1gbe, 10gbe, tb4, none); needs root")
     p.add_argument("--rate", default=None, help="with --link: raw tc rate, e.g. 5gbit")
@@ -72,9 +72,11 @@ def parse_args(argv):
 
 def build_bench_model(arch: str, layers: int, width_divisor: int, cache: Path) -> Path:
     """A random-weight model of a real architecture's shape, built once and cached."""
-    from ..tools import synth
+    from lab import synth
 
-    tokenizer = Path(__file__).resolve().parent.parent.parent / "data" / "tiny-llama"
+    from trainer.library import data_dir
+
+    tokenizer = data_dir() / "tiny-llama"
     out = cache / f"{arch}-{layers}l-w{width_divisor}"
     if (out / "config.json").is_file():
         return out
@@ -89,21 +91,15 @@ def build_bench_model(arch: str, layers: int, width_divisor: int, cache: Path) -
 
 
 def run_ranks(args, command: list[str], env: dict) -> int:
-    """Start the worker on N ranks with the chosen launcher; returns the exit status."""
+    """Start the worker on N ranks through mlx-dp's launcher code; returns the exit status."""
+    env = {**env, "PYTHONPATH": pythonpath()}
     if args.link or args.rate or args.delay:
-        from ..cluster.netem import EmulatedCluster, exit_status
+        from lab.netem import EmulatedCluster
 
         with EmulatedCluster(args.n, preset=args.link, rate=args.rate, delay=args.delay) as cluster:
             print(f"[bench] emulated link: {cluster.link.describe()}", flush=True)
-            return exit_status(cluster.run(command, env=env, timeout=args.timeout))
-    if args.launcher == "mlx.launch":
-        import subprocess
-
-        mlx_launch = str(Path(sys.executable).parent / "mlx.launch")
-        env_args = sum((["--env", f"{k}={v}"] for k, v in env.items()), [])
-        return subprocess.run([mlx_launch, "-n", str(args.n), *env_args, "--", *command],
-                              timeout=args.timeout).returncode
-    from ..cluster.launch import launch
+            return cluster.run(command, env=env, timeout=args.timeout, grace_s=10.0)
+    from trainer.cluster.launch import launch
 
     return launch(command, args.n, env=env, timeout=args.timeout, grace_s=10.0)
 
@@ -135,9 +131,9 @@ def stock_blas_estimate(args, model: Path) -> str | None:
     step), and MLX's bundled reference BLAS gets about 2.5 GFLOP/s per core
     through such steps (measured: 32.5M parameters x 128 tokens, 2 ranks on 2
     cores, 62 s a rotation; a bare 2048^2 matmul reaches about 6 GFLOP/s,
-    ../shared/PLATFORM.md); ranks share the machine's cores.
+    docs/PLATFORM.md); ranks share the machine's cores.
     """
-    from ..tools.fastblas import requested
+    from trainer.tools.fastblas import requested
 
     if not sys.platform.startswith("linux") or requested():
         return None
@@ -174,7 +170,7 @@ def derive(raw: dict) -> dict:
 
 def print_table(result: dict) -> None:
     step, mem = result["step_time_s"], result["peak_memory_bytes"]
-    print(f"\nmlx-dp bench comm: {result['world_size']} ranks, {result['params'] / 1e6:.1f}M params "
+    print(f"\nlab bench comm: {result['world_size']} ranks, {result['params'] / 1e6:.1f}M params "
           f"({result['grad_bytes'] / MiB:.0f} MiB of fp32 gradients), {result['buckets']} buckets of "
           f"{result['bucket_mb']:g} MiB (first {result['first_bucket_mb']:g}), all_sum on the "
           f"{result['comm_stream']} stream, BLAS {result['blas']}, "
@@ -219,8 +215,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker)
-    from ..core.config import ParallelConfig
-    from ..tools.fastblas import requested
+    from trainer.core.config import ParallelConfig
+    from trainer.tools.fastblas import requested
 
     defaults = ParallelConfig()
     cache = Path(os.environ.get("MLX_DP_CACHE") or Path.home() / ".cache" / "mlx-dp") / "bench-models"
@@ -240,16 +236,15 @@ def main(argv: list[str]) -> int:
         estimate = stock_blas_estimate(args, model)
         if estimate:
             print(f"[bench] {estimate}", flush=True)
-        command = [sys.executable, "-u", "-m", "trainer.bench.comm", "--worker", str(spec_path)]
+        command = [sys.executable, "-u", "-m", "lab.bench.comm", "--worker", str(spec_path)]
         code = run_ranks(args, command, env={"PYTHONUNBUFFERED": "1"})
         if code != 0:
-            print(f"mlx-dp bench comm: ranks failed with status {code}", file=sys.stderr)
+            print(f"lab bench comm: ranks failed with status {code}", file=sys.stderr)
             return code
         raw = json.loads(Path(spec["out"]).read_text())
     raw.update(derive(raw))
     raw["blas"] = raw.get("blas") or ("openblas" if requested() else "mlx")
-    launcher = "mlx.launch" if args.launcher == "mlx.launch" else "mlx-dp launch"
-    raw["launcher"] = "emulated cluster (namespaces)" if (args.link or args.rate) else launcher
+    raw["launcher"] = "mlx-dp launch" + (" in emulated-cluster namespaces" if (args.link or args.rate) else "")
     raw["link"] = args.link or (f"{args.rate or 'unshaped'}/{args.delay or '0ms'}" if args.rate or args.delay
                                 else "loopback")
     print_table(raw)

@@ -1,11 +1,11 @@
 """The body of one rank of a benchmark's run, started by the benchmark's launcher, never by hand.
 
-    python -m trainer.bench_rank mlx-dp [--no-reduce] -- train RECIPE [overrides]
-    python -m trainer.bench_rank mlx-lm REPORTS [--sort-by-tokens] -- MLX_LM_LORA_ARGS
+    PYTHONPATH=scripts python -m lab.rank mlx-dp [--no-reduce] -- train RECIPE [overrides]
+    PYTHONPATH=scripts python -m lab.rank mlx-lm REPORTS [--sort-by-tokens] -- MLX_LM_LORA_ARGS
 
-``mlx-dp`` runs the trainer's own command; ``--no-reduce`` makes its reducer
-skip every ``all_sum``, the compute-only baseline of ``bench scaling``
-(ranks then train apart). ``mlx-lm`` runs ``mlx_lm.lora`` for the comparison;
+``mlx-dp`` runs the trainer's own command; ``--no-reduce`` passes the
+trainer a reducer that skips every ``all_sum`` (``lab.reducers.LocalReducer``),
+the compute-only baseline of ``bench scaling`` (ranks then train apart). ``mlx-lm`` runs ``mlx_lm.lora`` for the comparison;
 ``--sort-by-tokens`` repairs its length sort first (:func:`repair_length_sort`).
 """
 
@@ -13,17 +13,19 @@ import json
 import sys
 import time
 
-from .env import launch_env
+from trainer.env import launch_env
 
 
 def mlx_dp_rank(argv: list[str]) -> int:
     """``mlx-dp ARGS`` with the benchmark's switches (exits the process)."""
-    from .cli import main as cli_main
-    from .run.hooks import RunOptions
+    from trainer.cli import main as cli_main
+    from trainer.run.hooks import RunOptions
 
-    communicate = "--no-reduce" not in argv[: argv.index("--")] if "--" in argv else True
+    from .reducers import local_reducer
+
+    skip = "--no-reduce" in argv[: argv.index("--")] if "--" in argv else False
     rest = argv[argv.index("--") + 1:] if "--" in argv else argv
-    cli_main(rest, options=RunOptions(communicate=communicate))
+    cli_main(rest, options=RunOptions(reducer=local_reducer if skip else None))
     return 0
 
 
@@ -56,7 +58,7 @@ def mlx_lm_worker(reports_path: str, lora_argv: list[str], sort_by_tokens: bool 
         lora_argv (list[str]): mlx_lm.lora's arguments (from ``scaling_mlx_lm.mlx_lm_args``).
         sort_by_tokens (bool): :func:`repair_length_sort` first. Default: ``False``.
     """
-    from .tools import fastjit
+    from trainer.tools import fastjit
 
     fastjit.maybe_enable()  # the same compiled kernels as our ranks (MLX_DP_JIT decides for both)
     import mlx_lm.lora as lora
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> int:
         sort_by_tokens = rest[:1] == ["--sort-by-tokens"]
         rest = rest[1:] if sort_by_tokens else rest
         return mlx_lm_worker(argv[1], rest[1:] if rest[:1] == ["--"] else rest, sort_by_tokens)
-    print("usage: python -m trainer.bench_rank {mlx-dp [--no-reduce] -- ARGS | "
+    print("usage: python -m lab.rank {mlx-dp [--no-reduce] -- ARGS | "
           "mlx-lm REPORTS [--sort-by-tokens] -- ARGS}",
           file=sys.stderr)
     return 2

@@ -1,4 +1,4 @@
-"""``mlx-dp bench attention``: the training step with attention in query blocks, against whole rows.
+"""``lab bench attention``: the training step with attention in query blocks, against whole rows.
 
 For each row width it times the trainer's own compiled forward+backward
 (``StepFunctions.grads``, the recipe's model and method) with MLX's own ops
@@ -11,7 +11,7 @@ rounds are reported, so that a noisy machine cannot fake a speed-up. Use it to
 choose ``attention_block`` on a machine whose default was not measured (a Mac's
 GPU, say).
 
-    MLX_DP_BLAS=openblas mlx-dp bench attention RECIPE [--widths 96,160,224,320,512] [--blocks 32,64,128]
+    MLX_DP_BLAS=openblas python scripts/lab bench attention RECIPE [--widths 96,160,224,320,512] [--blocks 32,64,128]
         [--batch 8] [--rounds 3] [--json out.json] [key=value ...]
 """
 
@@ -19,11 +19,11 @@ import argparse
 import sys
 import time
 
-from ..errors import UserError
+from trainer.errors import UserError
 from .recipe_args import parse_with_overrides, write_json
-from .stats import median
+from trainer.bench.stats import median
 
-PROG = "mlx-dp bench attention"
+PROG = "lab bench attention"
 
 
 def _ints(text: str) -> list[int]:
@@ -62,9 +62,9 @@ def compare(rounds: list[dict], variants: list[int]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """``mlx-dp bench attention ...``; returns the exit status."""
-    from ..core.config import load_config
-    from ..tools.runtime import prepare_runtime, print_error
+    """``lab bench attention ...``; returns the exit status."""
+    from trainer.core.config import load_config
+    from trainer.tools.runtime import prepare_runtime, print_error
 
     args = parse_args(argv)
     try:
@@ -73,12 +73,12 @@ def main(argv: list[str]) -> int:
         import mlx.core as mx
         import mlx.optimizers as optim
 
-        from ..core import fused
-        from ..core.attention import use_blocks
-        from ..core.model import apply_method, load_base
-        from ..core.step import StepFunctions
-        from ..tools import fastjit
-        from ..tools.fastblas import active
+        from trainer.core import fused
+        from trainer.core.attention import use_blocks
+        from trainer.core.model import apply_method, load_base
+        from trainer.core.step import StepFunctions
+        from trainer.tools import fastjit
+        from trainer.tools.fastblas import active
 
         model, _, _ = load_base(cfg.model)
         apply_method(model, cfg.method, cfg.training.seed)

@@ -1,16 +1,16 @@
-"""Random-weight models with the shapes of real ones, built offline.
+"""Random-weight models with the shapes of real ones, built offline (the lab's).
 
 Recipes for real models (Qwen3, Llama 3.2, Gemma 3, Mistral) are checked "by
-shape" in CI: the model's real ``config.json`` (kept in ``data/archs/``), cut to
-a few layers and to the vocabulary of a tiny local tokenizer, filled with random
-weights and trained for a few steps. Nothing is downloaded: the architecture
-comes from the JSON file, the model class from mlx-lm, the tokenizer from a
-local folder. Benchmarks use the same path to build a >=100M-parameter model of
-realistic shape.
+shape" in CI: the model's real ``config.json`` (the product's
+``trainer.tools.archs``), cut to a few layers and to the vocabulary of a tiny
+local tokenizer, filled with random weights and trained for a few steps.
+Nothing is downloaded: the architecture comes from the JSON file, the model
+class from mlx-lm, the tokenizer from a local folder. Benchmarks use the same
+path to build a >=100M-parameter model of realistic shape.
 
 Usage::
 
-    from trainer import synth
+    from lab import synth
     config = synth.reduce_config(synth.load_arch("qwen3-0.6b"), num_layers=2,
                                  vocab_size=synth.tokenizer_vocab_size("data/tiny-llama"))
     path = synth.make_random_model(config, "/tmp/qwen3-2l", "data/tiny-llama", seed=0)
@@ -23,12 +23,13 @@ fp32 can use the optional OpenBLAS route (``trainer.tools.fastblas``).
 
 import copy
 import difflib
-import json
 import shutil
-import zlib
 from pathlib import Path
 
-ARCHS_DIR = Path(__file__).resolve().parents[2] / "data" / "archs"
+from trainer.tools.archs import (ArchError, arch_for_model_path, arch_info, arch_names, archs_dir,  # noqa: F401
+                                 build_model, load_arch, text_config, tied)
+
+SynthError = ArchError  # a synthetic model asked for with arguments that cannot work
 
 # Files of a tokenizer folder that describe the tokenizer, never the model.
 TOKENIZER_FILES = (
@@ -44,78 +45,13 @@ TOKENIZER_FILES = (
 _TOKEN_ID_SUFFIXES = ("_token_id", "_token_index")
 
 
-class SynthError(ValueError):
-    """A synthetic model was asked for with arguments that cannot work."""
-
-
-def arch_names() -> list:
-    """Names of the architectures in ``data/archs/`` (file stems, sorted)."""
-    return sorted(p.stem for p in ARCHS_DIR.glob("*.json"))
-
-
-def _read_arch(name: str) -> dict:
-    path = ARCHS_DIR / f"{name}.json"
-    if not path.is_file():
-        hint = difflib.get_close_matches(name, arch_names(), n=1)
-        more = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(arch_names())}"
-        raise SynthError(f"no architecture {name!r} in {ARCHS_DIR}{more}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_arch(name: str) -> dict:
-    """The real Hugging Face ``config.json`` of a known architecture.
-
-    Args:
-        name (str): File stem in ``data/archs/``, e.g. ``"qwen3-0.6b"``.
-
-    Returns:
-        dict: The config, without the ``_``-prefixed bookkeeping keys.
-    """
-    return {k: v for k, v in _read_arch(name).items() if not k.startswith("_")}
-
-
-def arch_info(name: str) -> dict:
-    """The bookkeeping of an architecture file: hub ids and where the values came from.
-
-    Args:
-        name (str): File stem in ``data/archs/``.
-
-    Returns:
-        dict: ``hub_id`` (the upstream repo a user puts in ``model.path``),
-        ``mlx_hub_id``, ``qlora_hub_id`` (an mlx-community 4-bit repo) and
-        ``source``, each present when the file records it.
-    """
-    return {k[1:]: v for k, v in _read_arch(name).items() if k.startswith("_")}
-
-
-def arch_for_model_path(model_path: str) -> tuple[str, bool]:
-    """(architecture name, quantized?) whose recorded hub ids include ``model_path``.
-
-    Raises:
-        SynthError: No file in ``data/archs`` records that hub id.
-    """
-    for name in arch_names():
-        info = arch_info(name)
-        if model_path == info.get("qlora_hub_id"):
-            return name, True
-        if model_path in (info.get("hub_id"), info.get("mlx_hub_id")):
-            return name, False
-    raise SynthError(f"no architecture in {ARCHS_DIR} records the hub id {model_path}")
-
-
-def _text_config(config: dict) -> dict:
-    """The dict holding the language model's keys (``text_config`` for multimodal files)."""
-    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
-
-
 def _args_fields(config: dict) -> set:
     """Names mlx-lm's ModelArgs for this config accepts (its defaults fill missing keys)."""
     import inspect
 
     from mlx_lm.utils import _get_classes
 
-    text = _text_config(config)
+    text = text_config(config)
     _, args_class = _get_classes({"model_type": text.get("model_type", config["model_type"])})
     return set(inspect.signature(args_class).parameters)
 
@@ -160,7 +96,7 @@ def reduce_config(config: dict, num_layers: int = 2, vocab_size=None, width_divi
         dict: The reduced config.
     """
     config = copy.deepcopy(config)
-    text = _text_config(config)
+    text = text_config(config)
     real_layers = text.get("num_hidden_layers")
     if not isinstance(real_layers, int):
         raise SynthError("the config has no integer num_hidden_layers")
@@ -216,7 +152,7 @@ def _narrow(config: dict, divisor: int) -> None:
     args = args_class.from_dict(copy.deepcopy(config))
     text_args = getattr(args, "text_config", None)
     effective = text_args if isinstance(text_args, dict) else vars(args)
-    text = _text_config(config)
+    text = text_config(config)
     widths = {key: effective.get(key) for key in _WIDTH_KEYS}
     if widths["num_key_value_heads"] is None:  # llama's default: one kv head per head
         widths["num_key_value_heads"] = widths["num_attention_heads"]
@@ -231,99 +167,13 @@ def _narrow(config: dict, divisor: int) -> None:
 def _set_vocab(config: dict, vocab_size: int) -> None:
     if vocab_size < 1:
         raise SynthError(f"vocab_size must be positive, got {vocab_size}")
-    text = _text_config(config)
+    text = text_config(config)
     # Set at both levels: mlx-lm's gemma3 takes the top-level value (default
     # 262208) and overwrites text_config's with it.
     for target in {id(config): config, id(text): text}.values():
         target["vocab_size"] = vocab_size
         for key in [k for k in target if k.endswith(_TOKEN_ID_SUFFIXES)]:
             del target[key]
-
-
-def _tied(config: dict) -> bool:
-    """Whether input and output embeddings share weights (Hugging Face's default is yes)."""
-    text = _text_config(config)
-    return text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
-
-
-def _param_key(seed: int, name: str):
-    """An RNG key that depends only on the seed and the parameter's name.
-
-    Naming the key after the parameter (rather than drawing in order) keeps a
-    layer's weights the same whatever the number of layers. The weights never
-    depend on MLX's global RNG state (though constructing the mlx-lm modules,
-    whose default initialisation is replaced here, still advances it).
-    """
-    import mlx.core as mx
-
-    if not 0 <= seed < 2**31:
-        raise SynthError(f"seed must be in [0, 2**31), got {seed}")
-    return mx.random.key((seed << 32) | zlib.crc32(name.encode()))
-
-
-def build_model(config: dict, seed: int = 0, dtype: str = "float32"):
-    """The mlx-lm model for a config, with random weights drawn from ``seed``.
-
-    Matrices (2-D and up) are drawn from N(0, ``initializer_range``), the
-    Hugging Face initialisation (std 0.02 when the config has no value); norm
-    weights and biases keep the values mlx-lm constructs them with, except
-    Gemma's offset norms, which start at 0 as in Hugging Face. Nothing is
-    evaluated here: the arrays are lazy until used or saved.
-
-    Tied embeddings follow the checkpoint convention: where mlx-lm decides tying
-    from the weights (gemma3 and gemma3_text tie when ``lm_head.weight`` is
-    absent), ``lm_head`` is removed through the model's own ``sanitize``.
-
-    Args:
-        config (dict): A (reduced) config; see :func:`reduce_config`.
-        seed (int): Seed of the weights. Default: ``0``.
-        dtype (str): Floating dtype of the weights, an ``mlx.core`` name.
-            Default: ``"float32"`` (fast on CPU; bf16 is not, see PLATFORM.md).
-
-    Returns:
-        mlx.nn.Module: The model, in eval mode.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes  # mlx-lm's own model_type -> class lookup
-
-    model_class, args_class = _get_classes(config)
-    # A copy: gemma3's ModelArgs writes its defaults into the text_config it is given.
-    model = model_class(args_class.from_dict(copy.deepcopy(config)))
-    target = getattr(mx, dtype, None)
-    if not isinstance(target, mx.Dtype) or not mx.issubdtype(target, mx.floating):
-        raise SynthError(f"dtype {dtype!r} is not a floating mlx.core dtype")
-
-    std = _text_config(config).get("initializer_range", config.get("initializer_range", 0.02))
-    offset_norms = _offset_norm_weights(model)
-    weights = {}
-    for name, value in tree_flatten(model.parameters()):
-        if _tied(config) and name.endswith("lm_head.weight"):
-            continue  # the checkpoint of a tied model has no lm_head
-        if value.ndim >= 2:
-            value = std * mx.random.normal(value.shape, key=_param_key(seed, name))
-        elif name in offset_norms:
-            value = mx.zeros_like(value)
-        weights[name] = value.astype(target)
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    return model
-
-
-def _offset_norm_weights(model) -> set:
-    """Names of norm weights that store the offset from 1 (Gemma's ``x * (1 + w)``).
-
-    Hugging Face initialises them to 0, a scale of 1; mlx-lm constructs them
-    as ones (a checkpoint always overwrites them), a scale of 2 in every norm.
-    """
-    names = set()
-    for name, module in model.named_modules():
-        kind = type(module)
-        if kind.__name__ == "RMSNorm" and kind.__module__.startswith("mlx_lm.models.gemma"):
-            names.add(f"{name}.weight")
-    return names
 
 
 def count_params(config: dict) -> int:
@@ -360,7 +210,7 @@ def layers_for_params(config: dict, min_params: int, vocab_size=None, **reduce_k
     Returns:
         int: The number of layers to pass to :func:`reduce_config`.
     """
-    real_layers = _text_config(config)["num_hidden_layers"]
+    real_layers = text_config(config)["num_hidden_layers"]
     for num_layers in range(1, real_layers + 1):
         reduced = reduce_config(config, num_layers, vocab_size, **reduce_kwargs)
         if count_params(reduced) >= min_params:
@@ -424,14 +274,14 @@ def make_random_model(config: dict, out_dir, tokenizer_dir, seed: int = 0,
     if not (tokenizer_dir / "tokenizer_config.json").is_file():
         raise SynthError(f"{tokenizer_dir} is not a tokenizer folder (no tokenizer_config.json)")
     needed = tokenizer_vocab_size(tokenizer_dir)
-    have = _text_config(config).get("vocab_size", config.get("vocab_size"))
+    have = text_config(config).get("vocab_size", config.get("vocab_size"))
     if have is None or have < needed:
         raise SynthError(f"config vocab_size {have} is smaller than the tokenizer's "
                          f"{needed} tokens; pass vocab_size={needed} to reduce_config")
 
     model = build_model(config, seed=seed, dtype=dtype)
     config = copy.deepcopy(config)
-    for target in (config, _text_config(config)):
+    for target in (config, text_config(config)):
         for key in ("torch_dtype", "dtype"):  # transformers 5 renamed it "dtype"
             if key in target:
                 target[key] = dtype  # say what the file holds, not bfloat16

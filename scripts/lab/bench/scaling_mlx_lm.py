@@ -1,10 +1,10 @@
-"""The ``--vs-mlx-lm`` side of ``mlx-dp bench scaling``: the same work with ``mlx_lm.lora``.
+"""The ``--vs-mlx-lm`` side of the lab's ``bench scaling``: the same work with ``mlx_lm.lora``.
 
 The recipe becomes mlx_lm.lora's command line and ``-c`` config (same adapter,
 optimizer, schedule, global batch and number of optimizer updates). Each of
 its ranks runs mlx_lm.lora's own ``main()`` with a reporting callback that
-timestamps every update (``trainer.bench_rank``, started as
-``python -m trainer.bench_rank mlx-lm REPORTS -- ARGS``). Both
+timestamps every update (``lab.rank``, started as
+``python -m lab.rank mlx-lm REPORTS -- ARGS``). Both
 adapters are then scored by one evaluator, ``mlx-dp eval``, and the
 comparison is added to the benchmark's JSON (:func:`add_mlx_lm`).
 """
@@ -15,10 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import scaling_report as report
-from .scaling_plan import BenchError, Plan, Run, blas_threads
-from .scaling_runs import launch_ranks, show_failure
-from .stats import median
+from trainer.bench import scaling_report as report
+from trainer.bench.scaling_plan import BenchError, Plan, Run, blas_threads
+from trainer.bench.scaling_runs import launch_ranks, show_failure
+from trainer.bench.stats import median, p90
+
+from trainer.library import resolve as resolve_builtin
+
+from lab import pythonpath
 
 # ---------------------------------------------------------------------------- the same work, in mlx-lm's terms
 
@@ -26,7 +30,7 @@ from .stats import median
 def check_mlx_lm_comparable(cfg) -> list[str]:
     """Refuse what mlx_lm.lora cannot train alike; return notes on the differences left."""
     d, t = cfg.data, cfg.training
-    path = Path(d.path) if d.path else None
+    path = Path(resolve_builtin(d.path)) if d.path else None
     if d.hf_dataset or path is None or not all((path / f"{s}.jsonl").is_file() for s in ("train", "valid")):
         raise BenchError(f"--vs-mlx-lm needs data.path to be a directory with train.jsonl and valid.jsonl "
                          f"(the local format mlx_lm.lora reads); {d.path or d.hf_dataset} is not")
@@ -90,7 +94,7 @@ def mlx_lm_config(cfg, total_updates: int) -> dict:
 
 def _is_text_data(cfg) -> bool:
     """mlx-lm refuses --mask-prompt on plain-text rows; ours ignores it there."""
-    first = (Path(cfg.data.path) / "train.jsonl").read_text().split("\n", 1)[0]
+    first = (Path(resolve_builtin(cfg.data.path)) / "train.jsonl").read_text().split("\n", 1)[0]
     row = json.loads(first) if first.strip() else {}
     d = cfg.data
     return d.text_feature in row and d.chat_feature not in row and d.prompt_feature not in row
@@ -104,7 +108,8 @@ def mlx_lm_args(cfg, world_size: int, updates: int, config_path: Path, adapter_d
     """
     t, m, d = cfg.training, cfg.method, cfg.data
     iters = updates * t.grad_accumulation
-    args = ["--model", cfg.model.path, "--train", "--data", d.path, "-c", str(config_path),
+    args = ["--model", resolve_builtin(cfg.model.path), "--train", "--data", resolve_builtin(d.path),
+            "-c", str(config_path),
             "--fine-tune-type", m.type, "--num-layers", str(m.num_layers),
             "--batch-size", str(t.batch_size * world_size), "--grad-accumulation-steps", str(t.grad_accumulation),
             "--iters", str(iters), "--learning-rate", str(t.learning_rate), "--seed", str(t.seed),
@@ -134,9 +139,9 @@ def run_mlx_lm(plan: Plan, run: Run, work: Path) -> tuple[dict, Path]:
     config_path = base / "mlx_lm_config.yaml"
     config_path.write_text(yaml.safe_dump(mlx_lm_config(plan.cfg, updates)))
     reports, adapters = base / "reports.jsonl", base / "adapters"
-    command = [sys.executable, "-u", "-m", "trainer.bench_rank", "mlx-lm", str(reports), "--",
+    command = [sys.executable, "-u", "-m", "lab.rank", "mlx-lm", str(reports), "--",
                *mlx_lm_args(plan.cfg, run.world_size, updates, config_path, adapters)]
-    env = {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath()}
     if plan.shim:  # the same BLAS as our ranks: the shim, and our thread split
         env.update(LD_PRELOAD=plan.shim,
                    OPENBLAS_NUM_THREADS=str(blas_threads(plan, run.world_size) or os.cpu_count() or 1))
@@ -145,7 +150,7 @@ def run_mlx_lm(plan: Plan, run: Run, work: Path) -> tuple[dict, Path]:
     rows = report.read_jsonl(reports)
     if code != 0 or len(rows) != updates or not (adapters / "adapters.safetensors").is_file():
         show_failure(run.describe(plan), code or 1, log_base)
-    return {**report.mlx_lm_window(rows, plan.warmup, plan.steps), **cpu}, adapters
+    return {**mlx_lm_window(rows, plan.warmup, plan.steps), **cpu}, adapters
 
 
 # ---------------------------------------------------------------------------- scoring and the comparison
@@ -213,12 +218,12 @@ def add_mlx_lm(plan: Plan, doc: dict, measured: dict, adapters: dict, work: Path
     doc["vs_mlx_lm"] = []
     for launcher in plan.launchers:
         rounds = sorted(run.round for run in measured if run.kind == "mlx_lm" and run.launcher == launcher)
-        per_round = [report.comparison(n, updates, launcher, measured[Run("ours", n, launcher, r)],
+        per_round = [comparison(n, updates, launcher, measured[Run("ours", n, launcher, r)],
                                        measured[Run("mlx_lm", n, launcher, r)])
                      for r in rounds if Run("ours", n, launcher, r) in measured]
         doc["vs_mlx_lm"].append(combine_rounds(per_round))
     losses = evaluate_adapters(plan, {"mlx-dp": adapters[("ours", primary, n)],
-                                      "mlx_lm": adapters[("mlx_lm", primary)]}, work)
+                                      "mlx_lm": adapters[("mlx_lm", primary, n)]}, work)
     for c in doc["vs_mlx_lm"]:
         if c["launcher"] == primary:
             c["ours"]["valid_loss"], c["mlx_lm"]["valid_loss"] = losses["mlx-dp"], losses["mlx_lm"]
@@ -234,3 +239,93 @@ def add_mlx_lm(plan: Plan, doc: dict, measured: dict, adapters: dict, work: Path
                         "within each round under the same launcher and reported as the median over rounds; "
                         "mlx_lm.lora ran through its own main() with a reporting callback that timestamps "
                         "each update")
+
+
+# ---------------------------------------------------------------------------- its numbers
+
+
+def mlx_lm_window(reports: list[dict], warmup: int, steps: int) -> dict:
+    """Update times of an mlx_lm.lora run from its per-update reports.
+
+    ``reports`` hold, per optimizer update u (1-based, in order), the wall time
+    ``time`` at which mlx-lm reported it and its own ``tokens_per_second``,
+    ``iterations_per_second``, ``trained_tokens`` and ``train_loss``. Update u
+    took ``time[u] - time[u-1]``: from the end of one report to the next, like
+    our trainer's step time (batch building included). mlx-lm validates inside
+    its last update, so the window is updates warmup+1 .. warmup+steps-1.
+    """
+    by_update = {i + 1: r for i, r in enumerate(reports)}
+    window = [u for u in range(warmup + 1, warmup + steps) if u in by_update and u - 1 in by_update]
+    times = [by_update[u]["time"] - by_update[u - 1]["time"] for u in window]
+    own_tokens = [by_update[u]["trained_tokens"] - by_update[u - 1]["trained_tokens"] for u in window]
+    own_time = [n / by_update[u]["tokens_per_second"] for n, u in zip(own_tokens, window)]
+    last = reports[-1] if reports else {}
+    return {
+        "step_time_median_s": median(times) if times else None,
+        "step_time_p90_s": p90(times) if times else None,
+        "updates_per_s": 1 / median(times) if times else None,
+        "steps_measured": len(times),
+        "self_reported_tokens_per_s": report.throughput(own_tokens, own_time),
+        "self_reported_updates_per_s": median([by_update[u]["iterations_per_second"] for u in window])
+        if window else None,
+        "final_train_loss": last.get("train_loss"),
+        "peak_memory_gb": last.get("peak_memory"),
+    }
+
+
+
+
+def comparison(world_size: int, updates: int, launcher: str, ours: dict, theirs: dict) -> dict:
+    """mlx-dp against mlx_lm.lora at N ranks under one launcher.
+
+    Both process the same sequences per update, so the fair speed ratio is updates per
+    second (ours / theirs): the tokens/s ratio under one token definition. Also given
+    against mlx-lm's own timer, which leaves out building each batch (and, in the first
+    epoch, tokenizing its samples: mlx-lm tokenizes lazily).
+
+    Args:
+        world_size (int): N.
+        updates (int): Optimizer updates each run made.
+        launcher (str): How both were launched.
+        ours (dict): :func:`measure_ours` of our run at N.
+        theirs (dict): :func:`mlx_lm_window` of mlx-lm's run at N.
+    """
+    ours_rate = 1 / ours["step_time_median_s"]
+    theirs_rate, theirs_own = theirs["updates_per_s"], theirs["self_reported_updates_per_s"]
+    theirs = {**theirs, "tokens_per_s_our_definition":
+              theirs_rate * ours["tokens_per_step_mean"] if theirs_rate else None}
+    return {"world_size": world_size, "launcher": launcher, "global_batch": ours["global_batch"],
+            "updates": updates,
+            "ours": {"updates_per_s": ours_rate, "step_time_median_s": ours["step_time_median_s"],
+                     "self_reported_tokens_per_s": ours["tokens_per_s"], "final_train_loss": ours["final_train_loss"],
+                     "steps_measured": ours["steps_measured"]},
+            "mlx_lm": theirs,
+            "tokens_per_s_ratio": ours_rate / theirs_rate if theirs_rate else None,
+            "tokens_per_s_ratio_vs_its_own_timer": ours_rate / theirs_own if theirs_own else None}
+
+
+
+
+def format_vs_mlx_lm(comparisons: list[dict]) -> str:
+    """The mlx_lm.lora comparison: one block per launcher."""
+    lines = []
+    for c in comparisons:
+        ours, theirs = c["ours"], c["mlx_lm"]
+        lines += [f"\nvs mlx_lm.lora at {c['world_size']} ranks, both under {c['launcher']}, global batch "
+                  f"{c['global_batch']}, {c['updates']} updates each, median of {c.get('rounds', 1)} round(s):",
+                  f"{'':12s} {'updates/s':>9s} {'median update':>13s} {'own tok/s':>9s} "
+                  f"{'final train loss (own)':>22s} {'valid loss (mlx-dp eval)':>24s}"]
+        for name, side in (("mlx-dp", ours), ("mlx_lm.lora", theirs)):
+            lines.append(f"{name:12s} {report.fmt(side['updates_per_s'], '9.2f')} "
+                         f"{report.fmt(side['step_time_median_s'], '12.3f', 's')} "
+                         f"{report.fmt(side['self_reported_tokens_per_s'], '9.0f')} "
+                         f"{report.fmt(side['final_train_loss'], '22.4f')} {report.fmt(side.get('valid_loss'), '24.4f')}")
+        lines.append(f"speed ratio (mlx-dp / mlx_lm.lora updates per second = tokens/s under one token "
+                     f"definition): {report.fmt(c['tokens_per_s_ratio'], '.2f', 'x')} "
+                     f"{report.fmt_range(c.get('tokens_per_s_ratio_range'), '.2f', 1, 'x')} of wall time "
+                     f"({report.fmt(c['tokens_per_s_ratio_vs_its_own_timer'], '.2f', 'x')} against mlx-lm's own "
+                     "step timer, which leaves out batch building and lazy tokenization)")
+    lines.append("own tok/s is each tool's self-report: mlx-lm also scores the pad after each sample's EOS (one "
+                 "extra target per sample) and times only the step; its train loss includes that target too, "
+                 "so compare losses in the valid column")
+    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Link descriptions for the emulated cluster: presets, tc rates and delays, hostfiles.
 
-Pure data and parsing, split from ``trainer.cluster.netem`` (which builds the
+Pure data and parsing, split from ``lab.netem`` (which builds the
 namespaces); only the standard library is used.
 """
 

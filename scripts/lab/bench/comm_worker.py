@@ -1,4 +1,4 @@
-"""One rank of ``mlx-dp bench comm`` (see ``trainer.bench.comm``).
+"""One rank of ``lab bench comm`` (see ``lab.bench.comm``).
 
 Run by the benchmark's launcher, never by hand. Every variant times the
 trainer's own update (``trainer.core.step.run_update``) with a different
@@ -11,15 +11,15 @@ import socket
 import threading
 import time
 
-from ..env import launch_env
-from .stats import median, p90
+from trainer.env import launch_env
+from trainer.bench.stats import median, p90
 
 VARIANTS = ("compute_only", "serial", "average_gradients", "overlap")
 MiB = 1024 * 1024
 
 
 def worker(spec_path: str) -> int:
-    from ..tools import fastblas
+    from trainer.tools import fastblas
 
     fastblas.maybe_enable(local_ranks=launch_env().local_ranks())  # before mlx.core loads
     import mlx.core as mx
@@ -27,11 +27,12 @@ def worker(spec_path: str) -> int:
     import numpy as np
     from mlx_lm.utils import load
 
-    from ..core.batches import Batch
-    from ..core.model import backward_order, trainable_parameters
-    from ..core.parallel import (AverageGradientsReducer, GradientReducer, PassThroughReducer, init_world,
+    from trainer.core.batches import Batch
+    from trainer.core.model import backward_order, trainable_parameters
+    from lab.reducers import AverageGradientsReducer, LocalReducer, PassThroughReducer
+    from trainer.core.parallel import (GradientReducer, init_world,
                                  plan_buckets)
-    from ..core.step import StepFunctions, make_eval_loss, run_update, to_arrays
+    from trainer.core.step import StepFunctions, make_eval_loss, run_update, to_arrays
 
     spec = json.load(open(spec_path))
     world = init_world()
@@ -59,7 +60,7 @@ def worker(spec_path: str) -> int:
                 "overlap": GradientReducer(world, buckets, overlap=True, stream=stream),
                 # the same buckets, concatenated and split locally, without any all_sum: the only
                 # difference to the others is communication (bucketing also fixes gradient layout)
-                "compute_only": GradientReducer(world, buckets, communicate=False),
+                "compute_only": LocalReducer(world, buckets),
                 "average_gradients": AverageGradientsReducer(world),
                 "unbucketed": PassThroughReducer(world)}  # compute only, gradients as backward returns them
     reducers["overlap"].check_plan()
@@ -215,8 +216,8 @@ def reduce_scatter_times(world, nbytes: int, reps: int) -> dict:
     """
     import mlx.core as mx
 
-    from ..core.parallel import Bucket
-    from ..core.parallel.shards import ShardedReducer, ShardPlan
+    from trainer.core.parallel import Bucket
+    from trainer.core.parallel.shards import ShardedReducer, ShardPlan
 
     size = nbytes // 4
     bucket = Bucket(("x",), ((size,),), (size,), (mx.float32,), mx.float32)
@@ -240,7 +241,6 @@ def reduce_scatter_times(world, nbytes: int, reps: int) -> dict:
 
 def busbw_sweep(world, sizes: list[int], bucket_bytes: int, reps: int):
     """all_sum bus bandwidth (GB/s) by message size, and at the bucket size."""
-    from ..core.parallel import all_sum_seconds
 
     def measure(nbytes: int) -> float:
         t = median(all_sum_seconds(world, nbytes, reps))
@@ -329,3 +329,22 @@ def _transfer(sock, rank: int, mode: str, seconds: float, chunk: int) -> float:
     except (socket.timeout, OSError):
         pass
     return received / elapsed / 1e9
+
+
+def all_sum_seconds(world, nbytes: int, reps: int) -> list[float]:
+    """Wall times of ``reps`` blocking ``all_sum``s of ``nbytes`` of float32 (after one warm-up).
+
+    For bandwidth sweeps; every rank must call it.
+    """
+    import mlx.core as mx
+
+    x = mx.ones((nbytes // 4,), mx.float32)
+    mx.eval(x)
+    samples = []
+    for r in range(reps + 1):
+        world.barrier()
+        start = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(x, group=world.group))  # note: sync point
+        if r:  # the first is a warm-up
+            samples.append(time.perf_counter() - start)
+    return samples

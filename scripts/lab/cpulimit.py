@@ -4,7 +4,7 @@ A mixed desk cluster (a MacBook Air next to a Mac Studio) is what
 ``parallel.balance: auto`` is for. On one Linux machine, a rank is made
 slower by the kernel's CFS bandwidth control: a cgroup whose
 ``cpu.cfs_quota_us`` is ``fraction x cpu.cfs_period_us`` may run for that
-share of each period, across all its threads (PLATFORM.md: a quota of 50 ms
+share of each period, across all its threads (docs/PLATFORM.md: a quota of 50 ms
 per 100 ms put a rank at half a core and doubled a 2-rank step).
 
     with CpuLimits({1: 0.5}) as limits:          # rank 1 at half a core

@@ -1,4 +1,4 @@
-"""``mlx-dp bench profile``: where the time of one update goes, phase by phase.
+"""``lab bench profile``: where the time of one update goes, phase by phase.
 
 It builds a recipe's run exactly as ``mlx-dp train`` does (data, batches,
 model, reducer, compiled step) and then drives the same pieces one phase at a
@@ -20,8 +20,8 @@ Training runs these as one graph with one sync point, so the phases overlap a
 little there; the profile's sum is an upper bound of a training update.
 It trains (weights change) but writes nothing but its JSON.
 
-    MLX_DP_BLAS=openblas mlx-dp bench profile RECIPE [--steps 60 | --epoch] [--json out.json] [key=value ...]
-    mlx-dp launch -n 2 -- .venv/bin/mlx-dp bench profile RECIPE ...   # the same on each of 2 ranks (rank 0 prints)
+    MLX_DP_BLAS=openblas python scripts/lab bench profile RECIPE [--steps 60 | --epoch] [--json out.json] [key=value ...]
+    python scripts/lab launch -n 2 -- .venv/bin/python scripts/lab bench profile RECIPE ...   # on each of 2 ranks (rank 0 prints)
 """
 
 import argparse
@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import UserError
+from trainer.errors import UserError
 from .recipe_args import parse_with_overrides, write_json
 
-PROG = "mlx-dp bench profile"
+PROG = "lab bench profile"
 PHASES = ("batch", "compile", "forward_backward", "mask", "reduce_update")
 
 
@@ -71,7 +71,7 @@ def _mask_seconds(batch) -> float:
         return 0.0
     import mlx.core as mx
 
-    from ..core.packing import SegmentMask
+    from trainer.core.packing import SegmentMask
 
     segments = mx.array(batch.segments)
     mx.eval(segments)
@@ -85,7 +85,7 @@ def profile_updates(run, updates: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from ..core.step import to_arrays
+    from trainer.core.step import to_arrays
 
     fns, reducer, stream, accum = run.fns, run.reducer, run.stream, run.cfg.training.grad_accumulation
     seen, rows = set(), []
@@ -151,9 +151,9 @@ def format_split(summary: dict, shapes: list) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``mlx-dp bench profile ...``; returns the exit status."""
-    from ..tools.runtime import prepare_runtime, print_error
-    from ..core.config import load_config
+    """``lab bench profile ...``; returns the exit status."""
+    from trainer.tools.runtime import prepare_runtime, print_error
+    from trainer.core.config import load_config
 
     args = parse_args(argv)
     try:
@@ -161,13 +161,13 @@ def main(argv: list[str]) -> int:
         run_dir = Path(tempfile.gettempdir()) / f"mlx-dp-profile-{os.getuid()}"
         cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={run_dir}"])
         prepare_runtime()
-        from ..cluster import connect
-        from ..core import fused
-        from ..core.attention import resolve_block
-        from ..core.batches import batches_per_epoch
-        from ..run.setup import build_run
-        from ..tools import fastjit
-        from ..tools.fastblas import active
+        from trainer.cluster import connect
+        from trainer.core import fused
+        from trainer.core.attention import resolve_block
+        from trainer.core.batches import batches_per_epoch
+        from trainer.run.setup import build_run
+        from trainer.tools import fastjit
+        from trainer.tools.fastblas import active
 
         world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s)
         run = build_run(cfg, world, None)

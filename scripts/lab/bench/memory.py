@@ -1,4 +1,4 @@
-"""``mlx-dp bench memory``: peak memory and step time per rank, optimizer state sharded or not.
+"""``lab bench memory``: peak memory and step time per rank, optimizer state sharded or not.
 
 A full fine-tune of a model of realistic shape (by default Qwen3-0.6B's layer
 shape with 8 layers, 127M parameters, random weights built locally) trains
@@ -14,8 +14,8 @@ then the ratios sharded / unsharded.
 
 Usage::
 
-    MLX_DP_BLAS=openblas mlx-dp bench memory -n 2 --json memory.json
-    mlx-dp bench memory -n 2 --layers 2 --width-divisor 4 --steps 2 --rounds 1   # a quick look
+    MLX_DP_BLAS=openblas python scripts/lab bench memory -n 2 --json memory.json
+    python scripts/lab bench memory -n 2 --layers 2 --width-divisor 4 --steps 2 --rounds 1   # a quick look
 """
 
 import argparse
@@ -29,14 +29,14 @@ from pathlib import Path
 import yaml
 
 from .comm import add_model_args, build_bench_model
-from .scaling_report import read_jsonl
-from .stats import median
+from trainer.bench.scaling_report import read_jsonl
+from trainer.bench.stats import median
 
 VARIANTS = ("unsharded", "sharded")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mlx-dp bench memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="lab bench memory", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--batch", type=int, default=1, help="sequences per rank (default 1)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
@@ -68,7 +68,7 @@ def write_recipe(args, model: Path, data: Path, work: Path) -> Path:
 
 def launch_variant(args, recipe: Path, variant: str, work: Path) -> dict:
     """Train on N ranks with or without sharding; read every rank's step times and memory."""
-    from ..cluster.launch import launch
+    from trainer.cluster.launch import launch
 
     run_dir = work / f"{variant}-{time.monotonic_ns()}"
     command = [sys.executable, "-u", "-m", "trainer", "train", str(recipe), f"checkpoint.dir={run_dir}",
@@ -104,7 +104,7 @@ def summarise(rounds: dict) -> dict:
 
 def print_table(doc: dict) -> None:
     s = doc["summary"]
-    print(f"\nmlx-dp bench memory: {doc['world_size']} ranks, full fine-tune of {doc['params'] / 1e6:.1f}M parameters "
+    print(f"\nlab bench memory: {doc['world_size']} ranks, full fine-tune of {doc['params'] / 1e6:.1f}M parameters "
           f"({doc['arch']}, {doc['layers']} layers), {doc['optimizer']}, batch {doc['batch']} x {doc['seq']} tokens "
           f"per rank, {doc['rounds']} alternating round(s), BLAS {doc['blas']}")
     print(f"{'variant':10s} {'median step':>12s} {'(range)':>16s} {'peak mem/rank':>14s} {'(range)':>16s} "
@@ -120,9 +120,9 @@ def print_table(doc: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from ..tools import synth
-    from ..tools.fastblas import requested
-    from ..tools.textsets import make_text_set
+    from lab import synth
+    from trainer.tools.fastblas import requested
+    from lab.textsets import make_text_set
 
     args = parse_args(argv)
     cache = Path(os.environ.get("MLX_DP_CACHE") or Path.home() / ".cache" / "mlx-dp") / "bench-models"
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
                 try:
                     result = launch_variant(args, recipe, variant, work)
                 except RuntimeError as e:
-                    print(f"\nmlx-dp bench memory: error: {e}", file=sys.stderr)
+                    print(f"\nlab bench memory: error: {e}", file=sys.stderr)
                     return 1
                 rounds[variant].append(result)
                 print(f" step {result['step_time_s']:.3f}s, peak {max(result['peak_memory_gb_per_rank']):.3f} GB "
