@@ -16,6 +16,7 @@ from pathlib import Path
 from .config import DataConfig
 from .hub import close_match, hub_offline, looks_like_hub_id, mistyped_local_path
 from ..errors import DataError
+from ..library import resolve as resolve_builtin
 
 SPLIT_FILE_NAMES = {
     "train": ("train",),
@@ -55,8 +56,9 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
     """Map split names (train, valid, test) to their sources.
 
     ``data.path`` may be a file (the train split), a directory holding
-    ``train``/``valid``/``test`` files, or a hub id. ``data.hf_dataset``
-    takes a hub id with explicit split expressions, like mlx-lm's.
+    ``train``/``valid``/``test`` files, a hub id, or a built-in dataset
+    (``builtin:tiny-task``). ``data.hf_dataset`` (one entry here) takes a hub
+    id with explicit split expressions, like mlx-lm's.
     """
     if cfg.hf_dataset is not None:
         hf = cfg.hf_dataset
@@ -66,7 +68,7 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
         return {s: Source(s, f"{hf['path']}[{expr}]", hf["path"], hub_split=expr, hub_name=hf.get("name"),
                           hub_kwargs=tuple(sorted((hf.get("config") or {}).items())))
                 for s, expr in splits.items() if expr}
-    path = Path(os.path.expanduser(cfg.path))
+    path = Path(os.path.expanduser(resolve_builtin(cfg.path)))
     if path.is_file():
         return {"train": _file_source("train", path)}
     if path.is_dir():
