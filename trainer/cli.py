@@ -3,8 +3,8 @@
     mlx-dp train RECIPE [section.key=value ...] [--resume [PATH] [--allow-changes]]
     mlx-dp eval RECIPE [--checkpoint PATH] [section.key=value ...]
     mlx-dp export RECIPE --out DIR [--checkpoint PATH]
-    mlx-dp bench comm|scaling ...
-    mlx-dp recipes list | cp NAME DEST | keys
+    mlx-dp bench scaling RECIPE -n N ...
+    mlx-dp recipes list | cp NAME DEST | keys | memory [NAME]
     mlx-dp hostfile check HOSTFILE
     mlx-dp launch [-n N | --hostfile HOSTFILE] [mlx.launch's options] -- COMMAND ...
 
@@ -30,14 +30,31 @@ from .errors import ConfigError, UserError
 from .tools.runtime import prepare_runtime, print_error
 
 
-def _cmd_train(args, options=None) -> int:
-    from .core.config import load_config
+def _load(args, say: bool = False):
+    """The recipe a command names: a file or a library recipe, or an mlx_lm.lora config (translated).
 
+    ``say``: print, on rank 0, how an mlx-lm config maps onto a recipe.
+    """
+    from .core.mlx_lm_config import load_any
+    from .tools.recipes import find_recipe
+
+    env = launch_env()
+    path = find_recipe(args.recipe)
+    cfg, translation = load_any(path, args.overrides, world_size=env.world_size or 1)
+    if translation is not None and say and env.rank == 0:
+        print(f"[mlx-dp] {path} is an mlx_lm.lora config; it trains as this recipe "
+              f"(mlx-dp recipes cp {path} recipe.yaml writes it out for editing):", flush=True)
+        for note in translation.notes:
+            print(f"[mlx-dp]   {note}", flush=True)
+    return cfg
+
+
+def _cmd_train(args, options=None) -> int:
     if args.resume and re.match(r"^\w+\.\w+=", args.resume):
         # `--resume training.steps=200`: the value is an override, not a path
         args.overrides.append(args.resume)
         args.resume = ""
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = _load(args, say=True)
     prepare_runtime()
     from .run.loop import train
 
@@ -53,9 +70,7 @@ def _cmd_train(args, options=None) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .core.config import load_config
-
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = _load(args)
     prepare_runtime()
     from .tools.evaluation import run_eval
 
@@ -73,9 +88,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .core.config import load_config
-
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = _load(args)
     prepare_runtime()
     from .tools.export import export
 
@@ -100,8 +113,9 @@ def _cmd_recipes(args) -> int:
         return 0
     if args.action == "cp":
         if not args.name or not args.dest:
-            raise ConfigError("usage: mlx-dp recipes cp NAME DEST")
-        print(recipes.copy_recipe(args.name, args.dest))
+            raise ConfigError("usage: mlx-dp recipes cp NAME DEST (NAME: a library recipe, or an mlx_lm.lora "
+                              "config to translate)")
+        print(recipes.copy_recipe(args.name, args.dest, ranks=args.ranks))
         return 0
     from .core.config import describe_keys
 
@@ -123,11 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-dp", description="Data-parallel fine-tuning on MLX from YAML recipes.",
         epilog="also: mlx-dp launch (start ranks as mlx.launch does, without its busy relay; see mlx-dp launch "
-        "--help) and mlx-dp bench comm|scaling|memory|profile|attention (benchmarks; see mlx-dp bench --help)")
+        "--help) and mlx-dp bench scaling (how much faster N ranks are than one; see mlx-dp bench scaling --help)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune from a recipe (run under a launcher for several ranks)")
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help="recipe YAML file, a library recipe's name (mlx-dp recipes list), or an "
+                   "mlx_lm.lora config")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue from the newest intact checkpoint in checkpoint.dir, or from PATH")
@@ -160,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list, copy or explain recipes; memory: what fits on a 16/32/64 GB Mac")
     p.add_argument("action", choices=["list", "cp", "keys", "memory"])
-    p.add_argument("name", nargs="?")
-    p.add_argument("dest", nargs="?")
+    p.add_argument("name", nargs="?", help="cp, memory: a library recipe's name (or a file; cp also translates "
+                   "an mlx_lm.lora config)")
+    p.add_argument("dest", nargs="?", help="cp: where to write it")
+    p.add_argument("--ranks", type=int, default=1, help="cp of an mlx_lm.lora config: ranks its global batch_size "
+                   "is split over (default 1)")
     p.set_defaults(func=_cmd_recipes)
     return parser
 

@@ -221,6 +221,17 @@ def to_split(name: str, source: Source, mapped, cfg: DataConfig) -> TokenizedSpl
     return TokenizedSplit(name, source.description, tokens, starts[keep], lengths[keep], prompt[keep], notes)
 
 
+def concatenate(pieces: list[TokenizedSplit]) -> TokenizedSplit:
+    """One split from the same split of several datasets (``data.hf_dataset`` as a list), in order."""
+    offsets = np.cumsum([0] + [len(p.tokens) for p in pieces[:-1]])
+    return TokenizedSplit(pieces[0].name, " + ".join(p.source for p in pieces),
+                          np.concatenate([p.tokens for p in pieces]),
+                          np.concatenate([p.starts + off for p, off in zip(pieces, offsets)]),
+                          np.concatenate([p.lengths for p in pieces]),
+                          np.concatenate([p.prompt_lengths for p in pieces]),
+                          [f"{p.source}: {note}" for p in pieces for note in p.notes])
+
+
 def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_progress: bool = True):
     """Load, tokenize (cached) and check the requested splits.
 
@@ -234,21 +245,31 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
     Returns:
         dict[str, TokenizedSplit]: The splits that exist.
     """
-    if cfg.hf_dataset is not None:  # its column names override the data section's
-        features = {k: v for k, v in cfg.hf_dataset.items() if k.endswith("_feature")}
-        cfg = dataclasses.replace(cfg, **features)
-    sources = resolve_sources(cfg)
+    # Every hub dataset of a list (or the one data.path) is a part; each split concatenates the parts.
+    entries = cfg.hf_datasets() or [None]
+    parts = []
+    for entry in entries:
+        part = cfg
+        if entry is not None:  # its column names override the data section's
+            features = {k: v for k, v in entry.items() if k.endswith("_feature")}
+            part = dataclasses.replace(cfg, hf_dataset=entry, **features)
+        parts.append((part, resolve_sources(part)))
     tok_fp = tokenizer_fingerprint(tokenizer)
     out = {}
     for name in splits:
-        if name not in sources:
+        pieces = []
+        for part, sources in parts:
+            if name not in sources:
+                continue
+            required = name == "train" or part.hf_dataset is not None
+            ds = load_rows(sources[name], part.cache_dir, required=required)
+            if ds is None:
+                continue
+            mapped = tokenize_split(sources[name], ds, tokenizer, part, tok_fp, show_progress)
+            pieces.append(to_split(name, sources[name], mapped, part))
+        if not pieces:
             continue
-        required = name == "train" or cfg.hf_dataset is not None
-        ds = load_rows(sources[name], cfg.cache_dir, required=required)
-        if ds is None:
-            continue
-        mapped = tokenize_split(sources[name], ds, tokenizer, cfg, tok_fp, show_progress)
-        out[name] = to_split(name, sources[name], mapped, cfg)
+        out[name] = pieces[0] if len(pieces) == 1 else concatenate(pieces)
         if cfg.packing:
             from .packing import pack, pack_length
 

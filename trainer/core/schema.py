@@ -75,9 +75,10 @@ class DataConfig:
     """Where the data is and how it becomes token batches."""
 
     path: Optional[str] = _doc("JSONL/Parquet/CSV file, a directory with train/valid(/test) files, or a hub id", None)
-    hf_dataset: Optional[dict[str, Any]] = _doc(
+    hf_dataset: Optional[Union[dict[str, Any], list[dict[str, Any]]]] = _doc(
         "hub dataset like mlx-lm's hf_dataset: {path, name, train_split, valid_split, test_split, "
-        "text_feature, prompt_feature, completion_feature, chat_feature}", None)
+        "text_feature, prompt_feature, completion_feature, chat_feature}, or a list of them (their splits "
+        "are concatenated, as mlx-lm does)", None)
     format: Literal["auto", "text", "completion", "chat"] = _doc("row format; auto detects it from the first row", "auto")
     text_feature: str = _doc("column holding plain text", "text")
     prompt_feature: str = _doc("column holding the prompt", "prompt")
@@ -105,13 +106,23 @@ class DataConfig:
         if self.pack_length != 0 and not 2 <= self.pack_length <= self.max_seq_length:
             raise ConfigError(f"data.pack_length must be 0 (chosen from the data) or between 2 and "
                               f"data.max_seq_length={self.max_seq_length}, got {self.pack_length}")
-        if self.hf_dataset is not None:
-            if not self.hf_dataset.get("path"):
-                raise ConfigError("data.hf_dataset needs a `path` (the hub id)")
-            for key in self.hf_dataset:
+        entries = self.hf_datasets()
+        if isinstance(self.hf_dataset, list) and not entries:
+            raise ConfigError("data.hf_dataset is an empty list; give at least one dataset")
+        for i, entry in enumerate(entries):
+            where = "data.hf_dataset" + (f"[{i}]" if isinstance(self.hf_dataset, list) else "")
+            if not entry.get("path"):
+                raise ConfigError(f"{where} needs a `path` (the hub id)")
+            for key in entry:
                 if key not in HF_DATASET_KEYS:
-                    raise ConfigError(f"unknown key data.hf_dataset.{key}" + _suggest(key, HF_DATASET_KEYS).replace(
-                        "mean ", "mean data.hf_dataset."))
+                    raise ConfigError(f"unknown key {where}.{key}" + _suggest(key, HF_DATASET_KEYS).replace(
+                        "mean ", f"mean {where}."))
+
+    def hf_datasets(self) -> list[dict]:
+        """``hf_dataset`` as a list of entries (empty without one)."""
+        if self.hf_dataset is None:
+            return []
+        return list(self.hf_dataset) if isinstance(self.hf_dataset, list) else [self.hf_dataset]
 
 
 DEFAULT_STEPS = 100  # training length when a recipe sets neither training.steps nor training.epochs
