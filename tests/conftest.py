@@ -1,9 +1,14 @@
-"""Shared test helpers: the shipped tiny model, recipes in tmp dirs, CLI runners.
+"""Shared test helpers, the one place for them: the shipped tiny model, recipes in tmp dirs, CLI runners,
+the files a run writes, small synthetic data.
 
-Multi-process tests launch real processes (`mlx-dp launch`, or mlx.launch)
-on loopback; nothing of MLX is mocked.
+Two tiers. Tests marked ``e2e`` start real processes (``mlx-dp`` commands,
+``mlx-dp launch`` or mlx.launch on loopback, network namespaces); nothing of
+MLX is mocked there. Every other test runs in this process, in about two
+minutes: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both.
+The lab (``scripts/lab``) is importable as ``lab``.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +18,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the lab: `import lab`
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 MLX_DP = str(BIN / "mlx-dp")
+LAB = [PYTHON, str(ROOT / "scripts" / "lab")]  # `python scripts/lab ...`
 TINY_MODEL = ROOT / "data" / "tiny-llama"
 TINY_DATA = ROOT / "data" / "tiny-task"
 FAULTS = str(ROOT / "tests" / "workers" / "faults.py")
@@ -46,6 +53,10 @@ class _Hidden:
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
 sys.meta_path.insert(0, _Hidden())
 """
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: starts real processes (the end-to-end tier; -m 'not e2e' skips it)")
 
 
 def without_matplotlib(tmp_path: Path) -> dict:
@@ -81,6 +92,11 @@ def run(args: list[str], timeout: float = 300, env: dict | None = None) -> subpr
     """Run a command, capturing text output."""
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
                           cwd=ROOT)
+
+
+def lab(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python scripts/lab ARGS`` (the lab's benchmarks and tools)."""
+    return run([*LAB, *args], timeout=timeout, env=env)
 
 
 def mlx_dp(*args: str, timeout: float = 300, env: dict | None = None,
@@ -137,3 +153,74 @@ def wait_for_step(run_dir: Path, step: int, procs, timeout: float = 120) -> None
         assert not dead, f"a rank exited early with {dead}"
         time.sleep(0.2)
     raise AssertionError(f"update {step} not reached in {timeout}s")
+
+
+# ---------------------------------------------------------------------------- what runs write
+
+
+def read_status(run_dir: Path) -> dict:
+    """A run directory's ``status.json``."""
+    return json.loads((Path(run_dir) / "status.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run directory's ``metrics.jsonl`` records."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_weights(run_dir: Path) -> dict:
+    """The trained weights a run wrote (``adapters.safetensors``), as numpy arrays."""
+    import mlx.core as mx
+    import numpy as np
+
+    return {k: np.array(v) for k, v in mx.load(str(Path(run_dir) / "adapters.safetensors")).items()}
+
+
+def worker_result(n: int, worker: str, *args: str, timeout: float = 600) -> dict:
+    """Run ``tests/workers/WORKER ARGS`` on n ranks under mlx-dp launch; its ``RESULT {json}`` line on rank 0."""
+    result = run([MLX_DP, "launch", "-n", str(n), "--", PYTHON, str(ROOT / "tests" / "workers" / worker), *args],
+                 timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+# ---------------------------------------------------------------------------- small synthetic data
+
+
+def fake_split(n: int, seed: int = 0, max_len: int = 60):
+    """A tokenized split of ``n`` random samples (lengths 5 to ``max_len``), no file behind it."""
+    import numpy as np
+
+    from trainer.core.data import TokenizedSplit
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, max_len, n)
+    prompt = rng.integers(0, 4, n)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tokens = rng.integers(3, 100, int(lengths.sum())).astype(np.int32)
+    return TokenizedSplit("train", "fake", tokens, starts, lengths, prompt)
+
+
+def packed_mask(length: int, cuts: list[int], rows: int = 1):
+    """The attention mask of packed rows whose samples start at ``cuts``; a second row is the first reversed."""
+    import mlx.core as mx
+
+    from trainer.core.packing import SegmentMask
+
+    ids = [sum(p >= c for c in cuts) for p in range(length)]
+    return SegmentMask(mx.array([ids, ids[::-1]][:rows])).make_mask(length)
+
+
+@pytest.fixture
+def tiny_model():
+    """The shipped tiny model, loaded with mlx-lm; its attention and SwiGLU routes are reset afterwards."""
+    from mlx_lm import load
+
+    from trainer.core import attention, fused
+
+    model, _ = load(str(TINY_MODEL))
+    yield model
+    attention.use_blocks(model, 0)
+    fused.use_fused(model, False)
+

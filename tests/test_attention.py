@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 
-from conftest import TINY_MODEL, mlx_dp, tiny_recipe
+from conftest import mlx_dp, packed_mask, tiny_recipe
 from trainer.core import attention
 from trainer.core.packing import SegmentMask
 
@@ -15,11 +15,6 @@ def whole_rows(q, k, v, mask):
 def value_and_grads(fn, q, k, v, weights):
     # a weighted sum, so that every output position has its own gradient
     return mx.value_and_grad(lambda q, k, v: (fn(q, k, v) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
-
-
-def packed_mask(length: int, cuts: list[int]) -> mx.array:
-    ids = [sum(p >= c for c in cuts) for p in range(length)]
-    return SegmentMask(mx.array([ids])).make_mask(length)
 
 
 @pytest.mark.parametrize("length,block", [(65, 32), (130, 64), (200, 64), (97, 16)])
@@ -38,12 +33,8 @@ def test_blocks_match_whole_rows(length, block, packed):
 
 
 @pytest.fixture
-def model():
-    from mlx_lm import load
-
-    model, _ = load(str(TINY_MODEL))
-    yield model
-    attention.use_blocks(model, 0)
+def model(tiny_model):
+    return tiny_model
 
 
 def loss_and_grads(model, tokens):
@@ -103,6 +94,7 @@ def test_generation_with_a_cache_is_left_to_mlx_lm(model, monkeypatch):
     assert len(calls) == len(model.layers), "only the prefill ran in blocks"
 
 
+@pytest.mark.e2e
 def test_auto_is_blocks_on_cpu_and_the_key_is_checked(tmp_path):
     from trainer.core.schema import TrainingConfig
     from trainer.errors import ConfigError
@@ -116,29 +108,3 @@ def test_auto_is_blocks_on_cpu_and_the_key_is_checked(tmp_path):
     result = mlx_dp("train", str(recipe))
     assert result.returncode == 2
     assert "training.attention_block must be" in result.stderr
-
-
-def test_bench_attention_times_both_ways(tmp_path):
-    out = tmp_path / "attention.json"
-    result = mlx_dp("bench", "attention", str(tiny_recipe(tmp_path)), "--widths", "40,70", "--blocks", "16",
-                    "--batch", "2", "--rounds", "2", "--json", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
-    doc = json.loads(out.read_text())
-    assert doc["fused_exp"] is (mx.default_device().type == mx.cpu), "blocks are timed as training runs them"
-    assert [w["width"] for w in doc["widths"]] == [40, 70]
-    for width in doc["widths"]:
-        assert len(width["rounds"]) == 2 and all(set(r) == {"0", "16"} and min(r.values()) > 0
-                                                 for r in width["rounds"])
-        ratios = [r["0"] / r["16"] for r in width["rounds"]]  # within a round
-        v = width["variants"]["16"]
-        assert v["speedup"] == pytest.approx(sum(ratios) / 2), "the median of two rounds"
-        assert (v["speedup_min"], v["speedup_max"]) == (min(ratios), max(ratios))
-    assert "block 16" in result.stdout
-
-
-def test_bench_attention_refuses_bad_widths(tmp_path):
-    result = mlx_dp("bench", "attention", str(tiny_recipe(tmp_path)), "--widths", "0,x")
-    assert result.returncode == 2
-    assert "--widths" in result.stderr

@@ -5,16 +5,7 @@ import pytest
 
 from trainer.core.balance import Balancer, assign_rows, predicted_time, rows_of, water_fill
 from trainer.core.batches import BatchStream, epoch_batches, rank_rows
-from trainer.core.data import TokenizedSplit
-
-
-def fake_split(n, seed=0, max_len=60):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(5, max_len, n)
-    prompt = rng.integers(0, 4, n)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    tokens = rng.integers(3, 100, int(lengths.sum())).astype(np.int32)
-    return TokenizedSplit("train", "fake", tokens, starts, lengths, prompt)
+from conftest import fake_split
 
 
 def test_water_fill_is_proportional_and_gives_every_rank_a_row():

@@ -4,16 +4,7 @@ import numpy as np
 import pytest
 
 from trainer.core.batches import BatchStream, epoch_batches, make_batch, padded_width, rank_rows
-from trainer.core.data import TokenizedSplit
-
-
-def fake_split(n, seed=0, max_len=60):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(5, max_len, n)
-    prompt = rng.integers(0, 4, n)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    tokens = rng.integers(3, 100, int(lengths.sum())).astype(np.int32)
-    return TokenizedSplit("train", "fake", tokens, starts, lengths, prompt)
+from conftest import fake_split
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -1,23 +1,17 @@
 """Gradient buckets: planning, backward order, exactness against plain all_sum, plan checks."""
 
-import json
-
 import mlx.core as mx
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, TINY_MODEL, run
+from conftest import TINY_MODEL, worker_result
 from trainer.core.parallel import MiB, plan_buckets
-
-WORKER = str(ROOT / "tests" / "workers" / "reduce_check.py")
 
 
 def launch_worker(n, mode):
-    result = run([MLX_DP, "launch", "-n", str(n), "--", PYTHON, WORKER, mode], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[0][len("RESULT "):])
+    return worker_result(n, "reduce_check.py", mode, timeout=300)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("n", [2, 3])
 def test_bucketed_reduction_equals_per_array_all_sum(n):
     worst = launch_worker(n, "compare")["worst_relative_error"]
@@ -28,6 +22,7 @@ def test_bucketed_reduction_equals_per_array_all_sum(n):
             assert worst[key] <= 1e-2, worst
 
 
+@pytest.mark.e2e
 def test_mismatched_plan_is_refused_before_any_all_sum():
     result = launch_worker(2, "mismatch")
     assert result["refused"] and "gradient bucket plan differs from rank 0" in result["refused"]

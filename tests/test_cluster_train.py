@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from conftest import MLX_DP, ROOT, run, tiny_recipe
-from trainer.cluster.netem import check_permitted
+from lab.netem import check_permitted
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 REASON = check_permitted()
 

@@ -1,13 +1,15 @@
 """Recipe loading: strict keys, types, values, precedence, and every shipped recipe."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
 
 from trainer.core.config import build_config, load_config
 from trainer.errors import ConfigError
-from trainer.tools.recipes import RECIPES_DIR, all_recipes
+from trainer.library import recipes_dir
+from trainer.tools.recipes import all_recipes
 
 BASE = {"model": {"path": "data/tiny-llama"}, "data": {"path": "data/tiny-task"}}
 
@@ -83,7 +85,7 @@ def test_frozen_and_round_trips(tmp_path):
 
 def test_every_recipe_validates():
     recipes = all_recipes()
-    assert len(recipes) >= 11, f"recipes missing under {RECIPES_DIR}: {recipes}"
+    assert len(recipes) >= 11, f"recipes missing under {recipes_dir()}: {recipes}"
     for path in recipes:
         cfg = load_config(path)
         assert cfg.model.path and (cfg.data.path or cfg.data.hf_dataset), path
@@ -162,14 +164,24 @@ def test_nested_aliases_are_bounded_and_messages_stay_short(tmp_path):
     assert len(str(e.value)) < 400
 
 
-def test_an_install_without_the_repository_finds_recipes_of_a_clone_or_says_where_they_are(tmp_path, monkeypatch):
+def test_recipes_are_found_by_name_and_builtins_by_their_name(tmp_path, monkeypatch):
     from trainer.errors import ConfigError
+    from trainer.library import resolve
     from trainer.tools import recipes
 
-    monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path / "site-packages" / "recipes")  # as after pip install .
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="ships in the mlx-dp repository"):
-        recipes.all_recipes(recipes.RECIPES_DIR)
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "mine.yaml").write_text("# mine\nmodel: {path: x}\n")
-    assert [recipes.recipe_name(p, recipes.RECIPES_DIR) for p in recipes.all_recipes(recipes.RECIPES_DIR)] == ["mine"]
+    monkeypatch.chdir(tmp_path)  # from any directory
+    assert recipes.find_recipe("tiny-lora") == recipes_dir() / "tiny-lora.yaml"
+    assert load_config(recipes.find_recipe("tiny-lora")).model.path == "builtin:tiny-llama"
+    assert Path(resolve("builtin:tiny-llama")) == recipes_dir().parent / "data" / "tiny-llama"
+    assert resolve("data/x") == "data/x", "any other path is the user's"
+    with pytest.raises(ConfigError, match="did you mean tiny-lora"):
+        recipes.find_recipe("tiny-lroa")
+    with pytest.raises(ConfigError, match="builtin:tiny-llam is not a built-in file of mlx-dp; the built-ins are "
+                                          "builtin:tiny-corpus, builtin:tiny-llama, builtin:tiny-task"):
+        resolve("builtin:tiny-llam")
+    with pytest.raises(ConfigError, match="not a built-in"):
+        resolve("builtin:../recipes")
+    copied = recipes.copy_recipe("tiny-lora", str(tmp_path))
+    assert copied == tmp_path / "tiny-lora.yaml" and "builtin:tiny-task" in copied.read_text()
+    with pytest.raises(ConfigError, match="already exists"):
+        recipes.copy_recipe("tiny-lora", str(tmp_path))

@@ -5,22 +5,21 @@ Ranks are real processes on loopback started by hand, so one of them can be
 missing, broken or signalled.
 """
 
+import pytest
 import json
 import signal
 import subprocess
 import time
 
-from conftest import mlx_dp_command, start_ranks, tiny_recipe, wait_for_step
+from conftest import read_status, mlx_dp_command, start_ranks, tiny_recipe, wait_for_step
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 TIMEOUT_S = 6.0
 
 
 def recipe(tmp_path, **sections):
     return str(tiny_recipe(tmp_path, **{"parallel": {"timeout_s": TIMEOUT_S}, **sections}))
-
-
-def status(tmp_path):
-    return json.loads((tmp_path / "run" / "status.json").read_text())
 
 
 def test_a_rank_that_fails_at_start_is_heard_and_named_with_its_address_in_time(tmp_path):
@@ -36,7 +35,7 @@ def test_a_rank_that_fails_at_start_is_heard_and_named_with_its_address_in_time(
     assert "mlx-dp: error: [rank 1]" in log1 and "unknown key training.batch_sise" in log1
     assert f"mlx-dp: error: rank 0 could not reach rank 1 at {rank1} within parallel.timeout_s=6: connection " \
            "refused" in log0
-    record = status(tmp_path)
+    record = read_status(tmp_path / "run")
     assert record["state"] == "failed" and record["rank"] == 0 and f"rank 1 at {rank1}" in record["reason"]
 
 
@@ -50,7 +49,7 @@ def test_a_missing_rank_among_three_is_named_by_both_neighbours(tmp_path):
     rank2 = json.loads((tmp_path / "hosts.json").read_text())[2][0]
     assert f"rank 2 ({rank2}) never connected to rank 0" in (tmp_path / "rank0.log").read_text()
     assert f"rank 1 could not reach rank 2 at {rank2}" in (tmp_path / "rank1.log").read_text()
-    assert status(tmp_path)["state"] == "failed" and "rank 2" in status(tmp_path)["reason"]
+    assert read_status(tmp_path / "run")["state"] == "failed" and "rank 2" in read_status(tmp_path / "run")["reason"]
 
 
 def test_a_signal_while_connecting_stops_at_once_with_a_status(tmp_path):
@@ -61,7 +60,7 @@ def test_a_signal_while_connecting_stops_at_once_with_a_status(tmp_path):
     assert procs[0].wait(timeout=10) == 128 + signal.SIGTERM
     log = (tmp_path / "rank0.log").read_text()
     assert "mlx-dp: stopped: SIGTERM while the ranks connected; nothing was trained" in log
-    record = status(tmp_path)
+    record = read_status(tmp_path / "run")
     assert record["state"] == "stopped" and "nothing was trained" in record["reason"]
 
 
@@ -76,7 +75,7 @@ def test_a_quick_double_ctrl_c_leaves_a_truthful_status(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
-    record = status(tmp_path)
+    record = read_status(tmp_path / "run")
     if record["state"] == "stopped":
         # the first Ctrl-C's stop (one tiny update and its checkpoint) finished within the 50 ms before
         # the second arrived: then "stopped" is the truth, and its checkpoint must be there, complete
@@ -120,6 +119,6 @@ def test_closing_the_terminal_stops_with_a_checkpoint(tmp_path):
             break
     os.close(master)  # the window closes: SIGHUP, and the terminal is gone
     assert proc.wait(timeout=60) == 128 + signal.SIGHUP
-    record = status(tmp_path)
+    record = read_status(tmp_path / "run")
     assert record["state"] == "stopped" and record["reason"].startswith("SIGHUP: stopped after saving update")
     assert (tmp_path / "run" / "checkpoints" / f"step_{record['step']:07d}").is_dir()

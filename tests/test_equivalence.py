@@ -3,7 +3,7 @@
 Reference comparison: the same recipes run on 1 process at batch 4 and on 2
 ranks at batch 2, and the final trainable weights are compared. With SGD
 the match is to float rounding. With Adam, an element whose gradient is about
-zero can flip the sign of its first update (../shared/PLATFORM.md), so Adam is
+zero can flip the sign of its first update (docs/PLATFORM.md), so Adam is
 judged against the distance between two genuinely different runs.
 """
 
@@ -13,7 +13,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe
+from conftest import MLX_DP, PYTHON, ROOT, read_weights, run, tiny_recipe
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
 CASES = {  # name: overrides shared by both sides
@@ -55,10 +57,6 @@ def runs(tmp_path_factory):
     return tmp
 
 
-def weights(run_dir):
-    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters.safetensors")).items()}
-
-
 def diff(a, b):
     d = np.concatenate([np.abs(a[k] - b[k]).ravel() for k in a])
     return d.max(), float(np.sqrt((d ** 2).mean()))
@@ -66,7 +64,7 @@ def diff(a, b):
 
 @pytest.mark.parametrize("case", ["sgd", "sgd-accum", "sgd-full"])
 def test_sgd_two_ranks_equal_one_process(runs, case):
-    one, two = weights(runs / f"one-{case}"), weights(runs / f"two-{case}")
+    one, two = read_weights(runs / f"one-{case}"), read_weights(runs / f"two-{case}")
     assert one.keys() == two.keys()
     scale = max(np.abs(v).max() for v in one.values())
     worst, _ = diff(one, two)
@@ -74,8 +72,8 @@ def test_sgd_two_ranks_equal_one_process(runs, case):
 
 
 def test_adam_two_ranks_match_within_float_noise(runs):
-    one, two = weights(runs / "one-adamw-accum"), weights(runs / "two-adamw-accum")
-    other = weights(runs / "one-adamw-accum-seed1")
+    one, two = read_weights(runs / "one-adamw-accum"), read_weights(runs / "two-adamw-accum")
+    other = read_weights(runs / "one-adamw-accum-seed1")
     _, same = diff(one, two)
     _, different = diff(one, other)
     assert same < 0.01 * different, f"rms {same:.3g} vs {different:.3g} between different runs"
@@ -83,7 +81,7 @@ def test_adam_two_ranks_match_within_float_noise(runs):
 
 @pytest.mark.parametrize("case", ["sgd", "sgd-accum"])
 def test_uneven_split_trains_what_one_process_trains(runs, case):
-    one, uneven = weights(runs / f"one-{case}"), weights(runs / f"two-uneven-{case}")
+    one, uneven = read_weights(runs / f"one-{case}"), read_weights(runs / f"two-uneven-{case}")
     scale = max(np.abs(v).max() for v in one.values())
     worst, _ = diff(one, uneven)
     assert worst <= 1e-5 * scale, f"max difference {worst:.3g} (weights up to {scale:.3g})"
@@ -93,9 +91,9 @@ def test_uneven_split_trains_what_one_process_trains(runs, case):
 
 
 def test_uneven_split_with_adam_matches_within_float_noise(runs):
-    one, uneven = weights(runs / "one-adamw-accum"), weights(runs / "two-uneven-adamw-accum")
+    one, uneven = read_weights(runs / "one-adamw-accum"), read_weights(runs / "two-uneven-adamw-accum")
     _, same = diff(one, uneven)
-    _, different = diff(one, weights(runs / "one-adamw-accum-seed1"))
+    _, different = diff(one, read_weights(runs / "one-adamw-accum-seed1"))
     assert same < 0.01 * different, f"rms {same:.3g} vs {different:.3g} between different runs"
 
 
@@ -105,13 +103,13 @@ def test_measured_split_is_the_same_on_every_rank_and_exact(runs):
                                                       .read_text().splitlines())] for r in range(2)]
     assert splits[0] == splits[1], "every rank must use the same split"
     assert splits[0][0][1] == [2, 2] and splits[0][-1][1] == [3, 1], "rank 0 is 3x faster: it takes 3 of 4 rows"
-    one, auto = weights(runs / "one-sgd"), weights(run_dir)
+    one, auto = read_weights(runs / "one-sgd"), read_weights(run_dir)
     scale = max(np.abs(v).max() for v in one.values())
     assert diff(one, auto)[0] <= 1e-5 * scale
 
 
 def test_overlap_reproduces_the_serial_path_exactly(runs):
-    overlapped, serial = weights(runs / "two-full-overlap-true"), weights(runs / "two-full-overlap-false")
+    overlapped, serial = read_weights(runs / "two-full-overlap-true"), read_weights(runs / "two-full-overlap-false")
     assert overlapped.keys() == serial.keys()
     for key in overlapped:
         assert np.array_equal(overlapped[key], serial[key]), f"{key} differs between overlap and serial"

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import BIN, TINY_MODEL, launched, mlx_dp, one_error_line, run, tiny_recipe
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from conftest import BIN, MLX_DP, launched, mlx_dp, one_error_line, start_ranks, tiny_recipe, wait_for_step
+from conftest import read_status, BIN, MLX_DP, launched, mlx_dp, one_error_line, start_ranks, tiny_recipe, wait_for_step
 from trainer.core.checkpoint import list_checkpoints, load_checkpoint
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 LONG = {"training": {"batch_size": 2, "steps": 100000, "learning_rate": 1e-3},
         "checkpoint": {"every": 5}, "parallel": {"timeout_s": 6.0}}
@@ -23,10 +25,6 @@ def long_recipe(tmp_path, **extra):
     for k, v in extra.items():
         sections.setdefault(k, {}).update(v)
     return str(tiny_recipe(tmp_path, **sections))
-
-
-def status(tmp_path):
-    return json.loads((tmp_path / "run" / "status.json").read_text())
 
 
 def finish(procs, timeout=60):
@@ -60,7 +58,7 @@ def test_killed_peer_without_launcher(tmp_path):
     assert code == 3
     log = (tmp_path / "rank0.log").read_text()
     assert "mlx-dp: error: lost rank 1" in log and "Traceback" not in log
-    assert status(tmp_path)["state"] == "failed" and "lost rank 1" in status(tmp_path)["reason"]
+    assert read_status(tmp_path / "run")["state"] == "failed" and "lost rank 1" in read_status(tmp_path / "run")["reason"]
     assert_checkpoint_intact(tmp_path)
 
 
@@ -89,13 +87,13 @@ def test_killed_peer_under_mlx_launch(tmp_path):
     # mlx.launch itself exits 0 here (measured with mlx 0.32.4); the trainer makes the failure visible
     assert "Traceback" not in out
     if "lost rank 1" in out:
-        assert status(tmp_path)["state"] == "failed"
+        assert read_status(tmp_path / "run")["state"] == "failed"
     else:
         # mlx.launch races the trainer: it SIGTERMs the surviving rank when it sees rank 1 die, and
         # that may land before rank 0's next collective notices the loss. The status must then say
         # the run ended (stopped by that signal, or failed), never "running".
         assert "Node with rank 0 exited with code" in out
-        assert status(tmp_path)["state"] in ("failed", "stopped")
+        assert read_status(tmp_path / "run")["state"] in ("failed", "stopped")
     assert_checkpoint_intact(tmp_path)
 
 
@@ -105,7 +103,7 @@ def test_stopped_peer_is_named_by_the_watchdog_and_cannot_rewrite_the_status_whe
     procs[1].send_signal(signal.SIGSTOP)
     try:
         code = procs[0].wait(timeout=60)
-        recorded = status(tmp_path)
+        recorded = read_status(tmp_path / "run")
     finally:
         procs[1].send_signal(signal.SIGCONT)  # the laptop wakes up: rank 1 finds rank 0 gone
     late = finish(procs[1:])
@@ -113,7 +111,7 @@ def test_stopped_peer_is_named_by_the_watchdog_and_cannot_rewrite_the_status_whe
     log = (tmp_path / "rank0.log").read_text()
     assert "watchdog: rank 0" in log and "rank 1 (" in log and "has not been heard from" in log
     assert recorded["state"] == "failed" and recorded["rank"] == 0 and "rank 1 (" in recorded["reason"]
-    assert status(tmp_path) == recorded, "the rank that woke up must not overwrite the record and blame rank 0"
+    assert read_status(tmp_path / "run") == recorded, "the rank that woke up must not overwrite the record and blame rank 0"
     assert "not recording 'failed'" in (tmp_path / "rank1.log").read_text()
 
 
@@ -133,14 +131,14 @@ def test_sigterm_and_sighup_save_stop_cleanly_and_resume(tmp_path):
     procs[0].send_signal(signal.SIGHUP)  # a closed terminal stops like SIGTERM: checkpoint first
     procs[1].send_signal(signal.SIGTERM)
     assert finish(procs) == [128 + signal.SIGHUP, 128 + signal.SIGTERM]  # not 0: stopped is not completed
-    state = status(tmp_path)
+    state = read_status(tmp_path / "run")
     assert state["state"] == "stopped" and state["reason"].startswith("SIGHUP: stopped after saving update")
     stopped_at = state["step"]
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
     more = launched(2, "train", recipe, "training.steps=" + str(stopped_at + 2), "--resume")
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resumed from" in more.stdout
-    final = status(tmp_path)
+    final = read_status(tmp_path / "run")
     assert final["state"] == "completed" and final["step"] == stopped_at + 2
 
 
@@ -169,7 +167,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(tmp_path):
     assert "removed 1 temporary file(s) left by an earlier run that died: checkpoints/.tmp-step_0000010" \
         in resumed.stdout
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert status(tmp_path)["state"] == "completed"
+    assert read_status(tmp_path / "run")["state"] == "completed"
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -185,7 +183,7 @@ def test_nonfinite_loss_on_one_rank_is_one_decision_for_all(tmp_path, skip):
         assert result.returncode == 2
         assert "non-finite loss or gradient norm in 1 update(s) up to update 3" in result.stderr
         assert result.stderr.count("mlx-dp: error:") == 2, "both ranks stop, at the same update"
-        assert status(tmp_path)["state"] == "failed"
+        assert read_status(tmp_path / "run")["state"] == "failed"
 
 
 def test_unwritable_checkpoint_dir_is_found_at_start(tmp_path):

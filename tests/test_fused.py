@@ -9,7 +9,7 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import PYTHON, ROOT, TINY_MODEL, mlx_dp, one_error_line, tiny_recipe
+from conftest import PYTHON, ROOT, TINY_MODEL, mlx_dp, one_error_line, packed_mask, tiny_recipe
 from trainer.core import attention, fused
 from trainer.core.packing import SegmentMask
 from trainer.tools import fastjit
@@ -61,11 +61,6 @@ def test_cross_entropy_matches_mlx(dtype):
     assert (picked <= 0).all().item()
 
 
-def packed_mask(length: int, cuts: list[int]) -> mx.array:
-    ids = [sum(p >= c for c in cuts) for p in range(length)]
-    return SegmentMask(mx.array([ids, ids[::-1]])).make_mask(length)
-
-
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (4, 2), (3, 3)])
 @pytest.mark.parametrize("length,block", [(40, 64), (130, 64), (97, 16)])
 @pytest.mark.parametrize("packed", [False, True])
@@ -75,7 +70,7 @@ def test_attention_matches_mlx(heads, kv_heads, length, block, packed):
     k, v = mx.random.normal((2, kv_heads, length, 16), key=keys[1]), mx.random.normal((2, kv_heads, length, 16),
                                                                                         key=keys[2])
     weights = mx.random.normal((2, heads, length, 16), key=keys[3])
-    mask = packed_mask(length, [length // 3, length // 2 + 5]) if packed else "causal"
+    mask = packed_mask(length, [length // 3, length // 2 + 5], rows=2) if packed else "causal"
     ref_value, ref_grads = grads_of(
         lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask), q, k, v,
         weights=weights)
@@ -86,13 +81,8 @@ def test_attention_matches_mlx(heads, kv_heads, length, block, packed):
 
 
 @pytest.fixture
-def model():
-    from mlx_lm import load
-
-    model, _ = load(str(TINY_MODEL))
-    yield model
-    attention.use_blocks(model, 0)
-    fused.use_fused(model, False)
+def model(tiny_model):
+    return tiny_model
 
 
 def test_model_loss_and_gradients_are_mlx_lms(model):
@@ -157,6 +147,7 @@ def test_generation_is_unchanged(model):
     assert greedy() == reference
 
 
+@pytest.mark.e2e
 def test_the_key_is_checked_and_auto_is_on_for_a_cpu(tmp_path):
     from trainer.core.schema import TrainingConfig
     from trainer.errors import ConfigError
@@ -170,6 +161,7 @@ def test_the_key_is_checked_and_auto_is_on_for_a_cpu(tmp_path):
     assert "training.fused_exp must be one of 'auto' or true or false, got 3" in one_error_line(result)
 
 
+@pytest.mark.e2e
 def test_training_reports_it_and_trains_the_same(tmp_path):
     """One short run with fused exp and one without: the same losses, up to float rounding."""
     losses = {}
@@ -196,6 +188,7 @@ def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.e2e
 @needs_avx2
 def test_fastjit_builds_mlx_kernels_with_the_flags_in_a_cache_of_its_own(tmp_path):
     code = """
@@ -208,19 +201,22 @@ f = mx.compile(lambda a: mx.exp(a * 2.0 - 1.0))
 mx.eval(f(mx.arange(1000, dtype=mx.float32)))
 print(tempfile.gettempdir() == before, os.environ.get("TMPDIR"))
 """
-    result = run_python(code, {"MLX_DP_CACHE": str(tmp_path), "MLX_DP_JIT": "auto"})
+    result = run_python(code, {"MLX_DP_CACHE": str(tmp_path), "MLX_DP_JIT": "avx2"})
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.split("\n")
-    assert lines[0] == "None avx2"
+    assert lines[0].startswith("MLX_DP_JIT=avx2: MLX's fused kernels are compiled with -mavx2") and \
+        lines[0].endswith("avx2"), "opt-in, and said"
     assert lines[1] == f"True {tmp_path / 'jit-avx2'}", "MLX's kernels move, Python's temporary files do not"
     wrapper = (tmp_path / "jit-avx2" / "bin" / "g++").read_text()
     assert all(flag in wrapper for flag in fastjit.FLAGS)
     assert list((tmp_path / "jit-avx2" / "mlx").glob("*/cpu/*.so")), "the kernels were built in its own cache"
 
-    result = run_python(code, {"MLX_DP_CACHE": str(tmp_path), "MLX_DP_JIT": "mlx"})
-    assert result.returncode == 0 and result.stdout.split("\n")[0] == "None mlx"
+    for unasked in ({"MLX_DP_JIT": "mlx"}, {}):  # the default leaves MLX's compiler, PATH and TMPDIR alone
+        result = run_python(code, {"MLX_DP_CACHE": str(tmp_path), **unasked})
+        assert result.returncode == 0 and result.stdout.split("\n")[:2] == ["None mlx", f"True {os.environ.get('TMPDIR')}"]
 
 
+@pytest.mark.e2e
 @needs_avx2
 def test_fastjit_refuses_flags_that_change_results(tmp_path):
     """Without -ffp-contract=off, g++ fuses a * b + c into one rounding: the check must catch it."""
@@ -234,12 +230,14 @@ fastjit.enable()
     assert "fused multiply-add compiled with -mavx2 -mfma -mf16c differs" in result.stderr
 
 
+@pytest.mark.e2e
 def test_fastjit_setting_is_checked(tmp_path):
     result = mlx_dp("train", str(tiny_recipe(tmp_path)), env={"MLX_DP_JIT": "fast"})
     assert result.returncode == 2
-    assert "MLX_DP_JIT='fast' is not one of 'auto' or 'mlx'" in one_error_line(result)
+    assert "MLX_DP_JIT='fast' is not one of 'mlx' (the default) or 'avx2'" in one_error_line(result)
 
 
+@pytest.mark.e2e
 def test_fastjit_wrapper_renames_the_library_into_place(tmp_path):
     """MLX loads a kernel library once its file exists: the compiler must write it under another name."""
     fake = tmp_path / "fake-g++"  # records its arguments, writes its -o file

@@ -9,6 +9,8 @@ from conftest import mlx_dp, tiny_recipe
 from trainer.core.config import build_config
 from trainer.errors import ConfigError
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 
 def test_hf_dataset_splits_and_column_mapping(tmp_path):
     import datasets

@@ -1,9 +1,12 @@
 """Bad input ends with one clear line and a non-zero exit, never a traceback or a hang."""
 
+import pytest
 import json
 import shutil
 
 from conftest import TINY_MODEL, launched, mlx_dp, one_error_line, tiny_recipe
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 
 def test_recipe_that_is_not_yaml(tmp_path):

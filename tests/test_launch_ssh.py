@@ -1,6 +1,6 @@
 """`mlx-dp launch --hostfile` over real ssh, as on a desk cluster.
 
-Each "machine" is a network namespace of the emulated cluster (trainer/cluster/netem.py)
+Each "machine" is a network namespace of the emulated cluster (scripts/lab/netem.py)
 with its own address and a real sshd (Debian's openssh-server) listening on it. The
 test makes the keys: sshd trusts a client key, and an ``ssh`` first on the launcher's
 PATH adds a config with that key (ssh reads ~/.ssh/config from the passwd home, not
@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 
 from conftest import MLX_DP, PYTHON, ROOT, tiny_recipe, wait_for_step
-from trainer.cluster import netem
+from lab import netem
+
 
 SSHD = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 SSH, KEYGEN = shutil.which("ssh"), shutil.which("ssh-keygen")
 REASON = netem.check_permitted() or (
     None if SSHD and SSH and KEYGEN else "sshd, ssh and ssh-keygen are needed (apt-get install openssh-server)")
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 SSHD_CONFIG = """ListenAddress {ip}
 Port 22

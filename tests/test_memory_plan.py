@@ -24,6 +24,7 @@ def test_quantized_base_counts_packed_weights():
     assert 0.25 < q / b < 0.35, "4-bit weights with scales and biases are about 0.28 of bf16"
 
 
+@pytest.mark.e2e
 def test_recipes_memory_prints_every_recipe_with_the_formula():
     result = mlx_dp("recipes", "memory")
     assert result.returncode == 0, result.stderr
@@ -33,3 +34,14 @@ def test_recipes_memory_prints_every_recipe_with_the_formula():
     full = next(line for line in result.stdout.splitlines() if "`qwen3-0.6b-full`" in line)
     plain, sharded = full.split("|")[2].split("/")[2].split("(")  # N=4: whole (sharded)
     assert float(sharded.strip(" )")) < 0.7 * float(plain), "a full fine-tune's state shrinks with sharding"
+
+
+def test_recipe_headers_state_the_memory_recipes_memory_computes():
+    """One source: the `# Memory` line of every recipe is the estimate `mlx-dp recipes memory` prints,
+    labelled as the worst case (rewrite them with `python scripts/lab recipe-memory --write`)."""
+    from trainer.tools.memory_plan import HEADER, header_line
+
+    for path in all_recipes():
+        lines = [line for line in path.read_text().splitlines() if line.startswith(HEADER)]
+        assert lines == [header_line(path)], path.name
+        assert "worst case" in lines[0]

@@ -70,6 +70,7 @@ def test_attention_does_not_cross_samples(model_and_tokenizer):
     assert mx.allclose(first[:, 5:], alone, atol=1e-4).item(), "a packed sample sees only itself"
 
 
+@pytest.mark.e2e
 def test_training_with_packing_runs(tmp_path):
     recipe = tiny_recipe(tmp_path, data={"packing": True, "max_seq_length": 128}, training={"steps": 2})
     result = mlx_dp("train", str(recipe))

@@ -16,10 +16,9 @@ import re
 import mlx.core as mx
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe
+from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe, worker_result
 
 WORKER = str(ROOT / "tests" / "workers" / "placement_check.py")
-REDUCE = str(ROOT / "tests" / "workers" / "reduce_check.py")
 COLUMNS = {"cpu": 2, "mac": 3, "cuda": 4}  # the table's columns, after site and what
 
 
@@ -60,6 +59,7 @@ def recorded(request, tmp_path_factory):
     return kind, tmp, records, result.stdout
 
 
+@pytest.mark.e2e
 def test_every_collective_runs_where_the_table_says(recorded):
     kind, _, records, _ = recorded
     rows = table()
@@ -77,6 +77,7 @@ def test_every_collective_runs_where_the_table_says(recorded):
             "ShardedReducer.sum_small", "all_gather_shards"} <= seen, seen
 
 
+@pytest.mark.e2e
 def test_both_trainings_completed_with_the_gpu_defaults(recorded):
     kind, tmp, records, stdout = recorded
     for name in ("lora", "zero1"):
@@ -93,11 +94,10 @@ def test_both_trainings_completed_with_the_gpu_defaults(recorded):
     assert wired == ([12 << 30, 0] * 2 if kind == "mac" else []), wired
 
 
+@pytest.mark.e2e
 def test_reducers_return_only_once_a_slow_peers_data_arrived():
     """No GPU work can wait on a peer: the reducers wait on the host before handing results on."""
-    result = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, REDUCE, "settle"], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads([line for line in result.stdout.splitlines() if line.startswith("RESULT ")][0][7:])
+    out = worker_result(2, "reduce_check.py", "settle", timeout=300)
     for name, seconds in out["seconds"].items():
         assert seconds >= 0.8 * out["late_s"], (name, out)
 

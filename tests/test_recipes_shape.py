@@ -13,11 +13,11 @@ import json
 import pytest
 
 from conftest import TINY_DATA, TINY_MODEL, launched
-from trainer.tools import synth
+from lab import synth
 from trainer.core.config import load_config
 from trainer.tools.recipes import all_recipes
 
-REAL = [p for p in all_recipes() if load_config(p).model.path != "data/tiny-llama"]
+REAL = [p for p in all_recipes() if not load_config(p).model.path.startswith("builtin:")]
 PARAM_BUDGET = 200e6  # keep each reduced model small enough for a 2-core CI machine
 
 
@@ -60,6 +60,7 @@ def test_every_real_recipe_names_a_known_architecture():
         arch_for(load_config(path).model.path)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("recipe", REAL, ids=[p.stem for p in REAL])
 def test_recipe_trains_on_its_real_shape(recipe, tmp_path, blas_env, model_cache):
     cfg = load_config(recipe)

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
 # Everything that must be restored matters here: a decaying schedule with warmup,
 # adapter dropout (RNG), gradient accumulation and data order across an epoch edge.

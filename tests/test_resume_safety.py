@@ -1,9 +1,12 @@
 """A resume continues the same training, or says why not: recipe and data diffs, too few steps, damaged checkpoints."""
 
+import pytest
 import json
 import shutil
 
 from conftest import TINY_DATA, mlx_dp, one_error_line, tiny_recipe
+
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 
 def metrics(tmp_path):

@@ -9,12 +9,10 @@ import time
 
 import pytest
 
-from conftest import launched, mlx_dp, mlx_dp_command, one_error_line, tiny_recipe, wait_for_step
+from conftest import read_status, launched, mlx_dp, mlx_dp_command, one_error_line, tiny_recipe, wait_for_step
 from trainer.core.checkpoint import clean_stale_temporaries
 
-
-def status(run_dir):
-    return json.loads((run_dir / "status.json").read_text())
+pytestmark = pytest.mark.e2e  # every test here starts real processes
 
 
 def dead_pid() -> int:
@@ -30,20 +28,20 @@ def test_a_second_run_into_the_same_directory_is_refused_and_writes_nothing(tmp_
     run_dir = tmp_path / "run"
     try:
         wait_for_step(run_dir, 2, [first])
-        before = status(run_dir)
+        before = read_status(run_dir)
         second = launched(2, "train", recipe, "training.steps=2")
         assert second.returncode == 2
         assert "Traceback" not in second.stderr
         assert f"checkpoint.dir {run_dir} is in use by another run (host {socket.gethostname()}, pid {first.pid}, " \
                "since" in second.stderr
         assert "[rank 1] rank 0 could not lock" in second.stderr
-        assert status(run_dir)["run_id"] == before["run_id"] and status(run_dir)["state"] == "running"
+        assert read_status(run_dir)["run_id"] == before["run_id"] and read_status(run_dir)["state"] == "running"
         assert all(json.loads(line).get("world_size", 1) == 1
                    for line in (run_dir / "metrics.jsonl").read_text().splitlines()), "metrics were interleaved"
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 128 + signal.SIGTERM
-    assert status(run_dir)["state"] == "stopped" and not (run_dir / "run.lock").exists()
+    assert read_status(run_dir)["state"] == "stopped" and not (run_dir / "run.lock").exists()
     # a lock left by a run that died is taken over, with a note
     (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(),
                                                   "run_id": "gone", "started": "earlier"}))
@@ -100,7 +98,7 @@ def test_a_full_disk_while_saving_is_one_line_and_a_failed_status(tmp_path, smal
     assert result.returncode == 2
     line = one_error_line(result)
     assert "no space left on the device holding" in line
-    record = status(run_dir)
+    record = read_status(run_dir)
     assert record["state"] == "failed" and "no space left" in record["reason"]
     leftovers = [p.name for p in run_dir.rglob(".*") if "tmp" in p.name or "write-test" in p.name]
     assert leftovers == [], leftovers

@@ -10,9 +10,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, run, tiny_recipe
+from conftest import MLX_DP, PYTHON, ROOT, read_weights, run, tiny_recipe, worker_result
 
-REDUCE = str(ROOT / "tests" / "workers" / "reduce_check.py")
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 TRAIN = str(ROOT / "tests" / "workers" / "train_many.py")
 
 
@@ -22,15 +23,14 @@ def launch(n, command, timeout=600):
     return result
 
 
-def worker_result(n, mode):
-    out = launch(n, [PYTHON, REDUCE, mode]).stdout
-    return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][0][len("RESULT "):])
+def reduce_result(n, mode):
+    return worker_result(n, "reduce_check.py", mode)
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_ring_reduce_scatter_equals_all_sum_then_slice(n):
     # random trees of mixed shapes and dtypes; bucket sizes that do not divide by n
-    result = worker_result(n, "scatter")
+    result = reduce_result(n, "scatter")
     assert result["methods"] == {"sendrecv": "sendrecv", "all_sum": "all_sum"}, "the ring has no sum_scatter"
     worst = result["worst_relative_error"]
     for key, err in worst.items():
@@ -41,14 +41,10 @@ def test_ring_reduce_scatter_equals_all_sum_then_slice(n):
 
 
 def test_mismatched_shard_plan_is_refused_before_any_collective():
-    result = worker_result(2, "scatter-mismatch")
+    result = reduce_result(2, "scatter-mismatch")
     assert result["refused"] and "optimizer shard plan differs from rank 0" in result["refused"]
     assert result["all_gather_calls"] > 0, "the plans were compared"
     assert result["send_calls"] == result["recv_like_calls"] == result["all_sum_calls"] == 0
-
-
-def weights(run_dir):
-    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters.safetensors")).items()}
 
 
 def optimizer_state(run_dir, step):
@@ -87,7 +83,7 @@ def rms(a, b):
 
 def test_sharded_adamw_is_the_unsharded_update(equivalence):
     tmp, n = equivalence
-    one, two = weights(tmp / "full-false"), weights(tmp / "full-true")
+    one, two = read_weights(tmp / "full-false"), read_weights(tmp / "full-true")
     assert one.keys() == two.keys()
     worst = max(np.abs(one[k] - two[k]).max() for k in one)
     if n == 2:  # element-wise AdamW on the same summed gradients: the same bits
@@ -99,7 +95,7 @@ def test_sharded_adamw_is_the_unsharded_update(equivalence):
 @pytest.mark.parametrize("method", ["full-clipped", "lora-clipped"])
 def test_sharded_with_clipping_and_accumulation_matches_within_float_noise(equivalence, method):
     tmp, _ = equivalence
-    one, two, other = (weights(tmp / f"{method}-{x}") for x in ("false", "true", "seed1"))
+    one, two, other = (read_weights(tmp / f"{method}-{x}") for x in ("false", "true", "seed1"))
     # the global norm is summed from the ranks' shards, in another order: Adam carries
     # that last-bit difference; it must stay far below the distance between two runs
     assert rms(one, two) < 0.01 * rms(one, other), (rms(one, two), rms(one, other))
@@ -137,7 +133,7 @@ def resumed(tmp_path_factory):
 
 @pytest.mark.parametrize("target", ["to-sharded", "to-unsharded"])
 def test_sharded_checkpoint_resumes_bit_identically(resumed, target):
-    straight, other = weights(resumed / "straight"), weights(resumed / target)
+    straight, other = read_weights(resumed / "straight"), read_weights(resumed / target)
     for key in straight:
         assert np.array_equal(straight[key], other[key]), f"{key} differs after resuming {target}"
     a, b = optimizer_state(resumed / "straight", 6), optimizer_state(resumed / target, 6)
@@ -155,6 +151,6 @@ def test_sharded_checkpoint_resumes_on_one_rank(resumed):
     after = [m for m in metrics if "train_loss" in m and m["world_size"] == 1]
     assert [m["step"] for m in after] == [4, 5, 6] and all(np.isfinite(m["train_loss"]) for m in after)
     # one rank at batch 2 sums the same rows as two ranks at batch 1: the same training within float noise
-    one, two = weights(resumed / "to-one-rank"), weights(resumed / "straight")
+    one, two = read_weights(resumed / "to-one-rank"), read_weights(resumed / "straight")
     moved = max(np.abs(v).max() for v in two.values())
     assert max(np.abs(one[k] - two[k]).max() for k in two) <= 1e-4 * moved

@@ -6,6 +6,8 @@ import pytest
 
 from conftest import BIN, MLX_DP, TINY_MODEL, launched, mlx_dp, one_error_line, run, tiny_recipe
 
+pytestmark = pytest.mark.e2e  # every test here starts real processes
+
 METRIC_KEYS = {"step", "train_loss", "learning_rate", "tokens_per_s", "step_time_s", "peak_memory_gb"}
 
 

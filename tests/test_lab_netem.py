@@ -1,7 +1,7 @@
-"""Tests of the emulated desk cluster (trainer/netem.py, scripts/emulate_cluster.py).
+"""Tests of the lab's emulated desk cluster (scripts/lab/netem.py, scripts/emulate_cluster.py).
 
 The cluster tests need root and iproute2 and skip with the reason otherwise:
-    sudo .venv/bin/python -m pytest tests/test_netem.py -q
+    sudo .venv/bin/python -m pytest tests/test_lab_netem.py -q
 """
 
 import importlib.util
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cluster import netem
-from trainer.cluster.netem import EmulatedCluster, NetemError
+from lab import netem
+from lab.netem import EmulatedCluster, NetemError
+from trainer.cluster.relay import Output
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "scripts" / "emulate_cluster.py"
@@ -67,13 +68,17 @@ def _leftovers(prefix: str) -> list[str]:
     return [name for name in spaces + links + temps if name.startswith(prefix)]
 
 
+def _output() -> tuple[Output, io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    return Output(prefix=True, streams=(out, err)), out, err
+
+
 def _run_ranks(cluster, tmp_path, size_mib) -> list[dict]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    out, err = io.StringIO(), io.StringIO()
-    codes = cluster.run([sys.executable, "-u", str(script), str(size_mib)], stdout=out,
-                        stderr=err, timeout=60)
-    assert codes == [0] * cluster.n, out.getvalue() + err.getvalue()
+    output, out, err = _output()
+    status = cluster.run([sys.executable, "-u", str(script), str(size_mib)], output=output, timeout=60)
+    assert status == 0, out.getvalue() + err.getvalue()
     lines = [line.split("] ", 1) for line in out.getvalue().splitlines()]
     reports = [json.loads(text) for _, text in lines]
     assert [label for label, _ in lines] == [f"[{r['rank']}" for r in reports]  # prefixes
@@ -120,13 +125,7 @@ def test_hostfiles_match_mlx_formats(tmp_path):
         ("a", ["10.0.0.1"]), ("b", ["10.0.0.2"]), ("c", ["10.0.0.3"])]
 
 
-def test_exit_status_is_first_failure():
-    assert netem.exit_status([0, 0]) == 0
-    assert netem.exit_status([0, 3]) == 3
-    assert netem.exit_status([-15, 3]) == 3  # the real failure, not the rank we stopped
-    assert netem.exit_status([0, -9]) == 128 + 9
-
-
+@pytest.mark.e2e
 @linux_only
 def test_cli_refuses_without_root_in_one_sentence(monkeypatch, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -147,6 +146,7 @@ def test_missing_iproute2_is_reported(monkeypatch):
     assert "ip and tc not found" in reason and "iproute2" in reason
 
 
+@pytest.mark.e2e
 @needs_root
 def test_all_sum_across_namespaces_and_cleanup(tmp_path):
     with EmulatedCluster(n=2) as cluster:
@@ -163,28 +163,31 @@ def test_all_sum_across_namespaces_and_cleanup(tmp_path):
     assert _leftovers(prefix) == []
 
 
+@pytest.mark.e2e
 @needs_root
 def test_failing_rank_stops_the_others_and_cleans_up():
     command = [sys.executable, "-c", "import os, sys, time\n"
                "if os.environ['MLX_RANK'] == '1': sys.exit(3)\ntime.sleep(60)"]
     start = time.monotonic()
+    output, _, err = _output()
     with EmulatedCluster(n=2, preset="1gbe") as cluster:
-        codes = cluster.run(command, stderr=io.StringIO(), timeout=30)
-    assert codes[1] == 3 and codes[0] == -signal.SIGTERM
+        status = cluster.run(command, output=output, timeout=30)
+    assert status == 3, err.getvalue()
+    assert "rank 1 (this machine) exited with status 3; stopping the other ranks" in err.getvalue()
     assert time.monotonic() - start < 15
-    assert netem.exit_status(codes) == 3
     assert _leftovers(cluster.prefix) == []
 
 
+@pytest.mark.e2e
 @needs_root
 def test_timeout_stops_every_rank():
+    output, _, err = _output()
     with EmulatedCluster(n=2) as cluster:
-        err = io.StringIO()
-        codes = cluster.run([sys.executable, "-c", "import time; time.sleep(60)"],
-                            stderr=err, timeout=1)
-    assert codes == [124, 124] and "timeout" in err.getvalue()
+        status = cluster.run([sys.executable, "-c", "import time; time.sleep(60)"], output=output, timeout=1)
+    assert status == 124 and "--timeout" in err.getvalue()
 
 
+@pytest.mark.e2e
 @needs_root
 def test_rate_shaping_slows_all_sum(tmp_path):
     size_mib, rate_bps = 4, 100e6
@@ -199,6 +202,7 @@ def test_rate_shaping_slows_all_sum(tmp_path):
     assert unshaped < 0.5 * wire_seconds, (unshaped, wire_seconds)
 
 
+@pytest.mark.e2e
 @needs_root
 def test_cli_runs_ranks_writes_hostfiles_and_returns_first_failure(tmp_path):
     ring, launch = tmp_path / "ring.json", tmp_path / "launch.json"
@@ -213,9 +217,10 @@ def test_cli_runs_ranks_writes_hostfiles_and_returns_first_failure(tmp_path):
         [f"{netem.SUBNET}.{rank}"] for rank in (1, 2, 3)]
     failed = subprocess.run([sys.executable, str(CLI), "-n", "2", "--", "sh", "-c",
                              "exit $((MLX_RANK * 5))"], capture_output=True, text=True)
-    assert failed.returncode == 5 and "rank 1 exited with status 5" in failed.stderr
+    assert failed.returncode == 5 and "rank 1 (this machine) exited with status 5" in failed.stderr
 
 
+@pytest.mark.e2e
 @needs_root
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
                                          (signal.SIGKILL, -signal.SIGKILL)])
@@ -242,6 +247,7 @@ def test_cli_cleans_up_on_signal(sig, status):
     assert _leftovers(prefix) == []
 
 
+@pytest.mark.e2e
 @needs_root
 def test_cleanup_stale_removes_only_dead_runs():
     dead = subprocess.Popen(["true"])

@@ -1,23 +1,24 @@
-"""``mlx-dp bench scaling --epoch``: one epoch side by side, ratios within each round."""
+"""The lab's ``bench scaling --epoch``: one epoch side by side, ratios within each round."""
 
 import pytest
 
 from conftest import tiny_recipe
-from trainer.bench.scaling_epoch import epoch_schedule, summarize_epochs
-from trainer.bench.scaling_plan import BenchError, Run, bench_overrides, make_plan, parse_args
-from trainer.bench_rank import repair_length_sort
+from lab.bench.scaling import make_lab_plan, parse_args
+from lab.bench.scaling_epoch import epoch_schedule, summarize_epochs
+from lab.rank import repair_length_sort
+from trainer.bench.scaling_plan import BenchError, Run, bench_overrides
 
 
 def plan_for(tmp_path, *extra):
     recipe = tiny_recipe(tmp_path)
-    return make_plan(parse_args([str(recipe), "-n", "2", "--launcher", "mlx-dp", *extra]))
+    return make_lab_plan(parse_args([str(recipe), "-n", "2", "--launcher", "mlx-dp", *extra]))
 
 
 def test_epoch_plan_runs_one_epoch_at_n_with_each_variant(tmp_path):
     plan = plan_for(tmp_path, "--epoch", "--vs-mlx-lm", "--mlx-lm-sort", "tokens", "--variant", "data.packing=true",
                     "data.long_samples=truncate")
     assert plan.sizes == [2] and plan.cfg.training.epochs == 1 and plan.cfg.training.steps is None
-    assert "training.epochs=1" in bench_overrides(plan, tmp_path)
+    assert "training.epochs=1" in bench_overrides(plan, tmp_path, epoch=True)
     kinds = [r.kind for r in epoch_schedule(plan, 0)]
     assert kinds == ["ours", "variant0", "mlx_lm"]
 
@@ -47,7 +48,7 @@ def test_ratios_are_taken_within_each_round(tmp_path):
 
 
 def test_epoch_vs_mlx_lm_needs_truncation(tmp_path):
-    from trainer.bench.scaling_epoch import check_epoch_plan
+    from lab.bench.scaling_epoch import check_epoch_plan
 
     with pytest.raises(BenchError, match="data.long_samples=truncate"):
         check_epoch_plan(plan_for(tmp_path, "--epoch", "--vs-mlx-lm"))

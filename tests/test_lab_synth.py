@@ -1,6 +1,6 @@
-"""Tests of trainer/synth.py: real architectures, reduced, with random weights.
+"""Tests of the lab's random-model builders (scripts/lab/synth.py): real architectures, reduced, with random weights.
 
-Run: ``pytest tests/test_synth.py`` (about half a minute on 2 CPU cores).
+Run: ``pytest tests/test_lab_synth.py`` (about half a minute on 2 CPU cores).
 Uses ``data/tiny-llama``'s tokenizer when it exists, else trains a throwaway
 byte-level BPE tokenizer in a temporary folder.
 """
@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from trainer.tools import synth
+from lab import synth
 
 TINY_LLAMA = Path(__file__).parent.parent / "data" / "tiny-llama"
 

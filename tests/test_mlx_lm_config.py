@@ -1,0 +1,145 @@
+"""mlx_lm.lora configs read as they are (trainer/core/mlx_lm_config.py), and data.hf_dataset as a list.
+
+The mapping is checked key by key against what mlx-lm 0.32 would train (its own
+defaults, its global batch, its micro-batch iterations, its schedule), and the
+schedule value by value against mlx-lm's own ``build_schedule``.
+"""
+
+import json
+import re
+
+import mlx.core as mx
+import pytest
+import yaml
+
+from conftest import ROOT, TINY_DATA, TINY_MODEL, mlx_dp, one_error_line, read_status
+from trainer.core.mlx_lm_config import DEFAULTS, is_mlx_lm_config, translate
+from trainer.core.config import build_config
+from trainer.errors import ConfigError
+
+
+def test_mlx_lm_defaults_are_its_own():
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
+    for key, value in CONFIG_DEFAULTS.items():
+        if key != "optimizer_config":
+            assert DEFAULTS[key] == value, key
+
+
+def test_recognised_by_its_keys():
+    assert is_mlx_lm_config({"model": "Qwen/Qwen3-0.6B", "train": True})
+    assert is_mlx_lm_config({"iters": 10, "adapter_path": "a"})
+    assert not is_mlx_lm_config({"model": {"path": "x"}, "data": {"path": "y"}})
+    assert not is_mlx_lm_config(["model"])
+
+
+def test_a_config_becomes_the_same_work_on_n_ranks():
+    config = {"model": str(TINY_MODEL), "data": str(TINY_DATA), "batch_size": 8, "iters": 100,
+              "grad_accumulation_steps": 2, "steps_per_report": 10, "steps_per_eval": 40, "save_every": 50,
+              "val_batches": -1, "optimizer": "adamw", "learning_rate": 2e-4, "fine_tune_type": "dora",
+              "lora_parameters": {"rank": 16, "scale": 5.0, "dropout": 0.1, "keys": ["self_attn.q_proj"]},
+              "report_to": "wandb", "project_name": "p", "test": True}
+    t = translate(config, "c.yaml", world_size=2)
+    cfg = build_config(t.recipe, source="c.yaml")
+    assert cfg.training.batch_size == 4 and cfg.training.grad_accumulation == 2  # 8 global = 4 x 2 ranks
+    assert cfg.training.steps == 50, "100 micro-batches of 2 per update"
+    assert (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every) == (5, 20, 25)
+    assert cfg.eval.max_batches is None and cfg.eval.batch_size == 4 and cfg.eval.at_start
+    assert cfg.training.optimizer == "adamw" and cfg.training.weight_decay == 0.01, "mlx's AdamW default"
+    assert (cfg.method.type, cfg.method.rank, cfg.method.scale, cfg.method.dropout) == ("dora", 16, 5.0, 0.1)
+    assert cfg.method.keys == ["self_attn.q_proj"] and cfg.method.num_layers == -1  # 16 > the tiny model's 4
+    assert cfg.data.long_samples == "truncate" and cfg.data.mask_prompt is False  # mlx-lm's own behaviour
+    assert cfg.checkpoint.dir == "adapters" and cfg.logging.wandb and cfg.logging.wandb_project == "p"
+    text = "\n".join(t.notes)
+    assert "batch_size 8 is mlx-lm's global batch: training.batch_size 4 per rank on 2 ranks" in text
+    assert "iters 100 are micro-batches in mlx-lm: training.steps 50 optimizer updates" in text
+    assert "mlx-dp eval c.yaml" in text
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"model": "m", "itres": 3}, "unknown mlx_lm.lora config key itres; did you mean iters?"),
+    ({"model": "m", "batch_size": 3}, "batch_size 3 is mlx-lm's global batch, which must split evenly over the 2"),
+    ({"model": "m", "resume_adapter_file": "a.safetensors"}, "resume_adapter_file has no recipe equivalent"),
+    ({"model": "m", "optimizer": "muon"}, "optimizer muon has no recipe equivalent"),
+    ({"model": "m", "optimizer_config": {"adam": {"betas": [0.9, 0.9], "lr": 1}}}, "does not take: lr"),
+    ({"model": "m", "lr_schedule": {"name": "exponential_decay", "arguments": [1e-4, 0.9]}}, "exponential_decay"),
+])
+def test_what_cannot_train_alike_is_one_sentence_naming_the_key(config, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        translate(config, "c.yaml", world_size=2)
+
+
+@pytest.mark.parametrize("name,arguments,warmup,init", [
+    ("cosine_decay", [1e-3, 10, 1e-5], 0, 0.0), ("cosine_decay", [1e-3, 8, 0.0], 2, 1e-6),
+    ("linear_schedule", [5e-4, 1e-5, 7], 3, 0.0), ("cosine_decay", [1e-3, 20], 0, 0.0)])
+def test_the_schedule_is_mlx_lms_update_by_update(name, arguments, warmup, init):
+    from mlx_lm.tuner.utils import build_schedule as theirs
+
+    from trainer.core.optim import build_schedule
+
+    entry = {"name": name, "arguments": arguments, **({"warmup": warmup, "warmup_init": init} if warmup else {})}
+    updates = arguments[1 if name == "cosine_decay" else 2] + (warmup + 1 if warmup else 0)
+    t = translate({"model": "m", "iters": updates, "lr_schedule": entry}, "c.yaml")
+    training = build_config(t.recipe).training
+    ours, mlx_lm = build_schedule(training, training.steps), theirs(entry)
+    for step in range(updates):
+        assert float(ours(mx.array(step))) == pytest.approx(float(mlx_lm(mx.array(step))), rel=1e-5, abs=1e-10), step
+    assert not any(note.startswith("differs") for note in t.notes)
+    longer = translate({"model": "m", "iters": updates + 5, "lr_schedule": entry}, "c.yaml")
+    assert any("mlx-lm decays over" in note for note in longer.notes), "a different decay length is said"
+
+
+@pytest.mark.e2e
+def test_train_and_cp_take_an_mlx_lm_config(tmp_path):
+    config = {"model": str(TINY_MODEL), "train": True, "data": str(TINY_DATA), "batch_size": 4, "iters": 3,
+              "val_batches": 1, "learning_rate": 1e-4, "adapter_path": str(tmp_path / "adapters"),
+              "max_seq_length": 64, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    path = tmp_path / "mlxlm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = mlx_dp("train", str(path), "logging.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "is an mlx_lm.lora config; it trains as this recipe" in result.stdout
+    assert (tmp_path / "adapters" / "adapters.safetensors").is_file()
+    assert read_status(tmp_path / "adapters")["step"] == 3
+    from mlx_lm import load
+
+    load(str(TINY_MODEL), adapter_path=str(tmp_path / "adapters"))  # mlx-lm reads what mlx-dp wrote
+    out = tmp_path / "recipe.yaml"
+    assert mlx_dp("recipes", "cp", str(path), str(out), "--ranks", "2").returncode == 0
+    assert yaml.safe_load(out.read_text())["training"]["batch_size"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**config, "batchsize": 4}))
+    result = mlx_dp("train", str(bad))
+    assert result.returncode == 2 and "unknown mlx_lm.lora config key batchsize" in one_error_line(result)
+
+
+def test_hf_dataset_takes_a_list_like_mlx_lm(tmp_path):
+    """Two datasets (local JSON through datasets' own loader) concatenate split by split."""
+    from mlx_lm import load
+
+    from trainer.core.data import load_splits
+
+    rows = [json.loads(line) for line in (TINY_DATA / "train.jsonl").read_text().splitlines()][:40]
+    for name, part in (("a.jsonl", rows[:20]), ("b.jsonl", rows[20:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    entries = [{"path": "json", "config": {"data_files": str(tmp_path / name)}, "train_split": "train[:15]",
+                "valid_split": "train[15:]"} for name in ("a.jsonl", "b.jsonl")]
+    _, tokenizer = load(str(TINY_MODEL))
+    cfg = build_config({"model": {"path": "x"}, "data": {"hf_dataset": entries, "cache_dir": str(tmp_path / "c")}})
+    splits = load_splits(cfg.data, tokenizer, show_progress=False)
+    one = build_config({"model": {"path": "x"}, "data": {"hf_dataset": entries[0], "cache_dir": str(tmp_path / "c")}})
+    first = load_splits(one.data, tokenizer, show_progress=False)
+    assert len(splits["train"]) == 30 and len(splits["valid"]) == 10
+    assert splits["train"].sample(3).tolist() == first["train"].sample(3).tolist(), "the first dataset comes first"
+    assert " + " in splits["train"].source
+    with pytest.raises(ConfigError, match=r"data.hf_dataset\[1\] needs a `path`"):
+        build_config({"model": {"path": "x"}, "data": {"hf_dataset": [entries[0], {"name": "x"}]}})
+    with pytest.raises(ConfigError, match="empty list"):
+        build_config({"model": {"path": "x"}, "data": {"hf_dataset": []}})
+
+
+def test_every_library_recipe_is_not_mistaken_for_an_mlx_lm_config():
+    from trainer.core.config import read_recipe
+    from trainer.tools.recipes import all_recipes
+
+    assert all(not is_mlx_lm_config(read_recipe(p)) for p in all_recipes(ROOT / "recipes"))
