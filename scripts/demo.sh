@@ -3,15 +3,20 @@
 # show what changed, and compare throughput; then show what stock mlx.launch costs on the same
 # work, and run the side-by-side scaling benchmark. About 10 minutes on a 2-core Linux box.
 #
-# On Linux this uses the optional OpenBLAS route for fp32 matmul (MLX_DP_BLAS=openblas): the
-# mlx[cpu] wheel's own BLAS is ~15x slower. Run `MLX_DP_BLAS=mlx ./scripts/demo.sh` for the stock path.
+# On Linux this opts in to the two CPU speed-ups (each is said at start): fp32 matmul through OpenBLAS
+# (MLX_DP_BLAS=openblas; the mlx[cpu] wheel's own BLAS is ~15x slower) and vector flags for MLX's fused
+# kernels (MLX_DP_JIT=avx2, on x86-64 CPUs that have AVX2). Run
+# `MLX_DP_BLAS=mlx MLX_DP_JIT=mlx ./scripts/demo.sh` for the stock path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 if [ "$(uname)" = "Linux" ] && command -v cc >/dev/null; then
   export MLX_DP_BLAS="${MLX_DP_BLAS:-openblas}"
+  if [ "$(uname -m)" = "x86_64" ] && grep -qw avx2 /proc/cpuinfo && command -v g++ >/dev/null; then
+    export MLX_DP_JIT="${MLX_DP_JIT:-avx2}"
+  fi
 fi
-echo "fp32 CPU matmul: ${MLX_DP_BLAS:-mlx (stock)}"
+echo "fp32 CPU matmul: ${MLX_DP_BLAS:-mlx (stock)}; MLX's fused kernels: ${MLX_DP_JIT:-mlx (stock)}"
 BIN=.venv/bin
 QUESTION="what pet does vito have?"   # a held-out person: no training row mentions vito
 ask() {
@@ -29,9 +34,9 @@ PY
 echo; echo "== Before fine-tuning, the base model is asked:"
 ask data/tiny-llama "" "$QUESTION"
 
-echo; echo "== 1 process: mlx-dp train recipes/tiny-lora.yaml"
+echo; echo "== 1 process: mlx-dp train tiny-lora (the library's recipes/tiny-lora.yaml)"
 rm -rf runs/demo-1 runs/demo-2
-$BIN/mlx-dp train recipes/tiny-lora.yaml checkpoint.dir=runs/demo-1
+$BIN/mlx-dp train tiny-lora checkpoint.dir=runs/demo-1
 
 echo; echo "== 2 processes: mlx-dp launch -n 2 -- $BIN/mlx-dp train recipes/tiny-lora.yaml"
 $BIN/mlx-dp launch -n 2 -- "$PWD/$BIN/mlx-dp" train recipes/tiny-lora.yaml checkpoint.dir=runs/demo-2
