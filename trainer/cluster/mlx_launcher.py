@@ -31,6 +31,11 @@ COMMON_MODULE = "mlx._distributed_utils.common"
 RANK_ARGS = ("rank", "host", "python", "cwd", "files", "env", "command")
 SCRIPT_ARGS = ("rank", "python", "cwd", "files", "env", "command", "is_local")
 LOCAL_HOST = "127.0.0.1"  # MLX runs a rank on this host without ssh
+# A remote rank reads the job's secret (trainer.cluster.peers) from its ssh connection, right after MLX's
+# script has turned the terminal's echo off and printed its pidfile's path, so the secret is never on a
+# command line, echoed or written anywhere.
+PIDFILE_PRINT = 'printf "%s\\n" $pidfile; '
+READ_SECRET = "IFS= read -r MLX_DP_JOB_SECRET; export MLX_DP_JOB_SECRET; "
 
 
 def _modules():
@@ -61,6 +66,13 @@ def missing_internals() -> list[str]:
                 missing.append("RemoteProcess.make_launch_script(" + ", ".join(SCRIPT_ARGS) + ")")
         except (AttributeError, TypeError, ValueError):
             missing.append("RemoteProcess.make_launch_script")
+        else:
+            try:
+                script = remote.make_launch_script(1, None, None, {}, [], ["true"], False)
+            except Exception:  # noqa: BLE001 - any failure means: not usable
+                script = ""
+            if "stty -echo" not in script or PIDFILE_PRINT not in script:
+                missing.append("RemoteProcess.make_launch_script printing its pidfile with echo off")
     return missing
 
 
@@ -91,21 +103,26 @@ class RankSpec:
     def is_local(self) -> bool:
         return self.host == LOCAL_HOST
 
-    def script(self) -> str:
-        """MLX's bash script for this rank: prints its pidfile's path as its first line, then execs the command."""
+    def script(self, read_secret: bool = False) -> str:
+        """MLX's bash script for this rank: prints its pidfile's path as its first line, then execs the command.
+
+        ``read_secret``: right after that line, read the job's secret from stdin (a remote rank).
+        """
         launch, _ = _modules()
-        return launch.RemoteProcess.make_launch_script(self.rank, self.python, self.cwd, dict(self.files),
+        text = launch.RemoteProcess.make_launch_script(self.rank, self.python, self.cwd, dict(self.files),
                                                        list(self.env), list(self.command), self.is_local)
+        return text.replace(PIDFILE_PRINT, PIDFILE_PRINT + READ_SECRET, 1) if read_secret else text
 
     def argv(self) -> list[str]:
         """The local command that starts this rank: bash, or ssh with a terminal as MLX does.
 
         ``ssh -tt`` gives the remote rank a terminal, so it gets SIGHUP when the
         connection drops (a launcher that dies takes its remote ranks with it).
+        The host comes after ``--``, so no host name is ever read as an option.
         """
         if self.is_local:
             return ["/bin/bash", "-c", self.script()]
-        return ["ssh", "-tt", "-o", "LogLevel=QUIET", self.host, self.script()]
+        return ["ssh", "-tt", "-o", "LogLevel=QUIET", "--", self.host, self.script(read_secret=True)]
 
 
 def signal_argv(host: str, pidfile: str, signal_name: str) -> list[str]:
@@ -115,12 +132,19 @@ def signal_argv(host: str, pidfile: str, signal_name: str) -> list[str]:
     so nothing would be left to aim a later SIGKILL at; this keeps the pidfile.
     """
     script = f"pid=$(cat {shlex.quote(pidfile)} 2>/dev/null) && kill -s {signal_name} \"$pid\" 2>/dev/null"
-    return ["ssh", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", host, script]
+    return ["ssh", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", "--", host, script]
+
+
+def kill_if_stopped_argv(host: str, pidfile: str) -> list[str]:
+    """ssh command that SIGKILLs a remote rank by its pidfile if it is stopped (it cannot act on SIGTERM)."""
+    script = (f"pid=$(cat {shlex.quote(pidfile)} 2>/dev/null) && case $(ps -o stat= -p \"$pid\") in "
+              "T*|t*) kill -s KILL \"$pid\";; esac")
+    return ["ssh", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", "--", host, script]
 
 
 def remove_argv(host: str, pidfile: str) -> list[str]:
     """ssh command that removes a remote rank's pidfile once the rank has ended."""
-    return ["ssh", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", host, f"rm -f {shlex.quote(pidfile)}"]
+    return ["ssh", "-o", "LogLevel=QUIET", "-o", "BatchMode=yes", "--", host, f"rm -f {shlex.quote(pidfile)}"]
 
 
 @contextmanager

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import threading
 
-from .mlx_launcher import RankSpec, remove_argv, signal_argv
+from .mlx_launcher import RankSpec, kill_if_stopped_argv, remove_argv, signal_argv
+from .peers import SECRET_VAR
 
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 PR_SET_PDEATHSIG = 1
@@ -43,6 +44,16 @@ def _die_with_parent() -> None:
     should not load libraries.
     """
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether process ``pid`` on this machine is stopped (state T or t), by ``ps`` (Linux and macOS)."""
+    try:
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True,
+                               timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return state[:1] in ("T", "t")
 
 
 class Output:
@@ -128,19 +139,28 @@ class Rank:
     rank over ssh. Remote output comes through a terminal (``ssh -tt``), so its
     stdout and stderr arrive together, with ``\\r\\n`` line ends.
 
+    The job's secret (``trainer.cluster.peers``) reaches a local rank in its
+    environment and a remote one as the first line of its input, once its
+    script has printed the pidfile's path with the terminal's echo off; input
+    for a remote rank waits until then.
+
     Args:
         spec (RankSpec): What and where to run.
         output (Output): Where the output goes.
         events: A queue that gets ``("exit", rank, status)`` when the process ends.
+        secret (str | None): The job's secret. Default: ``None``.
     """
 
-    def __init__(self, spec: RankSpec, output: Output, events):
+    def __init__(self, spec: RankSpec, output: Output, events, secret: str | None = None):
         self.spec, self.output, self.events = spec, output, events
         self.pidfile = None
         self.helpers: list[subprocess.Popen] = []  # ssh commands that signal a remote rank
         self.threads: list[threading.Thread] = []
+        self.secret, self.held = secret, ([] if secret and not spec.is_local else None)
+        self.stdin_lock = threading.Lock()
+        env = {**os.environ, SECRET_VAR: secret} if secret and spec.is_local else None
         self.proc = subprocess.Popen(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     stderr=subprocess.PIPE, start_new_session=True, env=env,
                                      preexec_fn=_die_with_parent if _PRCTL else None)
 
     @property
@@ -185,6 +205,7 @@ class Rank:
                 line, data = head.split(b"\n", 1)
                 head = None
                 self.pidfile = line.decode("utf-8", errors="replace").strip()
+                self._send_secret()
             self.output.write(index, lines.feed(data))
         self.output.write(index, lines.feed(head or b"") + lines.flush(b"\n"))
 
@@ -220,12 +241,49 @@ class Rank:
         elif not self.pidfile:  # not started yet: dropping the connection ends it
             self.proc.terminate()
 
+    def _send_secret(self) -> None:
+        """A remote rank's first line of input: the job's secret; then the input held back meanwhile."""
+        with self.stdin_lock:
+            held, self.held = self.held, None
+            if held is None:
+                return
+            try:
+                self.proc.stdin.write(self.secret.encode() + b"\n")
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                return
+        for data in held:
+            self.write_stdin(data)
+
+    def kill_if_stopped(self) -> bool:
+        """SIGKILL the rank at once if it is stopped (SIGSTOP, a debugger): it cannot act on SIGTERM.
+
+        Checked with ``ps`` here, over ssh by its pidfile on another host (the
+        kill then happens there, without waiting). Returns whether a local rank was killed.
+        """
+        if not self.alive():
+            return False
+        if self.spec.is_local:
+            if process_stopped(self.proc.pid):
+                self.send(signal.SIGKILL)
+                return True
+            return False
+        if self.pidfile:
+            self.helpers.append(subprocess.Popen(kill_if_stopped_argv(self.spec.host, self.pidfile),
+                                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL, start_new_session=True))
+        return False
+
     def write_stdin(self, data: bytes | None) -> None:
         """Pass input on (``None``: end of input, which closes a local rank's stdin).
 
         A remote rank's stdin stays open: its ssh client would pass the end of
         input to the remote terminal.
         """
+        with self.stdin_lock:
+            if self.held is not None:  # the secret goes first
+                self.held.append(data)
+                return
         try:
             if data is None:
                 if self.spec.is_local:
