@@ -97,9 +97,10 @@ def request_stop() -> None:
     _state["stop"] = True
 
 
-def status(world, run_dir: Path, state: str, step: int = 0, reason: str | None = None) -> None:
+def status(world, run_dir: Path, state: str, step: int = 0, reason: str | None = None,
+           consequence: bool = False) -> None:
     """Write ``status.json`` where the rules of :mod:`trainer.cluster.status` allow it."""
-    status_file.write(world, run_dir, state, step, reason)
+    status_file.write(world, run_dir, state, step, reason, consequence=consequence)
 
 
 def _me() -> str:
@@ -297,3 +298,6 @@ def uninstall() -> None:
     if peers is not None:
         peers.close()
         _state["peers"] = None
+        if peers.strangers:
+            print(f"[mlx-dp] rank {peers.world.rank}: the heartbeat channel dropped {peers.strangers} connection(s) "
+                  "or line(s) that did not come from this job", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ signal handlers feed (``queue.SimpleQueue.put`` is safe in a signal handler).
 """
 
 import queue
+import secrets
 import signal
 import threading
 import time
@@ -79,8 +80,9 @@ class Supervisor:
         """Run the job; returns its exit status."""
         old_handlers = self._catch_signals()
         try:
+            secret = secrets.token_hex(32)  # this job's heartbeat channel (trainer.cluster.peers); never printed
             for spec in self.specs:  # every fork before any thread starts (see relay._die_with_parent)
-                self.ranks.append(Rank(spec, self.output, self.events))
+                self.ranks.append(Rank(spec, self.output, self.events, secret=secret))
                 if self.on_start is not None:
                     self.on_start(spec, self.ranks[-1].proc.pid)
             for rank in self.ranks:
@@ -169,8 +171,15 @@ class Supervisor:
             rank.send(sig)
 
     def _stop(self, sig: int, grace_s: float) -> None:
-        """Send ``sig`` to every live rank and kill what is left after ``grace_s``."""
+        """Send ``sig`` to every live rank and kill what is left after ``grace_s``.
+
+        A stopped rank (a SIGSTOP the watchdog has named, a sleeping machine's
+        process) cannot act on ``sig``: it is killed at once instead of after the grace.
+        """
         self._send(sig)
+        for rank in self.ranks:
+            if rank.kill_if_stopped():
+                self.output.say(f"{rank.describe()} is stopped and cannot stop cleanly; killed it")
         kill_at = time.monotonic() + grace_s
         self.kill_at = kill_at if self.kill_at is None else min(self.kill_at, kill_at)
 
