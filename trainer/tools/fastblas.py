@@ -18,7 +18,9 @@ Usage::
     MLX_DP_BLAS=openblas MLX_DP_BLAS_THREADS=1 mlx-dp train ...   # pin threads per process
 
 The shim is compiled once with the system C compiler into
-``~/.cache/mlx-dp/`` (or ``$MLX_DP_CACHE``).
+``~/.cache/mlx-dp/`` (or ``$MLX_DP_CACHE``), a folder only this user may write:
+a shim found there is loaded only when nobody else could have put it there
+(``trainer.tools.trusted``).
 """
 
 import ctypes
@@ -93,12 +95,13 @@ def build_shim() -> Path:
     new numpy or a new shim rebuilds it. Concurrent ranks race safely: each
     compiles to a private temporary name and renames into place.
     """
+    from .trusted import check_file, private_dir
+
     openblas = _openblas_library()
     key = hashlib.sha1((_SHIM_SOURCE + openblas).encode()).hexdigest()[:12]
-    out = cache_dir() / f"mlx_dp_blas_{key}.so"
+    out = private_dir(cache_dir(), "the OpenBLAS shim") / f"mlx_dp_blas_{key}.so"
     if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+        return check_file(out, "the OpenBLAS shim")
     src = out.with_suffix(f".{os.getpid()}.c")
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     src.write_text(_SHIM_SOURCE)

@@ -129,8 +129,11 @@ def enable() -> None:
     reason = why_not()
     if reason:
         raise FastJitError(reason)
-    root = cache_dir() / "jit-avx2"
-    bin_dir = root / "bin"
+    from .trusted import private_dir
+
+    root = private_dir(cache_dir() / "jit-avx2", "MLX's compiled kernels")
+    private_dir(root / "mlx", "MLX's compiled kernels")  # where MLX will compile and load them
+    bin_dir = private_dir(root / "bin", "the g++ wrapper")
     gxx = shutil.which("g++")
     if Path(gxx).resolve() != (bin_dir / "g++").resolve():
         _wrapper(bin_dir, gxx)
