@@ -5,6 +5,7 @@
     mlx-dp export RECIPE --out DIR [--checkpoint PATH]
     mlx-dp bench scaling RECIPE -n N ...
     mlx-dp recipes list | cp NAME DEST | keys | memory [NAME]
+    mlx-dp status RUN_DIR
     mlx-dp hostfile check HOSTFILE
     mlx-dp launch [-n N | --hostfile HOSTFILE] [mlx.launch's options] -- COMMAND ...
 
@@ -124,6 +125,16 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from .cluster import status
+
+    record = status.read(args.run_dir)
+    print(status.describe(args.run_dir, record))
+    if record is None:
+        return 2
+    return status.EXIT_CODES.get(record.get("state"), 1)
+
+
 def _cmd_hostfile(args) -> int:
     from .cluster.hostfile import check_launch_hostfile
 
@@ -167,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="run dir or checkpoints/step_* (default checkpoint.dir)")
     p.add_argument("--dequantize", action="store_true", help="full-precision output from a quantized base")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("status", help="what a run directory's run is doing, or how it ended (a run killed "
+                       "outright shows as lost)", description="Exit status: 0 completed, 1 failed or lost, "
+                       "2 no status.json, 3 running, 4 stopped (resumable).")
+    p.add_argument("run_dir", help="the run's checkpoint.dir")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("hostfile", help="check an mlx.launch hostfile before a long job")
     p.add_argument("action", choices=["check"])

@@ -1,9 +1,16 @@
-"""``status.json``: the run's state, and which rank may write it.
+"""``status.json``: the run's state, true at every moment, and which rank may write it.
 
 The file in ``checkpoint.dir`` says ``running``, ``completed``, ``stopped``
 (by a signal; resumable) or ``failed``, with the reason, the update, and
 the rank, host and pid that wrote it. Scripts read it because launchers'
 exit codes cannot be trusted (``mlx.launch`` exits 0 when a rank fails).
+
+While a run trains, rank 0 rewrites it every :data:`HEARTBEAT_S` with the
+current update and a ``heartbeat`` time (:class:`Heartbeat`), so a reader
+always sees how far the run is. A process killed outright (SIGKILL, a power
+cut) cannot write its end: :func:`read` then finds ``running`` with a pid that
+is gone or a heartbeat too old, and calls the run ``lost`` (``mlx-dp status
+DIR`` and the next run in that directory say so).
 
 Who writes, so that the file stays true:
 
@@ -13,33 +20,43 @@ Who writes, so that the file stays true:
    nothing.
 2. Rank 0 writes every state; the other ranks write ``failed`` only, for
    the failures they detect (rank 0 may be the one that died).
-3. The first end of a run is final. Once a process other than this one has
-   written ``completed``, ``stopped`` or ``failed`` after this process
-   started, this process leaves the file alone and only prints its message.
-   The first failure recorded is the one nearest its cause: a rank that
-   wakes from SIGSTOP after the watchdog ended the job would blame rank 0
-   for a loss it caused. A record older than this process belongs to an
-   earlier run and is replaced.
+3. The first end of a run is final, with one exception: the first *cause*
+   wins over an earlier *consequence*. A rank that only saw a peer vanish
+   ("lost rank 0") records a consequence; the rank that failed (a full disk,
+   a bad row) records the cause, which replaces it, whichever came first. Once
+   a cause is recorded (or a run completed or stopped), later records of
+   other processes of that run are refused and only printed: a rank that wakes
+   from SIGSTOP after the watchdog ended the job would blame rank 0 for a loss
+   it caused.
+4. A command refused before it trains (a different global batch on
+   ``--resume``, a recipe error) leaves a finished run's record alone: this
+   run has not written ``running`` yet, and an earlier run's end stands.
 
-If the disk is full, the record is written in place over the old one (an
-atomic write needs a second file's worth of free space).
+The file is written padded to :data:`RECORD_BYTES` from the start, so later
+records fit in its own blocks: on a full disk a record is rewritten in place
+(an atomic write needs a second file's worth of free space).
 """
 
 import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
-from ..core.checkpoint import write_json
+from ..core.checkpoint import process_alive
 from ..env import launch_env
 from . import runlock
 
 STATUS = "status.json"
 TERMINAL = ("completed", "stopped", "failed")
+HEARTBEAT_S = 5.0  # rank 0 refreshes a running run's record this often (a 4 KB write)
+LOST_AFTER_S = 60.0  # a running record older than this, from a process not seen alive, is a lost run
+RECORD_BYTES = 4096  # the file's size, padded with spaces: later records rewrite it in place
 
-_run = {"id": None, "owner": None, "started": time.time()}
+_run = {"id": None, "owner": None, "started": time.time(), "started_training": False, "ended": False}
+_lock = threading.Lock()
 
 
 def set_run(run_id: str) -> None:
@@ -54,7 +71,7 @@ def disown() -> None:
 
 def reset() -> None:
     """Forget the run (a new run in the same process, as tests do)."""
-    _run.update(id=None, owner=None, started=time.time())
+    _run.update(id=None, owner=None, started=time.time(), started_training=False, ended=False)
 
 
 def _read(path: Path) -> dict | None:
@@ -65,7 +82,7 @@ def _read(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def may_write(run_dir: Path, state: str, rank: int) -> tuple[bool, str]:
+def may_write(run_dir: Path, state: str, rank: int, consequence: bool = False) -> tuple[bool, str]:
     """Whether this process may write ``state`` now (the rules above), and why not."""
     if _run["owner"] is False:
         return False, "another run holds this checkpoint.dir"
@@ -78,13 +95,21 @@ def may_write(run_dir: Path, state: str, rank: int) -> tuple[bool, str]:
         return True, ""
     mine = existing.get("pid") == os.getpid() and existing.get("host") == socket.gethostname()
     earlier_run = float(existing.get("unix_time", 0)) < _run["started"]
-    if mine or earlier_run:
+    if mine:
         return True, ""
+    if earlier_run:
+        if _run["started_training"] or state == "running":
+            return True, ""
+        return False, (f"status.json keeps the earlier run's '{existing.get('state')}' (this command stopped before "
+                       "it trained)")
+    if existing.get("consequence") and not consequence and state == "failed":
+        return True, ""  # the cause replaces an earlier follow-on report
     return False, (f"status.json already records '{existing.get('state')}' by rank {existing.get('rank')} "
                    f"({existing.get('host')}): {str(existing.get('reason', ''))[:200]}")
 
 
-def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = None) -> bool:
+def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = None,
+          consequence: bool = False) -> bool:
     """Write ``status.json`` if the rules allow; return whether it was written.
 
     Args:
@@ -94,24 +119,55 @@ def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = 
         state (str): ``running``, ``completed``, ``stopped`` or ``failed``.
         step (int): The update. Default: ``0``.
         reason (str | None): Why it stopped or failed. Default: ``None``.
+        consequence (bool): The failure is only what this rank saw of another's (a lost
+            peer); the failing rank's own record replaces it. Default: ``False``.
     """
     env = launch_env()
     rank = world.rank if world is not None else env.rank
-    allowed, why = may_write(Path(run_dir), state, rank)
-    if not allowed:
-        if (state == "failed" and rank != 0) or "already records" in why:
-            print(f"[mlx-dp] rank {rank}: not recording '{state}' in {run_dir}/{STATUS}: {why}", file=sys.stderr,
-                  flush=True)
-        return False
-    record = {"state": state, "step": step, "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
-              "world_size": world.size if world is not None else env.world_size, "run_id": _run["id"],
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": round(time.time(), 3)}
-    if reason:
-        record["reason"] = reason
-    path = Path(run_dir) / STATUS
+    with _lock:
+        if state == "running" and _run["ended"]:
+            return False  # the heartbeat must not undo an end
+        allowed, why = may_write(Path(run_dir), state, rank, consequence)
+        if not allowed:
+            if (state == "failed" and rank != 0) or "already records" in why or "keeps the earlier" in why:
+                print(f"[mlx-dp] rank {rank}: not recording '{state}' in {run_dir}/{STATUS}: {why}", file=sys.stderr,
+                      flush=True)
+            return False
+        now = time.time()
+        record = {"state": state, "step": step, "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
+                  "world_size": world.size if world is not None else env.world_size, "run_id": _run["id"],
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": round(now, 3)}
+        if state == "running":
+            record["heartbeat"] = round(now, 3)
+        if reason:
+            record["reason"] = reason
+        if consequence:
+            record["consequence"] = True
+        written = _store(Path(run_dir) / STATUS, record, rank)
+        if state == "running":
+            _run["started_training"] = True
+        if state in TERMINAL:
+            _run["ended"] = True
+        return written
+
+
+def _text(record: dict) -> bytes:
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    return (text + " " * max(0, RECORD_BYTES - len(text))).encode()
+
+
+def _store(path: Path, record: dict, rank: int) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, record)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_bytes(_text(record))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         return True
     except OSError as e:
         if _write_in_place(path, record):
@@ -121,14 +177,95 @@ def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = 
 
 
 def _write_in_place(path: Path, record: dict) -> bool:
-    """Overwrite the existing file's blocks: a full disk still allows that (a small file
-    sits in one partly used block). ``False`` if that fails too."""
+    """Overwrite the existing file's own (padded) blocks: a full disk still allows that."""
+    data = _text(record)
     try:
         with open(path, "r+b") as f:
-            f.write((json.dumps(record, indent=2, default=str) + "\n").encode())
-            f.truncate()
+            size = os.fstat(f.fileno()).st_size
+            if len(data) > size:
+                return False
+            f.write(data + b" " * (size - len(data)))
             f.flush()
             os.fsync(f.fileno())
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------- while it runs
+
+
+class Heartbeat:
+    """Rank 0 refreshes the ``running`` record with the current update every ``every_s`` seconds.
+
+    Args:
+        world: The group (only rank 0 writes).
+        run_dir (Path): ``checkpoint.dir``.
+        current_step (callable): The update the run is at.
+        every_s (float): Default: :data:`HEARTBEAT_S`.
+    """
+
+    def __init__(self, world, run_dir: Path, current_step, every_s: float = HEARTBEAT_S):
+        self.world, self.run_dir, self.current_step, self.every_s = world, Path(run_dir), current_step, every_s
+        self.done = threading.Event()
+        self.thread = None
+        if world.is_main:
+            self.thread = threading.Thread(target=self._beat, daemon=True, name="mlx-dp-status")
+            self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(self.every_s):
+            write(self.world, self.run_dir, "running", step=self.current_step())
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------- reading it
+
+
+def read(run_dir: Path, now: float | None = None) -> dict | None:
+    """``status.json`` as it stands, with ``state`` ``lost`` for a run that cannot be running any more.
+
+    A ``running`` record is lost when the process that wrote it is gone (on this
+    host; rank 0 writes it, and a run whose rank 0 is gone is over), or when its
+    heartbeat is older than :data:`LOST_AFTER_S` (another host, a shared folder). The record gains ``recorded_state`` and
+    ``lost_reason`` then. ``None`` when there is no readable record.
+    """
+    record = _read(Path(run_dir) / STATUS)
+    if record is None or record.get("state") != "running":
+        return record
+    now = time.time() if now is None else now
+    beat = float(record.get("heartbeat", record.get("unix_time", 0)) or 0)
+    age = now - beat
+    here = record.get("host") == socket.gethostname()
+    pid = int(record.get("pid", 0) or 0)
+    gone = here and pid > 0 and not process_alive(pid)
+    if gone or age > LOST_AFTER_S:
+        who = f"pid {pid} on {record.get('host')}"
+        why = f"its process ({who}) is gone" if gone else f"nothing was heard from {who}"
+        return {**record, "state": "lost", "recorded_state": "running",
+                "lost_reason": f"status.json says running at update {record.get('step')}, but {why} and its last "
+                               f"heartbeat was {age:.0f} s ago: the run was lost (killed outright, or its machine "
+                               "went down); --resume continues from its last checkpoint"}
+    return record
+
+
+def describe(run_dir: Path, record: dict | None) -> str:
+    """One line for people about a run directory's record (see :func:`read`)."""
+    if record is None:
+        return f"{run_dir}: no status.json (no run has written there)"
+    state, step = record.get("state"), record.get("step")
+    who = f"rank {record.get('rank')} on {record.get('host')}, {record.get('time')}"
+    if state == "lost":
+        return f"{run_dir}: lost. {record['lost_reason']}"
+    if state == "running":
+        age = time.time() - float(record.get("heartbeat", record.get("unix_time", 0)) or 0)
+        return f"{run_dir}: running, at update {step}; heartbeat {age:.0f} s ago ({who})"
+    reason = f": {record['reason']}" if record.get("reason") else ""
+    return f"{run_dir}: {state} at update {step} ({who}){reason}"
+
+
+EXIT_CODES = {"completed": 0, "failed": 1, "lost": 1, "running": 3, "stopped": 4}

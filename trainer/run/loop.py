@@ -24,6 +24,7 @@ from ..core import checkpoint
 from ..core.config import Config
 from ..core.evaluate import evaluate_loss
 from ..core.metrics import MetricWindow, NullReporter, Reporter, start_wandb
+from ..core.parallel import refuse_lone_rank
 from ..core.step import run_update
 from ..errors import CheckpointError, DistributedError, Stopped, UserError
 from .hooks import RunOptions
@@ -201,11 +202,12 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         asked, 0 if none), and the last val loss.
     """
     notes = check_ring_hostfile()  # a repeated ip:port would never connect
+    refuse_lone_rank()  # before anything is written: such a process has no run of its own
     run_dir = Path(cfg.checkpoint.dir)
     status_file.reset()
     # Armed before the ranks connect: a signal or a missing rank then ends with words and a status too.
     health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck)
-    world, lock, reporter, wired = None, None, NullReporter(), None
+    world, lock, reporter, wired, heartbeat = None, None, NullReporter(), None, None
     try:
         world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s, should_stop=health.stop_signal)
         health.attach(world)
@@ -218,12 +220,18 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
             status_file.disown()  # another run owns checkpoint.dir: write nothing there
             raise
         status_file.set_run(run_id)
+        earlier = status_file.read(run_dir)
+        if earlier is not None and earlier.get("state") == "lost":
+            world.print0(f"[mlx-dp] note: the earlier run in {run_dir} was lost: {earlier['lost_reason']}")
         # As mlx-lm's trainer: on a Mac, let MLX keep the recommended working set wired (a no-op elsewhere).
         wired = maybe_set_recommended_wired_limit()
         run = build_run(cfg, world, resume, options, allow_changes)
         reporter = _reporter(run)
         if run.resumed is not None:
             reporter.log(run.resumed.record())
+        # Set up, checked and agreed: from here this run's records replace an earlier run's end.
+        health.status(world, run_dir, "running", step=run.state.step)
+        heartbeat = status_file.Heartbeat(world, run_dir, health.current_step)
         result = fit(run, reporter)
         result["signal"] = health.stop_signal()
         reason = None
@@ -245,11 +253,14 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
     except Exception as e:  # noqa: BLE001 (recorded, then raised as a user error where it is one)
         health.failing()
         error = _as_user_error(e, run_dir)
-        health.status(world, run_dir, "failed", step=health.current_step(), reason=str(error))
+        lost_peer = isinstance(error, DistributedError) and str(error) != str(e)  # what this rank saw of another's end
+        health.status(world, run_dir, "failed", step=health.current_step(), reason=str(error), consequence=lost_peer)
         if error is e:
             raise
         raise error from None
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         try:
             reporter.close()
         except OSError:  # a full disk fails the last flush too; the error above is the one to report

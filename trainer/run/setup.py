@@ -105,7 +105,6 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
             world.print0(f"[mlx-dp] removed {len(removed)} temporary file(s) left by an earlier run that died: "
                          + ", ".join(removed[:4]) + (" ..." if len(removed) > 4 else ""))
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    health.status(world, run_dir, "running", step=0)
 
     model, tokenizer, adapter_cfg = _load_model(cfg, world)
     splits = _load_data(cfg, world, tokenizer)
