@@ -42,6 +42,7 @@ from .state import TrainingState
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
+REQUIRED_FILES = ("adapters.safetensors", "optimizer.safetensors", "state.json")
 STALE_TEMP_S = 3600.0  # a temporary this old is a leftover whatever its pid says (pids are reused)
 _TEMP_NAMES = (re.compile(r"^\.tmp-step_\d+-(\d+)$"), re.compile(r"^\.write-test-(\d+)$"),
                re.compile(r"^\..+\.tmp(\d+)(\.safetensors)?$"))
@@ -246,17 +247,24 @@ def verify(path: Path) -> str | None:
     """Why checkpoint ``path`` is not intact, or ``None``.
 
     Every file its manifest lists must exist with the recorded size and
-    sha256. A checkpoint written before manifests existed passes (its files
-    are still checked when loaded).
+    sha256, and the files a checkpoint needs must be listed. A checkpoint
+    without a readable manifest is never trusted: nothing would tell damaged
+    weights from good ones (they would load, and fail updates later for a
+    reason that names the wrong cause).
     """
     path = Path(path)
     listing = path / MANIFEST
     if not listing.is_file():
-        return None if (path / "state.json").is_file() else "it has no state.json"
+        return f"it has no {MANIFEST}, so its files cannot be checked"
     try:
         files = json.loads(listing.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MANIFEST} cannot be read"
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        return f"its {MANIFEST} does not list {', '.join(unlisted)}"
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
