@@ -25,7 +25,8 @@ MLX_DP = str(BIN / "mlx-dp")
 LAB = [PYTHON, str(ROOT / "scripts" / "lab")]  # `python scripts/lab ...`
 TINY_MODEL = ROOT / "data" / "tiny-llama"
 TINY_DATA = ROOT / "data" / "tiny-task"
-FAULTS = str(ROOT / "tests" / "workers" / "faults.py")
+WORKERS = ROOT / "tests" / "workers"
+FAULTS = str(WORKERS / "faults.py")
 
 
 def mlx_dp_command(faults: str | None = None) -> list[str]:

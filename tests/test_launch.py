@@ -127,7 +127,7 @@ def test_the_launcher_sleeps_while_ranks_run():
 @pytest.mark.e2e
 def test_bad_arguments_are_one_line():
     for args, expected in ((["-n", "2"], "give the command after --"),
-                           (["--hostfile", "missing.json", "--", "true"], "missing.json doesn't exist"),
+                           (["--hostfile", "missing.json", "--", "true"], "missing.json does not exist"),
                            (["-n", "0", "--", "true"], "not a positive whole number"),
                            (["-n", "2", "--slow", "1=0.5", "--", "true"], "unrecognized arguments: --slow")):
         result = subprocess.run([MLX_DP, "launch", *args], capture_output=True, text=True, timeout=60)

@@ -87,12 +87,17 @@ def _int_var(names) -> int | None:
     return None
 
 
+_consumed: dict = {}  # hostfiles read and then removed (consume_hostfile): path -> (entries, blank)
+
+
 def _read_ring_hosts(path: str) -> tuple[list, bool]:
     """The ring hostfile's entries, and whether the file is blank (``mlx.launch -n 1``).
 
     A malformed file gives no entries here; ``trainer.cluster.hostfile.check_ring_hostfile``
     reports it before anything connects.
     """
+    if path in _consumed:
+        return _consumed[path]
     try:
         with open(path) as f:
             text = f.read()
@@ -137,6 +142,32 @@ def launch_env() -> LaunchEnv:
         launcher = "none"
     return LaunchEnv(rank=rank, world_size=size, launcher=launcher, backend=backend, hostfile=hostfile,
                      ring_hosts=ring_hosts, coordinator=coordinator, hostfile_blank=blank, prepared=prepared)
+
+
+def consume_hostfile() -> None:
+    """Remove the temporary ring hostfile ``mlx-dp launch`` gave this rank, once MLX has read it.
+
+    MLX's launch script writes it with ``mktemp`` and nothing removes it (hundreds
+    pile up in /tmp). Only a file ``mlx-dp launch`` made is removed: its launcher
+    variable is set and the file is a ``tmp.*`` file in the temporary folder,
+    owned by this user. What it said is kept for :func:`launch_env`.
+    """
+    import tempfile
+
+    path = os.environ.get("MLX_HOSTFILE")
+    if not path or not os.environ.get(LAUNCHER_VAR) or path in _consumed:
+        return
+    here = os.path.dirname(os.path.abspath(path))
+    temp_dirs = {os.path.abspath(d) for d in (tempfile.gettempdir(), "/tmp", os.environ.get("TMPDIR") or "/tmp")}
+    if not os.path.basename(path).startswith("tmp.") or here not in temp_dirs:
+        return
+    try:
+        if os.stat(path).st_uid != os.geteuid():
+            return
+        _consumed[path] = _read_ring_hosts(path)
+        os.unlink(path)
+    except OSError:
+        _consumed.pop(path, None)
 
 
 def drop_blank_hostfile() -> None:

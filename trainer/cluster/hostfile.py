@@ -11,13 +11,18 @@ lists a machine twice starts two ranks there, each with half the memory;
 ``mlx-dp hostfile check`` refuses it so it is caught before a long job.
 """
 
+import ipaddress
 import json
+import re
 from pathlib import Path
 
 from ..env import launch_env
 from ..errors import UserError
 
 LOOPBACK = ("127.", "localhost", "::1")
+# What an ssh destination may be: [user@]host, with a host name or an address. Nothing a shell or
+# ssh itself would read as anything else (a leading '-' is an option; quotes, spaces, ; $ ` are shell).
+SSH_NAME = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?(?:[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])$")
 
 
 class HostfileError(UserError):
@@ -46,10 +51,14 @@ def check_ring_hostfile(path: str | None = None) -> list[str]:
     Raises:
         HostfileError: Malformed, or an ``ip:port`` listed for two ranks.
     """
-    path = path or launch_env().hostfile
+    env = launch_env()
+    path = path or env.hostfile
     if not path or (Path(path).is_file() and not Path(path).read_text().strip()):
         return []  # no ring: `mlx.launch -n 1` passes an empty file
-    hosts = _read_json(Path(path))
+    if not Path(path).is_file() and path == env.hostfile and env.ring_hosts:
+        hosts = env.ring_hosts  # read, then removed once the group formed (trainer.env.consume_hostfile)
+    else:
+        hosts = _read_json(Path(path))
     if not isinstance(hosts, list) or not all(isinstance(h, list) and h for h in hosts):
         raise HostfileError(f"hostfile {path} must be a list with one list of \"ip:port\" strings per rank")
     seen, notes, ip_ranks = {}, [], {}
@@ -85,6 +94,19 @@ def check_launch_hostfile(path: str) -> list[dict]:
         if not isinstance(host, dict) or not isinstance(host.get("ssh"), str):
             raise HostfileError(f"hostfile {path}: entry {i} needs an \"ssh\" host name")
         name = host["ssh"]
+        if not SSH_NAME.match(name):
+            raise HostfileError(f"hostfile {path}: entry {i}'s ssh name {name[:60]!r} is not a host name or address "
+                                "(letters, digits, '.', '-' and an optional user@; no spaces, quotes, shell "
+                                "characters or leading '-')")
+        ips = host.get("ips", []) or []
+        if not isinstance(ips, list):
+            raise HostfileError(f"hostfile {path}: entry {i}'s \"ips\" must be a list of addresses")
+        for ip in ips:
+            try:
+                ipaddress.ip_address(ip if isinstance(ip, str) else "")
+            except ValueError:
+                raise HostfileError(f"hostfile {path}: entry {i} ({name}) lists {str(ip)[:60]!r} in \"ips\", "
+                                    "which is not an IP address") from None
         if name in names:
             raise HostfileError(f"hostfile {path} lists host {name} twice (entries {names[name]} and {i}); "
                                 "list each machine once")

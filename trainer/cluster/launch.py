@@ -113,10 +113,16 @@ def main(argv: list[str], output=None, on_start=None) -> int:
         return run_stock(args, command, missing)
     from mlx._distributed_utils.common import Hostfile
 
+    from .hostfile import HostfileError, check_launch_hostfile
+
     try:
+        if args.hostfile:
+            check_launch_hostfile(args.hostfile)  # no host name that ssh or a shell would misread
+        else:
+            check_host_names(args.hosts)
         hostfile = (Hostfile.from_file(args.hostfile) if args.hostfile
                     else Hostfile.from_list(args.hosts, args.repeat_hosts or 1))
-    except ValueError as e:
+    except (ValueError, HostfileError) as e:
         parser.error(str(e))
     as_given = argparse.Namespace(**vars(args))  # for a fallback to mlx.launch, before ours is added
     _complete_args(args, hostfile)
@@ -136,6 +142,15 @@ def main(argv: list[str], output=None, on_start=None) -> int:
     except OSError as e:  # e.g. no ssh on this machine; every rank started so far has been killed
         print(f"{PROG}: error: could not start the ranks: {e}", file=sys.stderr, flush=True)
         return 127
+
+
+def check_host_names(hosts: str) -> None:
+    """``--hosts``: every name one ssh reads as a host (see ``trainer.cluster.hostfile.SSH_NAME``)."""
+    from .hostfile import SSH_NAME, HostfileError
+
+    for name in (h.strip() for h in hosts.split(",")):
+        if not SSH_NAME.match(name):
+            raise HostfileError(f"--hosts: {name[:60]!r} is not a host name or address")
 
 
 def _complete_args(args: argparse.Namespace, hostfile) -> None:

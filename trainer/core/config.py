@@ -30,6 +30,7 @@ from .schema import (HF_DATASET_KEYS, SECTION_CLASSES, CheckpointConfig, Config,
 # make a few lines expand to billions, which would spin the loader and print
 # error lines of megabytes. Aliases are counted as often as they are used.
 MAX_RECIPE_NODES = 10_000
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few KB; a bigger file is the wrong file (and slow to parse)
 
 
 class RecipeShapeError(Exception):
@@ -107,8 +108,8 @@ def yaml_load(text: str):
         if node is None:
             return None
         if _expanded_size(node, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
-            raise RecipeShapeError(f"it expands to more than {MAX_RECIPE_NODES} values once its YAML aliases are "
-                                   "expanded (nested anchors?); a recipe holds a few hundred")
+            raise RecipeShapeError(f"it holds more than {MAX_RECIPE_NODES} values (each use of a YAML alias "
+                                   "counted); a recipe holds a few hundred")
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -226,6 +227,9 @@ def read_recipe(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} is {size / 1e6:.1f} MB; a recipe is a few KB of YAML (is it the right file?)")
     text = path.read_text()
     if not text.strip():
         raise ConfigError(f"recipe {path} is empty")

@@ -29,6 +29,9 @@ def check_destination(out: Path, run_dirs) -> None:
             raise CheckpointError(f"--out {out} is the run directory itself; export into a new directory")
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"--out {out} is a file; export into a new directory")
+    blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"--out {out}: {blocking} is a file, so no directory can be made under it")
     if target.is_dir():
         present = sorted(p.name for p in target.iterdir())
         if present:

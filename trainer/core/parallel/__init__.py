@@ -20,4 +20,5 @@ launcher set).
 
 from .buckets import MiB, Bucket, GradientReducer, plan_buckets, plan_digest  # noqa: F401
 from .placement import Placement, settle  # noqa: F401
-from .world import World, check_agreement, digest, init_world, resolve_backend, set_monitor  # noqa: F401
+from .world import (World, check_agreement, digest, init_world, refuse_lone_rank, resolve_backend,  # noqa: F401
+                    set_monitor)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ...env import drop_blank_hostfile, launch_env
+from ...env import consume_hostfile, drop_blank_hostfile, launch_env
 from ...errors import DistributedError
 from .placement import Placement, gpu_kind
 
@@ -108,6 +108,16 @@ class World:
         return fn() if self.rank != 0 else result
 
 
+def refuse_lone_rank() -> None:
+    """Refuse a process told it is rank 1 or later with no group to join: it would train alone as if it were one."""
+    env = launch_env()
+    if env.rank > 0 and not env.launched:
+        raise DistributedError(f"this process is rank {env.rank} (MLX_RANK or MPI's rank is set), but no launcher "
+                               "prepared a group (no MLX_HOSTFILE, JACCL coordinator, NCCL host or MPI size): it would "
+                               "train alone; unset the rank to train in one process, or start the job with "
+                               "mlx-dp launch")
+
+
 def init_world(backend: str = "any") -> World:
     """Join the process group started by the launcher (or a group of one).
 
@@ -115,11 +125,13 @@ def init_world(backend: str = "any") -> World:
         backend (str): ``any``, ``ring``, ``jaccl``, ``mpi`` or ``nccl``. Default: ``"any"``.
     """
     drop_blank_hostfile()
-    launched = launch_env().launched
+    refuse_lone_rank()
+    env = launch_env()
     try:
-        group = mx.distributed.init(strict=launched, backend=backend)
+        group = mx.distributed.init(strict=env.launched, backend=backend)
     except RuntimeError as e:
         raise DistributedError(f"could not join the distributed group (backend {backend}): {e}") from None
+    consume_hostfile()  # MLX has read it: the launcher's temporary file goes
     chosen = resolve_backend(backend, group.size())
     return World(group=group, rank=group.rank(), size=group.size(), host=socket.gethostname(),
                  placement=Placement.detect(chosen))
