@@ -55,8 +55,22 @@ class MethodConfig:
     keys: Optional[list[str]] = _doc(
         "module paths inside a block to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; null: every linear layer",
         None)
+    objective: Literal["sft", "dpo", "orpo"] = _doc(
+        "what the loss teaches: sft (next tokens of the data), dpo or orpo (preference pairs: rows of prompt, "
+        "chosen and rejected; training.batch_size then counts pairs)", "sft")
+    beta: float = _doc("dpo: strength of the pull away from the reference model (the model before tuning); "
+                       "higher: stays closer to it", 0.1)
+    label_smoothing: float = _doc("dpo: assumed share of pairs whose labels are flipped (conservative DPO); "
+                                  "0: plain sigmoid DPO", 0.0)
+    orpo_lambda: float = _doc("orpo: weight of the odds-ratio term beside the NLL of the chosen answer", 0.1)
 
     def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"method.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"method.orpo_lambda must be >= 0, got {self.orpo_lambda}")
         if self.rank < 1:
             raise ConfigError(f"method.rank must be at least 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -67,7 +81,8 @@ class MethodConfig:
 
 # Keys of data.hf_dataset, as in mlx-lm's hf_dataset entries.
 HF_DATASET_KEYS = ("path", "name", "config", "train_split", "valid_split", "test_split", "text_feature",
-                   "prompt_feature", "completion_feature", "chat_feature")
+                   "prompt_feature", "completion_feature", "chat_feature", "chosen_feature", "rejected_feature",
+                   "system_feature")
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,10 @@ class DataConfig:
     prompt_feature: str = _doc("column holding the prompt", "prompt")
     completion_feature: str = _doc("column holding the completion", "completion")
     chat_feature: str = _doc("column holding chat messages", "messages")
+    chosen_feature: str = _doc("preference rows (method.objective dpo/orpo): column holding the preferred answer "
+                               "(a string or chat messages)", "chosen")
+    rejected_feature: str = _doc("preference rows: column holding the answer to avoid", "rejected")
+    system_feature: str = _doc("preference rows: optional column holding a system prompt (as mlx-lm-lora)", "system")
     mask_prompt: bool = _doc("exclude prompt tokens from the loss (completion and chat formats)", True)
     max_seq_length: int = _doc("longest sample in tokens; see long_samples", 2048)
     long_samples: Literal["drop", "truncate"] = _doc("what to do with samples over max_seq_length", "drop")
@@ -303,6 +322,12 @@ class Config:
         if self.parallel.shard_optimizer and self.training.optimizer == "adafactor":
             raise ConfigError("parallel.shard_optimizer needs an element-wise optimizer (adamw, adam or sgd); "
                               "adafactor factors each matrix's statistics by rows and columns")
+        if self.method.objective != "sft" and self.data.format != "auto":
+            raise ConfigError(f"data.format={self.data.format} names a next-token format; with method.objective="
+                              f"{self.method.objective} rows are preference pairs (keep data.format=auto)")
+        if self.method.objective != "sft" and self.data.packing:
+            raise ConfigError(f"data.packing packs samples of next-token data; method.objective="
+                              f"{self.method.objective} trains on whole pairs, so set data.packing=false")
         if self.method.type == "full" and self.method.dropout:
             raise ConfigError("method.dropout applies to adapters; set it to 0 for method.type=full")
 

@@ -7,6 +7,8 @@ update: every rank's micro-batches of this update, summed over ranks. The
 data plan makes ``T`` known to every rank without communicating (see
 ``trainer.core.batches``). Gradients are then summed over micro-batches and ranks,
 so N ranks at batch b compute the same update as one process at batch N*b.
+Preference objectives (``trainer.core.objectives``) follow the same rule with
+their own counts: pairs for per-pair terms, answer tokens for token terms.
 """
 
 import time
@@ -19,6 +21,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import fused
 from .batches import Batch
+from .objectives import SFT
 from .update import BucketedUpdate, clip_scale, global_norm
 
 
@@ -48,9 +51,11 @@ def to_arrays(batch: Batch) -> tuple:
 class StepFunctions:
     """Compiled pieces of one optimizer update.
 
-    * ``grads(scale, inputs, targets, mask[, segments])``: forward + backward
-      of one micro-batch, returning ``(loss_sum, grads)``; the gradient is of
-      ``loss_sum * scale``.
+    * ``grads(scale, *arrays)``: forward + backward of one micro-batch
+      (``objective.arrays(batch)``: inputs, targets, mask[, segments] for SFT),
+      returning ``(stats, grads)``: ``stats`` is the objective's vector of sums
+      (for SFT the token loss sum alone); the gradient is of the loss terms,
+      each times its ``scale`` (one over its global count).
     * ``update(grads, loss_sum)``: check finiteness, clip, apply the optimizer
       bucket by bucket (``trainer.core.update``). A non-finite loss or
       gradient norm leaves weights and optimizer state untouched. Inputs are
@@ -66,11 +71,13 @@ class StepFunctions:
         groups (list[list[str]] | None): Parameter names updated together, e.g.
             the gradient buckets. Default: ``None`` (one group of everything).
         sharding (ShardedOptimizer | None): The sharded update. Default: ``None``.
+        objective: What the loss teaches (``trainer.core.objectives``). Default: ``None`` (SFT).
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, max_grad_norm: float | None,
-                 groups: list[list[str]] | None = None, sharding=None):
+                 groups: list[list[str]] | None = None, sharding=None, objective=None):
         self.model = model
+        self.objective = objective = objective or SFT()
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.sharding = sharding
@@ -79,9 +86,8 @@ class StepFunctions:
             self.groups = groups or [[name for name, _ in tree_flatten(model.trainable_parameters())]]
             self._bucketed = BucketedUpdate(optimizer, self.groups)
 
-        def scaled_loss(scale, inputs, targets, mask, *segments):
-            loss_sum = token_loss_sum(model, inputs, targets, mask, *segments)
-            return loss_sum * scale, loss_sum
+        def scaled_loss(scale, *arrays):
+            return objective.loss(model, scale, *arrays)
 
         value_and_grad = nn.value_and_grad(model, scaled_loss)
         # model.state is an output too: nn.value_and_grad calls model.update()
@@ -90,8 +96,8 @@ class StepFunctions:
 
         @partial(mx.compile, inputs=grad_state, outputs=grad_state)
         def grads(scale, *arrays):
-            (_, loss_sum), g = value_and_grad(scale, *arrays)
-            return loss_sum, g
+            (_, stats), g = value_and_grad(scale, *arrays)
+            return stats, g
 
         self.grads = grads
 
@@ -138,21 +144,24 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
             (the identity in training; tests may fake it). Default: ``None``.
 
     Returns:
-        dict: Lazy arrays ``loss_sum`` (summed over ranks and micro-batches),
-        ``grad_norm``, ``finite``, ``stop`` (ranks that asked to stop) and
-        ``compute_s`` (each rank's measured compute seconds, zeros when not
-        measured), plus the int ``tokens`` (global loss tokens of this
-        update). The caller evaluates them with the model state.
+        dict: Lazy arrays ``stats`` (the objective's sums over ranks and
+        micro-batches; ``loss_sum``, their first, is the loss sum), ``grad_norm``,
+        ``finite``, ``stop`` (ranks that asked to stop) and ``compute_s`` (each
+        rank's measured compute seconds, zeros when not measured), plus the
+        int ``tokens`` (global loss tokens of this update), the ``counts`` the
+        objective's metrics divide by and the ``objective``. The caller
+        evaluates them with the model state.
     """
     start = time.perf_counter()
+    objective = fns.objective
     total_tokens = sum(b.global_tokens for b in micro_batches)
     ranks = reducer.world.size if reducer.averages else 1
-    scale = mx.array(ranks / total_tokens, mx.float32)
-    acc, local_loss = None, mx.array(0.0, mx.float32)
+    scale = objective.scales(micro_batches, ranks)
+    acc, local_loss = None, mx.zeros(len(objective.stats), mx.float32)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
-        loss_sum, grads = fns.grads(scale, *to_arrays(batch))
-        local_loss = local_loss + loss_sum
+        stats, grads = fns.grads(scale, *objective.arrays(batch))
+        local_loss = local_loss + stats
         grads = grads if acc is None else tree_map(mx.add, acc, grads)
         acc = None
         if i < last:
@@ -164,10 +173,11 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     if measure is not None:
         mx.eval(grads, local_loss)  # note: sync point, so the time is compute alone, without communication
         seconds[world.rank] = measure(time.perf_counter() - start)
-    # The loss sum, the stop flag and the compute times ride with the last
-    # gradient bucket: the logged loss, the finiteness check, the stop
-    # decision and the balance split are then global, at no extra collective.
-    extra = mx.concatenate([local_loss.reshape(1), mx.array([float(stop), *seconds], mx.float32)])
+    # The loss sums (and the objective's statistics), the stop flag and the compute times ride with the
+    # last gradient bucket: the logged loss, the finiteness check, the stop decision and the balance
+    # split are then global, at no extra collective.
+    k = len(objective.stats)
+    extra = mx.concatenate([local_loss, mx.array([float(stop), *seconds], mx.float32)])
     flat = dict(tree_flatten(grads))
     del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
     world.waiting("sync")  # everything is dispatched; the update below waits for the peers' buckets
@@ -177,13 +187,14 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         shards = reducer.reduce_scatter(flat)
         squares = sum(mx.square(s.astype(mx.float32)).sum() for s in shards)
         extra = reducer.sum_small(mx.concatenate([extra, squares.reshape(1)]))
-        norm, finite = fns.sharding.apply(shards, extra[0], extra[-1])  # note: syncs per bucket
+        norm, finite = fns.sharding.apply(shards, extra[:k].sum(), extra[-1])  # note: syncs per bucket
         extra = extra[:-1]
     else:
         summed, extra = reducer.reduce(flat, extra=extra)
-        norm, finite = fns.update(summed, extra[0])  # note: syncs per bucket
-    return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "compute_s": extra[2:],
-            "tokens": total_tokens}
+        norm, finite = fns.update(summed, extra[:k].sum())  # note: syncs per bucket; any NaN stat is caught
+    return {"loss_sum": extra[0], "stats": extra[:k], "grad_norm": norm, "finite": finite, "stop": extra[k],
+            "compute_s": extra[k + 1:], "tokens": total_tokens, "counts": objective.counts(micro_batches),
+            "objective": objective}
 
 
 def make_eval_loss(model: nn.Module):
