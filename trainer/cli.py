@@ -76,15 +76,20 @@ def _cmd_eval(args) -> int:
     from .tools.evaluation import run_eval
 
     result = run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split)
-    if launch_env().rank == 0:
+    if launch_env().rank == 0 and "preference_accuracy" in result:
+        print(f"{result['split']}: preference accuracy {result['preference_accuracy']:.0%} (chosen answer likelier "
+              f"than the rejected one) on {result['pairs']} held-out pairs; {result['objective']} loss "
+              f"{result['loss']:.4f}, reward accuracy {result['reward_accuracy']:.0%}, reward margin "
+              f"{result['reward_margin']:.3f} on {result['world_size']} rank(s)", flush=True)
+    elif launch_env().rank == 0:
         line = (f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
                 f"{result['tokens']} tokens of {result['samples']} samples on {result['world_size']} rank(s)")
         if "exact_match" in result:
             line += f"; exact match {result['exact_match']:.1%} of {result['exact_match_samples']} greedy generations"
         print(line, flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+    if launch_env().rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Each rank scores its rows of fixed, length-sorted global batches; loss sums
 are summed over ranks and divided by the global token count, so the result is
-what one process scoring the whole split would report.
+what one process scoring the whole split would report. Preference pairs are
+scored the same way with their objective's sums, divided by the global pair
+and token counts (:func:`evaluate_pairs`).
 """
 
 import math
@@ -10,6 +12,7 @@ import math
 import mlx.core as mx
 
 from .batches import epoch_batches, make_batch
+from .pair_batches import make_pair_batch
 from .step import make_eval_loss, to_arrays
 
 
@@ -92,3 +95,56 @@ def exact_match(world, model, tokenizer, split, max_new_tokens: int, max_samples
             progress()
     total = world.all_sum([float(matches)], phase="eval")[0]
     return {"exact_match": total / max(len(indices), 1), "matches": int(total), "samples": len(indices)}
+
+
+def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
+                   max_batches: int | None = None, progress=None) -> dict:
+    """The preference objective's loss and metrics of ``model`` on a split of pairs.
+
+    Args:
+        world (trainer.core.parallel.World): The group; every rank must call this.
+        model: The model (switched to eval mode for the duration).
+        split (trainer.core.pairs.PairSplit): Validation or test pairs (with
+            reference log-probs for DPO).
+        objective (trainer.core.objectives.Preference): DPO or ORPO.
+        per_rank_batch (int): Pairs per rank per batch.
+        pad_multiple (int): Padding granularity.
+        max_batches (int | None): Score only the first N global batches. Default: ``None``.
+        progress (callable | None): Called once per batch. Default: ``None``.
+
+    Returns:
+        dict: ``loss`` and the objective's metrics (``preference_accuracy``:
+        the share of pairs whose chosen answer the model finds likelier than
+        the rejected one, a tie counting half; ``reward_accuracy``,
+        ``reward_margin``, ``chosen_logp``, ...), plus ``pairs`` and ``batches``.
+    """
+    was_training = model.training
+    model.eval()
+    stats_fn = mx.compile(lambda *arrays: objective.loss(model, mx.zeros(2), *arrays)[1], inputs=[model.state],
+                          outputs=[model.state])
+    total = mx.zeros(len(objective.stats), mx.float32)
+    batches = eval_batches(split, per_rank_batch, world.size, max_batches)
+    micro = []
+    for indices in batches:
+        batch = make_pair_batch(split, indices, world.rank, world.size, per_rank_batch, pad_multiple)
+        total = total + stats_fn(*objective.arrays(batch))
+        micro.append(batch)
+        mx.eval(total)  # note: sync point per batch keeps memory at one batch
+        if progress is not None:
+            progress()
+    sums = world.all_sum(total.tolist(), phase="eval")
+    if was_training:
+        model.train()
+    counts = objective.counts(micro)
+    metrics = objective.summary(sums, 0, counts)
+    metrics["loss"] = metrics.pop("train_loss")
+    return {**metrics, "pairs": counts["pairs"], "batches": len(batches)}
+
+
+def validation(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
+               max_batches: int | None = None) -> dict:
+    """The ``metrics.jsonl`` record of one validation: ``val_loss`` (and ``val_<metric>`` for pairs)."""
+    if not getattr(objective, "preference", False):
+        return {"val_loss": evaluate_loss(world, model, split, per_rank_batch, pad_multiple, max_batches)["loss"]}
+    result = evaluate_pairs(world, model, split, objective, per_rank_batch, pad_multiple, max_batches)
+    return {f"val_{k}": v for k, v in result.items() if k not in ("pairs", "batches")}

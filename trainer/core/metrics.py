@@ -34,6 +34,9 @@ class MetricWindow:
         self.updates = 0
         self.real_tokens = 0  # non-padding tokens in this rank's rows
         self.cells = 0  # token cells this rank computed, padding included
+        self.objective = None  # what the loss teaches; its statistics are summarised with it
+        self.stats = None  # the objective's sums over ranks (lazy)
+        self.counts = {}  # global pairs and answer tokens the statistics divide by
 
     def add(self, out: dict, micro_batches: list, seconds: float) -> None:
         """Count one update: ``out`` from ``trainer.core.step.run_update``, this rank's batches, its wall time."""
@@ -46,20 +49,30 @@ class MetricWindow:
         self.updates += 1
         self.real_tokens += sum(b.real_tokens for b in micro_batches)
         self.cells += sum(b.inputs.shape[0] * (b.inputs.shape[1] + 1) for b in micro_batches)
+        if getattr(out.get("objective"), "preference", False):
+            self.objective = out["objective"]
+            self.stats = out["stats"] if self.stats is None else self.stats + out["stats"]
+            for key, value in out["counts"].items():
+                self.counts[key] = self.counts.get(key, 0) + value
 
     def skipped(self) -> int:
         """Updates of this window not applied (non-finite). Reads a device value."""
         return int(self.nonfinite.item())  # note: sync point
 
     def summary(self) -> dict:
-        """Loss per token, throughput and padding of the window. Reads a device value."""
-        return {
+        """Loss per token (or the objective's loss and metrics), throughput and padding. Reads device values."""
+        out = {
             "train_loss": self.loss_sum.item() / max(self.tokens, 1),  # note: sync point
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
             "step_time_s": self.seconds / max(self.updates, 1),
             "tokens": self.tokens,
             "padded_share": round(1 - self.real_tokens / max(self.cells, 1), 4),
         }
+        if getattr(self.objective, "preference", False):
+            out.update(self.objective.summary(self.stats.tolist(), self.tokens, self.counts))  # note: sync point
+            out["pairs"] = self.counts["pairs"]
+            out["pairs_per_s"] = self.counts["pairs"] / max(self.seconds, 1e-9)
+        return out
 
 
 class NullReporter:

@@ -22,7 +22,7 @@ from ..cluster.hostfile import check_ring_hostfile
 from ..cluster.peers import PeerMonitor
 from ..core import checkpoint
 from ..core.config import Config
-from ..core.evaluate import evaluate_loss
+from ..core.evaluate import validation
 from ..core.metrics import MetricWindow, NullReporter, Reporter, start_wandb
 from ..core.parallel import refuse_lone_rank
 from ..core.step import run_update
@@ -105,17 +105,20 @@ def _rebalance(run: Run, out: dict, micro: list, reporter) -> None:
 
 
 def validate(run: Run, reporter) -> float | None:
-    """Token-weighted validation loss on every rank (a collective); ``None`` without a valid split."""
+    """Validation loss (and a preference objective's metrics) on every rank (a collective); ``None`` without a
+    valid split."""
     split = run.splits.get("valid")
     if split is None:
         return None
     health.phase("eval", run.state.step)
     e = run.cfg.eval
-    loss = evaluate_loss(run.world, run.model, split, e.batch_size or run.cfg.training.batch_size,
-                         run.cfg.data.pad_multiple, e.max_batches)["loss"]
-    reporter.log({"step": run.state.step, "val_loss": loss})
-    reporter.note(f"[mlx-dp] step {run.state.step}: val loss {loss:.4f}")
-    return loss
+    record = validation(run.world, run.model, split, run.fns.objective, e.batch_size or run.cfg.training.batch_size,
+                        run.cfg.data.pad_multiple, e.max_batches)
+    reporter.log({"step": run.state.step, **record})
+    accuracy = record.get("val_preference_accuracy")
+    reporter.note(f"[mlx-dp] step {run.state.step}: val loss {record['val_loss']:.4f}"
+                  + (f", preference accuracy {accuracy:.1%}" if accuracy is not None else ""))
+    return record["val_loss"]
 
 
 def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
@@ -137,8 +140,11 @@ def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
     if bad:
         record["skipped_updates"] = bad
     reporter.log(record)
-    reporter.advance(0, {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
-                         "lr": f"{record['learning_rate']:.2e}"})
+    postfix = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}",
+               "lr": f"{record['learning_rate']:.2e}"}
+    if "reward_accuracy" in record:  # preference objectives: what users watch
+        postfix.update(acc=f"{record['reward_accuracy']:.0%}", margin=f"{record['reward_margin']:.2f}")
+    reporter.advance(0, postfix)
 
 
 def save(run: Run, val_loss: float | None, reporter) -> None:

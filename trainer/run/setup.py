@@ -22,10 +22,13 @@ from ..core.balance import Balancer
 from ..core.batches import BatchStream, batches_per_epoch
 from ..core.config import Config
 from ..core.data import load_splits
+from ..core.pairs import load_pair_splits
 from ..core.metrics import format_bytes
 from ..core.model import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
                           load_base, trainable_parameters)
+from ..core.objectives import make_objective
 from ..core.optim import build_optimizer
+from ..core.pair_batches import batch_stream
 from ..core.parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets
 from ..core.parallel.shards import ShardedReducer, ShardPlan
 from ..core.sharded import ShardedOptimizer
@@ -108,6 +111,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
 
     model, tokenizer, adapter_cfg = _load_model(cfg, world)
     splits = _load_data(cfg, world, tokenizer)
+    reference = _attach_reference(cfg, world, model, splits)  # before a checkpoint's weights are loaded
     t = cfg.training
     dataset = splits["train"].fingerprint()
     state = TrainingState(world_size=world.size, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
@@ -121,8 +125,8 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
                           blocked=resolve_block(t.attention_block) > 0)
         if warning:
             world.print0(f"[mlx-dp] WARNING: {warning}")
-    stream = BatchStream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple,
-                         prefetch=cfg.data.prefetch)
+    stream = batch_stream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple,
+                          prefetch=cfg.data.prefetch)
     optimizer = build_optimizer(t, state.total_steps)
     balancer = _balancer(cfg, world)
     saved_optimizer, resumed = None, None
@@ -138,7 +142,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     check_agreement(world, {
         "recipe": state.recipe_digest, **versions(), "dataset": dataset,
         "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable_parameters(model).items()]),
-        "trainable values": _weights_digest(model),
+        "trainable values": _weights_digest(model), **reference,
     })
     reducer = _build_reducer(cfg, world, model, splits["train"], options.reducer)
     if t.grad_checkpoint:
@@ -169,12 +173,28 @@ def _load_model(cfg: Config, world: World):
 def _load_data(cfg: Config, world: World, tokenizer) -> dict:
     """Tokenized splits; rank 0 fills the tokenization cache, the others then read it."""
     health.phase("loading data", watched=False)  # tokenizing a large dataset can take any time
-    splits = world.rank0_first(lambda: load_splits(cfg.data, tokenizer, show_progress=world.is_main))
+    load = load_splits if cfg.method.objective == "sft" else load_pair_splits
+    splits = world.rank0_first(lambda: load(cfg.data, tokenizer, show_progress=world.is_main))
     for note in splits["train"].notes:
         world.print0(f"[mlx-dp] {splits['train'].source}: {note}")
     if "valid" not in splits:
         world.print0("[mlx-dp] no validation split: skipping validation")
     return splits
+
+
+def _attach_reference(cfg: Config, world: World, model, splits: dict) -> dict:
+    """DPO: every split's reference log-probs (``trainer.core.reference``), as an agreement item."""
+    if cfg.method.objective != "dpo":
+        return {}
+    from ..core import reference
+
+    health.phase("reference log-probs", watched=False)  # one forward pass over the pairs
+    settings = {"attention_block": resolve_block(cfg.training.attention_block),
+                "fused_exp": fused.resolve(cfg.training.fused_exp), "pad_multiple": cfg.data.pad_multiple}
+    found = reference.attach(world, model, splits, cfg.data.cache_dir, settings, note=world.print0)
+    for name, how in found.items():
+        world.print0(f"[mlx-dp] reference log-probs of the {name} pairs: {how['reference']} ({how['file']})")
+    return {"reference log-probs": digest(*[splits[name].reference.tobytes() for name in sorted(found)])}
 
 
 def _check_enough_data(cfg: Config, world: World, train, state: TrainingState) -> None:
@@ -184,9 +204,10 @@ def _check_enough_data(cfg: Config, world: World, train, state: TrainingState) -
             f"the training set {train.source} has {len(train)} usable samples, fewer than one global batch of "
             f"{state.global_batch} (training.batch_size={t.batch_size} x {world.size} ranks x "
             f"grad_accumulation={t.grad_accumulation}); lower training.batch_size")
+    unit = "sequences" if cfg.method.objective == "sft" else "pairs"
     world.print0(f"[mlx-dp] world: {world.size} rank(s); global batch = {t.batch_size} x {world.size} x "
-                 f"{t.grad_accumulation} = {state.global_batch} sequences per update; "
-                 f"{len(train)} training samples; {state.total_steps} updates")
+                 f"{t.grad_accumulation} = {state.global_batch} {unit} per update; "
+                 f"{len(train)} training {'samples' if unit == 'sequences' else 'pairs'}; {state.total_steps} updates")
 
 
 def _balancer(cfg: Config, world: World) -> Balancer:
@@ -227,9 +248,10 @@ def _step_functions(cfg: Config, model, optimizer, reducer, saved_optimizer: dic
     if not getattr(reducer, "sharded", False):
         if saved_optimizer is not None:
             optimizer.state = saved_optimizer
-        return StepFunctions(model, optimizer, t.max_grad_norm, groups=[list(b.names) for b in reducer.buckets])
+        return StepFunctions(model, optimizer, t.max_grad_norm, groups=[list(b.names) for b in reducer.buckets],
+                             objective=make_objective(cfg.method))
     sharding = ShardedOptimizer(model, optimizer, reducer, t.max_grad_norm, saved_state=saved_optimizer)
-    fns = StepFunctions(model, optimizer, t.max_grad_norm, sharding=sharding)
+    fns = StepFunctions(model, optimizer, t.max_grad_norm, sharding=sharding, objective=make_objective(cfg.method))
     reducer.world.print0(f"[mlx-dp] optimizer state sharded over {reducer.world.size} rank(s): "
                          f"{format_bytes(fns.state_bytes())} per rank")
     return fns
@@ -242,7 +264,7 @@ def _build_reducer(cfg: Config, world: World, model, train, make_reducer=None):
     (``RunOptions.reducer``: the benchmarks' baselines).
     """
     p = cfg.parallel
-    sample = next(iter(BatchStream(train, 1, 0, 1, cfg.training.seed, cfg.data.pad_multiple)))
+    sample = next(iter(batch_stream(train, 1, 0, 1, cfg.training.seed, cfg.data.pad_multiple)))
     order = backward_order(model, mx.array(sample.inputs))
     params = trainable_parameters(model)
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},

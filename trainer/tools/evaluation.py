@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ..cluster.connect import join
 from ..core.data import load_splits
-from ..core.evaluate import evaluate_loss, exact_match
+from ..core.evaluate import evaluate_loss, evaluate_pairs, exact_match
 from ..core.model import load_base
+from ..core.objectives import make_objective
+from ..core.pairs import load_pair_splits
 from ..errors import CheckpointError, DataError
 from .adapters import load_trained
 
@@ -28,20 +30,32 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
     world = join(cfg.parallel.backend, cfg.parallel.timeout_s)
     model, tokenizer, _ = load_base(cfg.model)
     source = Path(checkpoint or cfg.checkpoint.dir)
-    if checkpoint != "none":
-        if not (source / "adapters.safetensors").is_file():
-            raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint "
-                                  "(or --checkpoint none for the base model)")
-        load_trained(model, cfg, source)
+    if checkpoint != "none" and not (source / "adapters.safetensors").is_file():
+        raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint "
+                              "(or --checkpoint none for the base model)")
     split_name = split_name or cfg.eval.split
     data_cfg = dataclasses.replace(cfg.data, packing=False)
-    splits = world.rank0_first(lambda: load_splits(data_cfg, tokenizer, (split_name,), show_progress=world.is_main))
+    load = load_splits if cfg.method.objective == "sft" else load_pair_splits
+    splits = world.rank0_first(lambda: load(data_cfg, tokenizer, (split_name,), show_progress=world.is_main))
     if split_name not in splits:
         raise DataError(f"{cfg.data.path or cfg.data.hf_dataset} has no {split_name} split")
     split = splits[split_name]
+    if cfg.method.objective == "dpo":  # the reference is the base: its log-probs before the adapters are loaded
+        from ..core import reference
+
+        # eval runs MLX's own attention and loss (no training routes), and the cache key says so
+        settings = {"attention_block": 0, "fused_exp": False, "pad_multiple": cfg.data.pad_multiple}
+        reference.attach(world, model, splits, cfg.data.cache_dir, settings, note=world.print0)
+    if checkpoint != "none":
+        load_trained(model, cfg, source)
     batch = cfg.eval.batch_size or cfg.training.batch_size
     result = {"split": split_name, "checkpoint": None if checkpoint == "none" else str(source),
               "world_size": world.size, "samples": len(split)}
+    if cfg.method.objective != "sft":
+        result.update(objective=cfg.method.objective)
+        result.update(evaluate_pairs(world, model, split, make_objective(cfg.method), batch, cfg.data.pad_multiple,
+                                     cfg.eval.max_batches))
+        return result
     result.update(evaluate_loss(world, model, split, batch, cfg.data.pad_multiple, cfg.eval.max_batches))
     if cfg.eval.exact_match and (split.prompt_lengths > 0).any():
         limit = None if cfg.eval.max_batches is None else cfg.eval.max_batches * batch * world.size
