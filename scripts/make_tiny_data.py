@@ -14,8 +14,10 @@ streams are frozen), so the files are byte-identical on every run::
 
     python scripts/make_tiny_data.py --seed 0 --out data
 
-writes ``data/tiny-corpus/corpus.txt`` (one document per line) and
-``data/tiny-task/{train,valid,test}.jsonl`` plus ``data/tiny-task/README.md``.
+writes ``data/tiny-corpus/corpus.txt`` (one document per line),
+``data/tiny-task/{train,valid,test}.jsonl`` plus ``data/tiny-task/README.md``, and
+the preference pairs ``data/tiny-preference/{train,valid,test}.jsonl`` plus its
+README (from a random stream of their own, so the other files do not change).
 """
 
 import argparse
@@ -156,6 +158,52 @@ def qa_rows(facts: list[dict]) -> list[dict]:
     return [{"prompt": q, "completion": f["sentence"]} for f in facts for q in f["questions"]]
 
 
+def preference_rows(rng: np.random.RandomState, facts: list[dict], entities: set) -> list[dict]:
+    """One pair per fact of ``entities``: a question, its answer, and a true sentence that does not answer it.
+
+    The rejected answer is, at even odds, another fact about the same entity
+    (the wrong relation: "vito likes tea." to "what pet does vito have?") or
+    the same relation's fact about another entity of the set ("kale has a
+    lion."). Both are sentences the pretraining corpus states, so the base
+    model finds them about as likely as the answer (near chance); telling them
+    apart takes the question's relation and name, which is what tuning teaches.
+    """
+    by_entity: dict[str, dict] = {}
+    for f in facts:
+        if f["entity"] in entities:
+            by_entity.setdefault(f["entity"], {})[f["relation"]] = f
+    names = sorted(by_entity)
+    rows = []
+    for name in names:
+        for relation, fact in sorted(by_entity[name].items()):
+            question = fact["questions"][rng.randint(len(fact["questions"]))]
+            if rng.rand() < 0.5:
+                others = [r for r in sorted(by_entity[name]) if r != relation]
+                rejected = by_entity[name][others[rng.randint(len(others))]]["sentence"]
+            else:
+                peers = [n for n in names if n != name and relation in by_entity[n]
+                         and by_entity[n][relation]["sentence"].split(" ", 1)[1] != fact["sentence"].split(" ", 1)[1]]
+                rejected = by_entity[peers[rng.randint(len(peers))]][relation]["sentence"]
+            rows.append({"prompt": question, "chosen": fact["sentence"], "rejected": rejected})
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+PREFERENCE_README = """\
+# tiny-preference: which sentence answers the question?
+
+Made by `python scripts/make_tiny_data.py --seed {seed} --out data`; do not edit by hand.
+Preference pairs on the tiny world of `../tiny-task` (the same people, animals and held-out
+entities): a question, the sentence that answers it (`chosen`) and a true sentence of the world
+that does not (`rejected`): at even odds another fact about the same entity (the wrong relation)
+or the same relation's fact about another entity. Example:
+{{"prompt": "{q}", "chosen": "{c}", "rejected": "{r}"}}.
+The pretraining corpus states every one of these sentences, so the base model finds the two about
+equally likely: it prefers the chosen answer on about half of the held-out pairs (near chance).
+Valid and test ask only about the held-out entities of `../tiny-task`. Pairs: train {n_train}, valid
+{n_valid}, test {n_test}; one question template per fact, drawn at random.
+"""
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
@@ -209,6 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     (corpus_dir / "corpus.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     for name, rows in (("train", train), ("valid", valid), ("test", test)):
         write_jsonl(task_dir / f"{name}.jsonl", rows)
+    pref_dir = args.out / "tiny-preference"
+    pref_dir.mkdir(parents=True, exist_ok=True)
+    pref_rng = np.random.RandomState([args.seed, 1])  # a stream of its own: the files above stay as they were
+    held_out = valid_ents | test_ents
+    prefs = {"train": preference_rows(pref_rng, facts, {f["entity"] for f in facts} - held_out),
+             "valid": preference_rows(pref_rng, facts, valid_ents),
+             "test": preference_rows(pref_rng, facts, test_ents)}
+    for name, rows in prefs.items():
+        write_jsonl(pref_dir / f"{name}.jsonl", rows)
+    first = prefs["train"][0]
+    (pref_dir / "README.md").write_text(PREFERENCE_README.format(
+        seed=args.seed, q=first["prompt"], c=first["chosen"], r=first["rejected"], n_train=len(prefs["train"]),
+        n_valid=len(prefs["valid"]), n_test=len(prefs["test"])), encoding="utf-8")
     (task_dir / "README.md").write_text(README.format(
         seed=args.seed, animals=len(ANIMALS), people=NUM_PEOPLE, q=train[0]["prompt"],
         a=train[0]["completion"], held_a=held_animals, held_p=held_people,
@@ -216,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     size = (corpus_dir / "corpus.txt").stat().st_size
     print(f"corpus: {len(docs)} documents, {size / 1e6:.2f} MB -> {corpus_dir}/corpus.txt")
     print(f"task: train {len(train)}, valid {len(valid)}, test {len(test)} -> {task_dir}/")
+    print(f"preference: train {len(prefs['train'])}, valid {len(prefs['valid'])}, test {len(prefs['test'])} "
+          f"-> {pref_dir}/")
     return 0
 
 

@@ -16,10 +16,16 @@ applied, so weight, adapter and optimizer bytes are counted exactly:
 * O: optimizer state, 2 tensors per trainable parameter for AdamW/Adam (1 for
   SGD); S = N with ``shard_optimizer``, else 1;
 * A: activations of one micro-batch of ``batch_size x max_seq_length`` tokens
-  (the worst case), per layer ``34 b s h`` bytes without gradient
+  (the worst case; a preference objective's batch_size counts pairs, each two
+  rows), per layer ``34 b s h`` bytes without gradient
   checkpointing (Korthikanti et al., 2022, half precision, fused attention)
   or ``2 b s h`` with it plus one layer's ``34 b s h``, plus the logits in
   fp32 twice (``8 b s V``).
+
+DPO adds nothing here: its reference log-probs are computed before training
+and cached (``trainer.core.reference``), so even a full fine-tune holds no
+frozen copy of the model (a reference forward in every update would need one
+more W for a full fine-tune).
 
 A Mac gives MLX about 75% of its memory by default (macOS's GPU wired limit),
 so a recipe "fits" when its total is under 75% of the Mac's memory.
@@ -79,6 +85,11 @@ def model_bytes(cfg) -> tuple[int, int, dict]:
     return weights, trainable, archs.text_config(config)
 
 
+def rows_per_micro_batch(cfg) -> int:
+    """Sequences per rank per micro-batch: ``batch_size``, or twice that for preference pairs."""
+    return cfg.training.batch_size * (1 if cfg.method.objective == "sft" else 2)
+
+
 def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
     """Memory per rank of ``cfg`` at ``world_size`` ranks (see the module docstring).
 
@@ -92,7 +103,7 @@ def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
     optimizer = OPTIMIZER_TENSORS[cfg.training.optimizer] * trainable
     if sharded:
         optimizer //= world_size
-    b, s = cfg.training.batch_size, cfg.data.max_seq_length
+    b, s = rows_per_micro_batch(cfg), cfg.data.max_seq_length
     h, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
     per_layer = 34 * b * s * h
     stored = per_layer + 2 * b * s * h * layers if cfg.training.grad_checkpoint else per_layer * layers
@@ -154,7 +165,8 @@ def header_line(path) -> str:
         f"at {max(WORLD_SIZES)} ranks with parallel.shard_optimizer, a {sharded} GB Mac" if sharded else
         f"over {int(USABLE * MACS_GB[-1])} GB: lower batch_size or max_seq_length")
     b, s = cfg.training.batch_size, cfg.data.max_seq_length
-    return (f"{HEADER} (mlx-dp recipes memory; worst case, every row {s} tokens at batch {b}): "
+    batch = f"batch {b}" if cfg.method.objective == "sft" else f"batch {b} pairs ({2 * b} rows)"
+    return (f"{HEADER} (mlx-dp recipes memory; worst case, every row {s} tokens at {batch}): "
             f"{format_bytes(one.total - one.activations)} weights, gradients and optimizer state + "
             f"{format_bytes(one.activations)} activations per rank; {where}.")
 
