@@ -141,15 +141,17 @@ def normalise(row: dict, cfg: DataConfig, has_template: bool) -> Pair | str:
             return f"'{key}' is neither a string nor a list of chat messages with a role and content"
         answers.append(as_messages if as_messages is not None else as_text)
     chosen, rejected = answers
-    if isinstance(chosen, list) != isinstance(rejected, list):
-        return f"'{keys[0]}' and '{keys[1]}' must both be strings or both be chat messages"
+    if isinstance(chosen, list) != isinstance(rejected, list):  # one string answer beside messages: a reply
+        chosen, rejected = ([{"role": "assistant", "content": a}] if isinstance(a, str) else a
+                            for a in (chosen, rejected))
     prompt = row.get(cfg.prompt_feature)
     if prompt is not None and _messages(prompt) is None and not isinstance(prompt, str):
         return f"'{cfg.prompt_feature}' is neither a string nor a list of chat messages with a role and content"
     system = row.get(cfg.system_feature) if cfg.system_feature else None
     system = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
     if isinstance(chosen, list):
-        prompt = _messages(prompt)
+        replies = chosen[0]["role"] == rejected[0]["role"] == "assistant"
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) and replies else _messages(prompt)
         if prompt is None:  # whole conversations: the prompt is what they share (TRL's maybe_extract_prompt)
             n = common_prefix(chosen, rejected)
             if n == 0:
