@@ -85,6 +85,7 @@ def tiny_recipe(tmp_path: Path, name: str = "recipe.yaml", **sections) -> Path:
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -154,6 +154,9 @@ def _load_model(cfg: Config, world: World):
     health.phase("loading the model", watched=False)  # a download can take any time
     model, tokenizer, _ = load_base(cfg.model)
     apply_method(model, cfg.method, cfg.training.seed)
+    # mlx_lm.load hands the model over in eval mode, where dropout does nothing: train in training mode,
+    # as mlx-lm's trainer does (model.train()), so method.dropout acts. Evaluation switches back and forth.
+    model.train()
     trainable, total = count_parameters(model)
     world.print0(f"[mlx-dp] {cfg.method.type}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters")
     block = resolve_block(cfg.training.attention_block)
