@@ -120,7 +120,8 @@ class StepFunctions:
         return sum(v.nbytes for _, v in tree_flatten(self.optimizer.state))
 
 
-def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False, measure=None):
+def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False, measure=None,
+               save: bool = False, hosted: int = 1):
     """One optimizer update over ``micro_batches`` (this rank's share).
 
     Args:
@@ -136,21 +137,33 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
             are evaluated before any is sent (no overlap on this update), and
             ``measure(seconds)`` gives the figure shared with every rank
             (the identity in training; tests may fake it). Default: ``None``.
+        save (bool): This rank asks for a checkpoint after this update (rank 0's
+            clock: ``checkpoint.every_minutes``); summed like ``stop``. Default: ``False``.
+        hosted (int): Nominal ranks this process computes (``trainer.core.membership``):
+            ``micro_batches`` then holds, for each global micro-batch, one micro-batch
+            per hosted rank, each drawing the random numbers its own process would
+            have drawn. Default: ``1``.
 
     Returns:
         dict: Lazy arrays ``loss_sum`` (summed over ranks and micro-batches),
-        ``grad_norm``, ``finite``, ``stop`` (ranks that asked to stop) and
-        ``compute_s`` (each rank's measured compute seconds, zeros when not
-        measured), plus the int ``tokens`` (global loss tokens of this
-        update). The caller evaluates them with the model state.
+        ``grad_norm``, ``finite``, ``stop`` (ranks that asked to stop), ``save``
+        (ranks that asked for a checkpoint) and ``compute_s`` (each rank's
+        measured compute seconds, zeros when not measured), plus the int
+        ``tokens`` (global loss tokens of this update). The caller evaluates
+        them with the model state.
     """
     start = time.perf_counter()
-    total_tokens = sum(b.global_tokens for b in micro_batches)
+    total_tokens = sum(b.global_tokens for b in micro_batches[::hosted])  # each global micro-batch once
     ranks = reducer.world.size if reducer.averages else 1
     scale = mx.array(ranks / total_tokens, mx.float32)
-    acc, local_loss = None, mx.array(0.0, mx.float32)
+    acc, local_loss, key = None, mx.array(0.0, mx.float32), None
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
+        if hosted > 1:  # every nominal rank starts a micro-batch from the same random state, as its process would
+            if i % hosted == 0:
+                key = mx.random.state[0].tolist()  # note: sync point, only while standing in for missing ranks
+            else:
+                mx.random.seed((int(key[0]) << 32) | int(key[1]))  # sets the key to these two words
         loss_sum, grads = fns.grads(scale, *to_arrays(batch))
         local_loss = local_loss + loss_sum
         grads = grads if acc is None else tree_map(mx.add, acc, grads)
@@ -164,10 +177,10 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     if measure is not None:
         mx.eval(grads, local_loss)  # note: sync point, so the time is compute alone, without communication
         seconds[world.rank] = measure(time.perf_counter() - start)
-    # The loss sum, the stop flag and the compute times ride with the last
-    # gradient bucket: the logged loss, the finiteness check, the stop
-    # decision and the balance split are then global, at no extra collective.
-    extra = mx.concatenate([local_loss.reshape(1), mx.array([float(stop), *seconds], mx.float32)])
+    # The loss sum, the stop and save flags and the compute times ride with the
+    # last gradient bucket: the logged loss, the finiteness check, the stop and
+    # save decisions and the balance split are then global, at no extra collective.
+    extra = mx.concatenate([local_loss.reshape(1), mx.array([float(stop), float(save), *seconds], mx.float32)])
     flat = dict(tree_flatten(grads))
     del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
     world.waiting("sync")  # everything is dispatched; the update below waits for the peers' buckets
@@ -182,8 +195,8 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     else:
         summed, extra = reducer.reduce(flat, extra=extra)
         norm, finite = fns.update(summed, extra[0])  # note: syncs per bucket
-    return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "compute_s": extra[2:],
-            "tokens": total_tokens}
+    return {"loss_sum": extra[0], "grad_norm": norm, "finite": finite, "stop": extra[1], "save": extra[2],
+            "compute_s": extra[3:], "tokens": total_tokens}
 
 
 def make_eval_loss(model: nn.Module):
