@@ -85,6 +85,7 @@ def tiny_recipe(tmp_path: Path, name: str = "recipe.yaml", **sections) -> Path:
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -225,3 +226,38 @@ def tiny_model():
     attention.use_blocks(model, 0)
     fused.use_fused(model, False)
 
+
+# ---------------------------------------------------------------------------- processes of a job
+
+
+def descendants(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent:
+                out.append(int(entry.name))
+                todo.append(int(entry.name))
+    return out
+
+
+def trainer_pids(launcher: int) -> dict[int, int]:
+    """rank -> pid of the trainer processes under a launcher."""
+    ranks = {}
+    for pid in descendants(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"MLX_RANK=")), None)
+        if rank is not None and b"train" in cmdline:
+            ranks[int(rank)] = pid
+    return ranks

@@ -7,23 +7,19 @@ one line.
 """
 
 import hashlib
-import hmac
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import (MLX_DP, PYTHON, ROOT, WORKERS, mlx_dp, one_error_line, read_metrics, read_status, run, tiny_recipe,
-                      wait_for_step)
+from conftest import (MLX_DP, PYTHON, ROOT, WORKERS, descendants, mlx_dp, one_error_line, read_metrics, read_status,
+                      run, tiny_recipe, trainer_pids, wait_for_step)
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 NOBODY = 65534
@@ -35,39 +31,6 @@ def _launch(tmp_path, *overrides, n=2, env=None, timeout_s=60):
     return subprocess.Popen([MLX_DP, "launch", "-n", str(n), "--", MLX_DP, "train", str(recipe), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (Linux /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == parent:
-                out.append(int(entry.name))
-                todo.append(int(entry.name))
-    return out
-
-
-def _trainers(launcher: int) -> dict[int, int]:
-    """rank -> pid of the trainer processes under a launcher."""
-    ranks = {}
-    for pid in _children(launcher):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"MLX_RANK=")), None)
-        if rank is not None and b"train" in cmdline:
-            ranks[int(rank)] = pid
-    return ranks
 
 
 def _listening(pids: list[int]) -> list[tuple[str, int]]:
@@ -125,7 +88,7 @@ def test_the_heartbeat_channel_is_private_and_survives_strangers(tmp_path):
     run_dir = tmp_path / "run"
     try:
         wait_for_step(run_dir, 30, [proc], timeout=240)
-        ranks = _trainers(proc.pid)
+        ranks = trainer_pids(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
         listening = _listening(list(ranks.values()))
         assert listening and all(ip == "127.0.0.1" for ip, _ in listening), \
@@ -175,11 +138,11 @@ def test_the_secret_is_never_on_a_command_line_or_in_a_log(tmp_path):
     proc = _launch(tmp_path)
     try:
         wait_for_step(tmp_path / "run", 3, [proc], timeout=240)
-        ranks = _trainers(proc.pid)
+        ranks = trainer_pids(proc.pid)
         secret = next(e.split(b"=", 1)[1] for e in Path(f"/proc/{ranks[0]}/environ").read_bytes().split(b"\0")
                       if e.startswith(b"MLX_DP_JOB_SECRET="))
         assert len(secret) == 64
-        for pid in [proc.pid, *_children(proc.pid)]:
+        for pid in [proc.pid, *descendants(proc.pid)]:
             assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -253,7 +216,7 @@ def test_status_carries_the_step_and_a_killed_launcher_reads_as_lost(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the launcher, outright: its ranks die with it
         proc.wait()
         time.sleep(2)
-        assert _trainers(proc.pid) == {}
+        assert trainer_pids(proc.pid) == {}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

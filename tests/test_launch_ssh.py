@@ -1,126 +1,40 @@
 """`mlx-dp launch --hostfile` over real ssh, as on a desk cluster.
 
-Each "machine" is a network namespace of the emulated cluster (scripts/lab/netem.py)
-with its own address and a real sshd (Debian's openssh-server) listening on it. The
-test makes the keys: sshd trusts a client key, and an ``ssh`` first on the launcher's
-PATH adds a config with that key (ssh reads ~/.ssh/config from the passwd home, not
-$HOME, so a config cannot be slipped in any other way). The launcher runs in the root
-namespace and reaches the namespaces over the bridge, which gets an address for it.
-
-Needs root, iproute2 and sshd (``.ci/run`` installs openssh-server); skips with the
-reason otherwise.
+Each "machine" is a network namespace of the emulated cluster with its own address
+and a real sshd (``scripts/lab/sshcluster.py``). Needs root, iproute2 and sshd
+(``.ci/run`` installs openssh-server); skips with the reason otherwise.
 """
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import MLX_DP, PYTHON, ROOT, tiny_recipe, wait_for_step
-from lab import netem
+from lab import sshcluster
 
-
-SSHD = shutil.which("sshd", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-SSH, KEYGEN = shutil.which("ssh"), shutil.which("ssh-keygen")
-REASON = netem.check_permitted() or (
-    None if SSHD and SSH and KEYGEN else "sshd, ssh and ssh-keygen are needed (apt-get install openssh-server)")
+REASON = sshcluster.check_permitted()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
-
-SSHD_CONFIG = """ListenAddress {ip}
-Port 22
-HostKey {dir}/host_key
-AuthorizedKeysFile {dir}/authorized_keys
-PidFile {dir}/sshd-{rank}.pid
-PermitRootLogin yes
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PrintMotd no
-"""
-SSH_CONFIG = """Host *
-  User {user}
-  IdentityFile {dir}/client_key
-  IdentitiesOnly yes
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  BatchMode yes
-  ConnectTimeout 10
-"""
-# What the remote ranks need from this test's environment (sshd gives them a clean one).
-PASSED_ON = ("HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "TOKENIZERS_PARALLELISM")
-
-
-def _wait_for_port(ip: str, port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((ip, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"sshd on {ip}:{port} did not come up")
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    """Two namespaces, each with an sshd; yields (hostfile path, env for the launcher)."""
-    keys = tmp_path / "ssh"
-    keys.mkdir()
-    for name in ("host_key", "client_key"):
-        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
-    (keys / "authorized_keys").write_text((keys / "client_key.pub").read_text())
-    (keys / "ssh_config").write_text(SSH_CONFIG.format(user=os.environ.get("USER", "root"), dir=keys))
-    wrapper = tmp_path / "bin" / "ssh"
-    wrapper.parent.mkdir()
-    wrapper.write_text(f'#!/bin/sh\nexec {SSH} -F {keys}/ssh_config "$@"\n')
-    wrapper.chmod(0o755)
-    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation directory
-    subnet = f"10.214.{os.getpid() % 200 + 1}"  # the root namespace is shared: a subnet of our own
-    with netem.EmulatedCluster(n=2, host_ip=True, subnet=subnet) as emulated:
-        daemons = []
-        for rank, (space, ip) in enumerate(zip(emulated.namespaces, emulated.ips)):
-            config = keys / f"sshd-{rank}.conf"
-            config.write_text(SSHD_CONFIG.format(ip=ip, dir=keys, rank=rank))
-            daemons.append(subprocess.Popen(["ip", "netns", "exec", space, SSHD, "-D", "-e", "-f", str(config)],
-                                            stdout=subprocess.DEVNULL, stderr=open(keys / f"sshd-{rank}.log", "w")))
-        for ip in emulated.ips:
-            _wait_for_port(ip, 22)
-        hostfile = tmp_path / "hosts.json"
-        hostfile.write_text(json.dumps({"backend": "ring", "hosts": [{"ssh": ip, "ips": [ip]} for ip in emulated.ips]}))
-        env = {**os.environ, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"}
-        try:
-            yield hostfile, env, emulated
-        finally:
-            for daemon in daemons:
-                daemon.terminate()
-                daemon.wait(timeout=10)
+    """Two namespaces, each with an sshd; yields (hostfile path, env for the launcher, the cluster)."""
+    with sshcluster.SshCluster(2, tmp_path) as ssh:
+        yield ssh.hostfile, ssh.env, ssh
 
 
-def launch_args(hostfile: Path) -> list[str]:
-    passed = [arg for key in PASSED_ON if key in os.environ for arg in ("--env", f"{key}={os.environ[key]}")]
+def launch_args(hostfile) -> list[str]:
+    passed = [arg for key in sshcluster.PASSED_ON if key in os.environ for arg in ("--env", f"{key}={os.environ[key]}")]
     return [MLX_DP, "launch", "--hostfile", str(hostfile), "--cwd", str(ROOT), *passed]
 
 
-def processes_in(emulated) -> list[str]:
+def processes_in(ssh) -> list[str]:
     """Processes still running in the ranks' namespaces, sshd aside."""
-    found = []
-    for space in emulated.namespaces:
-        for pid in subprocess.run(["ip", "netns", "pids", space], capture_output=True, text=True).stdout.split():
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "sshd" not in command:
-                found.append(command)
-    return found
+    return ssh.processes()
 
 
 def test_training_over_ssh_writes_rank_0s_checkpoint(cluster, tmp_path):
@@ -171,3 +85,71 @@ def test_ctrl_c_reaches_remote_ranks_which_checkpoint_and_stop(cluster, tmp_path
     assert status["state"] == "stopped", status
     assert (tmp_path / "run" / "checkpoints" / f"step_{status['step']:07d}").is_dir()
     assert processes_in(emulated) == []
+
+
+def _trainer_in(ssh, host: int) -> int:
+    """The pid of the trainer running on emulated host ``host``."""
+    space = ssh.emulated.namespaces[host]
+    for pid in subprocess.run(["ip", "netns", "pids", space], capture_output=True, text=True).stdout.split():
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"mlx-dp") for part in command) and b"train" in command:
+            return int(pid)
+    raise AssertionError(f"no trainer on host {host}")
+
+
+def _losses(run_dir) -> dict:
+    """step -> train loss, the last record of each step (a restart replays some)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in rows if "train_loss" in r}
+
+
+def test_a_host_whose_link_goes_down_is_left_out_and_rejoins_at_a_later_restart(cluster, tmp_path):
+    hostfile, env, ssh = cluster
+    sections = {"training": {"batch_size": 2, "steps": 70}, "checkpoint": {"every": 10, "keep_last": 20},
+                "parallel": {"timeout_s": 60.0, "peer_silence_s": 4.0}, "logging": {"every": 1}}
+    reference = tiny_recipe(tmp_path / "reference", **sections)
+    done = subprocess.run([MLX_DP, "launch", "-n", "2", "--", MLX_DP, "train", str(reference)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recipe, run_dir = tiny_recipe(tmp_path / "job", **sections), tmp_path / "job" / "run"
+    proc = subprocess.Popen([*launch_args(hostfile), "--restarts", "3", "--min-ranks", "1", "--probe-timeout", "3",
+                             "--grace", "3", "--", MLX_DP, "train", str(recipe)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_step(run_dir, 15, [proc], timeout=240)
+        ssh.link(1, up=False)  # host 1's cable, for good (until it is plugged back in below)
+        deadline = time.monotonic() + 240
+        while not any(r.get("event") == "restarted" for r in _records(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        restarted_at = max(r["step"] for r in _records(run_dir) if r.get("event") == "restarted")
+        wait_for_step(run_dir, restarted_at + 15, [proc], timeout=240)  # host 0 alone trains on
+        ssh.link(1, up=True)
+        os.kill(_trainer_in(ssh, 0), signal.SIGKILL)  # a later failure: host 1 answers again at its restart
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        ssh.link(1, up=True)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    restarts = [r for r in _records(run_dir) if r.get("event") == "restarted"]
+    assert [(r["ranks"], r["nominal_ranks"]) for r in restarts] == [(1, 2), (2, 2)], restarts
+    assert f"{ssh.ips[1]}: ssh failed" in restarts[0]["left_out"] and "left_out" not in restarts[1]
+    assert f"mlx-dp launch: leaving out {ssh.ips[1]}: ssh failed" in err
+    assert "1 of 2 ranks running" in out
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == 70 and len(status["restarts"]) == 2
+    # the same global batch throughout: the loss curve is the uninterrupted run's, to float rounding
+    ours, theirs = _losses(run_dir), _losses(tmp_path / "reference" / "run")
+    assert sorted(ours) == sorted(theirs) == list(range(1, 71))
+    for step in theirs:
+        assert abs(ours[step] - theirs[step]) <= 1e-4 * abs(theirs[step]), (step, ours[step], theirs[step])
+    time.sleep(0.5)
+    assert processes_in(ssh) == []
+
+
+def _records(run_dir) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

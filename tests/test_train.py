@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from conftest import BIN, MLX_DP, TINY_MODEL, launched, mlx_dp, one_error_line, run, tiny_recipe
+from conftest import BIN, MLX_DP, TINY_MODEL, launched, mlx_dp, one_error_line, read_weights, run, tiny_recipe
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -57,6 +58,17 @@ def test_two_ranks_under_mlx_launch(tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "completed" and status["rank"] == 0
     assert assert_adapters_load(run_dir) == "LoRALinear"
+
+
+def test_adapter_dropout_acts_while_training(tmp_path):
+    """mlx_lm.load returns a model in eval mode, where dropout is a no-op; training must switch it on."""
+    weights = {}
+    for dropout in (0.0, 0.5):
+        recipe = tiny_recipe(tmp_path / str(dropout), method={"type": "lora", "rank": 4, "scale": 4.0,
+                                                              "dropout": dropout}, training={"steps": 2})
+        assert mlx_dp("train", str(recipe)).returncode == 0
+        weights[dropout] = read_weights(tmp_path / str(dropout) / "run")
+    assert any(not np.array_equal(weights[0.0][k], weights[0.5][k]) for k in weights[0.0])
 
 
 def test_full_fine_tune_writes_weights_mlx_lm_loads(tmp_path):

@@ -174,3 +174,54 @@ def drop_blank_hostfile() -> None:
     """Forget a blank MLX_HOSTFILE (``mlx.launch -n 1``): MLX would try to parse it, and one rank needs no ring."""
     if launch_env().hostfile_blank:
         os.environ.pop("MLX_HOSTFILE", None)
+
+
+# ---------------------------------------------------------------------------- restarts (mlx-dp launch --restarts)
+
+ATTEMPT_VAR = "MLX_DP_ATTEMPT"  # 0 at the first start, k at the k-th restart
+RESTARTS_VAR = "MLX_DP_RESTARTS"  # the job's restart budget; set only under --restarts
+JOB_VAR = "MLX_DP_JOB_ID"  # one id for every attempt of one launch
+CAUSE_VAR = "MLX_DP_RESTART_CAUSE"  # why the launcher restarted, in one line
+NOMINAL_VAR = "MLX_DP_NOMINAL_RANKS"  # ranks the global batch is made for, when fewer are running
+PRESENT_VAR = "MLX_DP_PRESENT"  # each running rank's place among those nominal ranks, e.g. "0,2"
+LEFT_OUT_VAR = "MLX_DP_LEFT_OUT"  # hosts left out of this attempt and why, for the record
+# A failing rank's reason and blamed ranks, as one line the launcher takes off the output (trainer.cluster.elastic).
+REPORT_MARKER = "[mlx-dp] report for the launcher: "
+
+
+@dataclass(frozen=True)
+class RestartEnv:
+    """What ``mlx-dp launch --restarts`` told this attempt (all defaults without it).
+
+    Attributes:
+        attempt: 0 at the first start, k at the k-th restart.
+        restarts: The launch's restart budget (0: not under ``--restarts``).
+        job: An id shared by every attempt of one launch ("" without it).
+        cause: Why the launcher restarted the job ("" at the first start).
+        nominal: Ranks the global batch is made for, when fewer run (``None``: as many as run).
+        present: The nominal rank of each running rank, in rank order (empty: the identity).
+        left_out: Hosts left out of this attempt, with the reason, for the record.
+    """
+
+    attempt: int = 0
+    restarts: int = 0
+    job: str = ""
+    cause: str = ""
+    nominal: int | None = None
+    present: tuple = ()
+    left_out: str = ""
+
+
+def restart_env() -> RestartEnv:
+    """Read what the launcher's restart loop set (cheap; read afresh at each call).
+
+    Raises:
+        ValueError: ``MLX_DP_PRESENT`` or ``MLX_DP_NOMINAL_RANKS`` is malformed.
+    """
+    env = os.environ
+    present = env.get(PRESENT_VAR, "").strip()
+    return RestartEnv(attempt=_int_var([ATTEMPT_VAR]) or 0, restarts=_int_var([RESTARTS_VAR]) or 0,
+                      job=env.get(JOB_VAR, "").strip(), cause=env.get(CAUSE_VAR, "").strip(),
+                      nominal=int(env[NOMINAL_VAR]) if env.get(NOMINAL_VAR, "").strip() else None,
+                      present=tuple(int(p) for p in present.split(",")) if present else (),
+                      left_out=env.get(LEFT_OUT_VAR, "").strip())

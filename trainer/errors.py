@@ -31,9 +31,17 @@ class CheckpointError(UserError):
 
 
 class DistributedError(UserError):
-    """Ranks disagree, a peer was lost, or a collective stalled."""
+    """Ranks disagree, a peer was lost, or a collective stalled.
+
+    ``blamed`` lists the ranks that did not answer, where this rank knows them
+    (a restart may leave their hosts out: ``trainer.cluster.elastic``).
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, blamed: tuple = ()):
+        super().__init__(message)
+        self.blamed = tuple(blamed)
 
 
 class Stopped(UserError):

@@ -11,12 +11,15 @@ separated by ``;``, each ``kind:rank=R:step=S[:seconds=T]`` (rank defaults to 0)
 * ``nan``: rank R's loss is NaN at update S;
 * ``stop``: rank R asks for a clean stop during update S, as SIGTERM would;
 * ``crash_in_save``: the process dies halfway through writing checkpoint S;
+* ``kill``: rank R is killed outright (SIGKILL, as the OOM killer does) at update S,
+  on every attempt of a restarted job that reaches it;
 * ``compute``: rank R reports T seconds of compute for every measured update
   (``parallel.balance: auto``), from update S on (a fake, deterministic speed).
 """
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 
@@ -53,6 +56,8 @@ class FaultHooks(Hooks):
             time.sleep(stall["seconds"])
         if self._due("stop", step):
             health.request_stop()
+        if self._due("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
         if self._due("nan", step):  # a NaN in the loss mask makes this rank's loss (and gradient) NaN
             micro_batches = [dataclasses.replace(b, mask=b.mask * np.float32("nan")) for b in micro_batches]
         return micro_batches

@@ -165,12 +165,13 @@ class _Rendezvous:
     def _missing_right(self, address: str) -> DistributedError:
         why = _words(self.last_error) if self.last_error is not None else "no answer"
         return DistributedError(f"rank {self.rank} could not reach rank {self.right} at {address} within "
-                                f"parallel.timeout_s={self.timeout_s:g}: {why}")
+                                f"parallel.timeout_s={self.timeout_s:g}: {why}", blamed=(self.right,))
 
     def _missing_left(self) -> DistributedError:
         return DistributedError(
             f"rank {self.left} ({self._address(self.left)}) never connected to rank {self.rank} within "
-            f"parallel.timeout_s={self.timeout_s:g}: its process died at start, its port is wrong, or its machine is off or unreachable")
+            f"parallel.timeout_s={self.timeout_s:g}: its process died at start, its port is wrong, or its machine is "
+            "off or unreachable", blamed=(self.left,))
 
     def pass_token(self, token: bytes, what: str) -> None:
         """Send ``token`` right and wait for it from the left (rank 0 starts, the others forward)."""
@@ -192,7 +193,7 @@ class _Rendezvous:
                 got = b""
             if got != token:
                 raise DistributedError(f"rank {self.rank}: rank {self.left} ({self._address(self.left)}) left the "
-                                       "group while it formed")
+                                       "group while it formed", blamed=(self.left,))
             break
         if self.rank != 0:
             self.right_conns[0].sendall(token)

@@ -7,10 +7,14 @@
   records ``failed`` with the reason ``interrupted``.
 * A watchdog thread ends the process when the training loop makes no
   progress for ``parallel.timeout_s`` (a peer stopped or hung, for which MLX
-  has no collective timeout), or when a signal arrived while the main thread
-  is blocked in a collective and cannot act on it. It names the rank, the
-  update and the phase, and the stalled peers where :mod:`trainer.cluster.peers`
-  knows them.
+  has no collective timeout), sooner (``parallel.peer_silence_s``) when it
+  waits for a peer whose heartbeats have stopped (a Mac asleep), or when a
+  signal arrived while the main thread is blocked in a collective and cannot
+  act on it. It names the rank, the update and the phase, and the stalled
+  peers where :mod:`trainer.cluster.peers` knows them.
+* Under ``mlx-dp launch --restarts``, a failing rank also hands the launcher
+  its reason and the ranks it blames (:func:`report_failure`), so a restart
+  can say why and leave an unreachable host out.
 
 Both are installed before the ranks connect (:func:`install` takes no group
 yet; :func:`attach` adds it), so a signal or a hang while the group forms
@@ -32,7 +36,7 @@ import time
 from pathlib import Path
 
 from ..core import parallel
-from ..env import launch_env
+from ..env import REPORT_MARKER, launch_env, restart_env
 from . import status as status_file
 
 WATCHDOG_EXIT = 4
@@ -46,6 +50,7 @@ _state = {
     "world": None, "run_dir": None, "timeout": None, "phase": "setup", "step": 0, "watched": False,
     "since": time.monotonic(), "stop": False, "signal": 0, "signal_at": None, "signals": 0,
     "thread": None, "pipe": None, "old_handlers": {}, "old_wakeup": -1, "peers": None, "describe": None,
+    "silence": 600.0,
 }
 
 
@@ -119,9 +124,16 @@ def describe_failure(error: BaseException) -> str:
         lost = peers.lost_ranks() if peers is not None else []
         who = (", ".join(f"rank {r}" for r in lost) if lost else
                ("rank " + str(1 - world.rank)) if world is not None and world.size == 2 else "a peer")
-        return (f"lost {who} during {_state['phase']} at update {_state['step']}: {_me()} stops. "
-                f"Resume from the last checkpoint with --resume")
+        return f"lost {who} during {_state['phase']} at update {_state['step']}: {_me()} stops. {_next_step()}"
     return text
+
+
+def _next_step() -> str:
+    """What continues the run: mlx-dp launch's next restart, or the user's ``--resume``."""
+    restart = restart_env()
+    if restart.attempt < restart.restarts:
+        return "mlx-dp launch restarts the job from the last checkpoint"
+    return "Resume from the last checkpoint with --resume"
 
 
 def failing() -> None:
@@ -169,8 +181,29 @@ def _on_signal(signum, frame) -> None:
             pass
 
 
+def report_failure(reason: str, blamed=(), connecting: bool = False) -> None:
+    """Hand ``mlx-dp launch --restarts`` this rank's reason and the ranks it blames (one line it takes off).
+
+    Blamed are the ranks given, else the peers the heartbeats found lost or
+    silent. Nothing is printed when the launcher does not restart.
+    """
+    if restart_env().restarts <= 0:
+        return
+    import json
+
+    peers = _state["peers"]
+    blamed = list(blamed) or (peers.suspects() if peers is not None else [])
+    report = {"cause": reason[:600], "blamed": [int(r) for r in blamed],
+              "connecting": connecting or _state["phase"] == CONNECTING, "step": _state["step"]}
+    try:
+        print(REPORT_MARKER + json.dumps(report), file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def _hard_exit(message: str, state: str = "failed", code: int = WATCHDOG_EXIT) -> None:
     print(f"[mlx-dp] {message}", file=sys.stderr, flush=True)
+    report_failure(message)
     status(_state["world"], _state["run_dir"], state, step=_state["step"], reason=message)
     os._exit(code)
 
@@ -213,6 +246,11 @@ def _watch() -> None:
             _hard_exit(f"watchdog: {me} made no progress for {idle:.0f}s (parallel.timeout_s="
                        f"{_state['timeout']:g}) in {_state['phase']} at update {_state['step']}; "
                        f"{_stalled_peers_text()}ending the job")
+        peers, silence = _state["peers"], _state["silence"]
+        if _state["watched"] and peers is not None and idle > silence and peers.silent_seconds() > silence:
+            _hard_exit(f"watchdog: {me} waited {idle:.0f}s in {_state['phase']} at update {_state['step']} for a "
+                       f"peer whose heartbeats stopped over parallel.peer_silence_s={silence:g} ago; "
+                       f"{_stalled_peers_text()}ending the job")
         # An unwatched phase (rank 0 tokenizing a large dataset while the others wait) may take
         # any time, but not with a peer that has gone silent (stopped, asleep) for the whole timeout.
         peers = _state["peers"]
@@ -230,7 +268,8 @@ def _stalled_peers_text() -> str:
     return f"{text}; " if text else ""
 
 
-def install(world, run_dir: Path, timeout_s: float, peers=None, describe_connect=None) -> None:
+def install(world, run_dir: Path, timeout_s: float, peers=None, describe_connect=None,
+            silence_s: float | None = None) -> None:
     """Start the watchdog and signal handling for this rank.
 
     Args:
@@ -242,8 +281,11 @@ def install(world, run_dir: Path, timeout_s: float, peers=None, describe_connect
             ranks, used to name stalled or lost peers. Default: ``None``.
         describe_connect (callable | None): Says whom this rank waits for
             when the group does not form in time. Default: ``None``.
+        silence_s (float | None): ``parallel.peer_silence_s``. Default: ``None``
+            (``timeout_s``).
     """
     _state.update(world=world, run_dir=Path(run_dir), timeout=float(timeout_s), step=0, since=time.monotonic(),
+                  silence=float(silence_s if silence_s is not None else timeout_s),
                   phase="setup" if world is not None else CONNECTING, watched=False, stop=False, signal=0,
                   signal_at=None, signals=0, peers=peers, failing=False, abort_at=None, describe=describe_connect)
     parallel.set_monitor(_Monitor())

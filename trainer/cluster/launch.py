@@ -14,7 +14,10 @@ relays their output is mlx-dp's own (``trainer/cluster/relay.py`` says why;
 ``trainer/cluster/supervisor.py`` what happens on failures and signals).
 
 Differences a user sees: a failing rank is named and its status becomes the
-launcher's (``mlx.launch`` exits 0); Ctrl-C lets ranks checkpoint and stop;
+launcher's (``mlx.launch`` exits 0); ``--restarts N`` starts a failed or hung
+job again from its newest checkpoint, and ``--min-ranks M`` goes on without
+hosts that cannot be reached, at the same global batch
+(``trainer/cluster/elastic.py``); Ctrl-C lets ranks checkpoint and stop;
 ``--prefix-output`` tags lines with their rank; ``--timeout`` bounds the job;
 a local launch picks free ports unless ``--starting-port`` is given (other jobs
 may hold ``mlx.launch``'s default 32323); every rank gets
@@ -75,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--timeout", type=float, default=None, help="stop every rank after this many seconds (status 124)")
     own.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
                      help=f"seconds from SIGTERM to SIGKILL when ranks are stopped (default {DEFAULT_GRACE_S:g})")
+    own.add_argument("--restarts", type=int, default=0, metavar="N",
+                     help="after a failure or a hang, stop every rank and start the job again from this launch's "
+                     "newest checkpoint, up to N times (default 0)")
+    own.add_argument("--min-ranks", type=_positive, default=None, metavar="M",
+                     help="with --hostfile: at each start, leave out hosts that ssh cannot reach (or whose rank "
+                     "never connected) while M remain; the others compute their rows too, so the global batch "
+                     "and the updates stay the same (default: every host, always)")
+    own.add_argument("--probe-timeout", type=float, default=10.0, metavar="S",
+                     help="with --min-ranks: seconds ssh may take to reach a host before it is left out (default 10)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- program [args...]")
     return p
 
@@ -91,6 +103,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
         parser.error("--timeout must be positive")
     if args.grace < 0:
         parser.error("--grace must be 0 or more seconds")
+    if args.restarts < 0:
+        parser.error("--restarts must be 0 or more")
+    if not args.probe_timeout > 0:
+        parser.error("--probe-timeout must be positive")
     return parser, args, command
 
 
@@ -126,8 +142,15 @@ def main(argv: list[str], output=None, on_start=None) -> int:
         parser.error(str(e))
     as_given = argparse.Namespace(**vars(args))  # for a fallback to mlx.launch, before ours is added
     _complete_args(args, hostfile)
+    elastic = args.restarts > 0 or args.min_ranks is not None
+    if elastic and args.backend == "mpi":
+        parser.error("--restarts and --min-ranks need ranks that mlx-dp launch starts itself, not mpirun")
+    if args.min_ranks is not None and args.min_ranks > len(hostfile.hosts):
+        parser.error(f"--min-ranks {args.min_ranks} is more than the {len(hostfile.hosts)} rank(s) of the job")
     if args.backend == "mpi":
         return mlx_launcher.run_mpi(parser, hostfile.hosts, args, command)
+    if elastic:
+        return _run_elastic(parser, args, as_given, hostfile.hosts, command, output, on_start)
     try:
         specs = mlx_launcher.rank_specs(parser, hostfile.hosts, args, command)
     except RuntimeError as e:  # MLX's launcher changed in a way the checks did not catch
@@ -142,6 +165,31 @@ def main(argv: list[str], output=None, on_start=None) -> int:
     except OSError as e:  # e.g. no ssh on this machine; every rank started so far has been killed
         print(f"{PROG}: error: could not start the ranks: {e}", file=sys.stderr, flush=True)
         return 127
+
+
+def _run_elastic(parser, args, as_given, hosts: list, command: list[str], output, on_start) -> int:
+    """``--restarts`` / ``--min-ranks``: attempts of the job, each with the hosts that take part."""
+    from . import elastic
+    from .relay import Output
+
+    def make_specs(chosen: list, extra_env: list[str]):
+        attempt = argparse.Namespace(**vars(args))
+        attempt.env = list(args.env) + extra_env
+        if as_given.starting_port is None and all(h.ssh_hostname == mlx_launcher.LOCAL_HOST for h in chosen):
+            per_host = max(1, args.connections_per_ip) * max(1, max(len(h.ips) for h in chosen))
+            attempt.starting_port = free_port_block(len(chosen) * per_host) or DEFAULT_PORT  # fresh ports each time
+        return mlx_launcher.rank_specs(parser, chosen, attempt, command)
+
+    try:
+        return elastic.run(hosts, make_specs, output or Output(prefix=args.prefix_output), args.restarts,
+                           min_ranks=args.min_ranks, timeout=args.timeout, grace_s=args.grace, verbose=args.verbose,
+                           on_start=on_start, probe_s=args.probe_timeout)
+    except OSError as e:
+        print(f"{PROG}: error: could not start the ranks: {e}", file=sys.stderr, flush=True)
+        return 127
+    except RuntimeError as e:  # MLX's launcher changed in a way the checks did not catch
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 def check_host_names(hosts: str) -> None:

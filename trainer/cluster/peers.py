@@ -363,6 +363,16 @@ class PeerMonitor:
                 return sorted(lost)
             time.sleep(0.1)
 
+    def suspects(self) -> list[int]:
+        """Ranks lost or not heard from for over :data:`STALE_S` (rank 0 too, when the hub is silent)."""
+        now = time.monotonic()
+        with self.lock:
+            found = {r for r, row in self.table.items()
+                     if r != self.world.rank and (row["lost"] or now - row["heard"] > STALE_S)}
+            if self.world.rank != 0 and now - self.hub_heard > STALE_S:
+                found.add(0)
+        return sorted(found)
+
     def silent_seconds(self) -> float:
         """How long the longest-silent other rank (or, on ranks other than 0, the hub) has not been heard from."""
         now = time.monotonic()

@@ -20,6 +20,7 @@ whose terminals then hang up) if the launcher itself is killed with SIGKILL.
 """
 
 import ctypes
+import json
 import os
 import re
 import select
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 
+from ..env import REPORT_MARKER
 from .mlx_launcher import RankSpec, kill_if_stopped_argv, remove_argv, signal_argv
 from .peers import SECRET_VAR
 
@@ -149,10 +151,13 @@ class Rank:
         output (Output): Where the output goes.
         events: A queue that gets ``("exit", rank, status)`` when the process ends.
         secret (str | None): The job's secret. Default: ``None``.
+        on_report (callable | None): Called with the rank and the dict of each line
+            the trainer addresses to the launcher (``trainer.cluster.health.report_failure``);
+            such lines are taken off the output. Default: ``None`` (relayed as they are).
     """
 
-    def __init__(self, spec: RankSpec, output: Output, events, secret: str | None = None):
-        self.spec, self.output, self.events = spec, output, events
+    def __init__(self, spec: RankSpec, output: Output, events, secret: str | None = None, on_report=None):
+        self.spec, self.output, self.events, self.on_report = spec, output, events, on_report
         self.pidfile = None
         self.helpers: list[subprocess.Popen] = []  # ssh commands that signal a remote rank
         self.threads: list[threading.Thread] = []
@@ -206,8 +211,26 @@ class Rank:
                 head = None
                 self.pidfile = line.decode("utf-8", errors="replace").strip()
                 self._send_secret()
-            self.output.write(index, lines.feed(data))
-        self.output.write(index, lines.feed(head or b"") + lines.flush(b"\n"))
+            self.output.write(index, self._take_reports(lines.feed(data)))
+        self.output.write(index, self._take_reports(lines.feed(head or b"") + lines.flush(b"\n")))
+
+    def _take_reports(self, chunk: bytes) -> bytes:
+        """Complete lines, less those addressed to the launcher (handed to ``on_report``)."""
+        marker = REPORT_MARKER.encode()
+        if self.on_report is None or marker not in chunk:
+            return chunk
+        kept = []
+        for line in chunk.splitlines(keepends=True):
+            if marker not in line:
+                kept.append(line)
+                continue
+            try:
+                report = json.loads(line.split(marker, 1)[1].decode("utf-8", errors="replace"))
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                self.on_report(self.rank, report)
+        return b"".join(kept)
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for this rank's output to be relayed to the end."""
@@ -295,13 +318,17 @@ class Rank:
             pass
 
     def finish(self, timeout: float) -> None:
-        """After the rank ended: reap the ssh helpers and remove the pidfile (MLX leaves it behind)."""
+        """After the rank ended: reap the ssh helpers and remove the pidfile (MLX leaves it behind).
+
+        A helper still running after ``timeout`` (its host is unreachable: ssh waits
+        for its connect timeout) is left to a background thread, so an unreachable
+        host does not hold up the job's end or its restart.
+        """
         for helper in self.helpers:
             try:
                 helper.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                helper.kill()
-                helper.wait()
+                threading.Thread(target=_reap, args=(helper,), daemon=True, name="reap-ssh").start()
         if not self.pidfile:
             return
         if self.spec.is_local:
@@ -314,6 +341,15 @@ class Rank:
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                              start_new_session=True)]
         self.pidfile = None
+
+
+def _reap(helper: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait for an ssh helper (ssh gives up by its own connect timeout), then kill it if it still runs."""
+    try:
+        helper.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        helper.wait()
 
 
 def forward_stdin(ranks: list[Rank]) -> None:

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from ..core.checkpoint import process_alive
-from ..env import launch_env
+from ..env import launch_env, restart_env
 from . import runlock
 
 STATUS = "status.json"
@@ -55,7 +55,8 @@ HEARTBEAT_S = 5.0  # rank 0 refreshes a running run's record this often (a 4 KB 
 LOST_AFTER_S = 60.0  # a running record older than this, from a process not seen alive, is a lost run
 RECORD_BYTES = 4096  # the file's size, padded with spaces: later records rewrite it in place
 
-_run = {"id": None, "owner": None, "started": time.time(), "started_training": False, "ended": False}
+_run = {"id": None, "owner": None, "started": time.time(), "started_training": False, "ended": False,
+        "restarts": []}
 _lock = threading.Lock()
 
 
@@ -71,7 +72,12 @@ def disown() -> None:
 
 def reset() -> None:
     """Forget the run (a new run in the same process, as tests do)."""
-    _run.update(id=None, owner=None, started=time.time(), started_training=False, ended=False)
+    _run.update(id=None, owner=None, started=time.time(), started_training=False, ended=False, restarts=[])
+
+
+def note_restarts(restarts: list[dict]) -> None:
+    """The launch's restarts so far (``mlx-dp launch --restarts``): every record this run writes lists them."""
+    _run["restarts"] = list(restarts)
 
 
 def _read(path: Path) -> dict | None:
@@ -143,6 +149,11 @@ def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = 
             record["reason"] = reason
         if consequence:
             record["consequence"] = True
+        job = restart_env().job
+        if job:
+            record["job"] = job  # the launch: a restart's records continue its list of restarts
+        if _run["restarts"]:
+            record["restarts"] = _run["restarts"]
         written = _store(Path(run_dir) / STATUS, record, rank)
         if state == "running":
             _run["started_training"] = True

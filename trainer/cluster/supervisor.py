@@ -32,6 +32,7 @@ from .relay import Output, Rank, forward_stdin
 
 SECOND_INT_GRACE_S = 5.0  # after a second Ctrl-C
 DRAIN_S = 2.0  # how long a failed rank's last output may take to arrive
+FINISH_S = 1.0  # how long ssh helpers (signals, pidfile removal) may take before they are left to finish alone
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -73,6 +74,7 @@ class Supervisor:
         self.signals: list[int] = []
         self.timed_out = False
         self.kill_at: float | None = None
+        self.reports: dict[int, dict] = {}  # rank -> its report to the launcher (trainer.cluster.health)
 
     # ------------------------------------------------------------------ the loop
 
@@ -82,7 +84,7 @@ class Supervisor:
         try:
             secret = secrets.token_hex(32)  # this job's heartbeat channel (trainer.cluster.peers); never printed
             for spec in self.specs:  # every fork before any thread starts (see relay._die_with_parent)
-                self.ranks.append(Rank(spec, self.output, self.events, secret=secret))
+                self.ranks.append(Rank(spec, self.output, self.events, secret=secret, on_report=self._on_report))
                 if self.on_start is not None:
                     self.on_start(spec, self.ranks[-1].proc.pid)
             for rank in self.ranks:
@@ -130,6 +132,7 @@ class Supervisor:
             hint = f" (ssh's status for a failed connection: try `ssh {rank.spec.host} true`)"
         self.output.say(f"{rank.describe()} {describe_status(code)}{hint}" +
                         ("; stopping the other ranks" if others else ""))
+        self._kill_blamed(index)
         self._stop(signal.SIGTERM, self.grace_s)
 
     def _on_signal(self, signum: int) -> None:
@@ -165,6 +168,27 @@ class Supervisor:
             self._stop(signal.SIGTERM, self.grace_s)
 
     # ------------------------------------------------------------------ helpers
+
+    def _on_report(self, rank: int, report: dict) -> None:
+        self.reports.setdefault(rank, report)  # a relay thread; the first report of a rank is its own cause
+
+    def _kill_blamed(self, index: int) -> None:
+        """Kill at once the ranks the failed rank's report blames (lost, or silent: asleep, unplugged).
+
+        They cannot act on SIGTERM in time, if at all, and an unreachable host would
+        hold the job for the whole grace. Reports exist under ``--restarts`` only.
+        """
+        report = self.reports.get(self.ranks[index].rank) or {}
+        for blamed in report.get("blamed", []):
+            if isinstance(blamed, int) and 0 <= blamed < len(self.ranks) and blamed != index and \
+                    self.ranks[blamed].alive():
+                self.output.say(f"{self.ranks[blamed].describe()} is the one rank {index} lost or waited for; "
+                                "killing it")
+                self.ranks[blamed].send(signal.SIGKILL)
+
+    def asked_to_stop(self) -> bool:
+        """A signal to the launcher or ``--timeout`` ended the job (not a failure of its own)."""
+        return bool(self.signals) or self.timed_out
 
     def _send(self, sig: int) -> None:
         for rank in self.ranks:
@@ -210,6 +234,6 @@ class Supervisor:
         for rank in self.ranks:
             rank.drain(max(0.0, end - time.monotonic()))
         for rank in self.ranks:
-            rank.finish(timeout=10.0)
+            rank.finish(timeout=FINISH_S)
         for rank in self.ranks:
-            rank.finish(timeout=10.0)  # the remote pidfile removal started by the first pass
+            rank.finish(timeout=FINISH_S)  # the remote pidfile removal started by the first pass

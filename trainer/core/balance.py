@@ -115,6 +115,8 @@ class Balancer:
     # overlaps communication nor frees gradients bucket by bucket (a full fine-tune's peak memory
     # rises by about one gradient copy on those updates). Not saved: the recipe decides it.
     timed: bool = False
+    # Fewer ranks run than the split is made for (trainer.core.membership): measure nothing, keep the split.
+    frozen: bool = False
 
     def __post_init__(self):
         if not self.split:
@@ -132,7 +134,7 @@ class Balancer:
 
     def wants_measure(self, step: int) -> bool:
         """Whether update ``step`` (1-based) measures each rank's compute time."""
-        if self.mode != "auto" and not self.timed:
+        if self.frozen or (self.mode != "auto" and not self.timed):
             return False
         return self.pending or step in MEASURE_FIRST or (step > MEASURE_FIRST[-1] and step % REMEASURE_EVERY == 0)
 

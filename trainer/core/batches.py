@@ -169,13 +169,18 @@ class BatchStream:
             the caller computes. The order is unchanged: a prefetched batch is served
             only if it is the one (epoch, index, row split) the stream would build
             next, else it is built anew. Default: ``False``.
+        hosted (tuple | None): The ranks whose rows this process computes, when it
+            stands in for missing ones (``trainer.core.membership``); ``rank`` and
+            ``world_size`` are then nominal. :meth:`take` serves one micro-batch per
+            hosted rank. Default: ``None`` (``(rank,)``).
     """
 
     def __init__(self, split, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 pad_multiple: int, shuffle: bool = True, prefetch: bool = False):
+                 pad_multiple: int, shuffle: bool = True, prefetch: bool = False, hosted: tuple | None = None):
         self.split = split
         self.rows = per_rank_batch
         self.rank = rank
+        self.hosted = tuple(hosted) if hosted else (rank,)
         self.world_size = world_size
         self.micro_batch = per_rank_batch * world_size  # sequences per global micro-batch
         self.row_split = [per_rank_batch] * world_size
@@ -201,7 +206,7 @@ class BatchStream:
         if sum(row_split) != self.micro_batch or len(row_split) != self.world_size:
             raise ValueError(f"split {row_split} does not deal {self.micro_batch} rows to {self.world_size} ranks")
         self.row_split = list(row_split)
-        self.rows = row_split[self.rank]
+        self.rows = row_split[self.hosted[0]]
 
     def position(self) -> DataPosition:
         return DataPosition(epoch=self.epoch, index=self.index, micro_batch=self.micro_batch)
@@ -227,13 +232,15 @@ class BatchStream:
     def __iter__(self):
         return self
 
-    def _build(self, batch: np.ndarray, row_split: tuple) -> Batch:
-        """This rank's micro-batch of ``batch`` under ``row_split`` (reads no mutable state: it runs on a thread)."""
+    def _build(self, batch: np.ndarray, row_split: tuple) -> list[Batch]:
+        """The hosted ranks' micro-batches of ``batch`` under ``row_split`` (reads no mutable state: it runs
+        on a thread)."""
         even = len(set(row_split)) == 1
-        return make_batch(self.split, batch, self.rank, self.world_size, row_split[self.rank], self.pad_multiple,
-                          None if even else list(row_split))
+        return [make_batch(self.split, batch, rank, self.world_size, row_split[rank], self.pad_multiple,
+                           None if even else list(row_split)) for rank in self.hosted]
 
-    def __next__(self) -> Batch:
+    def _next_group(self) -> list[Batch]:
+        """One global micro-batch: a micro-batch per hosted rank."""
         plan = self._batches()
         if self.index >= len(plan):
             self.epoch += 1
@@ -241,7 +248,7 @@ class BatchStream:
             plan = self._batches()
         key = (self.epoch, self.index, tuple(self.row_split))
         ahead, self._ahead = self._ahead, None
-        batch = ahead[1].result() if ahead is not None and ahead[0] == key else self._build(plan[self.index], key[2])
+        group = ahead[1].result() if ahead is not None and ahead[0] == key else self._build(plan[self.index], key[2])
         self.index += 1
         if self.prefetch and self.index < len(plan):
             from concurrent.futures import ThreadPoolExecutor
@@ -249,7 +256,17 @@ class BatchStream:
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="mlx-dp-batches")
             nxt = (self.epoch, self.index, key[2])
             self._ahead = (nxt, self._pool.submit(self._build, plan[self.index], key[2]))
-        return batch
+        return group
+
+    def __next__(self) -> Batch:
+        if len(self.hosted) != 1:
+            raise RuntimeError("a stream that hosts several ranks serves them with take()")
+        return self._next_group()[0]
+
+    def take(self, count: int) -> list[Batch]:
+        """The next ``count`` global micro-batches' rows for every hosted rank, micro-batch by micro-batch
+        (``[mb0 of hosted[0], mb0 of hosted[1], ..., mb1 of hosted[0], ...]``)."""
+        return [batch for _ in range(count) for batch in self._next_group()]
 
     def close(self) -> None:
         """Stop the prefetch thread (it holds no state a checkpoint needs)."""

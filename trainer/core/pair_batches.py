@@ -79,10 +79,10 @@ class PairStream(BatchStream):
     ``per_rank_batch`` counts pairs (each is two sequences).
     """
 
-    def _build(self, batch: np.ndarray, row_split: tuple) -> PairBatch:
+    def _build(self, batch: np.ndarray, row_split: tuple) -> list[PairBatch]:
         even = len(set(row_split)) == 1
-        return make_pair_batch(self.split, batch, self.rank, self.world_size, row_split[self.rank], self.pad_multiple,
-                               None if even else list(row_split))
+        return [make_pair_batch(self.split, batch, rank, self.world_size, row_split[rank], self.pad_multiple,
+                                None if even else list(row_split)) for rank in self.hosted]
 
 
 def batch_stream(split, *args, **kwargs) -> BatchStream:

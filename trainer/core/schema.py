@@ -243,12 +243,17 @@ class CheckpointConfig:
 
     dir: str = _doc("run directory: adapters, resumable checkpoints, metrics, config", "runs/default")
     every: int = _doc("save every N updates; 0: only at the end", 100)
+    every_minutes: Optional[float] = _doc(
+        "also save once this many minutes have passed since the last save (rank 0's clock), so a failure costs at "
+        "most about that much work whatever the update time; null: by update count only", None)
     keep_last: int = _doc("resumable checkpoints to keep (the best by val loss is kept too)", 3)
     keep_best: bool = _doc("also keep the checkpoint with the lowest validation loss", True)
 
     def __post_init__(self):
         if self.every < 0:
             raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.every_minutes is not None and not self.every_minutes > 0:
+            raise ConfigError(f"checkpoint.every_minutes must be positive (or null), got {self.every_minutes}")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
 
@@ -288,6 +293,9 @@ class ParallelConfig:
     comm_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = _doc(
         "reduce gradients in this dtype; null: one bucket set per gradient dtype", None)
     timeout_s: float = _doc("watchdog: end the job if a step or collective makes no progress this long", 600.0)
+    peer_silence_s: float = _doc(
+        "watchdog: end the job sooner when this rank waits for a peer whose heartbeats have stopped this long "
+        "(asleep, stopped, unplugged); timeout_s still covers hangs with heartbeats", 15.0)
     allow_world_size_change: bool = _doc("resume at a world size that changes the global batch", False)
     shard_optimizer: bool = _doc(
         "keep each rank's 1/N share of the optimizer state only (ZeRO stage 1): full fine-tunes fit in less "
@@ -301,6 +309,8 @@ class ParallelConfig:
             raise ConfigError("parallel.bucket_mb and parallel.first_bucket_mb must be positive")
         if not self.timeout_s > 0:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        if not self.peer_silence_s > 0:
+            raise ConfigError(f"parallel.peer_silence_s must be positive, got {self.peer_silence_s}")
         if isinstance(self.balance, list) and (not self.balance or not all(s > 0 for s in self.balance)):
             raise ConfigError(f"parallel.balance must list a positive speed for every rank, got {self.balance}")
 

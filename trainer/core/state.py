@@ -48,7 +48,7 @@ class TrainingState:
         step: Optimizer updates done.
         data: Position in the data order.
         rng_key: ``mx.random``'s key as two uint32 words (dropout draws from it).
-        world_size: Ranks that trained up to ``step``.
+        world_size: Ranks the global batch is made for (fewer may run: ``trainer.core.membership``).
         batch_size: Sequences per rank per micro-batch.
         grad_accumulation: Micro-batches per update.
         total_steps: Updates the run was planned for (the schedule's length).
@@ -60,6 +60,8 @@ class TrainingState:
             ranks, speed estimates), so a resumed run splits as it would have.
         dataset: Fingerprint of the training split it trained on (resume
             refuses other data unless told to accept changes).
+        job: The launch that wrote it (``mlx-dp launch --restarts``: a restart
+            continues from that launch's own checkpoints), or "".
     """
 
     step: int = 0
@@ -75,6 +77,7 @@ class TrainingState:
     recipe_digest: str = ""
     balance: dict | None = None  # trainer.core.balance.Balancer.to_dict(): the split and its speed estimates
     dataset: str = ""
+    job: str = ""
 
     @property
     def global_batch(self) -> int:
@@ -120,4 +123,4 @@ class TrainingState:
                    total_steps=int(data.get("total_steps", 0)), val_loss=data.get("val_loss"),
                    best=BestCheckpoint(float(best["val_loss"]), str(best["path"])) if best else None,
                    versions=dict(data.get("versions") or {}), recipe_digest=str(data.get("recipe_digest", "")),
-                   balance=data.get("balance"), dataset=str(data.get("dataset", "")))
+                   balance=data.get("balance"), dataset=str(data.get("dataset", "")), job=str(data.get("job", "")))

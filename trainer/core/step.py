@@ -126,7 +126,8 @@ class StepFunctions:
         return sum(v.nbytes for _, v in tree_flatten(self.optimizer.state))
 
 
-def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False, measure=None):
+def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bool = False, measure=None,
+               save: bool = False, hosted: int = 1):
     """One optimizer update over ``micro_batches`` (this rank's share).
 
     Args:
@@ -142,11 +143,18 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
             are evaluated before any is sent (no overlap on this update), and
             ``measure(seconds)`` gives the figure shared with every rank
             (the identity in training; tests may fake it). Default: ``None``.
+        save (bool): This rank asks for a checkpoint after this update (rank 0's
+            clock: ``checkpoint.every_minutes``); summed like ``stop``. Default: ``False``.
+        hosted (int): Nominal ranks this process computes (``trainer.core.membership``):
+            ``micro_batches`` then holds, for each global micro-batch, one micro-batch
+            per hosted rank, each drawing the random numbers its own process would
+            have drawn. Default: ``1``.
 
     Returns:
         dict: Lazy arrays ``stats`` (the objective's sums over ranks and
         micro-batches; ``loss_sum``, their first, is the loss sum), ``grad_norm``,
-        ``finite``, ``stop`` (ranks that asked to stop) and ``compute_s`` (each
+        ``finite``, ``stop`` (ranks that asked to stop), ``save`` (ranks that
+        asked for a checkpoint) and ``compute_s`` (each
         rank's measured compute seconds, zeros when not measured), plus the
         int ``tokens`` (global loss tokens of this update), the ``counts`` the
         objective's metrics divide by and the ``objective``. The caller
@@ -154,12 +162,18 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     """
     start = time.perf_counter()
     objective = fns.objective
-    total_tokens = sum(b.global_tokens for b in micro_batches)
+    globals_ = micro_batches[::hosted]  # each global micro-batch once (a process may host several ranks)
+    total_tokens = sum(b.global_tokens for b in globals_)
     ranks = reducer.world.size if reducer.averages else 1
-    scale = objective.scales(micro_batches, ranks)
-    acc, local_loss = None, mx.zeros(len(objective.stats), mx.float32)
+    scale = objective.scales(globals_, ranks)
+    acc, local_loss, key = None, mx.zeros(len(objective.stats), mx.float32), None
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
+        if hosted > 1:  # every nominal rank starts a micro-batch from the same random state, as its process would
+            if i % hosted == 0:
+                key = mx.random.state[0].tolist()  # note: sync point, only while standing in for missing ranks
+            else:
+                mx.random.seed((int(key[0]) << 32) | int(key[1]))  # sets the key to these two words
         stats, grads = fns.grads(scale, *objective.arrays(batch))
         local_loss = local_loss + stats
         grads = grads if acc is None else tree_map(mx.add, acc, grads)
@@ -173,11 +187,11 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
     if measure is not None:
         mx.eval(grads, local_loss)  # note: sync point, so the time is compute alone, without communication
         seconds[world.rank] = measure(time.perf_counter() - start)
-    # The loss sums (and the objective's statistics), the stop flag and the compute times ride with the
-    # last gradient bucket: the logged loss, the finiteness check, the stop decision and the balance
-    # split are then global, at no extra collective.
+    # The loss sums (and the objective's statistics), the stop and save flags and the compute times
+    # ride with the last gradient bucket: the logged loss, the finiteness check, the stop and save
+    # decisions and the balance split are then global, at no extra collective.
     k = len(objective.stats)
-    extra = mx.concatenate([local_loss, mx.array([float(stop), *seconds], mx.float32)])
+    extra = mx.concatenate([local_loss, mx.array([float(stop), float(save), *seconds], mx.float32)])
     flat = dict(tree_flatten(grads))
     del grads  # the reducer drops each gradient once it is in a bucket: let MLX free it then
     world.waiting("sync")  # everything is dispatched; the update below waits for the peers' buckets
@@ -193,8 +207,8 @@ def run_update(fns: StepFunctions, reducer, micro_batches: list[Batch], stop: bo
         summed, extra = reducer.reduce(flat, extra=extra)
         norm, finite = fns.update(summed, extra[:k].sum())  # note: syncs per bucket; any NaN stat is caught
     return {"loss_sum": extra[0], "stats": extra[:k], "grad_norm": norm, "finite": finite, "stop": extra[k],
-            "compute_s": extra[k + 1:], "tokens": total_tokens, "counts": objective.counts(micro_batches),
-            "objective": objective}
+            "save": extra[k + 1], "compute_s": extra[k + 2:], "tokens": total_tokens,
+            "counts": objective.counts(globals_), "objective": objective}
 
 
 def make_eval_loss(model: nn.Module):

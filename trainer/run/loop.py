@@ -24,10 +24,13 @@ from ..core import checkpoint
 from ..core.config import Config
 from ..core.evaluate import validation
 from ..core.metrics import MetricWindow, NullReporter, Reporter, start_wandb
+from ..core.membership import Membership
 from ..core.parallel import refuse_lone_rank
 from ..core.step import run_update
+from ..env import restart_env
 from ..errors import CheckpointError, DistributedError, Stopped, UserError
 from .hooks import RunOptions
+from .resume import restart_resume
 from .setup import Run, build_run
 
 
@@ -42,13 +45,16 @@ def fit(run: Run, reporter) -> dict:
     if cfg.eval.at_start and state.step == 0:
         val_loss = validate(run, reporter)
     window, timings = MetricWindow(), _timings_file(run)
-    tic = time.perf_counter()
+    tic = last_save = time.perf_counter()
+    every_s = cfg.checkpoint.every_minutes * 60 if cfg.checkpoint.every_minutes else None
     while state.step < run.total_steps:
         health.phase("compute", state.step + 1)
-        micro, out = _update(run, state.step + 1)
+        # Rank 0's clock asks for a time-based save; the request rides with the gradients, so all ranks agree.
+        save_due = every_s is not None and world.is_main and time.perf_counter() - last_save >= every_s
+        micro, out = _update(run, state.step + 1, save_due)
         health.phase("sync", state.step + 1)
         mx.eval(run.model.state, run.optimizer.state, mx.random.state, out["loss_sum"], out["grad_norm"],
-                out["finite"], out["stop"], out["compute_s"])  # note: the step's one blocking sync point
+                out["finite"], out["stop"], out["save"], out["compute_s"])  # note: the step's one blocking sync point
         state.step += 1
         _clear_cache(cfg.training.clear_cache_threshold)
         toc = time.perf_counter()
@@ -64,9 +70,10 @@ def fit(run: Run, reporter) -> dict:
         if "valid" in run.splits and ((cfg.eval.every and state.step % cfg.eval.every == 0) or last):
             val_loss = validate(run, reporter)
             tic = time.perf_counter()  # validation time is not training throughput
-        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stopping:
+        timed_save = out["save"].item() > 0  # evaluated above; the same on every rank
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stopping or timed_save:
             save(run, val_loss, reporter)
-            tic = time.perf_counter()  # nor is saving
+            tic = last_save = time.perf_counter()  # nor is saving
         if stopping:
             world.print0(f"[mlx-dp] stop requested: saved update {state.step} to {run.run_dir}; continue with --resume")
             return {"step": state.step, "stopped": True}
@@ -79,17 +86,22 @@ def _clear_cache(threshold: int) -> None:
         mx.clear_cache()
 
 
-def _update(run: Run, step: int) -> tuple[list, dict]:
-    """This rank's micro-batches of update ``step`` under the current split, and the update (lazy)."""
+def _update(run: Run, step: int, save: bool = False) -> tuple[list, dict]:
+    """This rank's micro-batches of update ``step`` under the current split, and the update (lazy).
+
+    Standing in for missing ranks (``trainer.core.membership``), it computes
+    each global micro-batch's rows of every rank it hosts.
+    """
     hooks = run.options.hooks
     run.stream.set_split(run.balancer.split)
-    micro = hooks.before_update(step, [next(run.stream) for _ in range(run.cfg.training.grad_accumulation)])
+    micro = hooks.before_update(step, run.stream.take(run.cfg.training.grad_accumulation))
     shapes = {b.inputs.shape for b in micro} - run.compiled_shapes
     run.compiled_shapes |= shapes
     # A new shape compiles the step first: that time says nothing of this rank's speed, so it is not
     # measured (its zero voids the measurement on every rank, and the next update measures instead).
     measure = partial(hooks.compute_seconds, step) if run.balancer.wants_measure(step) and not shapes else None
-    return micro, run_update(run.fns, run.reducer, micro, stop=health.stop_requested(), measure=measure)
+    return micro, run_update(run.fns, run.reducer, micro, stop=health.stop_requested(), measure=measure, save=save,
+                             hosted=len(run.stream.hosted))
 
 
 def _rebalance(run: Run, out: dict, micro: list, reporter) -> None:
@@ -212,7 +224,8 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
     run_dir = Path(cfg.checkpoint.dir)
     status_file.reset()
     # Armed before the ranks connect: a signal or a missing rank then ends with words and a status too.
-    health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck)
+    health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck,
+                   silence_s=cfg.parallel.peer_silence_s)
     world, lock, reporter, wired, heartbeat = None, None, NullReporter(), None, None
     try:
         world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s, should_stop=health.stop_signal)
@@ -229,12 +242,19 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         earlier = status_file.read(run_dir)
         if earlier is not None and earlier.get("state") == "lost":
             world.print0(f"[mlx-dp] note: the earlier run in {run_dir} was lost: {earlier['lost_reason']}")
+        restart = restart_env()
+        membership = Membership.of(world.rank, world.size, restart.nominal, restart.present)
+        restarted = _note_restart(world, run_dir, restart, earlier, membership)
+        if restarted is not None:
+            resume = restart_resume(run_dir, restart.job, resume)  # this launch's newest checkpoint
         # As mlx-lm's trainer: on a Mac, let MLX keep the recommended working set wired (a no-op elsewhere).
         wired = maybe_set_recommended_wired_limit()
-        run = build_run(cfg, world, resume, options, allow_changes)
+        run = build_run(cfg, world, resume, options, allow_changes, membership)
         reporter = _reporter(run)
         if run.resumed is not None:
             reporter.log(run.resumed.record())
+        if restarted is not None:
+            reporter.log({"step": run.state.step, **restarted})
         # Set up, checked and agreed: from here this run's records replace an earlier run's end.
         health.status(world, run_dir, "running", step=run.state.step)
         heartbeat = status_file.Heartbeat(world, run_dir, health.current_step)
@@ -261,6 +281,7 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         error = _as_user_error(e, run_dir)
         lost_peer = isinstance(error, DistributedError) and str(error) != str(e)  # what this rank saw of another's end
         health.status(world, run_dir, "failed", step=health.current_step(), reason=str(error), consequence=lost_peer)
+        health.report_failure(str(error), getattr(error, "blamed", ()))
         if error is e:
             raise
         raise error from None
@@ -276,6 +297,27 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         if wired is not None:
             mx.set_wired_limit(wired)  # the process's own limit again (mlx-lm leaves it set)
         health.uninstall()
+
+
+def _note_restart(world, run_dir: Path, restart, earlier: dict | None, membership: Membership) -> dict | None:
+    """At a restart by ``mlx-dp launch --restarts``: say why, and list it in every status record.
+
+    Returns:
+        dict | None: The restart's ``metrics.jsonl`` record (without its step), or
+        ``None`` at a launch's first start.
+    """
+    if restart.attempt <= 0:
+        return None
+    record = {"event": "restarted", "attempt": restart.attempt, "of": restart.restarts, "cause": restart.cause[:300],
+              "ranks": world.size, "nominal_ranks": membership.nominal, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if restart.left_out:
+        record["left_out"] = restart.left_out[:300]
+    same_launch = earlier is not None and earlier.get("job") == restart.job
+    status_file.note_restarts(((earlier or {}).get("restarts", []) if same_launch else [])[-9:] +
+                              [{k: v for k, v in record.items() if k != "event"}])
+    world.print0(f"[mlx-dp] restart {restart.attempt} of {restart.restarts} after: {restart.cause or 'a failure'}"
+                 + (f"; left out: {restart.left_out}" if restart.left_out else ""))
+    return record
 
 
 def _first_exchange_stuck() -> str:

@@ -83,14 +83,18 @@ def _describe(changes: dict, limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def pick_checkpoint(run_dir: Path, explicit: str | None) -> tuple[checkpoint.Checkpoint, list[str]]:
-    """The newest checkpoint that is intact and loads, and notes on those skipped.
+def pick_checkpoint(run_dir: Path, explicit: str | None, job: str = "") -> tuple[checkpoint.Checkpoint, list[str]]:
+    """The newest checkpoint that is intact and loads (of launch ``job``, when given), and notes on those skipped.
 
     Raises:
         CheckpointError: None is intact (each one's reason is given), or the
             one named explicitly is not.
     """
     candidates = checkpoint.resume_candidates(run_dir, explicit)
+    if job:
+        candidates = [p for p in candidates if _written_by(p) == job]
+        if not candidates:
+            raise CheckpointError(f"no checkpoint of this launch in {run_dir / checkpoint.CHECKPOINTS}")
     skipped = []
     for path in candidates:
         problem = checkpoint.verify(path)
@@ -103,6 +107,39 @@ def pick_checkpoint(run_dir: Path, explicit: str | None) -> tuple[checkpoint.Che
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         skipped.append(f"{path.name}: {problem}")
     raise CheckpointError(f"no intact checkpoint to resume in {candidates[0].parent}: " + "; ".join(skipped))
+
+
+@dataclass(frozen=True)
+class LaunchCheckpoints:
+    """Resume from the newest intact checkpoint written by launch ``job`` (an automatic restart)."""
+
+    job: str
+
+
+def _written_by(path: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((path / "state.json").read_text()).get("job") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def restart_resume(run_dir: Path, job: str, resume):
+    """What an automatic restart resumes from: this launch's newest intact checkpoint, else as first asked.
+
+    A restart (``mlx-dp launch --restarts``) must continue the training the
+    launch started, never an older run's: so the checkpoints it may take are
+    those this launch wrote (``state.json``'s ``job``). Before the first of
+    them exists, the restart does what the first start did (start fresh, or
+    resume what ``--resume`` named).
+
+    Returns:
+        LaunchCheckpoints | str | bool | None: This launch's checkpoints, or ``resume`` unchanged.
+    """
+    if job and any(_written_by(p) == job for p in checkpoint.list_checkpoints(run_dir)):
+        return LaunchCheckpoints(job)
+    return resume
 
 
 def check_continuation(cfg: Config, ckpt: checkpoint.Checkpoint, dataset: str, total_steps: int,
@@ -145,8 +182,9 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
 
     Args:
         cfg, world, run_dir: The run.
-        resume (str | bool): ``True``: the newest intact checkpoint in
-            ``run_dir``; a path: that checkpoint or run directory.
+        resume (str | bool | LaunchCheckpoints): ``True``: the newest intact
+            checkpoint in ``run_dir``; a path: that checkpoint or run directory;
+            :class:`LaunchCheckpoints`: the newest intact one a launch wrote.
         model, stream: Filled in place.
         fresh (TrainingState): This run's shape and provenance; its progress
             is set from the checkpoint and it is returned.
@@ -160,7 +198,8 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
         state is unsharded (``trainer.run.setup`` puts it in place before the
         step is compiled).
     """
-    ckpt, skipped = pick_checkpoint(run_dir, resume if isinstance(resume, str) else None)
+    ckpt, skipped = pick_checkpoint(run_dir, resume if isinstance(resume, str) else None,
+                                    job=resume.job if isinstance(resume, LaunchCheckpoints) else "")
     for line in skipped:
         note(f"[mlx-dp] skipping damaged checkpoint {line}")
     saved, path = ckpt.state, ckpt.path

@@ -24,6 +24,7 @@ from ..core.config import Config
 from ..core.data import load_splits
 from ..core.pairs import load_pair_splits
 from ..core.metrics import format_bytes
+from ..core.membership import Membership
 from ..core.model import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
                           load_base, trainable_parameters)
 from ..core.objectives import make_objective
@@ -34,6 +35,7 @@ from ..core.parallel.shards import ShardedReducer, ShardPlan
 from ..core.sharded import ShardedOptimizer
 from ..core.state import TrainingState
 from ..core.step import StepFunctions
+from ..env import restart_env
 from ..errors import DataError, UserError
 from .hooks import RunOptions
 from .resume import Resumed, restore
@@ -67,6 +69,7 @@ class Run:
     last_compute_s: list | None = None  # each rank's compute seconds on the latest measured update
     compiled_shapes: set = field(default_factory=set)  # micro-batch shapes the step has been compiled for
     resumed: Resumed | None = None  # what a resume found (reported in metrics.jsonl)
+    membership: Membership | None = None  # the nominal ranks this process computes (fewer running than planned)
 
     @property
     def total_steps(self) -> int:
@@ -86,7 +89,7 @@ def planned_steps(cfg: Config, num_samples: int, world_size: int) -> int:
 
 
 def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None = None,
-              allow_changes: bool = False) -> Run:
+              allow_changes: bool = False, membership: Membership | None = None) -> Run:
     """Set up a run on this rank (every rank calls it; it contains collectives).
 
     Args:
@@ -97,8 +100,15 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
         options (RunOptions | None): Hooks and the benchmark's switches. Default: ``None``.
         allow_changes (bool): Resume even though the recipe or the data
             changed since the checkpoint (``--allow-changes``). Default: ``False``.
+        membership (Membership | None): The nominal ranks this process computes
+            when fewer run than planned (``trainer.core.membership``). Default:
+            ``None`` (every rank runs).
     """
     options = options or RunOptions()
+    members = membership or Membership.of(world.rank, world.size)
+    nominal = members.nominal  # the global batch, the data order and the balance split are made for these
+    if members.degraded:
+        world.print0(f"[mlx-dp] {members.describe()}")
     run_dir = Path(cfg.checkpoint.dir)
     world.print0(f"[mlx-dp] resolved recipe:\n{cfg.to_yaml()}")
     if world.is_main:
@@ -114,33 +124,37 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     reference = _attach_reference(cfg, world, model, splits)  # before a checkpoint's weights are loaded
     t = cfg.training
     dataset = splits["train"].fingerprint()
-    state = TrainingState(world_size=world.size, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
-                          total_steps=planned_steps(cfg, len(splits["train"]), world.size), versions=versions(),
-                          recipe_digest=digest(cfg.to_yaml()), dataset=dataset)
+    state = TrainingState(world_size=nominal, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
+                          total_steps=planned_steps(cfg, len(splits["train"]), nominal), versions=versions(),
+                          recipe_digest=digest(cfg.to_yaml()), dataset=dataset, job=restart_env().job)
     _check_enough_data(cfg, world, splits["train"], state)
     if cfg.data.packing:
         from ..core.packing import outlook
 
-        warning = outlook(splits["train"], t.batch_size * world.size, cfg.data.pad_multiple,
+        warning = outlook(splits["train"], t.batch_size * nominal, cfg.data.pad_multiple,
                           blocked=resolve_block(t.attention_block) > 0)
         if warning:
             world.print0(f"[mlx-dp] WARNING: {warning}")
-    stream = batch_stream(splits["train"], t.batch_size, world.rank, world.size, t.seed, cfg.data.pad_multiple,
-                          prefetch=cfg.data.prefetch)
+    stream = batch_stream(splits["train"], t.batch_size, members.hosted[0], nominal, t.seed, cfg.data.pad_multiple,
+                          prefetch=cfg.data.prefetch, hosted=members.hosted)
     optimizer = build_optimizer(t, state.total_steps)
-    balancer = _balancer(cfg, world)
+    balancer = _balancer(cfg, world, nominal)
     saved_optimizer, resumed = None, None
     if resume is not None:
         # The optimizer state goes in place in _step_functions, before mx.compile captures it.
         state, saved_optimizer, resumed = restore(cfg, world, run_dir, resume, model, stream, state,
                                                   trainable_parameters(model), dataset, allow_changes,
                                                   note=world.print0)
-        balancer = _restored_balancer(balancer, state, world)
+        balancer = _restored_balancer(balancer, state, world, nominal)
     balancer.timed = cfg.logging.compute_timings and world.size > 1
+    # Speeds are measured per running rank and the split is per nominal rank: while ranks are
+    # missing, keep the split as it is (it changes how rows are dealt, never the update).
+    balancer.frozen = members.degraded
 
     # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
     check_agreement(world, {
         "recipe": state.recipe_digest, **versions(), "dataset": dataset,
+        "nominal ranks": f"{nominal} ({members.size} running)",
         "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable_parameters(model).items()]),
         "trainable values": _weights_digest(model), **reference,
     })
@@ -150,7 +164,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     fns = _step_functions(cfg, model, optimizer, reducer, saved_optimizer)
     return Run(cfg=cfg, world=world, run_dir=run_dir, model=model, tokenizer=tokenizer, adapter_config=adapter_cfg,
                splits=splits, stream=stream, optimizer=optimizer, reducer=reducer, fns=fns, state=state,
-               balancer=balancer, options=options, resumed=resumed)
+               balancer=balancer, options=options, resumed=resumed, membership=members)
 
 
 def _load_model(cfg: Config, world: World):
@@ -158,6 +172,9 @@ def _load_model(cfg: Config, world: World):
     health.phase("loading the model", watched=False)  # a download can take any time
     model, tokenizer, _ = load_base(cfg.model)
     apply_method(model, cfg.method, cfg.training.seed)
+    # mlx_lm.load hands the model over in eval mode, where dropout does nothing: train in training mode,
+    # as mlx-lm's trainer does (model.train()), so method.dropout acts. Evaluation switches back and forth.
+    model.train()
     trainable, total = count_parameters(model)
     world.print0(f"[mlx-dp] {cfg.method.type}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.3f}M parameters")
     block = resolve_block(cfg.training.attention_block)
@@ -202,31 +219,31 @@ def _check_enough_data(cfg: Config, world: World, train, state: TrainingState) -
     if len(train) < state.global_batch:
         raise DataError(
             f"the training set {train.source} has {len(train)} usable samples, fewer than one global batch of "
-            f"{state.global_batch} (training.batch_size={t.batch_size} x {world.size} ranks x "
+            f"{state.global_batch} (training.batch_size={t.batch_size} x {state.world_size} ranks x "
             f"grad_accumulation={t.grad_accumulation}); lower training.batch_size")
     unit = "sequences" if cfg.method.objective == "sft" else "pairs"
-    world.print0(f"[mlx-dp] world: {world.size} rank(s); global batch = {t.batch_size} x {world.size} x "
+    world.print0(f"[mlx-dp] world: {world.size} rank(s); global batch = {t.batch_size} x {state.world_size} x "
                  f"{t.grad_accumulation} = {state.global_batch} {unit} per update; "
                  f"{len(train)} training {'samples' if unit == 'sequences' else 'pairs'}; {state.total_steps} updates")
 
 
-def _balancer(cfg: Config, world: World) -> Balancer:
-    """The split of each global micro-batch across ranks (``parallel.balance``), said at start."""
+def _balancer(cfg: Config, world: World, nominal: int) -> Balancer:
+    """The split of each global micro-batch across the nominal ranks (``parallel.balance``), said at start."""
     setting = cfg.parallel.balance
-    if isinstance(setting, list) and len(setting) != world.size:
-        raise UserError(f"parallel.balance lists {len(setting)} speeds but the job has {world.size} rank(s); "
+    if isinstance(setting, list) and len(setting) != nominal:
+        raise UserError(f"parallel.balance lists {len(setting)} speeds but the job has {nominal} rank(s); "
                         "give one speed per rank, or use auto")
-    balancer = Balancer.from_setting(setting, cfg.training.batch_size * world.size, world.size)
+    balancer = Balancer.from_setting(setting, cfg.training.batch_size * nominal, nominal)
     if world.size > 1 and balancer.mode != "off":
         first = " until the first updates measure each rank's speed" if balancer.mode == "auto" else ""
         world.print0(f"[mlx-dp] {balancer.describe()}{first}")
     return balancer
 
 
-def _restored_balancer(fresh: Balancer, state: TrainingState, world: World) -> Balancer:
+def _restored_balancer(fresh: Balancer, state: TrainingState, world: World, nominal: int) -> Balancer:
     """The checkpoint's split and speed estimates, when they describe this job's ranks and setting."""
     saved = state.balance
-    if not saved or saved["mode"] != fresh.mode or saved["rows"] != fresh.rows or saved["world_size"] != world.size:
+    if not saved or saved["mode"] != fresh.mode or saved["rows"] != fresh.rows or saved["world_size"] != nominal:
         return fresh
     if fresh.mode == "fixed" and saved["speeds"] != fresh.speeds:
         return fresh

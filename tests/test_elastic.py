@@ -1,0 +1,265 @@
+"""Elastic restarts: a job that outlives a killed, stopped or unreachable rank and stays exact.
+
+The pieces first (who computes which rows when ranks are missing, which checkpoint a
+restart takes, what the launcher restarts), then real jobs under
+``mlx-dp launch --restarts``: a rank killed, a rank stopped, failures beyond the budget,
+a Ctrl-C during the backoff, and ranks standing in for missing ones against the full job.
+The emulated two-host cluster over ssh (a host's link pulled for good, then plugged back
+in) is in tests/test_launch_ssh.py.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from conftest import (MLX_DP, ROOT, fake_split, mlx_dp_command, read_metrics, read_status, read_weights,
+                      run, tiny_recipe, trainer_pids, wait_for_step)
+from trainer.cluster import elastic
+from trainer.core.batches import BatchStream
+from trainer.core.membership import Membership
+from trainer.errors import DistributedError
+from trainer.run.resume import LaunchCheckpoints, restart_resume
+
+# ---------------------------------------------------------------------------- the pieces
+
+
+@pytest.mark.parametrize("nominal, present", [(2, (0,)), (3, (0, 2)), (4, (3, 1)), (5, (0, 1, 2)), (3, (0, 1, 2))])
+def test_every_nominal_rank_is_computed_by_exactly_one_running_rank(nominal, present):
+    hosted = [Membership.of(r, len(present), nominal, present).hosted for r in range(len(present))]
+    assert sorted(v for h in hosted for v in h) == list(range(nominal))
+    assert [h[0] for h in hosted] == list(present), "a running rank keeps its own rows"
+    assert max(map(len, hosted)) - min(map(len, hosted)) <= 1, "the missing ones are shared out in turn"
+
+
+def test_a_launcher_description_that_does_not_add_up_is_refused():
+    for size, nominal, present in ((2, 1, ()), (2, 3, (0, 0)), (1, 2, (2,)), (2, 3, (0,))):
+        with pytest.raises(DistributedError, match="does not add up"):
+            Membership.of(0, size, nominal, present)
+
+
+def test_a_stream_standing_in_for_two_ranks_serves_both_ranks_rows():
+    split = fake_split(97)
+    alone = BatchStream(split, 3, 0, 2, seed=5, pad_multiple=8, hosted=(0, 1))
+    ranks = [BatchStream(split, 3, r, 2, seed=5, pad_multiple=8) for r in (0, 1)]
+    for stream in (alone, *ranks):
+        stream.set_split([2, 4])  # an uneven split (parallel.balance) is dealt the same way
+    for _ in range(40):  # across an epoch boundary
+        group = alone.take(2)
+        expected = [next(ranks[0]), next(ranks[1]), next(ranks[0]), next(ranks[1])]
+        for got, want in zip(group, expected):
+            assert np.array_equal(got.indices, want.indices) and np.array_equal(got.inputs, want.inputs)
+            assert got.global_tokens == want.global_tokens
+    assert alone.position() == ranks[0].position()
+
+
+def test_a_restart_resumes_only_checkpoints_of_its_own_launch(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, job in ((2, "older"), (4, "ours"), (6, "older")):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+        (root / f"step_{step:07d}" / "state.json").write_text(json.dumps({"job": job}))
+    assert restart_resume(tmp_path, "ours", None) == LaunchCheckpoints("ours")
+    assert restart_resume(tmp_path, "other", True) is True, "before a checkpoint of its own: as first asked"
+    assert restart_resume(tmp_path, "other", None) is None
+
+
+def _supervisor(failure, reports=None):
+    return SimpleNamespace(failure=failure, reports=reports or {})
+
+
+def test_what_the_launcher_restarts_and_whom_it_blames():
+    hosts = [SimpleNamespace(ssh_hostname=name) for name in ("127.0.0.1", "mac2", "mac3")]
+    present = [0, 2]  # mac2 was left out: rank 1 of this attempt is mac3
+    killed = elastic._failure(_supervisor((1, -9), {0: {"cause": "lost rank 1", "blamed": [1]}}), present, hosts)
+    assert killed.final == "" and killed.blamed == [2] and "rank 1 (mac3) was killed by SIGKILL" in killed.cause
+    assert "lost rank 1" not in killed.cause, "a killed rank has no words; the others only echo its end"
+    hung = elastic._failure(_supervisor((0, 4), {0: {"cause": "watchdog: ...", "blamed": [1]}}), present, hosts)
+    assert hung.blamed == [2] and "rank 0 (this machine) exited with status 4: watchdog" in hung.cause
+    never = elastic._failure(_supervisor((0, 3), {0: {"cause": "never connected", "blamed": [1],
+                                                      "connecting": True}}), present, hosts)
+    assert never.connecting and never.blamed == [2]
+    assert elastic._failure(_supervisor((1, 2)), present, hosts).final.endswith("(exit status 2)")
+    for stopped in (143, 130, 129, -15):
+        assert "signal of its own" in elastic._failure(_supervisor((1, stopped)), present, hosts).final
+    chosen, left = elastic._choose(hosts, 2, {2}, {0: "", 1: "ssh failed (timed out)", 2: ""})
+    assert chosen == [0] and left == {1: "ssh failed (timed out)", 2: "its rank never connected at the last start"}
+    assert elastic._choose(hosts, None, {2}, {}) == ([0, 1, 2], {}), "without --min-ranks every host, always"
+    assert elastic.probe(hosts[0]) == "", "this machine is always there"
+
+
+@pytest.mark.e2e
+def test_bad_restart_arguments_are_one_line():
+    for args, expected in ((["--restarts", "-1"], "--restarts must be 0 or more"),
+                           (["--min-ranks", "3", "-n", "2"], "--min-ranks 3 is more than the 2 rank(s)"),
+                           (["--min-ranks", "0"], "not a positive whole number"),
+                           (["--probe-timeout", "0"], "--probe-timeout must be positive")):
+        result = run([MLX_DP, "launch", *args, "--", "true"], timeout=60)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- real jobs
+
+
+def _recipe(tmp_path, name="recipe.yaml", **sections):
+    merged = {"training": {"steps": 30, "batch_size": 2}, "checkpoint": {"every": 10, "keep_last": 10},
+              "parallel": {"timeout_s": 60, "peer_silence_s": 4}, "logging": {"every": 1}}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    return tiny_recipe(tmp_path, name, **merged)
+
+
+def _start(args: list[str], recipe, faults: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen([MLX_DP, "launch", "--grace", "5", *args, "--", *mlx_dp_command(faults), "train",
+                             str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+
+
+def _finish(proc, timeout=300):
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()
+
+
+def _uninterrupted(tmp_path, n=2, **sections):
+    """Adapters of the same recipe run without faults (the reference)."""
+    recipe = _recipe(tmp_path / "reference", **sections)
+    result = run([MLX_DP, "launch", "-n", str(n), "--", MLX_DP, "train", str(recipe)], timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return read_weights(tmp_path / "reference" / "run")
+
+
+def _assert_same(weights, reference, rounding: bool = False):
+    """Bit for bit, or (``rounding``) within 1e-5 of the largest weight: float rounding, as tests/test_equivalence.py."""
+    assert weights.keys() == reference.keys()
+    scale = max(float(np.abs(v).max()) for v in reference.values())
+    for key in reference:
+        np.testing.assert_allclose(weights[key], reference[key], rtol=0, atol=1e-5 * scale if rounding else 0,
+                                   err_msg=key)
+
+
+@pytest.mark.e2e
+def test_a_killed_rank_is_restarted_and_the_training_is_exactly_the_uninterrupted_one(tmp_path):
+    recipe = _recipe(tmp_path)
+    proc = _start(["-n", "2", "--restarts", "2"], recipe)
+    wait_for_step(tmp_path / "run", 12, [proc], timeout=240)
+    os.kill(trainer_pids(proc.pid)[1], signal.SIGKILL)
+    out, err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "mlx-dp launch: restart 1 of 2 in 1 s, from this launch's newest checkpoint, after: rank 1 (this " \
+           "machine) was killed by SIGKILL" in err
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "completed" and status["step"] == 30
+    assert [r["attempt"] for r in status["restarts"]] == [1] and "SIGKILL" in status["restarts"][0]["cause"]
+    restarted = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "restarted"]
+    assert len(restarted) == 1 and restarted[0]["step"] == 10 and restarted[0]["ranks"] == 2
+    assert "[mlx-dp] restart 1 of 2 after: rank 1 (this machine) was killed by SIGKILL" in out
+    _assert_same(read_weights(tmp_path / "run"), _uninterrupted(tmp_path))
+
+
+@pytest.mark.e2e
+def test_a_stopped_rank_is_ended_by_the_watchdog_and_the_job_restarts(tmp_path):
+    recipe = _recipe(tmp_path)
+    proc = _start(["-n", "2", "--restarts", "1"], recipe)
+    wait_for_step(tmp_path / "run", 10, [proc], timeout=240)
+    stopped_at = time.monotonic()
+    os.kill(trainer_pids(proc.pid)[1], signal.SIGSTOP)
+    out, err = _finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "heartbeats stopped over parallel.peer_silence_s=4" in err and "is stopped and cannot stop cleanly" in err
+    restart = read_status(tmp_path / "run")["restarts"][0]
+    assert restart["cause"].startswith("rank 0 (this machine) exited with status 4: watchdog")
+    assert re.search(r"rank 1 \(\S+\) has not been heard from", restart["cause"]), restart
+    assert read_status(tmp_path / "run")["state"] == "completed"
+    assert time.monotonic() - stopped_at < 120
+
+
+@pytest.mark.e2e
+def test_more_failures_than_allowed_end_with_one_message_and_the_last_cause(tmp_path):
+    recipe = _recipe(tmp_path, training={"steps": 30, "batch_size": 2}, checkpoint={"every": 4})
+    proc = _start(["-n", "2", "--restarts", "1"], recipe, faults="kill:rank=1:step=6")  # on every attempt
+    out, err = _finish(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert err.count("mlx-dp launch: restart 1 of 1") == 1
+    assert "mlx-dp launch: giving up after 1 restart(s); the last failure: rank 1 (this machine) was killed by " \
+           "SIGKILL" in err
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "failed" and "lost rank 1" in status["reason"], status
+    assert len(status["restarts"]) == 1
+
+
+@pytest.mark.e2e
+def test_an_error_a_restart_would_repeat_is_not_restarted(tmp_path):
+    recipe = _recipe(tmp_path, data={"path": str(tmp_path / "missing")})
+    proc = _start(["-n", "2", "--restarts", "3"], recipe)
+    out, err = _finish(proc)
+    assert proc.returncode == 2
+    assert "not restarting: rank" in err and "error is one a restart would repeat" in err
+    assert "restart 1 of" not in err
+
+
+@pytest.mark.e2e
+def test_ctrl_c_during_the_backoff_stops_everything(tmp_path):
+    recipe = _recipe(tmp_path)
+    proc = _start(["-n", "2", "--restarts", "3"], recipe, faults="kill:rank=1:step=3")
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "restart 1 of 3 in" in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(240), "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - start < 10
+    time.sleep(0.5)
+    assert "SIGINT: not restarting" in "".join(lines)
+    assert not [r for r in read_metrics(tmp_path / "run") if r.get("event") == "restarted"]
+
+
+@pytest.mark.e2e
+def test_ranks_standing_in_for_missing_ones_train_what_the_full_job_trains(tmp_path):
+    """1 rank for 2, and 2 ranks for 3, with dropout, accumulation and an uneven split, against the full job."""
+    # SGD, as tests/test_equivalence.py: Adam can flip the sign of an element whose gradient is about zero.
+    sections = {"method": {"type": "lora", "rank": 4, "scale": 4.0, "dropout": 0.1},
+                "training": {"steps": 6, "batch_size": 2, "grad_accumulation": 2, "optimizer": "sgd",
+                             "momentum": 0.9, "learning_rate": 0.05}}
+    two = _uninterrupted(tmp_path, n=2, parallel={"balance": [1.0, 2.0]}, **sections)
+    alone = _recipe(tmp_path / "alone", parallel={"balance": [1.0, 2.0]}, **sections)
+    result = run([MLX_DP, "train", str(alone)], env={"MLX_DP_NOMINAL_RANKS": "2", "MLX_DP_PRESENT": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 of 2 ranks running" in result.stdout and "global batch = 2 x 2 x 2 = 8" in result.stdout
+    # To float rounding: one process adds the micro-batches in another order than two ranks do. Drawing
+    # dropout masks other than each rank's own would move the weights far more.
+    _assert_same(read_weights(tmp_path / "alone" / "run"), two, rounding=True)
+
+    three = _uninterrupted(tmp_path / "three", n=3, **sections)
+    pair = _recipe(tmp_path / "pair", **sections)
+    result = run([MLX_DP, "launch", "-n", "2", "--env", "MLX_DP_NOMINAL_RANKS=3", "--env", "MLX_DP_PRESENT=0,2",
+                  "--", MLX_DP, "train", str(pair)], timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_same(read_weights(tmp_path / "pair" / "run"), three, rounding=True)
+
+
+@pytest.mark.e2e
+def test_a_time_based_cadence_saves_on_every_rank_together(tmp_path):
+    recipe = _recipe(tmp_path, training={"steps": 60, "batch_size": 2},
+                     checkpoint={"every": 0, "every_minutes": 0.01, "keep_last": 100})
+    result = run([MLX_DP, "launch", "-n", "2", "--", MLX_DP, "train", str(recipe)], timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved[-1] == 60 and len(saved) >= 3, f"0.6 s apart over a run of several seconds: {saved}"
+    rows = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r]
+    assert len({r["step"] for r in rows}) == 60
