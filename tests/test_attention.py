@@ -5,7 +5,6 @@ import pytest
 
 from conftest import mlx_dp, packed_mask, tiny_recipe
 from trainer.core import attention
-from trainer.core.packing import SegmentMask
 
 
 def whole_rows(q, k, v, mask):

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, mlx_dp, without_matplotlib
+from conftest import mlx_dp, without_matplotlib
 from trainer.bench import scaling, scaling_plan, scaling_report as report
 from trainer.bench import scaling_rounds as rounds
 from trainer.bench import scaling_runs as runs
@@ -183,8 +183,6 @@ def test_measure_ours_reads_the_window_after_warmup(tmp_path):
         report.measure_ours(tmp_path, world_size=2, warmup=2, steps=4)
 
 
-
-
 # ---------------------------------------------------------------------------- errors for people
 
 
@@ -247,21 +245,6 @@ def test_a_hostfile_sets_the_world_size_and_mlx_dp_launch(tmp_path, capsys):
     hosts.write_text(json.dumps({"hosts": [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac1", "ips": []}]}))
     assert scaling.main([RECIPE, "--hostfile", str(hosts)]) == 2
     assert "lists host mac1 twice" in capsys.readouterr().err
-
-
-def test_a_hostfile_sets_the_world_size_and_mlx_dp_launch(tmp_path, capsys):
-    hosts = tmp_path / "hosts.json"
-    two = [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]
-    hosts.write_text(json.dumps({"hosts": two}))
-    plan = scaling_plan.make_plan(scaling_plan.parse_args([RECIPE, "--hostfile", str(hosts)]))
-    assert plan.sizes == [1, 2] and plan.launchers == ["mlx-dp launch"]
-    assert scaling.main([RECIPE, "--hostfile", str(hosts), "-n", "3"]) == 2
-    assert "fixes the world size at its 2 hosts" in capsys.readouterr().err
-    hosts.write_text(json.dumps({"hosts": [{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac1", "ips": []}]}))
-    assert scaling.main([RECIPE, "--hostfile", str(hosts)]) == 2
-    assert "lists host mac1 twice" in capsys.readouterr().err
-
-
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -9,7 +9,6 @@ judged against the distance between two genuinely different runs.
 
 import json
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

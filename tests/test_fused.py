@@ -9,9 +9,8 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import PYTHON, ROOT, TINY_MODEL, mlx_dp, one_error_line, packed_mask, tiny_recipe
+from conftest import PYTHON, ROOT, mlx_dp, one_error_line, packed_mask, tiny_recipe
 from trainer.core import attention, fused
-from trainer.core.packing import SegmentMask
 from trainer.tools import fastjit
 
 

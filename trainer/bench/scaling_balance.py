@@ -14,7 +14,7 @@ forward+backward time per update, from the run's metrics.
 Pure: measurements in, a summary and its table out.
 """
 
-from .scaling_plan import Plan, Run
+from .scaling_plan import Plan
 from .scaling_rounds import DISTURBED, spread
 
 

@@ -14,7 +14,6 @@ repository's lab uses them for its baselines (``scripts/lab/bench/scaling.py``);
 import argparse
 import platform
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING

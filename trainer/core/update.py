@@ -20,7 +20,6 @@ Used by ``trainer.core.step`` (weights by name) and ``trainer.core.sharded``
 (flat weight shards by bucket).
 """
 
-from functools import partial
 
 import mlx.core as mx
 
