@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -89,8 +90,8 @@ def test_a_bad_pair_row_is_one_line_naming_file_and_line(tmp_path):
 
 METHODS = {"dpo": ["method.objective=dpo", "method.dropout=0.1"], "orpo": ["method.objective=orpo"]}
 SHARED = ["training.steps=6", "training.lr_schedule=cosine", "training.warmup_steps=2",
-          "training.grad_accumulation=2", "training.batch_size=1", "checkpoint.every=2", "eval.every=2",
-          "eval.max_batches=2", "logging.progress_bar=false", "logging.every=1"]
+          "training.grad_accumulation=2", "training.batch_size=1", "checkpoint.every=2", "checkpoint.keep_last=5",
+          "eval.every=2", "eval.max_batches=2", "logging.progress_bar=false", "logging.every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,9 @@ def resumed(tmp_path_factory):
     (tmp / "spec.json").write_text(json.dumps(spec))
     result = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, WORKER, str(tmp / "spec.json")], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "reference log-probs of the train pairs: computed" in result.stdout.split("resumed from")[-1]
+    # the resumed DPO run computed its reference anew (into its own cache), before loading the checkpoint
+    assert re.search(rf"reference log-probs of the train pairs: computed \({re.escape(str(tmp))}/other-cache",
+                     result.stdout), result.stdout[-3000:]
     return tmp
 
 
