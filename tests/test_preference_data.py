@@ -39,6 +39,13 @@ TEMPLATE_PAIRS = [  # (row, prompt messages, chosen messages, rejected messages)
       "preference_score": 0.5},
      [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello."}],
      [{"role": "assistant", "content": "no."}]),
+    ({"prompt": [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"}],
+      "chosen": "hello.", "rejected": "no.", "system": "be kind."},
+     [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi"}],
+     [{"role": "assistant", "content": "hello."}], [{"role": "assistant", "content": "no."}]),
+    ({"prompt": "hi", "chosen": [{"role": "assistant", "content": "hello."}], "rejected": "no."},
+     [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello."}],
+     [{"role": "assistant", "content": "no."}]),
 ]
 
 
@@ -60,7 +67,8 @@ def load(path, tokenizer, **data):
 
 @pytest.mark.parametrize("index", range(len(TEMPLATE_PAIRS)),
                          ids=["prompt-strings", "system", "conversational", "implicit-conversation",
-                              "string-prompt-beside-conversations", "mlx-lm-lora-dicts"])
+                              "string-prompt-beside-conversations", "mlx-lm-lora-dicts",
+                              "own-system-message-wins", "string-prompt-beside-replies"])
 def test_each_format_renders_like_the_chat_row_of_the_same_turns(tokenizer, tmp_path, index):
     row, prompt, chosen, rejected = TEMPLATE_PAIRS[index]
     split = load(write_jsonl(tmp_path / "pairs.jsonl", [row] * 2), tokenizer)

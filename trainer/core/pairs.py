@@ -168,7 +168,9 @@ def normalise(row: dict, cfg: DataConfig, has_template: bool) -> Pair | str:
             return f"has no '{cfg.prompt_feature}' and '{keys[0]}' and '{keys[1]}' share no beginning"
         return Pair(chosen[:n], chosen[n:], rejected[n:], chat=False)
     if isinstance(prompt, list):  # chat prompt, string answers: the answers are assistant messages
-        return Pair(system + _messages(prompt), [{"role": "assistant", "content": chosen}],
+        prompt = _messages(prompt)
+        lead = system if system and prompt and prompt[0]["role"] != "system" else []  # a prompt's own system message wins
+        return Pair(lead + prompt, [{"role": "assistant", "content": chosen}],
                     [{"role": "assistant", "content": rejected}], chat=True)
     if has_template:
         user = [{"role": "user", "content": prompt}]
