@@ -312,7 +312,15 @@ def test_reference_cache_is_keyed_by_data_model_and_settings(pairs, model, tmp_p
         other_model = reference.cache_key(valid, reference.base_digest(model), settings)
     finally:
         layer.weight = saved
-    assert len({key, other_settings, other_data, other_model}) == 4
+    import dataclasses
+
+    args = model.args
+    model.args = dataclasses.replace(args, rms_norm_eps=args.rms_norm_eps * 2)  # config.json edited, same weights
+    try:
+        other_config = reference.cache_key(valid, reference.base_digest(model), settings)
+    finally:
+        model.args = args
+    assert len({key, other_settings, other_data, other_model, other_config}) == 5
     # a damaged file is computed anew
     reference.cache_path(str(tmp_path), key).write_bytes(b"not an array")
     redo = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings, note=lambda _: None)

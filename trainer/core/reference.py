@@ -85,18 +85,24 @@ def adapters_off(model):
 
 
 def base_digest(model) -> str:
-    """Hash of the base weights as loaded (adapters off): names, shapes, dtypes and bytes."""
+    """Hash of the base model as loaded (adapters off): its config and code version, and the weights' names,
+    shapes, dtypes and bytes (a changed ``config.json`` or an mlx-lm that computes the model differently
+    gives other log-probs from the same weights)."""
     try:
         import xxhash
 
         h = xxhash.xxh3_128()
     except ImportError:
         h = hashlib.blake2b(digest_size=16)
+    import mlx_lm
+
+    h.update(f"{type(model).__module__}.{type(model).__name__} {getattr(model, 'args', None)!r} "
+             f"mlx-lm {mlx_lm.__version__}".encode())
     with adapters_off(model):
         params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
     for name, value in params:
         h.update(f"{name}{value.shape}{value.dtype}".encode())
-        h.update(memoryview(np.asarray(value.view(mx.uint8))))
+        h.update(memoryview(np.asarray(value.view(mx.uint8))))  # note: sync point, evaluates each weight once
     return h.hexdigest()
 
 
