@@ -122,10 +122,12 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None = None,
-                faults: str | None = None) -> list[subprocess.Popen]:
+                faults: str | None = None, env_per_rank: list[dict] | None = None) -> list[subprocess.Popen]:
     """Start one ``mlx-dp`` process per entry by hand (no launcher), each with its rank.
 
-    Output goes to ``tmp_path / f"rank{r}.log"``.
+    ``env`` goes to every rank, ``env_per_rank[r]`` to rank r only (a ``HOME`` of
+    its own, say, to give each rank its own ``~``). Output goes to
+    ``tmp_path / f"rank{r}.log"``.
     """
     from trainer.cluster.ports import write_ring_hostfile
 
@@ -134,7 +136,8 @@ def start_ranks(tmp_path: Path, args_per_rank: list[list[str]], env: dict | None
     for rank, args in enumerate(args_per_rank):
         log = open(tmp_path / f"rank{rank}.log", "w")
         procs.append(subprocess.Popen([*mlx_dp_command(faults), *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                      env={**os.environ, **(env or {}), "MLX_RANK": str(rank),
+                                      env={**os.environ, **(env or {}), **(env_per_rank or [{}] * (rank + 1))[rank],
+                                           "MLX_RANK": str(rank),
                                            "MLX_HOSTFILE": str(hostfile)}))
     return procs
 

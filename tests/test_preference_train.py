@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, launched, mlx_dp, read_metrics, run
+from conftest import MLX_DP, PYTHON, ROOT, launched, mlx_dp, read_metrics, run, start_ranks
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -140,3 +140,21 @@ def test_stopped_and_resumed_preference_run_is_bit_identical(resumed, method):
     curve = [[(m["step"], m.get("train_loss"), m.get("reward_accuracy"), m.get("val_loss"))
               for m in read_metrics(d) if "train_loss" in m or "val_loss" in m] for d in (straight, again)]
     assert curve[0] == curve[1], "the resumed run continues the same curve: losses and metrics"
+
+
+def test_ranks_holding_different_pairs_stop_by_name_before_the_reference_pass(tmp_path):
+    """The same recipe, but each rank's ``~/pairs`` differs by one row: the reference pass sums per pair over
+    ranks, so it must never start; the agreement check before it names the difference."""
+    rows = (ROOT / "data" / "tiny-preference" / "train.jsonl").read_text().splitlines()[:40]
+    homes = [tmp_path / "home0", tmp_path / "home1"]
+    for home, data in zip(homes, (rows, rows[:-1])):
+        (home / "pairs").mkdir(parents=True)
+        (home / "pairs" / "train.jsonl").write_text("\n".join(data) + "\n")
+    args = ["train", "tiny-dpo", "data.path=~/pairs", f"data.cache_dir={tmp_path}/cache",
+            f"checkpoint.dir={tmp_path}/run", "training.steps=2", "training.batch_size=2", *QUIET]
+    procs = start_ranks(tmp_path, [args, args], env_per_rank=[{"HOME": str(h)} for h in homes])
+    codes = [p.wait(timeout=180) for p in procs]
+    log = (tmp_path / "rank0.log").read_text() + (tmp_path / "rank1.log").read_text()
+    assert codes[0] != 0 and codes[1] != 0, log[-2000:]
+    assert "ranks disagree before training" in log and "train pairs differs" in log, log[-2000:]
+    assert "reference log-probs of the train pairs" not in log

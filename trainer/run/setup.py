@@ -205,6 +205,10 @@ def _attach_reference(cfg: Config, world: World, model, splits: dict) -> dict:
         return {}
     from ..core import reference
 
+    # The reference pass sums values over ranks, pair by pair: first make sure every rank holds the same recipe
+    # and pairs, or ranks with different data would wait on each other's sums without end.
+    check_agreement(world, {"recipe": digest(cfg.to_yaml()), **versions(),
+                            **{f"{name} pairs": split.fingerprint() for name, split in sorted(splits.items())}})
     health.phase("reference log-probs", watched=False)  # one forward pass over the pairs
     settings = {"attention_block": resolve_block(cfg.training.attention_block),
                 "fused_exp": fused.resolve(cfg.training.fused_exp), "pad_multiple": cfg.data.pad_multiple}
