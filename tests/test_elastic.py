@@ -95,6 +95,20 @@ def test_what_the_launcher_restarts_and_whom_it_blames():
 
 
 @pytest.mark.e2e
+def test_peer_silence_is_short_only_when_a_restart_follows(monkeypatch):
+    from trainer.core.config import load_config
+    from trainer.run.loop import _peer_silence_s
+    from trainer.tools.recipes import find_recipe
+
+    recipe = str(find_recipe("tiny-lora"))
+    monkeypatch.delenv("MLX_DP_RESTARTS", raising=False)
+    assert _peer_silence_s(load_config(recipe, ["parallel.timeout_s=300"])) == 300  # a peer may come back
+    assert _peer_silence_s(load_config(recipe, ["parallel.peer_silence_s=7"])) == 7
+    monkeypatch.setenv("MLX_DP_RESTARTS", "3")
+    assert _peer_silence_s(load_config(recipe, ["parallel.timeout_s=300"])) == 15  # a restart follows
+    assert _peer_silence_s(load_config(recipe, ["parallel.timeout_s=8"])) == 8
+
+
 def test_bad_restart_arguments_are_one_line():
     for args, expected in ((["--restarts", "-1"], "--restarts must be 0 or more"),
                            (["--min-ranks", "3", "-n", "2"], "--min-ranks 3 is more than the 2 rank(s)"),

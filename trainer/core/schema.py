@@ -293,9 +293,10 @@ class ParallelConfig:
     comm_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = _doc(
         "reduce gradients in this dtype; null: one bucket set per gradient dtype", None)
     timeout_s: float = _doc("watchdog: end the job if a step or collective makes no progress this long", 600.0)
-    peer_silence_s: float = _doc(
+    peer_silence_s: Optional[float] = _doc(
         "watchdog: end the job sooner when this rank waits for a peer whose heartbeats have stopped this long "
-        "(asleep, stopped, unplugged); timeout_s still covers hangs with heartbeats", 15.0)
+        "(asleep, stopped, unplugged); null: 15 under mlx-dp launch --restarts (a restart follows), else "
+        "timeout_s (a peer may come back); timeout_s still covers hangs with heartbeats", None)
     allow_world_size_change: bool = _doc("resume at a world size that changes the global batch", False)
     shard_optimizer: bool = _doc(
         "keep each rank's 1/N share of the optimizer state only (ZeRO stage 1): full fine-tunes fit in less "
@@ -309,7 +310,7 @@ class ParallelConfig:
             raise ConfigError("parallel.bucket_mb and parallel.first_bucket_mb must be positive")
         if not self.timeout_s > 0:
             raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
-        if not self.peer_silence_s > 0:
+        if self.peer_silence_s is not None and not self.peer_silence_s > 0:
             raise ConfigError(f"parallel.peer_silence_s must be positive, got {self.peer_silence_s}")
         if isinstance(self.balance, list) and (not self.balance or not all(s > 0 for s in self.balance)):
             raise ConfigError(f"parallel.balance must list a positive speed for every rank, got {self.balance}")

@@ -201,6 +201,17 @@ def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:
     timings.flush()
 
 
+RESTART_SILENCE_S = 15.0  # parallel.peer_silence_s under --restarts: a restart costs seconds, a sleeping Mac hours
+
+
+def _peer_silence_s(cfg: Config) -> float:
+    """``parallel.peer_silence_s``, or its default: short when a restart follows, else the whole timeout (a peer
+    whose Wi-Fi roams may come back, and without a restart the job would be over)."""
+    if cfg.parallel.peer_silence_s is not None:
+        return cfg.parallel.peer_silence_s
+    return min(RESTART_SILENCE_S, cfg.parallel.timeout_s) if restart_env().restarts > 0 else cfg.parallel.timeout_s
+
+
 def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_changes: bool = False) -> dict:
     """Run a recipe on this process's rank.
 
@@ -225,7 +236,7 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
     status_file.reset()
     # Armed before the ranks connect: a signal or a missing rank then ends with words and a status too.
     health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck,
-                   silence_s=cfg.parallel.peer_silence_s)
+                   silence_s=_peer_silence_s(cfg))
     world, lock, reporter, wired, heartbeat = None, None, NullReporter(), None, None
     try:
         world = connect.join(cfg.parallel.backend, cfg.parallel.timeout_s, should_stop=health.stop_signal)
