@@ -16,16 +16,22 @@ import time
 from trainer.env import launch_env
 
 
+def _local_reducer(*args, **kwargs):
+    # lab.reducers imports mlx.core, which must wait until the trainer has loaded its BLAS
+    # (MLX_DP_BLAS=openblas refuses to start once mlx.core is in), so it is imported at first use
+    from .reducers import local_reducer
+
+    return local_reducer(*args, **kwargs)
+
+
 def mlx_dp_rank(argv: list[str]) -> int:
     """``mlx-dp ARGS`` with the benchmark's switches (exits the process)."""
     from trainer.cli import main as cli_main
     from trainer.run.hooks import RunOptions
 
-    from .reducers import local_reducer
-
     skip = "--no-reduce" in argv[: argv.index("--")] if "--" in argv else False
     rest = argv[argv.index("--") + 1:] if "--" in argv else argv
-    cli_main(rest, options=RunOptions(reducer=local_reducer if skip else None))
+    cli_main(rest, options=RunOptions(reducer=_local_reducer if skip else None))
     return 0
 
 
