@@ -8,7 +8,10 @@ it (``tests/test_package.py`` checks), and it may import the product freely.
   ``profile`` (where an update's time goes), ``attention`` (attention per row
   width) and ``scaling``: the product's ``mlx-dp bench scaling`` with the
   lab's extra runs (communication skipped, mlx_lm.lora on the same work,
-  stock ``mlx.launch``, emulated links and slower ranks, one epoch side by side);
+  stock ``mlx.launch``, emulated links and slower ranks, one epoch side by side),
+  ``faults`` (what one failure costs under ``--restarts``) and ``preference``
+  (DPO against mlx-lm-lora's on the same work, through ``preference_peer.py``
+  in the peer's own environment);
 * ``launch``: ranks started through the product's launcher code, with a CPU
   cap per rank (``cpulimit``) or inside network namespaces behind shaped
   links (``netem``);

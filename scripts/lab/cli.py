@@ -1,13 +1,13 @@
 """``python scripts/lab COMMAND ...``: the lab's benchmarks and tools.
 
-    bench comm|memory|profile|attention|scaling|faults ...   benchmarks (each has --help)
+    bench comm|memory|profile|attention|scaling|faults|preference ...   benchmarks (each has --help)
     launch [--slow RANK=SHARE,...] LAUNCH_ARGS -- CMD   mlx-dp launch with slower local ranks
     recipe-memory [--write]                            the recipes' # Memory lines, from mlx-dp recipes memory
 """
 
 import sys
 
-BENCHES = ("comm", "memory", "profile", "attention", "scaling", "faults")
+BENCHES = ("comm", "memory", "profile", "attention", "scaling", "faults", "preference")
 
 
 def main(argv: list[str]) -> int:

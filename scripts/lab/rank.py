@@ -1,12 +1,15 @@
 """The body of one rank of a benchmark's run, started by the benchmark's launcher, never by hand.
 
-    PYTHONPATH=scripts python -m lab.rank mlx-dp [--no-reduce] -- train RECIPE [overrides]
+    PYTHONPATH=scripts python -m lab.rank mlx-dp [--no-reduce] [--record-pairs PATH K] -- train RECIPE [overrides]
     PYTHONPATH=scripts python -m lab.rank mlx-lm REPORTS [--sort-by-tokens] -- MLX_LM_LORA_ARGS
 
 ``mlx-dp`` runs the trainer's own command; ``--no-reduce`` passes the
 trainer a reducer that skips every ``all_sum`` (``lab.reducers.LocalReducer``),
-the compute-only baseline of ``bench scaling`` (ranks then train apart). ``mlx-lm`` runs ``mlx_lm.lora`` for the comparison;
-``--sort-by-tokens`` repairs its length sort first (:func:`repair_length_sort`).
+the compute-only baseline of ``bench scaling`` (ranks then train apart);
+``--record-pairs PATH K`` writes the pair indices each rank trains on in its
+first K updates to ``PATH.rank<R>.json`` (``bench preference``). ``mlx-lm``
+runs ``mlx_lm.lora`` for the comparison; ``--sort-by-tokens`` repairs its
+length sort first (:func:`repair_length_sort`).
 """
 
 import json
@@ -14,6 +17,25 @@ import sys
 import time
 
 from trainer.env import launch_env
+
+
+def pair_recorder(path: str, keep: int):
+    """Hooks that write the indices of the rows (pairs) this rank trains on in its first ``keep`` updates."""
+    from pathlib import Path
+
+    from trainer.run.hooks import Hooks
+
+    class PairRecorder(Hooks):
+        def __init__(self):
+            self.seen = []
+
+        def before_update(self, step: int, micro_batches: list) -> list:
+            if step <= keep:  # per update, per micro-batch: this rank's indices into the split
+                self.seen.append([[int(i) for i in b.indices] for b in micro_batches])
+                Path(f"{path}.rank{launch_env().rank}.json").write_text(json.dumps(self.seen))
+            return micro_batches
+
+    return PairRecorder()
 
 
 def _local_reducer(*args, **kwargs):
@@ -27,11 +49,15 @@ def _local_reducer(*args, **kwargs):
 def mlx_dp_rank(argv: list[str]) -> int:
     """``mlx-dp ARGS`` with the benchmark's switches (exits the process)."""
     from trainer.cli import main as cli_main
-    from trainer.run.hooks import RunOptions
+    from trainer.run.hooks import Hooks, RunOptions
 
-    skip = "--no-reduce" in argv[: argv.index("--")] if "--" in argv else False
+    options = argv[: argv.index("--")] if "--" in argv else []
     rest = argv[argv.index("--") + 1:] if "--" in argv else argv
-    cli_main(rest, options=RunOptions(reducer=_local_reducer if skip else None))
+    hooks = Hooks()
+    if "--record-pairs" in options:
+        at = options.index("--record-pairs")
+        hooks = pair_recorder(options[at + 1], int(options[at + 2]))
+    cli_main(rest, options=RunOptions(reducer=_local_reducer if "--no-reduce" in options else None, hooks=hooks))
     return 0
 
 
@@ -109,7 +135,7 @@ def main(argv: list[str]) -> int:
         sort_by_tokens = rest[:1] == ["--sort-by-tokens"]
         rest = rest[1:] if sort_by_tokens else rest
         return mlx_lm_worker(argv[1], rest[1:] if rest[:1] == ["--"] else rest, sort_by_tokens)
-    print("usage: python -m lab.rank {mlx-dp [--no-reduce] -- ARGS | "
+    print("usage: python -m lab.rank {mlx-dp [--no-reduce] [--record-pairs PATH K] -- ARGS | "
           "mlx-lm REPORTS [--sort-by-tokens] -- ARGS}",
           file=sys.stderr)
     return 2
