@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from conftest import (MLX_DP, ROOT, fake_split, mlx_dp_command, read_metrics, read_status, read_weights,
-                      run, tiny_recipe, trainer_pids, wait_for_step)
+                      run, start_ranks, tiny_recipe, trainer_pids, wait_for_step, worker_result)
 from trainer.cluster import elastic
 from trainer.core.batches import BatchStream
 from trainer.core.membership import Membership
 from trainer.errors import DistributedError
-from trainer.run.resume import LaunchCheckpoints, restart_resume
+from trainer.run.pick import LaunchCheckpoints, restart_resume
 
 # ---------------------------------------------------------------------------- the pieces
 
@@ -277,3 +277,31 @@ def test_a_time_based_cadence_saves_on_every_rank_together(tmp_path):
     assert saved[-1] == 60 and len(saved) >= 3, f"0.6 s apart over a run of several seconds: {saved}"
     rows = [r for r in read_metrics(tmp_path / "run") if "train_loss" in r]
     assert len({r["step"] for r in rows}) == 60
+
+
+@pytest.mark.e2e
+def test_ranks_with_disks_of_their_own_resume_from_rank_0s_checkpoint(tmp_path):
+    """A desk cluster without a shared folder: each rank's ``~`` is its own (HOME), and only rank 0's holds
+    checkpoints. Rank 0 picks, sends its copy to rank 1, and the resumed run is the uninterrupted one."""
+    reference = _uninterrupted(tmp_path, training={"steps": 12}, method={"dropout": 0.1})
+    recipe = _recipe(tmp_path / "own-disks", training={"steps": 12}, method={"dropout": 0.1},
+                     checkpoint={"dir": "~/run", "every": 4})
+    homes = [tmp_path / "mac1", tmp_path / "mac2"]
+    for home in homes:
+        home.mkdir()
+    env = [{"HOME": str(home)} for home in homes]
+    procs = start_ranks(tmp_path, [["train", str(recipe)]] * 2, faults="stop:step=6", env_per_rank=env)
+    assert [p.wait(timeout=240) for p in procs] != [0, 0]
+    assert (homes[0] / "run" / "checkpoints" / "step_0000006").is_dir()
+    assert not (homes[1] / "run" / "checkpoints").exists()  # rank 1 never writes checkpoints
+    procs = start_ranks(tmp_path, [["train", str(recipe), "--resume"]] * 2, env_per_rank=env)
+    assert [p.wait(timeout=240) for p in procs] == [0, 0], (tmp_path / "rank1.log").read_text()[-2000:]
+    log = (tmp_path / "rank0.log").read_text()
+    assert "rank(s) 1 do not hold checkpoint step_0000006: sending them rank 0's copy" in log
+    assert "resumed from" in log and "step_0000006 at update 6" in log
+    _assert_same(read_weights(homes[0] / "run"), reference)
+
+
+@pytest.mark.e2e
+def test_broadcast_bytes_delivers_rank_0s_bytes_to_every_rank_in_chunks():
+    assert worker_result(3, "broadcast_check.py", timeout=120) == {"sizes": [0, 1, 4321, 10_000], "ranks": 3}

@@ -9,7 +9,7 @@ the supervisor stops every rank as for any failure; then this loop waits a
 short backoff (:data:`BACKOFF_S`, doubling, at most :data:`MAX_BACKOFF_S`) and
 starts the job again. Each rank learns that it is restart k of this launch
 (``trainer.env.RestartEnv``) and continues from this launch's newest intact
-checkpoint (``trainer.run.resume.restart_resume``): nobody types ``--resume``,
+checkpoint (``trainer.run.pick.restart_resume``): nobody types ``--resume``,
 and an older run's checkpoints in the same directory are never taken. The
 restart, its cause and the rank or host blamed go to the console here, and to
 ``status.json`` and ``metrics.jsonl`` from the restarted rank 0.

@@ -7,6 +7,7 @@ declares them and checks values that are impossible on their own
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
@@ -256,6 +257,11 @@ class CheckpointConfig:
             raise ConfigError(f"checkpoint.every_minutes must be positive (or null), got {self.every_minutes}")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
+
+    @property
+    def run_dir(self) -> "Path":
+        """``dir`` with ``~`` expanded on this machine (the recipe keeps ``~``: Macs may have other user names)."""
+        return Path(self.dir).expanduser()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..core.step import run_update
 from ..env import restart_env
 from ..errors import CheckpointError, DistributedError, Stopped, UserError
 from .hooks import RunOptions
-from .resume import restart_resume
+from .pick import restart_resume, shared_resume
 from .setup import Run, build_run
 
 
@@ -232,7 +232,7 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
     """
     notes = check_ring_hostfile()  # a repeated ip:port would never connect
     refuse_lone_rank()  # before anything is written: such a process has no run of its own
-    run_dir = Path(cfg.checkpoint.dir)
+    run_dir = cfg.checkpoint.run_dir
     status_file.reset()
     # Armed before the ranks connect: a signal or a missing rank then ends with words and a status too.
     health.install(None, run_dir, cfg.parallel.timeout_s, describe_connect=_first_exchange_stuck,
@@ -258,6 +258,7 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         restarted = _note_restart(world, run_dir, restart, earlier, membership)
         if restarted is not None:
             resume = restart_resume(run_dir, restart.job, resume)  # this launch's newest checkpoint
+        resume = shared_resume(world, resume)  # rank 0's disk holds the checkpoints: its choice is every rank's
         # As mlx-lm's trainer: on a Mac, let MLX keep the recommended working set wired (a no-op elsewhere).
         wired = maybe_set_recommended_wired_limit()
         run = build_run(cfg, world, resume, options, allow_changes, membership)

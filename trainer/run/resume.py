@@ -21,6 +21,7 @@ import mlx.core as mx
 from ..core import checkpoint
 from ..core.config import Config, yaml_load
 from ..errors import CheckpointError, UserError, short
+from .pick import LaunchCheckpoints, pick_shared
 
 # Keys a resumed run may change: length, cadence, reporting, parallel settings
 # (the global batch is checked on its own), memory-only switches and the cache.
@@ -83,65 +84,6 @@ def _describe(changes: dict, limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def pick_checkpoint(run_dir: Path, explicit: str | None, job: str = "") -> tuple[checkpoint.Checkpoint, list[str]]:
-    """The newest checkpoint that is intact and loads (of launch ``job``, when given), and notes on those skipped.
-
-    Raises:
-        CheckpointError: None is intact (each one's reason is given), or the
-            one named explicitly is not.
-    """
-    candidates = checkpoint.resume_candidates(run_dir, explicit)
-    if job:
-        candidates = [p for p in candidates if _written_by(p) == job]
-        if not candidates:
-            raise CheckpointError(f"no checkpoint of this launch in {run_dir / checkpoint.CHECKPOINTS}")
-    skipped = []
-    for path in candidates:
-        problem = checkpoint.verify(path)
-        if problem is None:
-            try:
-                return checkpoint.load_checkpoint(path), skipped
-            except CheckpointError as e:
-                problem = str(e)
-        if explicit and len(candidates) == 1:
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
-        skipped.append(f"{path.name}: {problem}")
-    raise CheckpointError(f"no intact checkpoint to resume in {candidates[0].parent}: " + "; ".join(skipped))
-
-
-@dataclass(frozen=True)
-class LaunchCheckpoints:
-    """Resume from the newest intact checkpoint written by launch ``job`` (an automatic restart)."""
-
-    job: str
-
-
-def _written_by(path: Path) -> str:
-    import json
-
-    try:
-        return str(json.loads((path / "state.json").read_text()).get("job") or "")
-    except (OSError, ValueError, AttributeError):
-        return ""
-
-
-def restart_resume(run_dir: Path, job: str, resume):
-    """What an automatic restart resumes from: this launch's newest intact checkpoint, else as first asked.
-
-    A restart (``mlx-dp launch --restarts``) must continue the training the
-    launch started, never an older run's: so the checkpoints it may take are
-    those this launch wrote (``state.json``'s ``job``). Before the first of
-    them exists, the restart does what the first start did (start fresh, or
-    resume what ``--resume`` named).
-
-    Returns:
-        LaunchCheckpoints | str | bool | None: This launch's checkpoints, or ``resume`` unchanged.
-    """
-    if job and any(_written_by(p) == job for p in checkpoint.list_checkpoints(run_dir)):
-        return LaunchCheckpoints(job)
-    return resume
-
-
 def check_continuation(cfg: Config, ckpt: checkpoint.Checkpoint, dataset: str, total_steps: int,
                        allow_changes: bool) -> dict:
     """Refuse a resume that would not continue the checkpoint's training; return accepted changes.
@@ -198,8 +140,8 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
         state is unsharded (``trainer.run.setup`` puts it in place before the
         step is compiled).
     """
-    ckpt, skipped = pick_checkpoint(run_dir, resume if isinstance(resume, str) else None,
-                                    job=resume.job if isinstance(resume, LaunchCheckpoints) else "")
+    ckpt, skipped = pick_shared(world, run_dir, resume if isinstance(resume, str) else None,
+                                job=resume.job if isinstance(resume, LaunchCheckpoints) else "")
     for line in skipped:
         note(f"[mlx-dp] skipping damaged checkpoint {line}")
     saved, path = ckpt.state, ckpt.path

@@ -109,7 +109,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     nominal = members.nominal  # the global batch, the data order and the balance split are made for these
     if members.degraded:
         world.print0(f"[mlx-dp] {members.describe()}")
-    run_dir = Path(cfg.checkpoint.dir)
+    run_dir = cfg.checkpoint.run_dir
     world.print0(f"[mlx-dp] resolved recipe:\n{cfg.to_yaml()}")
     if world.is_main:
         checkpoint.check_writable(run_dir)

@@ -29,7 +29,7 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
     """
     world = join(cfg.parallel.backend, cfg.parallel.timeout_s)
     model, tokenizer, _ = load_base(cfg.model)
-    source = Path(checkpoint or cfg.checkpoint.dir)
+    source = Path(checkpoint) if checkpoint else cfg.checkpoint.run_dir
     if checkpoint != "none" and not (source / "adapters.safetensors").is_file():
         raise CheckpointError(f"no adapters.safetensors in {source}; train first or pass --checkpoint "
                               "(or --checkpoint none for the base model)")

@@ -56,9 +56,9 @@ def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = Fals
     from ..core.model import load_base, resolve_model_path
     from .adapters import load_trained
 
-    source = Path(checkpoint or cfg.checkpoint.dir)
+    source = Path(checkpoint) if checkpoint else cfg.checkpoint.run_dir
     target = Path(out)
-    check_destination(target, [source, cfg.checkpoint.dir])
+    check_destination(target, [source, cfg.checkpoint.run_dir])
     model, tokenizer, config = load_base(cfg.model)
     load_trained(model, cfg, source)
     fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()

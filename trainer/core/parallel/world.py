@@ -16,6 +16,9 @@ from ...errors import DistributedError
 from .placement import Placement, gpu_kind
 
 
+BROADCAST_CHUNK = 64 << 20  # bytes per all_sum of broadcast_bytes: bounds the extra memory on every rank
+
+
 class _NullMonitor:
     """Stands in for the watchdog (``trainer.cluster.health``) when none is installed."""
 
@@ -86,6 +89,27 @@ class World:
         padded = mx.array(list(data.ljust(width, b"\0")), mx.int32)
         rows = mx.distributed.all_gather(padded, group=self.group).reshape(self.size, width)
         return [bytes(r[:n]) for r, n in zip(rows.tolist(), lengths.tolist())]
+
+    def broadcast_bytes(self, data: bytes | None, phase: str = "broadcast") -> bytes:
+        """Rank 0's ``data`` on every rank (the others pass ``None``), in chunks of :data:`BROADCAST_CHUNK`. Blocking.
+
+        MLX has no broadcast: each chunk is an ``all_sum`` of rank 0's bytes with
+        the others' zeros (exact in uint8, since only one term is nonzero), with
+        no stream given, so the backend sums where it communicates (placement.py).
+        """
+        if self.size == 1:
+            return bytes(data or b"")
+        import numpy as np
+
+        size = int(self.all_sum([len(data) if self.rank == 0 else 0], phase=phase)[0])
+        out = bytearray()
+        for start in range(0, size, BROADCAST_CHUNK):
+            n = min(BROADCAST_CHUNK, size - start)
+            chunk = (mx.array(np.frombuffer(data, np.uint8, n, start)) if self.rank == 0
+                     else mx.zeros(n, mx.uint8))
+            _monitor.phase(phase)
+            out += np.array(mx.distributed.all_sum(chunk, group=self.group)).tobytes()  # note: sync point per chunk
+        return bytes(out)
 
     def rank0_first(self, fn):
         """Run ``fn`` on rank 0, then on the others (e.g. to fill a shared cache once).
