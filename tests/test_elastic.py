@@ -109,6 +109,30 @@ def test_peer_silence_is_short_only_when_a_restart_follows(monkeypatch):
     assert _peer_silence_s(load_config(recipe, ["parallel.timeout_s=8"])) == 8
 
 
+def test_a_restart_takes_over_the_lock_of_an_earlier_attempt_of_its_own_launch(tmp_path, monkeypatch):
+    """A remote rank 0 of attempt 0 may still look alive (a sleeping host's lock, a process not yet reaped
+    over ssh): attempt 1 of the same launch takes its lock over; another launch still may not."""
+    import socket
+
+    from trainer.cluster import runlock
+    from trainer.errors import CheckpointError
+
+    def held(job: str, attempt: int):
+        (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                       "run_id": "earlier", "job": job, "attempt": attempt}))
+
+    monkeypatch.setenv("MLX_DP_JOB_ID", "job-a")
+    monkeypatch.setenv("MLX_DP_ATTEMPT", "1")
+    held("job-a", 0)
+    lock, note = runlock.acquire(tmp_path)
+    assert "took over the lock of a run that is gone" in note and runlock.read_holder(tmp_path).attempt == 1
+    lock.release()
+    for job, attempt in (("job-b", 0), ("job-a", 1)):  # another launch, or this very attempt: alive
+        held(job, attempt)
+        with pytest.raises(CheckpointError, match="is in use by another run"):
+            runlock.acquire(tmp_path)
+
+
 def test_bad_restart_arguments_are_one_line():
     for args, expected in ((["--restarts", "-1"], "--restarts must be 0 or more"),
                            (["--min-ranks", "3", "-n", "2"], "--min-ranks 3 is more than the 2 rank(s)"),

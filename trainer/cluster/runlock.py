@@ -9,7 +9,9 @@ before it writes anything there, and removes it at the end.
 A lock is *stale*, and is taken over with a note, when its process is gone:
 on this host when its pid no longer runs; from another host (a shared
 filesystem) when it has not been refreshed for :data:`STALE_S` (the holder
-touches it every :data:`REFRESH_S`).
+touches it every :data:`REFRESH_S`); and under ``mlx-dp launch --restarts``
+when an earlier attempt of the same launch holds it (the launcher ended that
+attempt; its host may be asleep, or its process not yet reaped over ssh).
 
 Every rank of a run learns whether rank 0 got the lock (one small gather), so
 a run that lost the race writes nothing into the other run's directory, not
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.checkpoint import process_alive
+from ..env import restart_env
 from ..errors import CheckpointError
 
 LOCK_NAME = "run.lock"
@@ -42,8 +45,13 @@ class Holder:
     started: str = "?"
     run_id: str = ""
     age_s: float = 0.0  # since the holder last refreshed it
+    job: str = ""  # mlx-dp launch --restarts: the launch, and which attempt of it holds the lock
+    attempt: int = 0
 
     def alive(self) -> bool:
+        restart = restart_env()
+        if self.job and self.job == restart.job and self.attempt < restart.attempt:
+            return False  # an earlier attempt of this very job, ended by the launcher (its host may be asleep)
         if self.host == socket.gethostname():
             return self.pid > 0 and process_alive(self.pid)
         return self.age_s < STALE_S
@@ -64,7 +72,7 @@ def read_holder(run_dir: Path) -> Holder | None:
     try:
         data = json.loads(text)
         return Holder(str(data["host"]), int(data["pid"]), str(data.get("started", "?")), str(data.get("run_id", "")),
-                      age)
+                      age, str(data.get("job", "")), int(data.get("attempt", 0)))
     except (ValueError, KeyError, TypeError):
         return Holder(age_s=age)  # half-written: alive while young, stale when old
 
@@ -110,8 +118,10 @@ def acquire(run_dir: Path) -> tuple[RunLock, str | None]:
     except OSError as e:
         raise CheckpointError(f"checkpoint.dir {run_dir} is not writable: {e.strerror or e}") from None
     run_id = uuid.uuid4().hex[:12]
+    restart = restart_env()
     record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": run_id,
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job": restart.job,
+                         "attempt": restart.attempt}) + "\n"
     note = None
     for _ in range(2):
         try:
