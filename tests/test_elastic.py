@@ -88,13 +88,14 @@ def test_what_the_launcher_restarts_and_whom_it_blames():
     assert elastic._failure(_supervisor((1, 2)), present, hosts).final.endswith("(exit status 2)")
     for stopped in (143, 130, 129, -15):
         assert "signal of its own" in elastic._failure(_supervisor((1, stopped)), present, hosts).final
+    disagree = _supervisor((0, 3), {0: {"cause": "ranks disagree before training: ...", "final": True}})
+    assert "a restart would repeat" in elastic._failure(disagree, present, hosts).final
     chosen, left = elastic._choose(hosts, 2, {2}, {0: "", 1: "ssh failed (timed out)", 2: ""})
     assert chosen == [0] and left == {1: "ssh failed (timed out)", 2: "its rank never connected at the last start"}
     assert elastic._choose(hosts, None, {2}, {}) == ([0, 1, 2], {}), "without --min-ranks every host, always"
     assert elastic.probe(hosts[0]) == "", "this machine is always there"
 
 
-@pytest.mark.e2e
 def test_peer_silence_is_short_only_when_a_restart_follows(monkeypatch):
     from trainer.core.config import load_config
     from trainer.run.loop import _peer_silence_s
@@ -133,6 +134,7 @@ def test_a_restart_takes_over_the_lock_of_an_earlier_attempt_of_its_own_launch(t
             runlock.acquire(tmp_path)
 
 
+@pytest.mark.e2e
 def test_bad_restart_arguments_are_one_line():
     for args, expected in ((["--restarts", "-1"], "--restarts must be 0 or more"),
                            (["--min-ranks", "3", "-n", "2"], "--min-ranks 3 is more than the 2 rank(s)"),

@@ -34,14 +34,16 @@ class DistributedError(UserError):
     """Ranks disagree, a peer was lost, or a collective stalled.
 
     ``blamed`` lists the ranks that did not answer, where this rank knows them
-    (a restart may leave their hosts out: ``trainer.cluster.elastic``).
+    (a restart may leave their hosts out: ``trainer.cluster.elastic``);
+    ``final`` says a restart would meet the same error (ranks that disagree).
     """
 
     exit_code = 3
 
-    def __init__(self, message: str, blamed: tuple = ()):
+    def __init__(self, message: str, blamed: tuple = (), final: bool = False):
         super().__init__(message)
         self.blamed = tuple(blamed)
+        self.final = final
 
 
 class Stopped(UserError):

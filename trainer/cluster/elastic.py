@@ -150,7 +150,9 @@ def _failure(sup: Supervisor, present: list, hosts: list) -> Failure:
         blamed = named or blamed
         connecting = bool(report.get("connecting"))
     final = ""
-    if code == USER_ERROR:
+    if report is not None and report.get("final"):
+        final = f"rank {rank}'s error is one a restart would repeat"
+    elif code == USER_ERROR:
         final = f"rank {rank}'s error is one a restart would repeat (exit status {USER_ERROR})"
     elif code in STOP_STATUSES or -code in FORWARDED:
         final = f"rank {rank} was asked to stop by a signal of its own"
@@ -197,45 +199,64 @@ def run(hosts: list, make_specs, output, restarts: int, min_ranks: int | None = 
     """
     job, cause, avoid, status = secrets.token_hex(8), "", set(), 0
     deadline = None if timeout is None else time.monotonic() + timeout
-    for attempt in range(restarts + 1):
-        reach = {}
-        if min_ranks is not None:
-            with _Signals() as signals:
+    # Between attempts (probe, backoff, the few lines between) a stop signal is caught here, so Ctrl-C or
+    # SIGTERM ends the launch cleanly at any moment; during an attempt the supervisor catches its own.
+    with _Signals() as signals:
+        for attempt in range(restarts + 1):
+            stopped = _stopped(signals, output, deadline)
+            if stopped:
+                return stopped
+            reach = {}
+            if min_ranks is not None:
                 reach = _probe_all(hosts, probe_s, signals.events)
-            if isinstance(reach, int):
-                output.say(f"{signal.Signals(reach).name}: stopping before the next start")
-                return 128 + reach
-        present, left = _choose(hosts, min_ranks, avoid, reach)
-        for index, why in sorted(left.items()):
-            output.say(f"leaving out {hosts[index].ssh_hostname}: {why}")
-        if min_ranks is not None and len(present) < min_ranks:
-            output.say(f"only {len(present)} of {len(hosts)} hosts can take part, and --min-ranks {min_ranks} needs "
-                       f"{min_ranks}: stopping" + (f"; the last failure: {cause}" if cause else ""))
-            return status or 3
-        if left:
-            output.say(f"starting {len(present)} of {len(hosts)} ranks; they compute the missing ranks' rows too, "
-                       "so the global batch and the updates stay the same")
-        specs = make_specs([hosts[i] for i in present], _attempt_env(attempt, restarts, job, cause, present,
-                                                                     len(hosts), left, hosts))
-        remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
-        sup = Supervisor(specs, output, timeout=remaining, grace_s=grace_s, verbose=verbose, on_start=on_start)
-        status = sup.run()
-        if status == 0 or sup.asked_to_stop():
-            return status
-        failure = _failure(sup, present, hosts)
-        if failure.final:
-            output.say(f"not restarting: {failure.final}")
-            return status
-        if attempt == restarts:
-            output.say(f"giving up after {restarts} restart(s); the last failure: {failure.cause}")
-            return status
-        cause, avoid = failure.cause, set(failure.blamed) if failure.connecting else set()
-        wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)
-        output.say(f"restart {attempt + 1} of {restarts} in {wait:g} s, from this launch's newest checkpoint, after: "
-                   f"{failure.cause}")
-        with _Signals() as signals:
-            signum = signals.wait(wait)
-        if signum:
-            output.say(f"{signal.Signals(signum).name}: not restarting")
-            return 128 + signum
+                if isinstance(reach, int):
+                    output.say(f"{signal.Signals(reach).name}: stopping before the next start")
+                    return 128 + reach
+            present, left = _choose(hosts, min_ranks, avoid, reach)
+            for index, why in sorted(left.items()):
+                output.say(f"leaving out {hosts[index].ssh_hostname}: {why}")
+            if min_ranks is not None and len(present) < min_ranks:
+                output.say(f"only {len(present)} of {len(hosts)} hosts can take part, and --min-ranks {min_ranks} "
+                           f"needs {min_ranks}: stopping" + (f"; the last failure: {cause}" if cause else ""))
+                return status or 3
+            if left:
+                output.say(f"starting {len(present)} of {len(hosts)} ranks; they compute the missing ranks' rows "
+                           "too, so the global batch and the updates stay the same")
+            specs = make_specs([hosts[i] for i in present], _attempt_env(attempt, restarts, job, cause, present,
+                                                                         len(hosts), left, hosts))
+            remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
+            sup = Supervisor(specs, output, timeout=remaining, grace_s=grace_s, verbose=verbose, on_start=on_start)
+            status = sup.run()
+            if status == 0 or sup.asked_to_stop():
+                return status
+            failure = _failure(sup, present, hosts)
+            if failure.final:
+                output.say(f"not restarting: {failure.final}")
+                return status
+            if attempt == restarts:
+                output.say(f"giving up after {restarts} restart(s); the last failure: {failure.cause}")
+                return status
+            cause, avoid = failure.cause, set(failure.blamed) if failure.connecting else set()
+            wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)
+            output.say(f"restart {attempt + 1} of {restarts} in {wait:g} s, from this launch's newest checkpoint, "
+                       f"after: {failure.cause}")
+            signum = signals.wait(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+            if signum:
+                output.say(f"{signal.Signals(signum).name}: not restarting")
+                return 128 + signum
     return status
+
+
+def _stopped(signals: "_Signals", output, deadline: float | None) -> int:
+    """Before an attempt: the status to end with, when a stop signal came or ``--timeout`` has passed (else 0)."""
+    try:
+        signum = signals.events.get_nowait()
+    except queue.Empty:
+        signum = 0
+    if signum:
+        output.say(f"{signal.Signals(signum).name}: not restarting")
+        return 128 + signum
+    if deadline is not None and time.monotonic() >= deadline:
+        output.say("--timeout reached: not restarting")
+        return 124
+    return 0

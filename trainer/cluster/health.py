@@ -181,11 +181,12 @@ def _on_signal(signum, frame) -> None:
             pass
 
 
-def report_failure(reason: str, blamed=(), connecting: bool = False) -> None:
+def report_failure(reason: str, blamed=(), connecting: bool = False, final: bool = False) -> None:
     """Hand ``mlx-dp launch --restarts`` this rank's reason and the ranks it blames (one line it takes off).
 
     Blamed are the ranks given, else the peers the heartbeats found lost or
-    silent. Nothing is printed when the launcher does not restart.
+    silent; ``final``: a restart would fail the same way. Nothing is printed
+    when the launcher does not restart.
     """
     if restart_env().restarts <= 0:
         return
@@ -194,7 +195,7 @@ def report_failure(reason: str, blamed=(), connecting: bool = False) -> None:
     peers = _state["peers"]
     blamed = list(blamed) or (peers.suspects() if peers is not None else [])
     report = {"cause": reason[:600], "blamed": [int(r) for r in blamed],
-              "connecting": connecting or _state["phase"] == CONNECTING, "step": _state["step"]}
+              "connecting": connecting or _state["phase"] == CONNECTING, "step": _state["step"], "final": final}
     try:
         print(REPORT_MARKER + json.dumps(report), file=sys.stderr, flush=True)
     except OSError:

@@ -132,7 +132,7 @@ def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_mult
         mx.eval(total)  # note: sync point per batch keeps memory at one batch
         if progress is not None:
             progress()
-    sums = world.all_sum(total.tolist(), phase="eval")
+    sums = world.all_sum(total.tolist(), phase="eval")  # note: sync point (already evaluated), then a collective
     if was_training:
         model.train()
     counts = objective.counts(micro)

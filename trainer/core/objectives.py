@@ -50,7 +50,18 @@ def log1mexp(x: mx.array) -> mx.array:
 
 
 class SFT:
-    """Next-token cross-entropy, normalised by the update's loss tokens (``trainer.core.step``)."""
+    """Next-token cross-entropy, normalised by the update's loss tokens (``trainer.core.step``).
+
+    The interface every objective has (``trainer.core.step`` and ``trainer.core.evaluate`` call it):
+
+    * ``stats``: names of the summed statistics ``loss`` returns (the first is the loss sum);
+    * ``arrays(batch)``: the batch's arrays that ``loss`` takes after ``model`` and ``scales``;
+    * ``scales(micro_batches, ranks)``: what each sum is multiplied by (``ranks`` / a global count of
+      the update, so the gradients summed and averaged over ranks are the global objective's);
+    * ``loss(model, scales, *arrays)``: ``(scaled loss, stats)`` for this rank's rows;
+    * ``counts(micro_batches)``: the global counts ``summary`` divides by;
+    * ``summary(stats, tokens, counts)``: the metrics of summed ``stats``.
+    """
 
     name = "sft"
     stats = ("loss_sum",)

@@ -293,7 +293,7 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         error = _as_user_error(e, run_dir)
         lost_peer = isinstance(error, DistributedError) and str(error) != str(e)  # what this rank saw of another's end
         health.status(world, run_dir, "failed", step=health.current_step(), reason=str(error), consequence=lost_peer)
-        health.report_failure(str(error), getattr(error, "blamed", ()))
+        health.report_failure(str(error), getattr(error, "blamed", ()), final=getattr(error, "final", False))
         if error is e:
             raise
         raise error from None

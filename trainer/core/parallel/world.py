@@ -219,4 +219,5 @@ def check_agreement(world: World, items: dict[str, str]) -> None:
             problems.append(f"{key} differs from rank 0 ({tables[0]['host']}: {ref}) on {who}")
     if problems:
         raise DistributedError("ranks disagree before training: " + "; ".join(problems)
-                               + ". A stale checkout or a different dataset on one machine is the usual cause.")
+                               + ". A stale checkout or a different dataset on one machine is the usual cause.",
+                               final=True)  # a restart would find the same difference
