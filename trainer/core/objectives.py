@@ -169,7 +169,8 @@ class ORPO(Preference):
     def loss(self, model, scales, inputs, targets, mask, reference, valid):
         chosen, rejected, rows = self._pairs(model, inputs, targets, mask)
         counts = mx.maximum(mask.sum(axis=-1), 1.0)
-        mean_chosen, mean_rejected = chosen / counts[:rows], rejected / counts[rows:]  # the reward, as TRL's ORPO
+        # the reward is the mean token log-prob (TRL's ORPO logs beta times it)
+        mean_chosen, mean_rejected = chosen / counts[:rows], rejected / counts[rows:]
         log_odds = (mean_chosen - mean_rejected) - (log1mexp(mean_chosen) - log1mexp(mean_rejected))
         nll_sum = -(chosen * valid).sum()  # padding pairs have no answer tokens: their log-prob is 0 anyway
         odds_sum = (-nn.log_sigmoid(log_odds) * valid).sum()
