@@ -213,12 +213,22 @@ def run_peer(args, cfg, n: int, base: Path, record: bool, threads) -> dict:
 
 
 def summarize(runs: list[dict], sizes: list[int]) -> dict:
-    from trainer.bench.scaling_rounds import spread
+    """Per world size: the per-round ratios ours / peer, each tool's figures, and the rounds next to other load.
+
+    A run during which other processes took more than ``DISTURBED`` cores (``bench scaling``'s
+    threshold) is named, and its round's ratio is also given without it; nothing is re-measured.
+    """
+    from trainer.bench.scaling_rounds import DISTURBED, spread
 
     out = {}
     for n in sizes:
         mine = [r for r in runs if r["world_size"] == n]
+        disturbed = [{"round": r["round"], "tool": r["tool"], "other_cpu": r["other_cpu"]} for r in mine
+                     if (r.get("other_cpu") or 0) > DISTURBED]
+        calm = [r for r in mine if r["round"] not in {d["round"] for d in disturbed}]
         out[str(n)] = {
+            "disturbed_runs": disturbed,
+            "pairs_per_s_ratio_undisturbed_rounds": check.ratios(calm, "pairs_per_s", n) if disturbed else None,
             "pairs_per_s_ratio": check.ratios(mine, "pairs_per_s", n),
             "steady_pairs_per_s_ratio": check.ratios(mine, "steady_pairs_per_s", n),
             "whole_run_speed_ratio": check.ratios([{**r, "speed": 1 / r["whole_s"]} for r in mine], "speed", n),
@@ -246,6 +256,10 @@ def table(doc: dict) -> str:
                 each = ", ".join(f"{v:.2f}" for v in x["per_round"])
                 lines.append(f"{n} rank(s): mlx-dp / mlx-lm-lora {label}: {x['median']:.2f}x "
                              f"(range {x['min']:.2f}-{x['max']:.2f}; per round {each})")
+        for d in s["disturbed_runs"]:
+            lines.append(f"{n} rank(s): round {d['round'] + 1}'s {d['tool']} ran next to {d['other_cpu']:.2f} cores "
+                         f"of other load; without that round, pairs/s ratio "
+                         f"{s['pairs_per_s_ratio_undisturbed_rounds']['median']:.2f}x")
     return "\n".join(lines)
 
 
