@@ -9,4 +9,4 @@ if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 .venv/bin/python -m pytest -q -m "not e2e"
-exec .venv/bin/python -m pytest -q -m e2e
+exec .venv/bin/python -m pytest -q -m e2e --durations=15  # the slowest, for whoever trims the tier
