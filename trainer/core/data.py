@@ -16,7 +16,6 @@ how they are read is ``trainer.core.sources``.
 Batching and sharding are in ``trainer.core.batches``; this module imports no MLX.
 """
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import DataConfig
-from .sources import Source, load_rows, resolve_sources, row_location
+from .sources import Source, load_rows, row_location, source_parts
 from ..errors import DataError
 
 # Bump when tokenization output changes meaning, to invalidate old caches.
@@ -245,15 +244,7 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
     Returns:
         dict[str, TokenizedSplit]: The splits that exist.
     """
-    # Every hub dataset of a list (or the one data.path) is a part; each split concatenates the parts.
-    entries = cfg.hf_datasets() or [None]
-    parts = []
-    for entry in entries:
-        part = cfg
-        if entry is not None:  # its column names override the data section's
-            features = {k: v for k, v in entry.items() if k.endswith("_feature")}
-            part = dataclasses.replace(cfg, hf_dataset=entry, **features)
-        parts.append((part, resolve_sources(part)))
+    parts = source_parts(cfg)  # every hub dataset of a list, or the one data.path; a split concatenates them
     tok_fp = tokenizer_fingerprint(tokenizer)
     out = {}
     for name in splits:

@@ -28,7 +28,6 @@ tokenizer and these settings, as ``trainer.core.data`` does for SFT rows.
 This module imports no MLX.
 """
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import numpy as np
 
 from .config import DataConfig
 from .data import TokenizedSplit, concatenate, tokenizer_fingerprint
-from .sources import Source, load_rows, resolve_sources, row_location
+from .sources import Source, load_rows, row_location, source_parts
 from ..errors import DataError
 
 PAIR_TOKENIZE_VERSION = 1  # bump when the tokenized pairs change meaning
@@ -315,14 +314,7 @@ def load_pair_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show
     Returns:
         dict[str, PairSplit]: The splits that exist.
     """
-    entries = cfg.hf_datasets() or [None]
-    parts = []
-    for entry in entries:
-        part = cfg
-        if entry is not None:  # its column names override the data section's
-            part = dataclasses.replace(cfg, hf_dataset=entry, **{k: v for k, v in entry.items()
-                                                                  if k.endswith("_feature")})
-        parts.append((part, resolve_sources(part)))
+    parts = source_parts(cfg)  # every hub dataset of a list, or the one data.path; a split concatenates them
     tok_fp = tokenizer_fingerprint(tokenizer)
     out = {}
     for name in splits:

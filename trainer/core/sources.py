@@ -7,6 +7,7 @@ it by path and modification time, so a file replaced in place would be served
 from the old cache. Tokenizing is ``trainer.core.data``'s.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,6 +51,20 @@ def _file_source(split: str, path: Path) -> Source:
     if builder is None:
         raise DataError(f"data file {path} has an unsupported extension; use .jsonl, .json, .parquet or .csv")
     return Source(split, str(path), builder, data_files=str(path))
+
+
+def source_parts(cfg: DataConfig) -> list[tuple[DataConfig, dict[str, Source]]]:
+    """Every part of the data: each hub dataset of a ``data.hf_dataset`` list (its ``*_feature`` column names
+    override the data section's), or the one ``data.path``, with its split sources. A split concatenates the
+    parts, as mlx-lm does."""
+    parts = []
+    for entry in cfg.hf_datasets() or [None]:
+        part = cfg
+        if entry is not None:
+            features = {k: v for k, v in entry.items() if k.endswith("_feature")}
+            part = dataclasses.replace(cfg, hf_dataset=entry, **features)
+        parts.append((part, resolve_sources(part)))
+    return parts
 
 
 def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
