@@ -264,3 +264,44 @@ def trainer_pids(launcher: int) -> dict[int, int]:
         if rank is not None and b"train" in cmdline:
             ranks[int(rank)] = pid
     return ranks
+
+
+# ---------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="session")
+def blas_env():
+    """The OpenBLAS route where it builds here (about 8x faster on this CPU): the same maths, a shorter test."""
+    from trainer.tools import fastblas
+
+    try:
+        fastblas.build_shim()
+        return {"MLX_DP_BLAS": "openblas", "MLX_DP_BLAS_THREADS": "1"}
+    except fastblas.FastBlasError:
+        return {}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in tiny model's tokenizer."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(TINY_MODEL)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Rows (dicts, or raw lines as strings) as a JSONL file."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def train_one_and_two(tmp: Path, single: list, multi: list, timeout: float = 600) -> None:
+    """The equivalence tests' runs: ``single``'s entries in one process, ``multi``'s on 2 ranks under
+    mlx-dp launch (each list in one process per rank: ``tests/workers/train_many.py``)."""
+    worker = str(ROOT / "tests" / "workers" / "train_many.py")
+    (tmp / "single.json").write_text(json.dumps(single))
+    (tmp / "multi.json").write_text(json.dumps(multi))
+    one = run([PYTHON, worker, str(tmp / "single.json")], timeout=timeout)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, worker, str(tmp / "multi.json")], timeout=timeout)
+    assert two.returncode == 0, two.stderr[-3000:]

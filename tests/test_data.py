@@ -1,27 +1,14 @@
 """Loading and tokenizing: formats, masking, caching, and bad rows named by line."""
 
-import json
 
 import numpy as np
 import pytest
 
-from conftest import TINY_DATA, TINY_MODEL
+from conftest import TINY_DATA, write_jsonl
 from trainer.core import data as data_mod
 from trainer.core.config import DataConfig
 from trainer.core.data import load_splits
 from trainer.errors import DataError
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from mlx_lm.utils import load_tokenizer
-
-    return load_tokenizer(TINY_MODEL)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def test_completion_rows_mask_the_prompt(tokenizer, tmp_path):

@@ -12,11 +12,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, read_weights, run, tiny_recipe
+from conftest import read_weights, tiny_recipe, train_one_and_two
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
-WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
 CASES = {  # name: overrides shared by both sides
     "sgd": ["training.optimizer=sgd", "training.momentum=0.9", "training.learning_rate=0.05"],
     "sgd-accum": ["training.optimizer=sgd", "training.momentum=0.9", "training.learning_rate=0.05",
@@ -47,12 +46,7 @@ def runs(tmp_path_factory):
         multi.append([recipe, "method.type=full", "training.learning_rate=1e-4", "training.batch_size=2",
                       "parallel.bucket_mb=0.25", "parallel.first_bucket_mb=0.05", f"parallel.overlap={overlap}",
                       f"checkpoint.dir={tmp}/two-full-overlap-{overlap}"])
-    (tmp / "single.json").write_text(json.dumps(single))
-    (tmp / "multi.json").write_text(json.dumps(multi))
-    one = run([PYTHON, WORKER, str(tmp / "single.json")], timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, WORKER, str(tmp / "multi.json")], timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_one_and_two(tmp, single, multi)
     return tmp
 
 

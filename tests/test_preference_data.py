@@ -1,6 +1,5 @@
 """Preference pairs in one process: row formats, bad rows, pair batches, the losses' maths, the reference cache."""
 
-import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,7 +7,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 import pytest
 
-from conftest import TINY_MODEL, tiny_recipe
+from conftest import TINY_MODEL, tiny_recipe, write_jsonl
 from trainer.core.config import DataConfig, MethodConfig, load_config
 from trainer.core.pair_batches import PairStream, make_pair_batch
 from trainer.core.pairs import load_pair_splits
@@ -47,18 +46,6 @@ TEMPLATE_PAIRS = [  # (row, prompt messages, chosen messages, rejected messages)
      [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello."}],
      [{"role": "assistant", "content": "no."}]),
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from mlx_lm.utils import load_tokenizer
-
-    return load_tokenizer(TINY_MODEL)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
 
 
 def load(path, tokenizer, **data):

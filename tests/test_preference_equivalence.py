@@ -9,18 +9,16 @@ compute DPO's reference log-probs themselves, sharded over the two ranks; the
 values must be bit-identical to the single process's.
 """
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import MLX_DP, PYTHON, ROOT, TINY_MODEL, read_metrics, read_weights, run
+from conftest import ROOT, TINY_MODEL, read_metrics, read_weights, train_one_and_two
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
-WORKER = str(ROOT / "tests" / "workers" / "train_many.py")
 SGD = ["training.optimizer=sgd", "training.momentum=0.9", "training.learning_rate=0.05"]
 CASES = {  # name: overrides shared by both sides (2 ranks: per-rank batch 2, one process: 4)
     "dpo": ["method.objective=dpo", *SGD],
@@ -66,12 +64,7 @@ def runs(tmp_path_factory):
         multi.append([path, *CASES[base], *extra, "training.batch_size=2", f"checkpoint.dir={tmp}/two-{name}",
                       f"data.cache_dir={tmp}/two-cache"])
     single.append([path, *CASES["dpo"], "training.batch_size=4", "training.seed=1", f"checkpoint.dir={tmp}/other"])
-    (tmp / "single.json").write_text(json.dumps(single))
-    (tmp / "multi.json").write_text(json.dumps(multi))
-    one = run([PYTHON, WORKER, str(tmp / "single.json")], timeout=900)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, WORKER, str(tmp / "multi.json")], timeout=900)
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_one_and_two(tmp, single, multi, timeout=900)
     return tmp
 
 

@@ -18,18 +18,6 @@ QUIET = ["eval.every=0", "checkpoint.every=0", "logging.progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
-def blas_env():
-    """The OpenBLAS route where it builds here (about 8x faster on this CPU): same maths, shorter test."""
-    from trainer.tools import fastblas
-
-    try:
-        fastblas.build_shim()
-        return {"MLX_DP_BLAS": "openblas", "MLX_DP_BLAS_THREADS": "1"}
-    except fastblas.FastBlasError:
-        return {}
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, blas_env):
     """tiny-dpo as shipped, on one process (batch 8) and on 2 ranks (batch 4 each: the same global batch)."""
     tmp = tmp_path_factory.mktemp("tiny-dpo")

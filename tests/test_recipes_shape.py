@@ -27,18 +27,6 @@ def arch_for(model_path: str):
 
 
 @pytest.fixture(scope="session")
-def blas_env():
-    """Use the OpenBLAS route when it builds here: real layer widths are slow on the stock BLAS."""
-    from trainer.tools import fastblas
-
-    try:
-        fastblas.build_shim()
-        return {"MLX_DP_BLAS": "openblas", "MLX_DP_BLAS_THREADS": "1"}
-    except fastblas.FastBlasError:
-        return {}
-
-
-@pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("shape-models")
 
