@@ -85,7 +85,7 @@ def model(tiny_model):
 
 
 def test_model_loss_and_gradients_are_mlx_lms(model):
-    from trainer.core.step import token_loss_sum
+    from trainer.core.objectives import token_loss_sum
 
     tokens = mx.random.randint(0, 200, (2, 101), key=mx.random.key(1))
     mask = mx.ones((2, 100))

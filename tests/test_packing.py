@@ -27,7 +27,8 @@ def test_rows_respect_capacity_and_keep_every_sample():
 
 
 def loss_and_padding(model, split, rows):
-    from trainer.core.step import to_arrays, token_loss_sum
+    from trainer.core.objectives import token_loss_sum
+    from trainer.core.step import to_arrays
 
     loss, tokens, real, cells = 0.0, 0, 0, 0
     for batch_ids in epoch_batches(split.lengths, rows, seed=0, epoch=0, shuffle=False):

@@ -31,6 +31,23 @@ import mlx.nn as nn
 from . import fused
 
 
+def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx.array:
+    """Sum of masked next-token cross-entropies, in float32.
+
+    ``segments`` (packed rows) keeps attention within each sample; see
+    ``trainer.core.packing.SegmentMask``. The cross-entropy is
+    ``trainer.core.fused``'s where ``training.fused_exp`` routes it there.
+    """
+    if segments is None:
+        logits = model(inputs)
+    else:
+        from .packing import SegmentMask
+
+        logits = model(inputs, cache=[SegmentMask(segments)] * len(model.layers))
+    ce = (fused.cross_entropy if fused.enabled() else nn.losses.cross_entropy)(logits, targets) * mask
+    return ce.astype(mx.float32).sum()
+
+
 def sequence_logps(model: nn.Module, inputs, targets, mask) -> mx.array:
     """Per row, the summed log-prob of the masked targets (the answer), in float32."""
     logits = model(inputs)
@@ -75,8 +92,6 @@ class SFT:
         return mx.array(ranks / sum(b.global_tokens for b in micro_batches), mx.float32)
 
     def loss(self, model, scale, inputs, targets, mask, *segments):
-        from .step import token_loss_sum
-
         loss_sum = token_loss_sum(model, inputs, targets, mask, *segments)
         return loss_sum * scale, loss_sum.reshape(1)
 

@@ -19,27 +19,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from . import fused
 from .batches import Batch
-from .objectives import SFT
+from .objectives import SFT, token_loss_sum
 from .update import BucketedUpdate, clip_scale, global_norm
-
-
-def token_loss_sum(model: nn.Module, inputs, targets, mask, segments=None) -> mx.array:
-    """Sum of masked next-token cross-entropies, in float32.
-
-    ``segments`` (packed rows) keeps attention within each sample; see
-    ``trainer.core.packing.SegmentMask``. The cross-entropy is
-    ``trainer.core.fused``'s where ``training.fused_exp`` routes it there.
-    """
-    if segments is None:
-        logits = model(inputs)
-    else:
-        from .packing import SegmentMask
-
-        logits = model(inputs, cache=[SegmentMask(segments)] * len(model.layers))
-    ce = (fused.cross_entropy if fused.enabled() else nn.losses.cross_entropy)(logits, targets) * mask
-    return ce.astype(mx.float32).sum()
 
 
 def to_arrays(batch: Batch) -> tuple:
