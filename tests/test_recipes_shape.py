@@ -55,8 +55,9 @@ def test_recipe_trains_on_its_real_shape(recipe, tmp_path, blas_env, model_cache
     arch, quantized = arch_for(cfg.model.path)
     model = reduced_model(model_cache, arch, quantized)
     run_dir = tmp_path / "run"
+    data = TINY_DATA if cfg.method.objective == "sft" else TINY_DATA.parent / "tiny-preference"  # pairs for DPO
     result = launched(2, "train", str(recipe), f"model.path={model}", "model.dtype=null",
-                      "data.hf_dataset=null", f"data.path={TINY_DATA}", "data.max_seq_length=48",
+                      "data.hf_dataset=null", f"data.path={data}", "data.max_seq_length=48",
                       "training.steps=2", "training.batch_size=1", "training.grad_accumulation=1",
                       "training.warmup_steps=0", "eval.at_start=false", "eval.max_batches=1",
                       f"checkpoint.dir={run_dir}", "checkpoint.every=0", "logging.every=1",
