@@ -8,6 +8,7 @@ minutes: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both.
 The lab (``scripts/lab``) is importable as ``lab``.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -305,3 +306,19 @@ def train_one_and_two(tmp: Path, single: list, multi: list, timeout: float = 600
     assert one.returncode == 0, one.stderr[-3000:]
     two = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, worker, str(tmp / "multi.json")], timeout=timeout)
     assert two.returncode == 0, two.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def small_tmpfs(tmp_path: Path, size: str):
+    """A tmpfs of ``size`` (e.g. ``"2m"``) at ``tmp_path / "disk"``, unmounted after; the test skips where
+    mounting is not permitted (it needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'not permitted'}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (MLX_DP, PYTHON, ROOT, WORKERS, descendants, mlx_dp, one_error_line, read_metrics, read_status,
-                      run, tiny_recipe, trainer_pids, wait_for_step)
+                      run, small_tmpfs, tiny_recipe, trainer_pids, wait_for_step)
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 NOBODY = 65534
@@ -241,13 +241,7 @@ def test_a_refused_resume_leaves_a_finished_runs_status(tmp_path):
 
 
 def test_a_full_disk_records_the_cause_not_the_peers_follow_on(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'not permitted'}")
-    try:
+    with small_tmpfs(tmp_path, "1m") as disk:
         run_dir = disk / "run"
         recipe = tiny_recipe(tmp_path, training={"steps": 100000, "batch_size": 2},
                              checkpoint={"dir": str(run_dir), "every": 0}, logging={"every": 1})
@@ -267,8 +261,6 @@ def test_a_full_disk_records_the_cause_not_the_peers_follow_on(tmp_path):
         record = read_status(run_dir)
         assert record["state"] == "failed" and "no space left" in record["reason"], (record, err[-2000:])
         assert record["rank"] == 0
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_checkpoint_without_its_manifest_is_never_loaded(tmp_path):

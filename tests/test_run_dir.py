@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import read_status, launched, mlx_dp, mlx_dp_command, one_error_line, tiny_recipe, wait_for_step
+from conftest import (launched, mlx_dp, mlx_dp_command, one_error_line, read_status, small_tmpfs, tiny_recipe,
+                      wait_for_step)
 from trainer.core.checkpoint import clean_stale_temporaries
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
@@ -77,16 +78,8 @@ def test_leftover_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp
 @pytest.fixture
 def small_disk(tmp_path):
     """A 2 MB tmpfs (root only); skipped where mounting is not permitted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'not permitted'}")
-    try:
+    with small_tmpfs(tmp_path, "2m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_full_disk_while_saving_is_one_line_and_a_failed_status(tmp_path, small_disk):
