@@ -244,6 +244,28 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
     Returns:
         dict[str, TokenizedSplit]: The splits that exist.
     """
+    out = load_parts(cfg, tokenizer, splits, show_progress, tokenize_split, to_split, concatenate)
+    if cfg.packing:
+        from .packing import pack, pack_length
+
+        for name in splits:
+            if name in out:
+                # every split packs to the training split's row length (the same shapes to compile)
+                basis = getattr(out["train"], "base", out["train"]) if "train" in out else out[name]
+                length = cfg.pack_length or pack_length(basis.lengths, cfg.max_seq_length, cfg.pad_multiple)
+                out[name] = pack(out[name], length)
+    return out
+
+
+def load_parts(cfg: DataConfig, tokenizer, splits, show_progress: bool, tokenize, build, combine) -> dict:
+    """Each requested split: its rows from every part of the data (``sources.source_parts``), each part
+    tokenized (``tokenize(source, rows, tokenizer, part, tokenizer fingerprint, show_progress)``) and built
+    (``build(name, source, mapped, part)``), the parts' pieces ``combine``d in order. What SFT and
+    preference data share (``load_splits``, ``trainer.core.pairs.load_pair_splits``).
+
+    Raises:
+        DataError: ``train`` was asked for and no part has it.
+    """
     parts = source_parts(cfg)  # every hub dataset of a list, or the one data.path; a split concatenates them
     tok_fp = tokenizer_fingerprint(tokenizer)
     out = {}
@@ -254,20 +276,11 @@ def load_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show_prog
                 continue
             required = name == "train" or part.hf_dataset is not None
             ds = load_rows(sources[name], part.cache_dir, required=required)
-            if ds is None:
-                continue
-            mapped = tokenize_split(sources[name], ds, tokenizer, part, tok_fp, show_progress)
-            pieces.append(to_split(name, sources[name], mapped, part))
-        if not pieces:
-            continue
-        out[name] = pieces[0] if len(pieces) == 1 else concatenate(pieces)
-        if cfg.packing:
-            from .packing import pack, pack_length
-
-            # every split packs to the training split's row length (the same shapes to compile)
-            basis = getattr(out["train"], "base", out["train"]) if "train" in out else out[name]
-            length = cfg.pack_length or pack_length(basis.lengths, cfg.max_seq_length, cfg.pad_multiple)
-            out[name] = pack(out[name], length)
+            if ds is not None:
+                mapped = tokenize(sources[name], ds, tokenizer, part, tok_fp, show_progress)
+                pieces.append(build(name, sources[name], mapped, part))
+        if pieces:
+            out[name] = pieces[0] if len(pieces) == 1 else combine(pieces)
     if "train" in splits and "train" not in out:
         raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset}")
     return out

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import DataConfig
-from .data import TokenizedSplit, concatenate, tokenizer_fingerprint
-from .sources import Source, load_rows, row_location, source_parts
+from .data import TokenizedSplit, concatenate, load_parts
+from .sources import Source, row_location
 from ..errors import DataError
 
 PAIR_TOKENIZE_VERSION = 1  # bump when the tokenized pairs change meaning
@@ -314,24 +314,11 @@ def load_pair_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), show
     Returns:
         dict[str, PairSplit]: The splits that exist.
     """
-    parts = source_parts(cfg)  # every hub dataset of a list, or the one data.path; a split concatenates them
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    out = {}
-    for name in splits:
-        pieces = []
-        for part, sources in parts:
-            if name not in sources:
-                continue
-            ds = load_rows(sources[name], part.cache_dir, required=name == "train" or part.hf_dataset is not None)
-            if ds is not None:
-                mapped = tokenize_pairs(sources[name], ds, tokenizer, part, tok_fp, show_progress)
-                pieces.append(to_pair_split(name, sources[name], mapped, part))
-        if len(pieces) == 1:
-            out[name] = pieces[0]
-        elif pieces:
-            out[name] = PairSplit(name, " + ".join(p.source for p in pieces), concatenate([p.chosen for p in pieces]),
-                                  concatenate([p.rejected for p in pieces]),
-                                  [f"{p.source}: {note}" for p in pieces for note in p.notes])
-    if "train" in splits and "train" not in out:
-        raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset}")
-    return out
+    return load_parts(cfg, tokenizer, splits, show_progress, tokenize_pairs, to_pair_split, _concatenate_pairs)
+
+
+def _concatenate_pairs(pieces: list["PairSplit"]) -> "PairSplit":
+    """One split of pairs from the same split of several datasets, in order."""
+    return PairSplit(pieces[0].name, " + ".join(p.source for p in pieces), concatenate([p.chosen for p in pieces]),
+                     concatenate([p.rejected for p in pieces]),
+                     [f"{p.source}: {note}" for p in pieces for note in p.notes])
