@@ -85,7 +85,9 @@ SHARED = ["training.steps=6", "training.lr_schedule=cosine", "training.warmup_st
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """On 2 ranks: a straight run, and one stopped at update 3 and resumed. The resumed run keeps its datasets
-    cache elsewhere, so it computes the reference anew: from the base, before the checkpoint is loaded."""
+    cache elsewhere, so it computes the reference anew: from the base, before the checkpoint is loaded. The
+    others share a cache of their own: one in the user's cache, written with another BLAS, would differ in
+    rounding."""
     tmp = tmp_path_factory.mktemp("preference-resume")
     rows = (ROOT / "data" / "tiny-preference" / "train.jsonl").read_text().splitlines()[:14]
     (tmp / "data").mkdir()
@@ -93,7 +95,7 @@ def resumed(tmp_path_factory):
     (tmp / "data" / "valid.jsonl").write_text((ROOT / "data" / "tiny-preference" / "valid.jsonl").read_text())
     spec = []
     for name, extra in METHODS.items():
-        common = ["tiny-dpo", *SHARED, *extra, f"data.path={tmp}/data"]
+        common = ["tiny-dpo", *SHARED, *extra, f"data.path={tmp}/data", f"data.cache_dir={tmp}/cache"]
         spec.append({"recipe": common[0], "overrides": [*common[1:], f"checkpoint.dir={tmp}/{name}-straight"]})
         stopped = [*common[1:], f"checkpoint.dir={tmp}/{name}-resumed"]
         spec.append({"recipe": common[0], "overrides": stopped, "faults": "stop:step=3"})
