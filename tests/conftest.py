@@ -198,7 +198,7 @@ def fake_split(n: int, seed: int = 0, max_len: int = 60):
     """A tokenized split of ``n`` random samples (lengths 5 to ``max_len``), no file behind it."""
     import numpy as np
 
-    from trainer.core.data import TokenizedSplit
+    from trainer.data.tokenized import TokenizedSplit
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(5, max_len, n)
@@ -212,7 +212,7 @@ def packed_mask(length: int, cuts: list[int], rows: int = 1):
     """The attention mask of packed rows whose samples start at ``cuts``; a second row is the first reversed."""
     import mlx.core as mx
 
-    from trainer.core.packing import SegmentMask
+    from trainer.data.packing import SegmentMask
 
     ids = [sum(p >= c for c in cuts) for p in range(length)]
     return SegmentMask(mx.array([ids, ids[::-1]][:rows])).make_mask(length)
@@ -223,7 +223,7 @@ def tiny_model():
     """The shipped tiny model, loaded with mlx-lm; its attention and SwiGLU routes are reset afterwards."""
     from mlx_lm import load
 
-    from trainer.core import attention, fused
+    from trainer.model import attention, fused
 
     model, _ = load(str(TINY_MODEL))
     yield model

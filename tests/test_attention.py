@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from conftest import mlx_dp, packed_mask, tiny_recipe
-from trainer.core import attention
+from trainer.model import attention
 
 
 def whole_rows(q, k, v, mask):
@@ -95,7 +95,7 @@ def test_generation_with_a_cache_is_left_to_mlx_lm(model, monkeypatch):
 
 @pytest.mark.e2e
 def test_auto_is_blocks_on_cpu_and_the_key_is_checked(tmp_path):
-    from trainer.core.schema import TrainingConfig
+    from trainer.config.schema import TrainingConfig
     from trainer.errors import ConfigError
 
     assert attention.resolve_block("auto") == (attention.DEFAULT_CPU_BLOCK if mx.default_device().type == mx.cpu

@@ -1,10 +1,10 @@
-"""Speed-balanced splits (trainer/core/balance.py): the maths, and shards under any split. Pure numpy."""
+"""Speed-balanced splits (trainer/data/balance.py): the maths, and shards under any split. Pure numpy."""
 
 import numpy as np
 import pytest
 
-from trainer.core.balance import Balancer, assign_rows, predicted_time, rows_of, water_fill
-from trainer.core.batches import BatchStream, epoch_batches, rank_rows
+from trainer.data.balance import Balancer, assign_rows, predicted_time, rows_of, water_fill
+from trainer.data.batches import BatchStream, epoch_batches, rank_rows
 from conftest import fake_split
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from trainer.core.batches import BatchStream, epoch_batches, make_batch, padded_width, rank_rows
+from trainer.data.batches import BatchStream, epoch_batches, make_batch, padded_width, rank_rows
 from conftest import fake_split
 
 

@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from conftest import TINY_MODEL, worker_result
-from trainer.core.parallel import MiB, plan_buckets
+from trainer.parallel import MiB, plan_buckets
 
 
 def launch_worker(n, mode):
@@ -52,8 +52,8 @@ def test_plan_fills_in_backward_order_first_bucket_small_and_per_dtype():
 def test_backward_order_puts_last_layer_first_and_embedding_last():
     from mlx_lm import load
 
-    from trainer.core.config import MethodConfig
-    from trainer.core.model import apply_method, backward_order
+    from trainer.config.load import MethodConfig
+    from trainer.model.load import apply_method, backward_order
 
     model, _ = load(str(TINY_MODEL))
     apply_method(model, MethodConfig(type="full"), seed=0)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.core.config import build_config, load_config
+from trainer.config.load import build_config, load_config
 from trainer.errors import ConfigError
 from trainer.library import recipes_dir
 from trainer.tools.recipes import all_recipes

@@ -79,7 +79,7 @@ def test_a_quick_double_ctrl_c_leaves_a_truthful_status(tmp_path):
     if record["state"] == "stopped":
         # the first Ctrl-C's stop (one tiny update and its checkpoint) finished within the 50 ms before
         # the second arrived: then "stopped" is the truth, and its checkpoint must be there, complete
-        from trainer.core.checkpoint import step_dir_name
+        from trainer.state.checkpoint import step_dir_name
 
         saved = tmp_path / "run" / "checkpoints" / step_dir_name(record["step"])
         assert (saved / "adapters.safetensors").is_file() and (saved / "adapter_config.json").is_file()

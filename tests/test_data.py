@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_DATA, write_jsonl
-from trainer.core import data as data_mod
-from trainer.core.config import DataConfig
-from trainer.core.data import load_splits
+from trainer.data import tokenized as data_mod
+from trainer.config.load import DataConfig
+from trainer.data.tokenized import load_splits
 from trainer.errors import DataError
 
 
@@ -148,7 +148,7 @@ def test_truncate_trains_what_mlx_lm_trains(tokenizer, tmp_path):
     import mlx.core as mx
     from mlx_lm.tuner.trainer import iterate_batches
 
-    from trainer.core.batches import make_batch
+    from trainer.data.batches import make_batch
 
     row = {"text": " ".join(f"word{i}" for i in range(60))}
     path = write_jsonl(tmp_path / "long.jsonl", [row])

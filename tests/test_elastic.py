@@ -23,8 +23,8 @@ import pytest
 from conftest import (MLX_DP, ROOT, fake_split, mlx_dp_command, read_metrics, read_status, read_weights,
                       run, start_ranks, tiny_recipe, trainer_pids, wait_for_step, worker_result)
 from trainer.cluster import elastic
-from trainer.core.batches import BatchStream
-from trainer.core.membership import Membership
+from trainer.data.batches import BatchStream
+from trainer.data.membership import Membership
 from trainer.errors import DistributedError
 from trainer.run.pick import LaunchCheckpoints, restart_resume
 
@@ -97,7 +97,7 @@ def test_what_the_launcher_restarts_and_whom_it_blames():
 
 
 def test_peer_silence_is_short_only_when_a_restart_follows(monkeypatch):
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
     from trainer.run.loop import _peer_silence_s
     from trainer.tools.recipes import find_recipe
 

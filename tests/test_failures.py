@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import read_status, BIN, MLX_DP, launched, mlx_dp, one_error_line, start_ranks, tiny_recipe, wait_for_step
-from trainer.core.checkpoint import list_checkpoints, load_checkpoint
+from trainer.state.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 

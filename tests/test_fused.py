@@ -1,4 +1,4 @@
-"""Fused exp (trainer.core.fused, trainer.tools.fastjit): MLX's results, computed in fused kernels."""
+"""Fused exp (trainer.model.fused, trainer.tools.fastjit): MLX's results, computed in fused kernels."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import PYTHON, ROOT, mlx_dp, one_error_line, packed_mask, tiny_recipe
-from trainer.core import attention, fused
+from trainer.model import attention, fused
 from trainer.tools import fastjit
 
 
@@ -85,7 +85,7 @@ def model(tiny_model):
 
 
 def test_model_loss_and_gradients_are_mlx_lms(model):
-    from trainer.core.objectives import token_loss_sum
+    from trainer.objectives.base import token_loss_sum
 
     tokens = mx.random.randint(0, 200, (2, 101), key=mx.random.key(1))
     mask = mx.ones((2, 100))
@@ -148,7 +148,7 @@ def test_generation_is_unchanged(model):
 
 @pytest.mark.e2e
 def test_the_key_is_checked_and_auto_is_on_for_a_cpu(tmp_path):
-    from trainer.core.schema import TrainingConfig
+    from trainer.config.schema import TrainingConfig
     from trainer.errors import ConfigError
 
     assert fused.resolve("auto") == (mx.default_device().type == mx.cpu)

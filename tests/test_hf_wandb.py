@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from conftest import mlx_dp, tiny_recipe
-from trainer.core.config import build_config
+from trainer.config.load import build_config
 from trainer.errors import ConfigError
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes

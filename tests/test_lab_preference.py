@@ -6,7 +6,7 @@ import yaml
 
 from lab.bench.preference import our_overrides, parse_args, peer_config
 from lab.bench.preference_eval import _overlap, peer_reachable, ratios
-from trainer.core.config import load_config
+from trainer.config.load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, lab, without_matplotlib
 from lab.bench import scaling as lab_scaling
 from lab.bench import scaling_mlx_lm
-from trainer.core.config import load_config
+from trainer.config.load import load_config
 
 RECIPE = "recipes/tiny-lora.yaml"
 
@@ -45,7 +45,7 @@ def test_mlx_lm_schedule_matches_ours(schedule, warmup, init):
     import mlx.core as mx
     from mlx_lm.tuner.utils import build_schedule as mlx_lm_build_schedule
 
-    from trainer.core.optim import build_schedule
+    from trainer.step.optimizer import build_schedule
 
     total = 12
     cfg = load_config(ROOT / RECIPE, [f"training.lr_schedule={schedule}", f"training.warmup_steps={warmup}",

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import mlx_dp
-from trainer.core.config import load_config
+from trainer.config.load import load_config
 from trainer.tools.memory_plan import estimate, model_bytes
 from trainer.tools.recipes import all_recipes, find_recipe
 

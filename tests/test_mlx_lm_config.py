@@ -1,4 +1,4 @@
-"""mlx_lm.lora configs read as they are (trainer/core/mlx_lm_config.py), and data.hf_dataset as a list.
+"""mlx_lm.lora configs read as they are (trainer/config/mlx_lm.py), and data.hf_dataset as a list.
 
 The mapping is checked key by key against what mlx-lm 0.32 would train (its own
 defaults, its global batch, its micro-batch iterations, its schedule), and the
@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY_DATA, TINY_MODEL, mlx_dp, one_error_line, read_status
-from trainer.core.mlx_lm_config import DEFAULTS, is_mlx_lm_config, translate
-from trainer.core.config import build_config
+from trainer.config.mlx_lm import DEFAULTS, is_mlx_lm_config, translate
+from trainer.config.load import build_config
 from trainer.errors import ConfigError
 
 
@@ -75,7 +75,7 @@ def test_what_cannot_train_alike_is_one_sentence_naming_the_key(config, message)
 def test_the_schedule_is_mlx_lms_update_by_update(name, arguments, warmup, init):
     from mlx_lm.tuner.utils import build_schedule as theirs
 
-    from trainer.core.optim import build_schedule
+    from trainer.step.optimizer import build_schedule
 
     entry = {"name": name, "arguments": arguments, **({"warmup": warmup, "warmup_init": init} if warmup else {})}
     updates = arguments[1 if name == "cosine_decay" else 2] + (warmup + 1 if warmup else 0)
@@ -117,7 +117,7 @@ def test_hf_dataset_takes_a_list_like_mlx_lm(tmp_path):
     """Two datasets (local JSON through datasets' own loader) concatenate split by split."""
     from mlx_lm import load
 
-    from trainer.core.data import load_splits
+    from trainer.data.tokenized import load_splits
 
     rows = [json.loads(line) for line in (TINY_DATA / "train.jsonl").read_text().splitlines()][:40]
     for name, part in (("a.jsonl", rows[:20]), ("b.jsonl", rows[20:])):
@@ -139,7 +139,7 @@ def test_hf_dataset_takes_a_list_like_mlx_lm(tmp_path):
 
 
 def test_every_library_recipe_is_not_mistaken_for_an_mlx_lm_config():
-    from trainer.core.config import read_recipe
+    from trainer.config.load import read_recipe
     from trainer.tools.recipes import all_recipes
 
     assert all(not is_mlx_lm_config(read_recipe(p)) for p in all_recipes(ROOT / "recipes"))

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_DATA, TINY_MODEL, mlx_dp, tiny_recipe
-from trainer.core.batches import epoch_batches, make_batch
-from trainer.core.config import DataConfig
-from trainer.core.data import load_splits
-from trainer.core.packing import pack_rows
+from trainer.data.batches import epoch_batches, make_batch
+from trainer.config.load import DataConfig
+from trainer.data.tokenized import load_splits
+from trainer.data.packing import pack_rows
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def test_rows_respect_capacity_and_keep_every_sample():
 
 
 def loss_and_padding(model, split, rows):
-    from trainer.core.objectives import token_loss_sum
-    from trainer.core.step import to_arrays
+    from trainer.objectives.base import token_loss_sum
+    from trainer.step.grads import to_arrays
 
     loss, tokens, real, cells = 0.0, 0, 0, 0
     for batch_ids in epoch_batches(split.lengths, rows, seed=0, epoch=0, shuffle=False):
@@ -58,7 +58,7 @@ def test_attention_does_not_cross_samples(model_and_tokenizer):
     """Changing one sample of a packed row leaves the others' logits untouched."""
     import mlx.core as mx
 
-    from trainer.core.packing import SegmentMask
+    from trainer.data.packing import SegmentMask
 
     model, _ = model_and_tokenizer
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
@@ -80,7 +80,7 @@ def test_training_with_packing_runs(tmp_path):
 
 
 def test_packed_row_length_is_chosen_from_the_data():
-    from trainer.core.packing import pack_length
+    from trainer.data.packing import pack_length
 
     lengths = np.array([100, 120, 150, 180, 200])  # mean 150
     assert pack_length(lengths, 2048, 16) == 225  # 1.5 x 150 = 225: inputs of 224, a multiple of 16
@@ -103,7 +103,7 @@ def test_samples_longer_than_the_row_get_their_own_row():
 
 
 def test_packing_says_when_it_cannot_win():
-    from trainer.core.packing import PackedSplit, outlook
+    from trainer.data.packing import PackedSplit, outlook
 
     class Split:
         def __init__(self, lengths):

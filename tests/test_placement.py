@@ -117,7 +117,7 @@ def _pretend_gpu(monkeypatch, cuda=False):
     ("cpu", "ring", "default"), ("mac", "ring", "default"), ("mac", "jaccl", "default"),
     ("cuda", "nccl", "separate"), ("cuda", "ring", "default")])
 def test_placement_resolves_comm_stream_per_device_and_backend(monkeypatch, where, backend, auto):
-    from trainer.core.parallel import Placement
+    from trainer.parallel import Placement
 
     if where != "cpu":
         _pretend_gpu(monkeypatch, cuda=where == "cuda")
@@ -136,7 +136,7 @@ def test_placement_resolves_comm_stream_per_device_and_backend(monkeypatch, wher
     (False, "ring", "any", "ring"), (True, "ring", "any", "ring"), (True, "ring+nccl", "any", "nccl"),
     (False, "ring+nccl", "any", "ring"), (False, "ring", "jaccl", "jaccl")])
 def test_backend_any_follows_mlx_order(monkeypatch, tmp_path, cuda, prepared, requested, want):
-    from trainer.core.parallel import resolve_backend
+    from trainer.parallel import resolve_backend
 
     if cuda:
         monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
@@ -149,8 +149,8 @@ def test_backend_any_follows_mlx_order(monkeypatch, tmp_path, cuda, prepared, re
 
 
 def test_cpu_speedups_are_off_on_a_gpu(monkeypatch):
-    from trainer.core import fused
-    from trainer.core.attention import DEFAULT_CPU_BLOCK, resolve_block
+    from trainer.model import fused
+    from trainer.model.attention import DEFAULT_CPU_BLOCK, resolve_block
 
     assert fused.resolve("auto") is True and resolve_block("auto") == DEFAULT_CPU_BLOCK
     _pretend_gpu(monkeypatch)
@@ -208,7 +208,7 @@ def test_no_collective_outside_placement_names_a_device():
             if owner == "mx" and name in ("new_stream", "default_stream") and where.name != "placement.py":
                 streams.append(f"{where}:{node.lineno}")
     assert not pinned, pinned
-    assert not streams, f"streams are made in core/parallel/placement.py only: {streams}"
+    assert not streams, f"streams are made in parallel/placement.py only: {streams}"
 
 
 def test_metal_fast_synch_is_never_set():

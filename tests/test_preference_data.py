@@ -8,10 +8,10 @@ from mlx.utils import tree_flatten
 import pytest
 
 from conftest import TINY_MODEL, tiny_recipe, write_jsonl
-from trainer.core.config import DataConfig, MethodConfig, load_config
-from trainer.core.pair_batches import PairStream, make_pair_batch
-from trainer.core.pairs import load_pair_splits
-from trainer.core.parallel import World
+from trainer.config.load import DataConfig, MethodConfig, load_config
+from trainer.data.pair_batches import PairStream, make_pair_batch
+from trainer.data.pairs import load_pair_splits
+from trainer.parallel import World
 from trainer.errors import ConfigError, DataError
 
 TEMPLATE_PAIRS = [  # (row, prompt messages, chosen messages, rejected messages)
@@ -123,7 +123,7 @@ def test_config_keys_and_impossible_values(tmp_path):
         load_config(tiny_recipe(tmp_path), ["method.objective=dpo", "data.packing=true"])
     with pytest.raises(ConfigError, match="keep data.format=auto"):
         load_config(tiny_recipe(tmp_path), ["method.objective=orpo", "data.format=chat"])
-    from trainer.core.config import describe_keys
+    from trainer.config.load import describe_keys
 
     keys = {key for key, _, _ in describe_keys()}
     assert {"method.objective", "method.beta", "method.label_smoothing", "method.orpo_lambda",
@@ -181,7 +181,7 @@ def test_pair_stream_deals_the_same_global_batches_on_any_world_size(pairs):
 def model():
     from mlx_lm import load
 
-    from trainer.core.model import apply_method
+    from trainer.model.load import apply_method
 
     m, _ = load(str(TINY_MODEL))
     apply_method(m, MethodConfig(rank=4, scale=4.0), seed=0)
@@ -204,7 +204,7 @@ def log_sigmoid(x):
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_loss_matches_the_papers_formula_and_ignores_padding_pairs(pairs, model, objective):
-    from trainer.core.objectives import make_objective
+    from trainer.objectives.base import make_objective
 
     method = MethodConfig(objective=objective, beta=0.3, label_smoothing=0.1, orpo_lambda=0.7)
     obj = make_objective(method)
@@ -234,7 +234,7 @@ def test_loss_matches_the_papers_formula_and_ignores_padding_pairs(pairs, model,
 def test_gradients_of_two_ranks_shares_sum_to_the_whole_batch(pairs, model, objective):
     """The per-pair and per-token normalisation by global counts, without processes: rank shares (uneven too)
     summed equal the gradient of the whole global batch."""
-    from trainer.core.objectives import make_objective
+    from trainer.objectives.base import make_objective
 
     obj = make_objective(MethodConfig(objective=objective, beta=0.3))
     split = pairs["train"]
@@ -263,7 +263,7 @@ def test_gradients_of_two_ranks_shares_sum_to_the_whole_batch(pairs, model, obje
 def test_adapters_off_is_the_base_model_and_puts_the_adapters_back(model):
     from mlx_lm import load
 
-    from trainer.core.reference import adapters_off
+    from trainer.objectives.reference import adapters_off
 
     base, _ = load(str(TINY_MODEL))
     x = mx.array([[1, 5, 9, 13, 17]])
@@ -274,7 +274,7 @@ def test_adapters_off_is_the_base_model_and_puts_the_adapters_back(model):
 
 
 def test_reference_cache_is_keyed_by_data_model_and_settings(pairs, model, tmp_path):
-    from trainer.core import reference
+    from trainer.objectives import reference
 
     world = World(None, 0, 1, "local")
     valid = pairs["valid"]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import TINY_DATA, TINY_MODEL, launched
 from lab import synth
-from trainer.core.config import load_config
+from trainer.config.load import load_config
 from trainer.tools.recipes import all_recipes
 
 REAL = [p for p in all_recipes() if not load_config(p).model.path.startswith("builtin:")]

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (launched, mlx_dp, mlx_dp_command, one_error_line, read_status, small_tmpfs, tiny_recipe,
                       wait_for_step)
-from trainer.core.checkpoint import clean_stale_temporaries
+from trainer.state.checkpoint import clean_stale_temporaries
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 

@@ -36,7 +36,7 @@ def _load(args, say: bool = False):
 
     ``say``: print, on rank 0, how an mlx-lm config maps onto a recipe.
     """
-    from .core.mlx_lm_config import load_any
+    from .config.mlx_lm import load_any
     from .tools.recipes import find_recipe
 
     env = launch_env()
@@ -123,7 +123,7 @@ def _cmd_recipes(args) -> int:
                               "config to translate)")
         print(recipes.copy_recipe(args.name, args.dest, ranks=args.ranks))
         return 0
-    from .core.config import describe_keys
+    from .config.load import describe_keys
 
     for key, default, doc in describe_keys():
         print(f"{key:32s} {default:14s} {doc}")

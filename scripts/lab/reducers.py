@@ -11,11 +11,11 @@
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from trainer.core.parallel import GradientReducer
+from trainer.parallel import GradientReducer
 
 
 class LocalReducer(GradientReducer):
-    """:class:`~trainer.core.parallel.GradientReducer` without its ``all_sum``s (ranks train apart)."""
+    """:class:`~trainer.parallel.GradientReducer` without its ``all_sum``s (ranks train apart)."""
 
     def __init__(self, world, buckets, overlap: bool = True, stream: str = "auto"):
         super().__init__(world, buckets, overlap=overlap, stream=stream)

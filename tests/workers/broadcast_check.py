@@ -11,7 +11,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 
-from trainer.core.parallel import world as world_module
+from trainer.parallel import world as world_module
 
 group = mx.distributed.init(strict=True)
 world = world_module.World(group, group.rank(), group.size(), "local")

@@ -92,7 +92,7 @@ def main() -> None:
 
     pretend(kind, log)
     record_collectives(log)
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
     from trainer.run.loop import train
 
     for recipe, *overrides in json.load(open(spec)):

@@ -18,8 +18,8 @@ import mlx.core as mx
 import numpy as np
 
 from trainer.errors import DistributedError
-from trainer.core.parallel import GradientReducer, init_world, plan_buckets
-from trainer.core.parallel.shards import ShardedReducer, ShardPlan
+from trainer.parallel import GradientReducer, init_world, plan_buckets
+from trainer.parallel.scatter import ShardedReducer, ShardPlan
 
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 

@@ -12,7 +12,7 @@ import sys
 
 from faults import FaultHooks
 
-from trainer.core.config import load_config
+from trainer.config.load import load_config
 from trainer.run.hooks import RunOptions
 from trainer.run.loop import train
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 
 if TYPE_CHECKING:
-    from ..core.config import Config
+    from ..config.load import Config
 
 PROG = "mlx-dp bench scaling"
 DESCRIPTION = "``mlx-dp bench scaling``: how a recipe's tokens/s grows from one rank to N."
@@ -181,7 +181,7 @@ def make_plan(args, epoch: bool = False) -> Plan:
         epoch (bool): Runs train one whole epoch (the lab's epoch comparison); ``--steps`` and
             ``--warmup`` then do not apply. Default: ``False``.
     """
-    from ..core.config import load_config
+    from ..config.load import load_config
     from ..tools.recipes import find_recipe
 
     check_overrides(args.overrides)
@@ -236,7 +236,7 @@ def _sizes(args) -> list[int]:
 
 def _plan_balance(plan: Plan, args) -> None:
     """``--balance``: the parallel.balance settings compared at N ranks, each checked now."""
-    from ..core.config import load_config
+    from ..config.load import load_config
 
     text = args.balance or ""
     settings = [s.strip() for s in re.split(r",(?![^\[]*\])", text) if s.strip()]

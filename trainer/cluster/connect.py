@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 
-from ..core.parallel import World, init_world
+from ..parallel import World, init_world
 from ..env import launch_env
 from ..errors import DistributedError, Stopped
 

@@ -24,7 +24,7 @@ before each start every host is probed (``ssh -o BatchMode=yes``, at most
 :data:`PROBE_S`); a host that does not answer, or whose rank never connected
 at the previous start, is left out while at least M remain. The global batch
 stays the one the full hostfile makes: the ranks that run stand in for the
-missing ones (``trainer.core.membership``), so the data order and the updates
+missing ones (``trainer.data.membership``), so the data order and the updates
 are those of the full job, to float rounding, only slower. A host that answers
 again at a later start rejoins. Checkpoints live on rank 0's disk: when the
 first host is the one left out, the new rank 0 continues from what it can see

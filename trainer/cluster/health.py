@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..core import parallel
+from .. import parallel
 from ..env import REPORT_MARKER, launch_env, restart_env
 from . import status as status_file
 
@@ -55,7 +55,7 @@ _state = {
 
 
 class _Monitor:
-    """Told by ``trainer.core.parallel`` before each blocking collective."""
+    """Told by ``trainer.parallel`` before each blocking collective."""
 
     def phase(self, name: str, step: int | None = None, watched: bool = True) -> None:
         phase(name, step, watched)
@@ -274,7 +274,7 @@ def install(world, run_dir: Path, timeout_s: float, peers=None, describe_connect
     """Start the watchdog and signal handling for this rank.
 
     Args:
-        world (trainer.core.parallel.World | None): The group, or ``None``
+        world (trainer.parallel.World | None): The group, or ``None``
             before it formed (then the phase is ``connecting``; see :func:`attach`).
         run_dir (Path): ``checkpoint.dir`` (for ``status.json``).
         timeout_s (float): ``parallel.timeout_s``.

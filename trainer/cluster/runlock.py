@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.checkpoint import process_alive
+from ..state.checkpoint import process_alive
 from ..env import restart_env
 from ..errors import CheckpointError
 

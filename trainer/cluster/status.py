@@ -45,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..core.checkpoint import process_alive
+from ..state.checkpoint import process_alive
 from ..env import launch_env, restart_env
 from . import runlock
 
@@ -119,7 +119,7 @@ def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = 
     """Write ``status.json`` if the rules allow; return whether it was written.
 
     Args:
-        world (trainer.core.parallel.World | None): The group; ``None``
+        world (trainer.parallel.World | None): The group; ``None``
             before it formed (the rank then comes from the launcher).
         run_dir (Path): ``checkpoint.dir``.
         state (str): ``running``, ``completed``, ``stopped`` or ``failed``.

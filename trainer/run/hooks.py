@@ -41,7 +41,7 @@ class RunOptions:
             do: an object the caller passes (the lab's benchmarks pass
             baselines that do not reduce). It must offer ``reduce``,
             ``check_plan``, ``nbytes``, ``world`` and ``averages`` like
-            :class:`trainer.core.parallel.GradientReducer`. Default: ``None``.
+            :class:`trainer.parallel.GradientReducer`. Default: ``None``.
     """
 
     hooks: Hooks = field(default_factory=Hooks)

@@ -2,8 +2,8 @@
 
 Read top to bottom: :func:`train` joins the group, starts the watchdog and
 builds a :class:`~trainer.run.setup.Run` (``trainer.run.setup``); :func:`fit`
-schedules updates. The maths of an update is in ``trainer.core.step``; every
-collective is in ``trainer.core.parallel``.
+schedules updates. The maths of an update is in ``trainer.step.grads``; every
+collective is in ``trainer.parallel``.
 """
 
 import errno
@@ -20,13 +20,13 @@ from ..cluster import connect, health, runlock
 from ..cluster import status as status_file
 from ..cluster.hostfile import check_ring_hostfile
 from ..cluster.peers import PeerMonitor
-from ..core import checkpoint
-from ..core.config import Config
-from ..core.evaluate import validation
-from ..core.metrics import MetricWindow, NullReporter, Reporter, start_wandb
-from ..core.membership import Membership
-from ..core.parallel import refuse_lone_rank
-from ..core.step import run_update
+from ..state import checkpoint
+from ..config.load import Config
+from ..objectives.evaluate import validation
+from .report import MetricWindow, NullReporter, Reporter, start_wandb
+from ..data.membership import Membership
+from ..parallel import refuse_lone_rank
+from ..step.grads import run_update
 from ..env import restart_env
 from ..errors import CheckpointError, DistributedError, Stopped, UserError
 from .hooks import RunOptions
@@ -89,7 +89,7 @@ def _clear_cache(threshold: int) -> None:
 def _update(run: Run, step: int, save: bool = False) -> tuple[list, dict]:
     """This rank's micro-batches of update ``step`` under the current split, and the update (lazy).
 
-    Standing in for missing ranks (``trainer.core.membership``), it computes
+    Standing in for missing ranks (``trainer.data.membership``), it computes
     each global micro-batch's rows of every rank it hosts.
     """
     hooks = run.options.hooks

@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core import checkpoint
+from ..state import checkpoint
 from ..errors import CheckpointError
 
 

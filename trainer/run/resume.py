@@ -4,7 +4,7 @@ A resume continues *the same* training. So before anything is loaded:
 
 * the checkpoint's files must match the checksums it was written with; a
   damaged newest checkpoint is skipped, with the reason, for the newest
-  intact one (``trainer.core.checkpoint.verify``);
+  intact one (``trainer.state.checkpoint.verify``);
 * the recipe must be the one it was trained with, apart from keys that may
   legitimately change on resume (:data:`FREE_ON_RESUME`), and the training
   data must hold the same samples. Anything else is refused with a short
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..core import checkpoint
-from ..core.config import Config, yaml_load
+from ..state import checkpoint
+from ..config.load import Config, yaml_load
 from ..errors import CheckpointError, UserError, short
 from .pick import LaunchCheckpoints, pick_shared
 

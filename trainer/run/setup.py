@@ -16,25 +16,26 @@ import mlx.core as mx
 
 from .. import __version__
 from ..cluster import health
-from ..core import checkpoint, fused
-from ..core.attention import resolve_block, use_blocks
-from ..core.balance import Balancer
-from ..core.batches import BatchStream, batches_per_epoch
-from ..core.config import Config
-from ..core.data import load_splits
-from ..core.pairs import load_pair_splits
-from ..core.metrics import format_bytes
-from ..core.membership import Membership
-from ..core.model import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
+from ..state import checkpoint
+from ..model import fused
+from ..model.attention import resolve_block, use_blocks
+from ..data.balance import Balancer
+from ..data.batches import BatchStream, batches_per_epoch
+from ..config.load import Config
+from ..data.tokenized import load_splits
+from ..data.pairs import load_pair_splits
+from .report import format_bytes
+from ..data.membership import Membership
+from ..model.load import (adapter_config, apply_method, backward_order, count_parameters, enable_grad_checkpoint,
                           load_base, trainable_parameters)
-from ..core.objectives import make_objective
-from ..core.optim import build_optimizer
-from ..core.pair_batches import batch_stream
-from ..core.parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets
-from ..core.parallel.shards import ShardedReducer, ShardPlan
-from ..core.sharded import ShardedOptimizer
-from ..core.state import TrainingState
-from ..core.step import StepFunctions
+from ..objectives.base import make_objective
+from ..step.optimizer import build_optimizer
+from ..data.pair_batches import batch_stream
+from ..parallel import MiB, GradientReducer, World, check_agreement, digest, plan_buckets
+from ..parallel.scatter import ShardedReducer, ShardPlan
+from ..step.zero import ShardedOptimizer
+from ..state.progress import TrainingState
+from ..step.grads import StepFunctions
 from ..env import restart_env
 from ..errors import DataError, UserError
 from .hooks import RunOptions
@@ -101,7 +102,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
         allow_changes (bool): Resume even though the recipe or the data
             changed since the checkpoint (``--allow-changes``). Default: ``False``.
         membership (Membership | None): The nominal ranks this process computes
-            when fewer run than planned (``trainer.core.membership``). Default:
+            when fewer run than planned (``trainer.data.membership``). Default:
             ``None`` (every rank runs).
     """
     options = options or RunOptions()
@@ -129,7 +130,7 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
                           recipe_digest=digest(cfg.to_yaml()), dataset=dataset, job=restart_env().job)
     _check_enough_data(cfg, world, splits["train"], state)
     if cfg.data.packing:
-        from ..core.packing import outlook
+        from ..data.packing import outlook
 
         warning = outlook(splits["train"], t.batch_size * nominal, cfg.data.pad_multiple,
                           blocked=resolve_block(t.attention_block) > 0)
@@ -200,10 +201,10 @@ def _load_data(cfg: Config, world: World, tokenizer) -> dict:
 
 
 def _attach_reference(cfg: Config, world: World, model, splits: dict) -> dict:
-    """DPO: every split's reference log-probs (``trainer.core.reference``), as an agreement item."""
+    """DPO: every split's reference log-probs (``trainer.objectives.reference``), as an agreement item."""
     if cfg.method.objective != "dpo":
         return {}
-    from ..core import reference
+    from ..objectives import reference
 
     # The reference pass sums values over ranks, pair by pair: first make sure every rank holds the same recipe
     # and pairs, or ranks with different data would wait on each other's sums without end.

@@ -13,8 +13,8 @@ against its checksums; a truncated or foreign file is one clear line too.
 import json
 from pathlib import Path
 
-from ..core import checkpoint
-from ..core.model import adapter_config, apply_method, trainable_parameters
+from ..state import checkpoint
+from ..model.load import adapter_config, apply_method, trainable_parameters
 from ..errors import CheckpointError, short
 
 FILES = ("adapters.safetensors", "adapter_config.json")
@@ -43,7 +43,7 @@ def load_trained(model, cfg, source: Path) -> None:
 
     Args:
         model (mlx.nn.Module): The base model, as ``load_base`` returned it.
-        cfg (trainer.core.config.Config): The recipe the run was trained with.
+        cfg (trainer.config.load.Config): The recipe the run was trained with.
         source (Path): A run directory or one of its ``checkpoints/step_*``.
 
     Raises:

@@ -1,6 +1,6 @@
 """``mlx-dp eval``: score a trained run (or the base model) on a split, sharded over ranks.
 
-The maths is ``trainer.core.evaluate``; this module loads the model, its
+The maths is ``trainer.objectives.evaluate``; this module loads the model, its
 adapters and the split, and runs it on every rank.
 """
 
@@ -8,11 +8,11 @@ import dataclasses
 from pathlib import Path
 
 from ..cluster.connect import join
-from ..core.data import load_splits
-from ..core.evaluate import evaluate_loss, evaluate_pairs, exact_match
-from ..core.model import load_base
-from ..core.objectives import make_objective
-from ..core.pairs import load_pair_splits
+from ..data.tokenized import load_splits
+from ..objectives.evaluate import evaluate_loss, evaluate_pairs, exact_match
+from ..model.load import load_base
+from ..objectives.base import make_objective
+from ..data.pairs import load_pair_splits
 from ..errors import CheckpointError, DataError
 from .adapters import load_trained
 
@@ -21,7 +21,7 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
     """``mlx-dp eval``: score a trained run (or the base model) on a split, on every rank.
 
     Args:
-        cfg (trainer.core.config.Config): The recipe.
+        cfg (trainer.config.load.Config): The recipe.
         checkpoint (str | None): Adapters to apply: a run directory or one of
             its ``checkpoints/step_*``; default ``checkpoint.dir``. ``"none"``
             scores the base model.
@@ -41,7 +41,7 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
         raise DataError(f"{cfg.data.path or cfg.data.hf_dataset} has no {split_name} split")
     split = splits[split_name]
     if cfg.method.objective == "dpo":  # the reference is the base: its log-probs before the adapters are loaded
-        from ..core import reference
+        from ..objectives import reference
 
         # eval runs MLX's own attention and loss (no training routes), and the cache key says so
         settings = {"attention_block": 0, "fused_exp": False, "pad_multiple": cfg.data.pad_multiple}

@@ -43,7 +43,7 @@ def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = Fals
     """Write the fused model to ``out`` and return its path.
 
     Args:
-        cfg (trainer.core.config.Config): The recipe (model.path names the base).
+        cfg (trainer.config.load.Config): The recipe (model.path names the base).
         out (str): Destination directory: new, or empty.
         checkpoint (str | None): Adapters to fuse: a run directory or a
             ``checkpoints/step_*`` directory; default ``checkpoint.dir``.
@@ -53,7 +53,7 @@ def export(cfg, out: str, checkpoint: str | None = None, dequantize: bool = Fals
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, save
 
-    from ..core.model import load_base, resolve_model_path
+    from ..model.load import load_base, resolve_model_path
     from .adapters import load_trained
 
     source = Path(checkpoint) if checkpoint else cfg.checkpoint.run_dir

@@ -8,7 +8,7 @@ the PyPI ``mlx[cpu]`` wheel is built for baseline x86-64, so its fused kernels
 run scalar code, and every ``exp`` in them (a Cephes polynomial) makes six calls
 to glibc's ``fmaf``. Measured on the 2-core Linux VM (docs/RESULTS.md): a fused
 ``exp(x - m)`` went from 11.9 to 3.8 ns per element and a fused softmax from
-17.8 to 5.2 ns. :mod:`trainer.core.fused` writes the training step's
+17.8 to 5.2 ns. :mod:`trainer.model.fused` writes the training step's
 exp-heavy ops so that their ``exp`` lands in such kernels.
 
 The results do not change: there is no ``-ffast-math``, and

@@ -23,7 +23,7 @@ applied, so weight, adapter and optimizer bytes are counted exactly:
   fp32 twice (``8 b s V``).
 
 DPO adds nothing here: its reference log-probs are computed before training
-and cached (``trainer.core.reference``), so even a full fine-tune holds no
+and cached (``trainer.objectives.reference``), so even a full fine-tune holds no
 frozen copy of the model (a reference forward in every update would need one
 more W for a full fine-tune).
 
@@ -63,7 +63,7 @@ def model_bytes(cfg) -> tuple[int, int, dict]:
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from ..core.model import apply_method
+    from ..model.load import apply_method
     from ..library import resolve
     from . import archs
 
@@ -113,7 +113,7 @@ def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
 def table(recipes: list) -> str:
     """A Markdown table: per recipe, the model state per rank at N = 1, 2, 4 (sharded in brackets),
     the activations, and on which Macs the total fits."""
-    from ..core.config import load_config
+    from ..config.load import load_config
     from .recipes import recipe_name
 
     head = ("| recipe | weights + gradients + optimizer, GB per rank at N = " + " / ".join(map(str, WORLD_SIZES))
@@ -153,8 +153,8 @@ def header_line(path) -> str:
     The recipe headers hold exactly this line (``tests/test_memory_plan.py``), so
     the figures a user reads in a recipe are the ones ``mlx-dp recipes memory`` prints.
     """
-    from ..core.config import load_config
-    from ..core.metrics import format_bytes
+    from ..config.load import load_config
+    from ..run.report import format_bytes
 
     cfg = load_config(path)
     sizes = model_bytes(cfg)

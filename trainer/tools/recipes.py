@@ -64,9 +64,9 @@ def copy_recipe(name: str, dest: str, root: Path | None = None, ranks: int = 1) 
     """Copy a recipe to ``dest`` (a file or a directory) for editing; never overwrites.
 
     An ``mlx_lm.lora`` config (recognised by its keys) is written out as the
-    recipe it translates to for ``ranks`` ranks (``trainer.core.mlx_lm_config``).
+    recipe it translates to for ``ranks`` ranks (``trainer.config.mlx_lm``).
     """
-    from ..core.mlx_lm_config import translation_of
+    from ..config.mlx_lm import translation_of
 
     source = find_recipe(name, root)
     target = Path(dest)

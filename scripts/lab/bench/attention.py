@@ -5,7 +5,7 @@ For each row width it times the trainer's own compiled forward+backward
 (its attention kernel over whole rows, mlx-lm's SwiGLU, MLX's cross-entropy:
 ``training.attention_block: 0``, ``training.fused_exp: false``) and with each
 block size asked for, under the recipe's ``training.fused_exp`` (``auto``: on
-a CPU, see ``trainer.core.fused``). Variants take turns within a round, in an order that rotates
+a CPU, see ``trainer.model.fused``). Variants take turns within a round, in an order that rotates
 every round; a ratio is taken within a round, then the median and range over
 rounds are reported, so that a noisy machine cannot fake a speed-up. Use it to
 choose ``attention_block`` on a machine whose default was not measured (a Mac's
@@ -63,7 +63,7 @@ def compare(rounds: list[dict], variants: list[int]) -> dict:
 
 def main(argv: list[str]) -> int:
     """``lab bench attention ...``; returns the exit status."""
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
     from trainer.tools.runtime import prepare_runtime, print_error
 
     args = parse_args(argv)
@@ -73,10 +73,10 @@ def main(argv: list[str]) -> int:
         import mlx.core as mx
         import mlx.optimizers as optim
 
-        from trainer.core import fused
-        from trainer.core.attention import use_blocks
-        from trainer.core.model import apply_method, load_base
-        from trainer.core.step import StepFunctions
+        from trainer.model import fused
+        from trainer.model.attention import use_blocks
+        from trainer.model.load import apply_method, load_base
+        from trainer.step.grads import StepFunctions
         from trainer.tools import fastjit
         from trainer.tools.fastblas import active
 

@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args.worker)
-    from trainer.core.config import ParallelConfig
+    from trainer.config.load import ParallelConfig
     from trainer.tools.fastblas import requested
 
     defaults = ParallelConfig()

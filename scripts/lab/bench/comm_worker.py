@@ -1,8 +1,8 @@
 """One rank of ``lab bench comm`` (see ``lab.bench.comm``).
 
 Run by the benchmark's launcher, never by hand. Every variant times the
-trainer's own update (``trainer.core.step.run_update``) with a different
-reducer from ``trainer.core.parallel``; only the reducer differs. Rank 0
+trainer's own update (``trainer.step.grads.run_update``) with a different
+reducer from ``trainer.parallel``; only the reducer differs. Rank 0
 writes the JSON that the parent process reads.
 """
 
@@ -27,12 +27,11 @@ def worker(spec_path: str) -> int:
     import numpy as np
     from mlx_lm.utils import load
 
-    from trainer.core.batches import Batch
-    from trainer.core.model import backward_order, trainable_parameters
+    from trainer.data.batches import Batch
+    from trainer.model.load import backward_order, trainable_parameters
     from lab.reducers import AverageGradientsReducer, LocalReducer, PassThroughReducer
-    from trainer.core.parallel import (GradientReducer, init_world,
-                                 plan_buckets)
-    from trainer.core.step import StepFunctions, make_eval_loss, run_update, to_arrays
+    from trainer.parallel import GradientReducer, init_world, plan_buckets
+    from trainer.step.grads import StepFunctions, make_eval_loss, run_update, to_arrays
 
     spec = json.load(open(spec_path))
     world = init_world()
@@ -216,8 +215,8 @@ def reduce_scatter_times(world, nbytes: int, reps: int) -> dict:
     """
     import mlx.core as mx
 
-    from trainer.core.parallel import Bucket
-    from trainer.core.parallel.shards import ShardedReducer, ShardPlan
+    from trainer.parallel import Bucket
+    from trainer.parallel.scatter import ShardedReducer, ShardPlan
 
     size = nbytes // 4
     bucket = Bucket(("x",), ((size,),), (size,), (mx.float32,), mx.float32)

@@ -267,7 +267,7 @@ def run_all(args, sizes: list[int], cfg, threads) -> dict:
     """The token check, every round's runs, the one evaluator and the pairs' record; the JSON document."""
     from trainer.bench.scaling import Progress
     from trainer.bench.scaling_report import machine_info
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
     from trainer.tools import fastblas
 
     runs, record_n = [], max(sizes) if max(sizes) > 1 and args.record else None
@@ -325,7 +325,7 @@ def run_all(args, sizes: list[int], cfg, threads) -> dict:
 
 def main(argv: list[str]) -> int:
     from trainer.bench.scaling import _stop_on_termination
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
     from trainer.errors import UserError
     from trainer.tools import fastblas, fastjit
 

@@ -25,9 +25,9 @@ from trainer.bench.scaling_rounds import spread
 
 
 def our_splits(cfg, names=("train", "valid", "test")) -> dict:
-    """Our tokenization of the pair splits (``trainer.core.pairs``, as ``mlx-dp eval`` loads them)."""
-    from trainer.core.model import load_base
-    from trainer.core.pairs import load_pair_splits
+    """Our tokenization of the pair splits (``trainer.data.pairs``, as ``mlx-dp eval`` loads them)."""
+    from trainer.model.load import load_base
+    from trainer.data.pairs import load_pair_splits
 
     _, tokenizer, _ = load_base(cfg.model)
     return load_pair_splits(cfg.data, tokenizer, names, show_progress=False)
@@ -73,7 +73,7 @@ def accuracy(model_path: str, adapters: Path | None, split, batch: int = 16, pad
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
-    from trainer.core.pair_batches import make_pair_batch
+    from trainer.data.pair_batches import make_pair_batch
 
     model, _ = load(model_path, adapter_path=str(adapters) if adapters else None)
     model.eval()

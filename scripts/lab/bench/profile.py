@@ -71,7 +71,7 @@ def _mask_seconds(batch) -> float:
         return 0.0
     import mlx.core as mx
 
-    from trainer.core.packing import SegmentMask
+    from trainer.data.packing import SegmentMask
 
     segments = mx.array(batch.segments)
     mx.eval(segments)
@@ -85,7 +85,7 @@ def profile_updates(run, updates: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from trainer.core.step import to_arrays
+    from trainer.step.grads import to_arrays
 
     fns, reducer, stream, accum = run.fns, run.reducer, run.stream, run.cfg.training.grad_accumulation
     seen, rows = set(), []
@@ -153,7 +153,7 @@ def format_split(summary: dict, shapes: list) -> str:
 def main(argv: list[str]) -> int:
     """``lab bench profile ...``; returns the exit status."""
     from trainer.tools.runtime import prepare_runtime, print_error
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
 
     args = parse_args(argv)
     try:
@@ -162,9 +162,9 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.recipe, [*args.overrides, f"checkpoint.dir={run_dir}"])
         prepare_runtime()
         from trainer.cluster import connect
-        from trainer.core import fused
-        from trainer.core.attention import resolve_block
-        from trainer.core.batches import batches_per_epoch
+        from trainer.model import fused
+        from trainer.model.attention import resolve_block
+        from trainer.data.batches import batches_per_epoch
         from trainer.run.setup import build_run
         from trainer.tools import fastjit
         from trainer.tools.fastblas import active

@@ -86,7 +86,7 @@ def parse_args(argv: list[str]):
 
 def make_lab_plan(args) -> LabPlan:
     """The product's checks and plan, then the lab's."""
-    from trainer.core.config import load_config
+    from trainer.config.load import load_config
 
     if args.variant and not args.epoch:
         raise BenchError("--variant applies to --epoch only")

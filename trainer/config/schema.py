@@ -1,0 +1,362 @@
+"""The recipe schema: one frozen dataclass per section, a one-line doc per key.
+
+``trainer.config.load`` loads YAML into these classes strictly; this module only
+declares them and checks values that are impossible on their own
+(``__post_init__``). It imports nothing from MLX.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ..errors import ConfigError, short
+
+
+def _suggest(name: str, options) -> str:
+    """`; did you mean X?` for the closest option, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    """A dataclass field with a one-line description (shown by `mlx-dp recipes keys`)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to fine-tune."""
+
+    path: str = _doc("local model directory or Hugging Face hub id (mlx-lm format)")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = _doc(
+        "cast floating-point base weights to this dtype; null keeps the stored dtype", None)
+    trust_remote_code: bool = _doc("let the tokenizer run code from the model repo", False)
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("model.path must name a model directory or hub id")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """How to fine-tune: adapters or all weights."""
+
+    type: Literal["lora", "dora", "full"] = _doc("lora, dora (QLoRA when the base is quantized) or full", "lora")
+    rank: int = _doc("adapter rank; higher: more capacity, more memory", 8)
+    scale: float = _doc("adapter output scale (mlx-lm's `scale`, i.e. alpha / rank)", 20.0)
+    dropout: float = _doc("dropout on the adapter input", 0.0)
+    num_layers: int = _doc("adapt (or train) only the last N transformer blocks; -1: all", -1)
+    keys: Optional[list[str]] = _doc(
+        "module paths inside a block to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; null: every linear layer",
+        None)
+    objective: Literal["sft", "dpo", "orpo"] = _doc(
+        "what the loss teaches: sft (next tokens of the data), dpo or orpo (preference pairs: rows of prompt, "
+        "chosen and rejected; training.batch_size then counts pairs)", "sft")
+    beta: float = _doc("dpo: strength of the pull away from the reference model (the model before tuning); "
+                       "higher: stays closer to it", 0.1)
+    label_smoothing: float = _doc("dpo: assumed share of pairs whose labels are flipped (conservative DPO); "
+                                  "0: plain sigmoid DPO", 0.0)
+    orpo_lambda: float = _doc("orpo: weight of the odds-ratio term beside the NLL of the chosen answer", 0.1)
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"method.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"method.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+        if self.rank < 1:
+            raise ConfigError(f"method.rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_layers == 0 or self.num_layers < -1:
+            raise ConfigError(f"method.num_layers must be -1 (all) or a positive count, got {self.num_layers}")
+
+
+# Keys of data.hf_dataset, as in mlx-lm's hf_dataset entries.
+HF_DATASET_KEYS = ("path", "name", "config", "train_split", "valid_split", "test_split", "text_feature",
+                   "prompt_feature", "completion_feature", "chat_feature", "chosen_feature", "rejected_feature",
+                   "system_feature")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it becomes token batches."""
+
+    path: Optional[str] = _doc("JSONL/Parquet/CSV file, a directory with train/valid(/test) files, or a hub id", None)
+    hf_dataset: Optional[Union[dict[str, Any], list[dict[str, Any]]]] = _doc(
+        "hub dataset like mlx-lm's hf_dataset: {path, name, train_split, valid_split, test_split, "
+        "text_feature, prompt_feature, completion_feature, chat_feature}, or a list of them (their splits "
+        "are concatenated, as mlx-lm does)", None)
+    format: Literal["auto", "text", "completion", "chat"] = _doc("row format; auto detects it from the first row", "auto")
+    text_feature: str = _doc("column holding plain text", "text")
+    prompt_feature: str = _doc("column holding the prompt", "prompt")
+    completion_feature: str = _doc("column holding the completion", "completion")
+    chat_feature: str = _doc("column holding chat messages", "messages")
+    chosen_feature: str = _doc("preference rows (method.objective dpo/orpo): column holding the preferred answer "
+                               "(a string or chat messages)", "chosen")
+    rejected_feature: str = _doc("preference rows: column holding the answer to avoid", "rejected")
+    system_feature: str = _doc("preference rows: optional column holding a system prompt (as mlx-lm-lora)", "system")
+    mask_prompt: bool = _doc("exclude prompt tokens from the loss (completion and chat formats)", True)
+    max_seq_length: int = _doc("longest sample in tokens; see long_samples", 2048)
+    long_samples: Literal["drop", "truncate"] = _doc("what to do with samples over max_seq_length", "drop")
+    pad_multiple: int = _doc("pad batches to a multiple of this length (fewer distinct shapes to compile)", 16)
+    packing: bool = _doc("pack short samples into shared rows (attention stays within a sample); see pack_length", False)
+    prefetch: bool = _doc("build the next batch on a thread while the step computes (same order)", True)
+    pack_length: int = _doc("packed row length in tokens; 0: chosen from the data (about 1.5x the mean sample, "
+                            "capped by max_seq_length): longer rows waste attention across samples", 0)
+    cache_dir: Optional[str] = _doc("where tokenized data is cached; null: the datasets library's cache", None)
+
+    def __post_init__(self):
+        if self.path is None and self.hf_dataset is None:
+            raise ConfigError("data.path (or data.hf_dataset) must name the dataset")
+        if self.path is not None and self.hf_dataset is not None:
+            raise ConfigError("set only one of data.path and data.hf_dataset")
+        if self.max_seq_length < 2:
+            raise ConfigError(f"data.max_seq_length must be at least 2, got {self.max_seq_length}")
+        if self.pad_multiple < 1:
+            raise ConfigError(f"data.pad_multiple must be at least 1, got {self.pad_multiple}")
+        if self.pack_length != 0 and not 2 <= self.pack_length <= self.max_seq_length:
+            raise ConfigError(f"data.pack_length must be 0 (chosen from the data) or between 2 and "
+                              f"data.max_seq_length={self.max_seq_length}, got {self.pack_length}")
+        entries = self.hf_datasets()
+        if isinstance(self.hf_dataset, list) and not entries:
+            raise ConfigError("data.hf_dataset is an empty list; give at least one dataset")
+        for i, entry in enumerate(entries):
+            where = "data.hf_dataset" + (f"[{i}]" if isinstance(self.hf_dataset, list) else "")
+            if not entry.get("path"):
+                raise ConfigError(f"{where} needs a `path` (the hub id)")
+            for key in entry:
+                if key not in HF_DATASET_KEYS:
+                    raise ConfigError(f"unknown key {where}.{key}" + _suggest(key, HF_DATASET_KEYS).replace(
+                        "mean ", f"mean {where}."))
+
+    def hf_datasets(self) -> list[dict]:
+        """``hf_dataset`` as a list of entries (empty without one)."""
+        if self.hf_dataset is None:
+            return []
+        return list(self.hf_dataset) if isinstance(self.hf_dataset, list) else [self.hf_dataset]
+
+
+DEFAULT_STEPS = 100  # training length when a recipe sets neither training.steps nor training.epochs
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The optimisation: batch, length, optimizer and schedule."""
+
+    batch_size: int = _doc("sequences per rank per micro-step (the mean, with parallel.balance); the global batch "
+                           "grows with world size", 4)
+    grad_accumulation: int = _doc("micro-steps per optimizer update", 1)
+    steps: Optional[int] = _doc(f"optimizer updates to run (or use epochs); neither set: {DEFAULT_STEPS}", None)
+    epochs: Optional[float] = _doc("passes over the training set, instead of steps", None)
+    learning_rate: float = _doc("peak learning rate", 1e-5)
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"] = _doc("optimizer from mlx.optimizers", "adamw")
+    weight_decay: float = _doc("decoupled weight decay (adamw, sgd)", 0.0)
+    betas: list[float] = _doc("Adam betas", factory=lambda: [0.9, 0.999])
+    eps: float = _doc("Adam epsilon", 1e-8)
+    momentum: float = _doc("SGD momentum", 0.0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = _doc("decay after warmup", "constant")
+    warmup_steps: int = _doc("updates of linear warmup, from warmup_init up to learning_rate", 0)
+    warmup_init: float = _doc("learning rate the warmup starts from (the first update uses one step above it)", 0.0)
+    min_learning_rate: float = _doc("final learning rate of cosine/linear decay", 0.0)
+    max_grad_norm: Optional[float] = _doc("clip the global gradient norm; null: no clipping", None)
+    grad_checkpoint: bool = _doc("recompute activations in backward: less memory, ~30% more compute", False)
+    attention_block: Union[Literal["auto"], int] = _doc(
+        "compute causal attention this many queries at a time, skipping the masked keys (same result; faster "
+        "on MLX's CPU backend for rows over ~128 tokens); 0: MLX's kernel over whole rows; auto: 64 on a CPU, "
+        "0 on a GPU", "auto")
+    fused_exp: Union[Literal["auto"], bool] = _doc(
+        "write SwiGLU, the loss and attention's softmax so that MLX fuses their exp into compiled kernels "
+        "(same result up to float rounding; on MLX's CPU backend ~4x cheaper exps); auto: on a CPU, not on a GPU",
+        "auto")
+    clear_cache_threshold: int = _doc(
+        "empty MLX's buffer cache after an update when it holds more than this many bytes (mlx-lm's "
+        "clear_cache_threshold and default: 0 empties it after every update, so a Mac's memory goes back to "
+        "macOS); -1 never", 0)
+    skip_nonfinite: bool = _doc("skip an update whose loss or gradient norm is NaN/inf instead of stopping", False)
+    seed: int = _doc("seed for adapter init, dropout and data order", 0)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"training.batch_size must be at least 1, got {self.batch_size}")
+        if self.grad_accumulation < 1:
+            raise ConfigError(f"training.grad_accumulation must be at least 1, got {self.grad_accumulation}")
+        if self.steps is None and self.epochs is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS)  # frozen: the one place the default is set
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("set exactly one of training.steps and training.epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"training.steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"training.epochs must be positive, got {self.epochs}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"training.betas must be two numbers in [0, 1), got {short(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+        if self.clear_cache_threshold < -1:
+            raise ConfigError(f"training.clear_cache_threshold must be -1 (never), 0 or a number of bytes, "
+                              f"got {self.clear_cache_threshold}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.fused_exp != "auto" and not isinstance(self.fused_exp, bool):
+            raise ConfigError(f"training.fused_exp must be auto, true or false, got {short(self.fused_exp)}")
+        if self.attention_block != "auto" and (isinstance(self.attention_block, bool) or self.attention_block < 0):
+            raise ConfigError(f"training.attention_block must be auto, 0 or a positive number of queries, "
+                              f"got {short(self.attention_block)}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation during training and `mlx-dp eval`."""
+
+    every: int = _doc("validate every N updates; 0: only at the end", 0)
+    at_start: bool = _doc("also validate before the first update", True)
+    max_batches: Optional[int] = _doc("cap on validation global batches; null: the whole split", None)
+    batch_size: Optional[int] = _doc("sequences per rank for validation; null: training.batch_size", None)
+    split: Literal["valid", "test"] = _doc("split that `mlx-dp eval` scores", "test")
+    exact_match: bool = _doc("`mlx-dp eval`: also score greedy generations of completion data", True)
+    max_new_tokens: int = _doc("generation length for exact match", 32)
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"eval.max_batches must be positive or null, got {self.max_batches}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be positive or null, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often rank 0 saves."""
+
+    dir: str = _doc("run directory: adapters, resumable checkpoints, metrics, config", "runs/default")
+    every: int = _doc("save every N updates; 0: only at the end", 100)
+    every_minutes: Optional[float] = _doc(
+        "also save once this many minutes have passed since the last save (rank 0's clock), so a failure costs at "
+        "most about that much work whatever the update time; null: by update count only", None)
+    keep_last: int = _doc("resumable checkpoints to keep (the best by val loss is kept too)", 3)
+    keep_best: bool = _doc("also keep the checkpoint with the lowest validation loss", True)
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.every_minutes is not None and not self.every_minutes > 0:
+            raise ConfigError(f"checkpoint.every_minutes must be positive (or null), got {self.every_minutes}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
+
+    @property
+    def run_dir(self) -> "Path":
+        """``dir`` with ``~`` expanded on this machine (the recipe keeps ``~``: Macs may have other user names)."""
+        return Path(self.dir).expanduser()
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Reports: progress bar, metrics.jsonl, wandb."""
+
+    every: int = _doc("report train loss, tokens/s and memory every N updates", 10)
+    progress_bar: bool = _doc("tqdm bar on rank 0", True)
+    per_rank_timings: bool = _doc("every rank writes metrics.rank<r>.jsonl with its step times (find stragglers)",
+                                  False)
+    compute_timings: bool = _doc("time each rank's forward+backward on updates 2-4 and every 16th (compute_s_per_rank "
+                                 "in metrics.jsonl; always on with parallel.balance: auto); those updates do not "
+                                 "overlap communication and hold every gradient at once", False)
+    wandb: bool = _doc("log to Weights & Biases from rank 0 (offline when there is no network)", False)
+    wandb_project: str = _doc("wandb project name", "mlx-dp")
+    wandb_run_name: Optional[str] = _doc("wandb run name; null: derived from checkpoint.dir", None)
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ConfigError(f"logging.every must be at least 1, got {self.every}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Data parallelism: backend, gradient buckets, failure detection."""
+
+    backend: Literal["any", "ring", "jaccl", "mpi", "nccl"] = _doc("mlx.distributed backend", "any")
+    overlap: bool = _doc("send gradient buckets while backward still runs; false: reduce after backward", True)
+    bucket_mb: float = _doc("gradient bucket size in MiB; 64 reached 96% of the best all_sum bus bandwidth here "
+                            "(16: 73%, 4: 38%; docs/RESULTS.md)", 64.0)
+    first_bucket_mb: float = _doc("size of the first bucket, sent earliest", 1.0)
+    comm_stream: Literal["auto", "separate", "default"] = _doc(
+        "stream of the all_sums: separate overlaps with compute where a core or a GPU is free; default shares "
+        "the compute stream (faster on a CPU with no idle core); auto: separate on a GPU, default on a CPU", "auto")
+    comm_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = _doc(
+        "reduce gradients in this dtype; null: one bucket set per gradient dtype", None)
+    timeout_s: float = _doc("watchdog: end the job if a step or collective makes no progress this long", 600.0)
+    peer_silence_s: Optional[float] = _doc(
+        "watchdog: end the job sooner when this rank waits for a peer whose heartbeats have stopped this long "
+        "(asleep, stopped, unplugged); null: 15 under mlx-dp launch --restarts (a restart follows), else "
+        "timeout_s (a peer may come back); timeout_s still covers hangs with heartbeats", None)
+    allow_world_size_change: bool = _doc("resume at a world size that changes the global batch", False)
+    shard_optimizer: bool = _doc(
+        "keep each rank's 1/N share of the optimizer state only (ZeRO stage 1): full fine-tunes fit in less "
+        "memory per Mac; gradients are reduce-scattered and weights all-gathered (adamw, adam, sgd)", False)
+    balance: Union[Literal["off", "auto"], list[float]] = _doc(
+        "rows of each global micro-batch per rank: off (even), auto (measured: faster ranks take more) or a "
+        "list of relative speeds, one per rank; the update is the same either way", "off")
+
+    def __post_init__(self):
+        if not self.bucket_mb > 0 or not self.first_bucket_mb > 0:
+            raise ConfigError("parallel.bucket_mb and parallel.first_bucket_mb must be positive")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        if self.peer_silence_s is not None and not self.peer_silence_s > 0:
+            raise ConfigError(f"parallel.peer_silence_s must be positive, got {self.peer_silence_s}")
+        if isinstance(self.balance, list) and (not self.balance or not all(s > 0 for s in self.balance)):
+            raise ConfigError(f"parallel.balance must list a positive speed for every rank, got {self.balance}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole recipe."""
+
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if self.parallel.shard_optimizer and self.training.optimizer == "adafactor":
+            raise ConfigError("parallel.shard_optimizer needs an element-wise optimizer (adamw, adam or sgd); "
+                              "adafactor factors each matrix's statistics by rows and columns")
+        if self.method.objective != "sft" and self.data.format != "auto":
+            raise ConfigError(f"data.format={self.data.format} names a next-token format; with method.objective="
+                              f"{self.method.objective} rows are preference pairs (keep data.format=auto)")
+        if self.method.objective != "sft" and self.data.packing:
+            raise ConfigError(f"data.packing packs samples of next-token data; method.objective="
+                              f"{self.method.objective} trains on whole pairs, so set data.packing=false")
+        if self.method.type == "full" and self.method.dropout:
+            raise ConfigError("method.dropout applies to adapters; set it to 0 for method.type=full")
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data (what gets printed and saved)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTION_CLASSES = {
+    "model": ModelConfig, "method": MethodConfig, "data": DataConfig, "training": TrainingConfig,
+    "eval": EvalConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig, "parallel": ParallelConfig,
+}

@@ -1,0 +1,209 @@
+"""DPO's reference: the answers' log-probs under the model before tuning, computed once and cached.
+
+DPO compares each answer's log-prob under the policy with its log-prob under
+the reference, the model before tuning. Those reference log-probs never
+change, so they are computed once per pair, before the first update, and
+kept with the tokenized data: a training update then runs no reference
+forward, and no method needs a second copy of the model in memory. For LoRA
+and DoRA the reference is the base with the adapters switched off
+(:func:`adapters_off`: each adapted layer is replaced by its base layer for the
+pass); for a full fine-tune it is the model as loaded, before any update or
+checkpoint is loaded into it. Either way, a frozen copy of the weights is
+never held.
+
+* **Sharded:** pairs are cut into fixed chunks of :data:`CHUNK_PAIRS` pairs in
+  length order; chunk ``k`` is computed by rank ``k mod N``, and one sum over
+  ranks gives every rank every value. A chunk's batch never depends on the
+  number of ranks, so the values are bit-identical on 1 or N ranks.
+* **Cached:** ``<data.cache_dir or HF_DATASETS_CACHE>/mlx-dp-reference/<key>.npy``,
+  beside the tokenized data. The key hashes the tokenized pairs (the rows, the
+  tokenizer and the data settings), the base weights as loaded (values, names,
+  dtypes), the numerics settings (attention blocks, fused exp, padding) and the
+  MLX version, so a changed model, data or recipe never reuses stale values,
+  while a resumed or repeated run reads them back.
+
+Cost: one forward pass per pair (chosen and rejected), about a third of a
+training step's compute per pair, paid once per key. A run that trains on
+fewer pairs than that (far under one epoch of a large set) would compute less
+with a reference forward in every update; its recipe should take a slice of
+the set instead (``train_split: "train[:8000]"``).
+"""
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .base import sequence_logps
+from ..data.pair_batches import make_pair_batch
+
+REFERENCE_VERSION = 1
+CHUNK_PAIRS = 8  # pairs per reference batch; fixed, so every value is computed the same way on any world size
+
+
+def _adapted_classes() -> dict:
+    """mlx-lm's adapter layers and the attribute holding each one's base layer."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    return {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linear", LoRAEmbedding: "embedding",
+            DoRAEmbedding: "embedding"}
+
+
+def _child(node, part: str):
+    return node[int(part)] if isinstance(node, list) else node[part]
+
+
+@contextmanager
+def adapters_off(model):
+    """Within the block, every LoRA or DoRA layer of ``model`` is its base layer (the adapters are off).
+
+    The adapter modules are put back on exit; nothing is copied.
+    """
+    classes, swapped = _adapted_classes(), []
+    for name, module in model.named_modules():
+        base = classes.get(type(module))
+        if base is None or not name:
+            continue
+        *path, key = name.split(".")
+        parent = model
+        for part in path:
+            parent = _child(parent, part)
+        swapped.append((parent, int(key) if isinstance(parent, list) else key, module, module[base]))
+    for parent, key, _, base_layer in swapped:
+        parent[key] = base_layer
+    try:
+        yield model
+    finally:
+        for parent, key, module, _ in swapped:
+            parent[key] = module
+
+
+def base_digest(model) -> str:
+    """Hash of the base model as loaded (adapters off): its config and code version, and the weights' names,
+    shapes, dtypes and bytes (a changed ``config.json`` or an mlx-lm that computes the model differently
+    gives other log-probs from the same weights)."""
+    try:
+        import xxhash
+
+        h = xxhash.xxh3_128()
+    except ImportError:
+        h = hashlib.blake2b(digest_size=16)
+    import mlx_lm
+
+    h.update(f"{type(model).__module__}.{type(model).__name__} {getattr(model, 'args', None)!r} "
+             f"mlx-lm {mlx_lm.__version__}".encode())
+    with adapters_off(model):
+        params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+    for name, value in params:
+        h.update(f"{name}{value.shape}{value.dtype}".encode())
+        h.update(memoryview(np.asarray(value.view(mx.uint8))))  # note: sync point, evaluates each weight once
+    return h.hexdigest()
+
+
+def cache_key(split, weights: str, settings: dict) -> str:
+    """The cache key of ``split``'s reference log-probs: data, base weights, numerics settings, versions."""
+    parts = [REFERENCE_VERSION, CHUNK_PAIRS, split.fingerprint(), weights, sorted(settings.items()), mx.__version__]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def cache_path(cache_dir: str | None, key: str) -> Path:
+    """Where the values of ``key`` live: beside the tokenized data, in the datasets cache."""
+    if cache_dir is None:
+        import datasets
+
+        cache_dir = datasets.config.HF_DATASETS_CACHE
+    return Path(cache_dir).expanduser() / "mlx-dp-reference" / f"{key}.npy"
+
+
+def chunks(split) -> list[np.ndarray]:
+    """Pair indices in fixed chunks of :data:`CHUNK_PAIRS`, longest first (little padding)."""
+    order = np.argsort(-split.lengths, kind="stable")
+    return [order[i:i + CHUNK_PAIRS] for i in range(0, len(order), CHUNK_PAIRS)]
+
+
+def compute(world, model, split, pad_multiple: int) -> np.ndarray:
+    """Reference log-probs of every pair, ``(pairs, 2)`` float32, sharded over ranks (a collective).
+
+    Args:
+        world (trainer.parallel.World): The group; every rank must call this.
+        model: The model before tuning (adapters at their initial values or absent).
+        split (trainer.data.pairs.PairSplit): The pairs.
+        pad_multiple (int): Padding granularity (``data.pad_multiple``).
+    """
+    values = np.zeros((len(split), 2), np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_off(model):
+            for k, indices in enumerate(chunks(split)):
+                if k % world.size != world.rank:
+                    continue
+                batch = make_pair_batch(split, indices, 0, 1, len(indices), pad_multiple)
+                logps = sequence_logps(model, mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+                logps = np.array(logps)  # note: sync point per chunk keeps memory at one chunk
+                values[indices, 0], values[indices, 1] = logps[:len(indices)], logps[len(indices):]
+    finally:
+        model.train(was_training)
+    if world.size > 1:  # every value is nonzero on one rank only: the float64 sum is exact
+        summed = world.all_sum(values.ravel().tolist(), phase="reference", watched=False)
+        values = np.asarray(summed, np.float32).reshape(values.shape)
+    return values
+
+
+def _write(path: Path, values: np.ndarray) -> None:
+    """Write atomically: a reader sees the old file, the whole new one, or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        np.save(f, values)
+    os.replace(temporary, path)
+
+
+def _read(path: Path, pairs: int) -> np.ndarray | None:
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return values if values.shape == (pairs, 2) and values.dtype == np.float32 else None
+
+
+def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, note=print) -> dict:
+    """Give every pair split its reference log-probs, from the cache or computed (sharded) and cached.
+
+    Every rank must call this with the model *before* any update or
+    checkpoint is loaded into it. Ranks agree first on whether every rank
+    holds the cache (another machine's disk may not), so all compute
+    together or none does.
+
+    Args:
+        world (trainer.parallel.World): The group.
+        model: The model before tuning.
+        splits (dict[str, PairSplit]): The splits to fill in place.
+        cache_dir (str | None): ``data.cache_dir``.
+        settings (dict): What else changes the values (resolved attention
+            block, fused exp, padding multiple).
+        note (callable): Prints a line for people. Default: ``print``.
+
+    Returns:
+        dict: Per split name, ``"cached"`` or ``"computed"``, and its cache file.
+    """
+    weights = base_digest(model)
+    done = {}
+    for name, split in splits.items():
+        path = cache_path(cache_dir, cache_key(split, weights, settings))
+        values = _read(path, len(split))
+        everywhere = world.all_sum([0.0 if values is None else 1.0], phase="reference")[0] == world.size
+        if not everywhere:
+            note(f"[mlx-dp] reference log-probs of {len(split)} {name} pairs: computing them once, over "
+                 f"{world.size} rank(s), with the model before tuning")
+            values = compute(world, model, split, settings.get("pad_multiple", 16))
+            _write(path, values)
+        split.reference = values
+        done[name] = {"reference": "cached" if everywhere else "computed", "file": str(path)}
+    return done
