@@ -23,6 +23,12 @@ a local launch picks free ports unless ``--starting-port`` is given (other jobs
 may hold ``mlx.launch``'s default 32323); every rank gets
 ``MLX_DP_LAUNCHER=mlx-dp launch``. If this MLX lacks the internals reused
 here, one line says so and stock ``mlx.launch`` runs the job instead.
+
+Under ``--backend nccl`` (the default where CUDA is) every rank sees one GPU:
+ranks that share a host get ``CUDA_VISIBLE_DEVICES`` 0, 1, ... in rank order,
+or the first, second, ... entry of a ``CUDA_VISIBLE_DEVICES`` list the user
+gave (``--env``, the hostfile's ``envs``, or this shell's for local ranks), as
+torchrun's ``LOCAL_RANK`` does (``mlx_launcher.assign_gpus``; docs/DEVICES.md).
 """
 
 import argparse
@@ -58,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="Everything after the options (or after --) is the command each rank runs.")
     mlx = p.add_argument_group("as mlx.launch")
     mlx.add_argument("-n", "--repeat-hosts", dest="repeat_hosts", type=_positive, default=None, metavar="N",
-                     help="ranks per host of --hosts (default 1)")
+                     help="ranks per host of --hosts (default 1); under nccl each gets its own GPU")
     mlx.add_argument("--hosts", default="127.0.0.1", help="comma-separated hosts (default 127.0.0.1: this machine)")
     mlx.add_argument("--hostfile", default=None, help="JSON hostfile, as written by mlx.distributed_config")
     mlx.add_argument("--backend", choices=BACKENDS, default=None,

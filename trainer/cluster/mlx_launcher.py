@@ -16,14 +16,24 @@ decides every rank's command, environment and files, exactly as ``mlx.launch``
 would. MPI is different: ``launch_mpi`` runs ``mpirun``, which relays for
 itself, so :func:`run_mpi` only records mpirun's exit status.
 
+Under NCCL two things differ from ``mlx.launch``: each rank gets a GPU of its
+own (:func:`assign_gpus`), where ``launch_nccl`` gives ``CUDA_VISIBLE_DEVICES =
+rank % repeat_hosts``, GPU 0 for every rank of a hostfile; and a rank 0 that
+the other ranks could not reach is refused before anything starts
+(:func:`check_nccl_hosts`).
+
 These are private names of MLX; :func:`missing_internals` checks that they are
 there, and ``mlx-dp launch`` falls back to stock ``mlx.launch`` when they are not.
 """
 
+import argparse
 import inspect
+import ipaddress
+import os
 import shlex
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 LAUNCH_MODULE = "mlx._distributed_utils.launch"
 COMMON_MODULE = "mlx._distributed_utils.common"
@@ -31,6 +41,7 @@ COMMON_MODULE = "mlx._distributed_utils.common"
 RANK_ARGS = ("rank", "host", "python", "cwd", "files", "env", "command")
 SCRIPT_ARGS = ("rank", "python", "cwd", "files", "env", "command", "is_local")
 LOCAL_HOST = "127.0.0.1"  # MLX runs a rank on this host without ssh
+GPU_VAR = "CUDA_VISIBLE_DEVICES"  # under NCCL, the one GPU each rank sees (assign_gpus)
 # A remote rank reads the job's secret (trainer.cluster.peers) from its ssh connection, right after MLX's
 # script has turned the terminal's echo off and printed its pidfile's path, so the secret is never on a
 # command line, echoed or written anywhere.
@@ -165,22 +176,52 @@ def _caught_launch(caught: list):
         launch._launch_with_io = original
 
 
-def rank_specs(parser, hosts, args, command: list[str]) -> list[RankSpec]:
+def rank_specs(parser, hosts, args, command: list[str], launcher_env=None) -> list[RankSpec]:
     """Every rank's command, as ``mlx.launch`` would start it, without starting anything.
 
+    Under NCCL each rank also gets its own GPU (:func:`assign_gpus`): MLX's
+    ``launch_nccl`` sets ``CUDA_VISIBLE_DEVICES`` to ``rank % repeat_hosts``,
+    which is GPU 0 for every rank of a hostfile.
+
     Args:
-        parser (argparse.ArgumentParser): For MLX's own argument errors (``parser.error``).
+        parser (argparse.ArgumentParser): For argument errors (``parser.error``: one line, status 2).
         hosts (list): ``Hostfile.hosts`` from MLX's hostfile parser.
         args (argparse.Namespace): ``mlx.launch``'s options (backend, env, cwd, python,
-            starting_port, connections_per_ip, nccl_port, repeat_hosts, verbose).
+            starting_port, connections_per_ip, nccl_port, repeat_hosts, verbose); not changed.
+            ``repeat_hosts`` may be ``None`` (``-n`` not given).
         command (list[str]): What every rank runs.
+        launcher_env (Mapping | None): The launcher's environment, which local ranks inherit
+            (its ``CUDA_VISIBLE_DEVICES`` is honoured for them). Default: ``None`` (``os.environ``).
+
+    Raises:
+        RuntimeError: MLX's launcher failed in a way that says its internals changed.
     """
     launch, _ = _modules()
     backend = {"ring": launch.launch_ring, "nccl": launch.launch_nccl, "jaccl": launch.launch_jaccl,
                "jaccl-ring": launch.launch_jaccl}[args.backend]
+    if args.backend == "nccl":
+        check_nccl_hosts(parser, hosts)
+    # MLX appends to args.env in place, and launch_nccl computes `rank % args.repeat_hosts` (stock mlx.launch's
+    # -n defaults to 1; ours is None when not given): hand it a copy with both settled.
+    given = argparse.Namespace(**vars(args))
+    given.env, given.repeat_hosts = list(args.env), args.repeat_hosts or 1
     caught: list = []
     with _caught_launch(caught):
-        backend(parser, hosts, args, command)
+        try:
+            backend(parser, hosts, given, command)
+        except RuntimeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an error inside MLX's code: its launcher changed
+            raise RuntimeError(f"MLX's {backend.__name__} failed ({type(e).__name__}: {e})") from e
+    specs = _specs_from(caught)
+    if args.backend == "nccl":
+        specs = assign_gpus(parser, specs, _env_value(args.env, GPU_VAR),
+                            os.environ if launcher_env is None else launcher_env)
+    return specs
+
+
+def _specs_from(caught: list) -> list[RankSpec]:
+    """``RankSpec`` per ``(args, kwargs)`` that MLX handed to ``_launch_with_io``, checked to be in rank order."""
     specs = []
     for position, (rank_args, kwargs) in enumerate(caught):
         values = dict(zip(RANK_ARGS, rank_args), **kwargs)
@@ -190,6 +231,87 @@ def rank_specs(parser, hosts, args, command: list[str]) -> list[RankSpec]:
                               cwd=values["cwd"], files=dict(values["files"]), env=tuple(values["env"]),
                               command=tuple(values["command"])))
     return specs
+
+
+def _is_loopback(name: str) -> bool:
+    """Whether an ssh name or IP is this machine's loopback (then a rank there shares rank 0's machine)."""
+    host = name.rpartition("@")[2].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_nccl_hosts(parser, hosts) -> None:
+    """Refuse, in one sentence, a rank 0 address that the other ranks could not reach.
+
+    Every NCCL rank connects to rank 0's first IP (``NCCL_HOST_IP``) to fetch
+    the communicator's id. With no IP, MLX's own message does not say how to
+    give one; with a loopback IP and ranks on other machines, those ranks
+    would retry until ``MLX_NCCL_TIMEOUT`` and then fail.
+    """
+    first = hosts[0]
+    if not first.ips:
+        parser.error(f"--backend nccl: every rank connects to rank 0 by IP address, and rank 0's host "
+                     f"{first.ssh_hostname!r} has none; give --hosts as IP addresses, or \"ips\" for the "
+                     "first host of the hostfile")
+    remote = sorted({h.ssh_hostname for h in hosts if not _is_loopback(h.ssh_hostname)})
+    if _is_loopback(first.ips[0]) and remote:
+        parser.error(f"--backend nccl: rank 0's address {first.ips[0]} is loopback, which the ranks on "
+                     f"{', '.join(remote)} cannot reach; give rank 0's host an address on their network")
+
+
+def _env_value(env, key: str) -> str | None:
+    """The value the last ``key=...`` entry of ``env`` exports (MLX exports them in order), or ``None``."""
+    value = None
+    for entry in env:
+        name, _, rest = entry.partition("=")
+        if name == key:
+            value = rest
+    return value
+
+
+def assign_gpus(parser, specs: list[RankSpec], given: str | None, launcher_env) -> list[RankSpec]:
+    """Give each NCCL rank its own GPU: ranks sharing a host take local indices 0, 1, ... in rank order.
+
+    A rank sees one GPU, ``CUDA_VISIBLE_DEVICES=<local index>``, as torchrun's
+    ``LOCAL_RANK`` would pick it. Where the user lists GPUs
+    (``CUDA_VISIBLE_DEVICES`` in ``--env`` or the hostfile's ``envs``, else, for
+    ranks on this machine, in the launcher's own environment), the local index
+    picks from that list instead, so a job keeps to the GPUs it was given.
+    NCCL refuses two ranks on one GPU, so a list shorter than a host's ranks is
+    an error here. The GPU count of a host without a list is unknown: a rank
+    whose index is past it sees no GPU and fails when it first uses CUDA.
+    Hosts are told apart by their ssh name, as MLX starts them.
+
+    Args:
+        parser (argparse.ArgumentParser): For the error (``parser.error``).
+        specs (list[RankSpec]): MLX's ranks; the ``CUDA_VISIBLE_DEVICES`` it set is replaced.
+        given (str | None): ``CUDA_VISIBLE_DEVICES`` as the launch's ``--env`` / ``envs`` set it, or ``None``.
+        launcher_env (Mapping): The launcher's environment, which local ranks inherit.
+    """
+    per_host = Counter(spec.host for spec in specs)
+    seen: Counter = Counter()
+    assigned = []
+    for spec in specs:
+        local = seen[spec.host]
+        seen[spec.host] += 1
+        listed = given
+        if listed is None and spec.is_local:
+            listed = launcher_env.get(GPU_VAR)
+        gpu = str(local)
+        if listed is not None:
+            gpus = [g.strip() for g in listed.split(",") if g.strip()]
+            if per_host[spec.host] > len(gpus):
+                parser.error(f"--backend nccl: host {spec.host} runs {per_host[spec.host]} ranks but "
+                             f"{GPU_VAR}={listed!r} lists {len(gpus)} GPU(s), and NCCL cannot put two ranks on "
+                             "one GPU; list more GPUs, start fewer ranks there, or use --backend ring")
+            gpu = gpus[local]
+        env = [e for e in spec.env if e.partition("=")[0] != GPU_VAR]
+        assigned.append(replace(spec, env=tuple(env + [f"{GPU_VAR}={gpu}"])))
+    return assigned
 
 
 def run_mpi(parser, hosts, args, command: list[str]) -> int:
