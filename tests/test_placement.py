@@ -73,7 +73,8 @@ def test_every_collective_runs_where_the_table_says(recorded):
             assert record["stream"] == expected(rows, record, kind), (kind, rank, record)
             seen.add(record["site"])
     # the reducer, ZeRO-1's pieces and the agreement checks all ran
-    assert {"GradientReducer._sum", "World.all_sum", "World.all_gather_bytes", "ring_reduce_scatter",
+    zero1 = "ShardedReducer._scatter" if kind == "cuda" else "ring_reduce_scatter"  # NCCL has sum_scatter
+    assert {"GradientReducer._sum", "World.all_sum", "World.all_gather_bytes", zero1,
             "ShardedReducer.sum_small", "all_gather_shards"} <= seen, seen
 
 

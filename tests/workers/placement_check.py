@@ -14,7 +14,8 @@ machine's CPU over the real ring backend (2 real processes):
   Mac such a stream would carry a collective Metal cannot run.
 * ``cuda``: the GPU is a CUDA one and the launcher prepared NCCL
   (``NCCL_HOST_IP``, set by the test). A GPU stream the trainer asks for is
-  recorded as such and stands in as a CPU stream, so the (ring) job runs on.
+  recorded as such and stands in as a CPU stream, so the (ring) job runs on;
+  ``sum_scatter``, which NCCL has and the ring lacks, is an ``all_sum`` and a slice.
 
 Every call of ``mx.distributed.<collective>`` is recorded with where its
 stream points, ``backend`` (no stream: the backend decides), ``cpu`` or
@@ -66,6 +67,15 @@ def pretend(kind: str, log) -> None:
         return make
 
     mx.new_stream, mx.default_stream = standing_in(mx.new_stream), standing_in(mx.default_stream)
+    # NCCL has sum_scatter and the ring does not: an all_sum and a slice stand in for it, so ZeRO-1 takes
+    # the path real NCCL takes (ShardedReducer._scatter), not the ring's sends and receives.
+    all_sum = mx.distributed.all_sum
+
+    def sum_scatter(x, group=None, stream=None):
+        width = x.shape[0] // group.size()
+        return all_sum(x, group=group, stream=stream)[group.rank() * width:(group.rank() + 1) * width]
+
+    mx.distributed.sum_scatter = sum_scatter
 
 
 def record_collectives(log) -> None:

@@ -156,9 +156,9 @@ class ShardedReducer:
             :func:`ring_reduce_scatter`), ``"sendrecv"`` or ``"all_sum"`` (an
             ``all_sum`` and a slice: twice the bytes, kept for comparison).
             Default: ``"auto"``.
-        stream (str): Where receives run, as ``parallel.comm_stream``: ``"auto"``,
-            ``"default"`` (the backend's stream) or ``"separate"`` (see the module
-            docstring). Default: ``"auto"``.
+        stream (str): Where the reduce-scatter runs (its receives, on the ring), as
+            ``parallel.comm_stream``: ``"auto"``, ``"default"`` (the backend's stream) or
+            ``"separate"`` (see the module docstring). Default: ``"auto"``.
     """
 
     averages = False
@@ -174,11 +174,14 @@ class ShardedReducer:
         if method not in ("sum_scatter", "sendrecv", "all_sum"):
             raise ValueError(f"unknown reduce-scatter method {method!r}")
         self.method = method
-        self.streams = None
-        if method == "sendrecv" and world.size > 1:
+        self.streams, self.stream = None, None
+        if world.size > 1:
             placement = world.placement
-            receive = placement.stream(stream)
-            self.streams = (placement.new_stream(), receive, placement.host_ops(receive))
+            # parallel.comm_stream as for the gradient buckets: under NCCL `auto` is a stream of its own, so the
+            # reduce-scatter overlaps backward instead of queueing on the compute stream.
+            self.stream = placement.stream(stream)
+            if method == "sendrecv":
+                self.streams = (placement.new_stream(), self.stream, placement.host_ops(self.stream))
 
     @property
     def nbytes(self) -> int:
@@ -196,8 +199,8 @@ class ShardedReducer:
         if self.method == "sendrecv":
             return ring_reduce_scatter(self.world, flat, bounds, self.streams)
         if self.method == "all_sum":
-            return mx.distributed.all_sum(flat, group=self.world.group)[start:stop]
-        return mx.distributed.sum_scatter(flat, group=self.world.group)
+            return mx.distributed.all_sum(flat, group=self.world.group, stream=self.stream)[start:stop]
+        return mx.distributed.sum_scatter(flat, group=self.world.group, stream=self.stream)
 
     def reduce_scatter(self, grads: dict, on_dispatch=None) -> list:
         """This rank's shard of every bucket, summed over ranks (lazy; dispatched bucket by bucket).
