@@ -98,7 +98,7 @@ def test_what_the_launcher_restarts_and_whom_it_blames():
 
 def test_peer_silence_is_short_only_when_a_restart_follows(monkeypatch):
     from trainer.config.load import load_config
-    from trainer.run.loop import _peer_silence_s
+    from trainer.run.guard import _peer_silence_s
     from trainer.tools.recipes import find_recipe
 
     recipe = str(find_recipe("tiny-lora"))

@@ -119,10 +119,12 @@ def test_config_keys_and_impossible_values(tmp_path):
                               ("method.orpo_lambda=-1", "method.orpo_lambda must be >= 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config(tiny_recipe(tmp_path), [override])
-    with pytest.raises(ConfigError, match="set data.packing=false"):
-        load_config(tiny_recipe(tmp_path), ["method.objective=dpo", "data.packing=true"])
+    from trainer.objectives.registry import make_objective
+
+    with pytest.raises(ConfigError, match="set data.packing=false"):  # the objective says which keys apply to it
+        make_objective(load_config(tiny_recipe(tmp_path), ["method.objective=dpo", "data.packing=true"]))
     with pytest.raises(ConfigError, match="keep data.format=auto"):
-        load_config(tiny_recipe(tmp_path), ["method.objective=orpo", "data.format=chat"])
+        make_objective(load_config(tiny_recipe(tmp_path), ["method.objective=orpo", "data.format=chat"]))
     from trainer.config.load import describe_keys
 
     keys = {key for key, _, _ in describe_keys()}
@@ -204,10 +206,10 @@ def log_sigmoid(x):
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_loss_matches_the_papers_formula_and_ignores_padding_pairs(pairs, model, objective):
-    from trainer.objectives.base import make_objective
+    from trainer.objectives.registry import OBJECTIVES
 
     method = MethodConfig(objective=objective, beta=0.3, label_smoothing=0.1, orpo_lambda=0.7)
-    obj = make_objective(method)
+    obj = OBJECTIVES[objective](method)
     split = pairs["valid"]
     split.reference = np.random.default_rng(0).normal(-10, 2, (len(split), 2)).astype(np.float32)
     try:
@@ -234,9 +236,9 @@ def test_loss_matches_the_papers_formula_and_ignores_padding_pairs(pairs, model,
 def test_gradients_of_two_ranks_shares_sum_to_the_whole_batch(pairs, model, objective):
     """The per-pair and per-token normalisation by global counts, without processes: rank shares (uneven too)
     summed equal the gradient of the whole global batch."""
-    from trainer.objectives.base import make_objective
+    from trainer.objectives.registry import OBJECTIVES
 
-    obj = make_objective(MethodConfig(objective=objective, beta=0.3))
+    obj = OBJECTIVES[objective](MethodConfig(objective=objective, beta=0.3))
     split = pairs["train"]
     split.reference = np.random.default_rng(1).normal(-10, 2, (len(split), 2)).astype(np.float32)
     try:
@@ -279,10 +281,10 @@ def test_reference_cache_is_keyed_by_data_model_and_settings(pairs, model, tmp_p
     world = World(None, 0, 1, "local")
     valid = pairs["valid"]
     settings = {"attention_block": 0, "fused_exp": False, "pad_multiple": 16}
-    first = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings, note=lambda _: None)
+    first = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings)
     assert first["valid"]["reference"] == "computed"
     values = valid.reference.copy()
-    again = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings, note=lambda _: None)
+    again = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings)
     assert again == {"valid": {**first["valid"], "reference": "cached"}}
     assert np.array_equal(valid.reference, values)
     # the reference is the base: the adapters' values do not matter, and nothing else is in the key
@@ -310,5 +312,5 @@ def test_reference_cache_is_keyed_by_data_model_and_settings(pairs, model, tmp_p
     assert len({key, other_settings, other_data, other_model, other_config}) == 5
     # a damaged file is computed anew
     reference.cache_path(str(tmp_path), key).write_bytes(b"not an array")
-    redo = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings, note=lambda _: None)
+    redo = reference.attach(world, model, {"valid": valid}, str(tmp_path), settings)
     assert redo["valid"]["reference"] == "computed" and np.array_equal(valid.reference, values)

@@ -26,7 +26,8 @@ import re
 import signal
 import sys
 
-from .env import launch_env
+from . import log
+from .env import launch_env, set_library_defaults
 from .errors import ConfigError, UserError
 from .tools.runtime import prepare_runtime, print_error
 
@@ -42,11 +43,14 @@ def _load(args, say: bool = False):
     env = launch_env()
     path = find_recipe(args.recipe)
     cfg, translation = load_any(path, args.overrides, world_size=env.world_size or 1)
-    if translation is not None and say and env.rank == 0:
-        print(f"[mlx-dp] {path} is an mlx_lm.lora config; it trains as this recipe "
-              f"(mlx-dp recipes cp {path} recipe.yaml writes it out for editing):", flush=True)
+    from .objectives.registry import make_objective
+
+    make_objective(cfg)  # keys that do not apply to the objective stop here, before anything starts
+    if translation is not None and say:
+        log.info(f"{path} is an mlx_lm.lora config; it trains as this recipe (mlx-dp recipes cp {path} recipe.yaml "
+                 "writes it out for editing):")
         for note in translation.notes:
-            print(f"[mlx-dp]   {note}", flush=True)
+            log.info(f"  {note}")
     return cfg
 
 
@@ -55,8 +59,8 @@ def _cmd_train(args, options=None) -> int:
         # `--resume training.steps=200`: the value is an override, not a path
         args.overrides.append(args.resume)
         args.resume = ""
-    cfg = _load(args, say=True)
     prepare_runtime()
+    cfg = _load(args, say=True)
     from .run.loop import train
 
     resume = None
@@ -71,21 +75,13 @@ def _cmd_train(args, options=None) -> int:
 
 
 def _cmd_eval(args) -> int:
-    cfg = _load(args)
     prepare_runtime()
+    cfg = _load(args)
     from .tools.evaluation import run_eval
 
     result = run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split)
-    if launch_env().rank == 0 and "preference_accuracy" in result:
-        print(f"{result['split']}: preference accuracy {result['preference_accuracy']:.0%} (chosen answer likelier "
-              f"than the rejected one) on {result['pairs']} held-out pairs; {result['objective']} loss "
-              f"{result['loss']:.4f}, reward accuracy {result['reward_accuracy']:.0%}, reward margin "
-              f"{result['reward_margin']:.3f} on {result['world_size']} rank(s)", flush=True)
-    elif launch_env().rank == 0:
-        line = (f"{result['split']}: loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
-                f"{result['tokens']} tokens of {result['samples']} samples on {result['world_size']} rank(s)")
-        if "exact_match" in result:
-            line += f"; exact match {result['exact_match']:.1%} of {result['exact_match_samples']} greedy generations"
+    line = result.pop("line")
+    if launch_env().rank == 0:
         print(line, flush=True)
     if launch_env().rank == 0 and args.json:
         with open(args.json, "w") as f:
@@ -94,8 +90,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    cfg = _load(args)
     prepare_runtime()
+    cfg = _load(args)
     from .tools.export import export
 
     out = export(cfg, args.out, checkpoint=args.checkpoint, dequantize=args.dequantize)
@@ -231,8 +227,7 @@ def main(argv: list[str] | None = None, options=None) -> None:
             the command line). Default: ``None``.
     """
     argv = sys.argv[1:] if argv is None else argv
-    # transformers warns on import that PyTorch is absent; MLX needs no PyTorch
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    set_library_defaults()
     if argv[:1] == ["launch"]:
         from .cluster.launch import main as launch_main
 

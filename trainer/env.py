@@ -10,8 +10,11 @@ Launchers tell each rank where it stands through environment variables:
 * ``mpirun`` sets ``OMPI_COMM_WORLD_RANK``/``_SIZE`` (or ``PMI_RANK``/``_SIZE``).
 
 This module is the only one that reads them; every other module asks
-:func:`launch_env`. It imports nothing but the standard library, so the CLI can
-use it before MLX is loaded.
+:func:`launch_env`. It is also the one place that writes the process's
+environment (:func:`set_library_defaults`, :func:`use_kernel_toolchain`,
+:func:`drop_blank_hostfile`, :func:`consume_hostfile`), so what mlx-dp changes
+of the process it runs in can be read in one sitting. It imports nothing but
+the standard library, so the CLI can use it before MLX is loaded.
 """
 
 import json
@@ -174,6 +177,20 @@ def drop_blank_hostfile() -> None:
     """Forget a blank MLX_HOSTFILE (``mlx.launch -n 1``): MLX would try to parse it, and one rank needs no ring."""
     if launch_env().hostfile_blank:
         os.environ.pop("MLX_HOSTFILE", None)
+
+
+def set_library_defaults() -> None:
+    """Quieter libraries, where the user set nothing: transformers warns on import that PyTorch is absent
+    (MLX needs none), and tokenizers warns, then slows down, when a process forks after using it."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def use_kernel_toolchain(bin_dir, tmp_dir) -> None:
+    """``MLX_DP_JIT=avx2`` (opt-in, said at start): MLX finds our ``g++`` wrapper first on ``PATH`` and
+    compiles its kernels into our private ``TMPDIR`` (``trainer.tools.fastjit``)."""
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["TMPDIR"] = str(tmp_dir)
 
 
 # ---------------------------------------------------------------------------- restarts (mlx-dp launch --restarts)

@@ -51,7 +51,7 @@ class PassThroughReducer:
 class AverageGradientsReducer:
     """``mlx.nn.average_gradients`` behind the reducer interface: the baseline of ``bench comm``.
 
-    It averages rather than sums (``averages = True``: ``run_update`` then
+    It averages rather than sums (``averages = True``: ``Step`` then
     scales the loss by the world size, so the update is the same), and it
     reduces in parameter order inside the step's graph, after backward.
 

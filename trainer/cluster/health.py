@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from .. import parallel
+from .. import log, parallel
 from ..env import REPORT_MARKER, launch_env, restart_env
 from . import status as status_file
 
@@ -172,13 +172,9 @@ def _on_signal(signum, frame) -> None:
         raise KeyboardInterrupt  # second Ctrl-C: stop now
     _state["stop"] = True
     _state["signal"] = _state["signal"] or signum
-    world = _state["world"]
-    if world is not None and world.is_main:
-        try:
-            print(f"\n[mlx-dp] {signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
-                  "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
-        except OSError:
-            pass
+    if _state["world"] is not None:
+        log.urgent(f"{signal.Signals(signum).name}: stopping after this update and saving a checkpoint "
+                   "(Ctrl-C again to abort)")
 
 
 def report_failure(reason: str, blamed=(), connecting: bool = False, final: bool = False) -> None:
@@ -203,7 +199,7 @@ def report_failure(reason: str, blamed=(), connecting: bool = False, final: bool
 
 
 def _hard_exit(message: str, state: str = "failed", code: int = WATCHDOG_EXIT) -> None:
-    print(f"[mlx-dp] {message}", file=sys.stderr, flush=True)
+    log.each(message, name_rank=False)  # the message names the rank and its host
     report_failure(message)
     status(_state["world"], _state["run_dir"], state, step=_state["step"], reason=message)
     os._exit(code)
@@ -342,5 +338,5 @@ def uninstall() -> None:
         peers.close()
         _state["peers"] = None
         if peers.strangers:
-            print(f"[mlx-dp] rank {peers.world.rank}: the heartbeat channel dropped {peers.strangers} connection(s) "
-                  "or line(s) that did not come from this job", file=sys.stderr, flush=True)
+            log.each(f"the heartbeat channel dropped {peers.strangers} connection(s) or line(s) that did not come "
+                     "from this job")

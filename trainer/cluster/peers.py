@@ -40,10 +40,10 @@ import json
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 
+from .. import log
 from ..env import launch_env
 
 INTERVAL_S = 0.5
@@ -201,9 +201,8 @@ class PeerMonitor:
             self.strangers += 1
             first = self.strangers == 1
         if first:
-            print(f"[mlx-dp] rank {self.world.rank}: the heartbeat channel dropped a connection or line that did not "
-                  "come from this job (it does not know the job's secret); later ones are only counted",
-                  file=sys.stderr, flush=True)
+            log.each("the heartbeat channel dropped a connection or line that did not come from this job (it does "
+                     "not know the job's secret); later ones are only counted")
 
     def _refuse(self, conn: socket.socket) -> None:
         self._stranger()

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import log
 from ..state.checkpoint import process_alive
 from ..env import restart_env
 from ..errors import CheckpointError
@@ -167,7 +168,7 @@ def acquire_for_group(world, run_dir: Path) -> tuple[RunLock | None, str]:
         try:
             lock, note = acquire(run_dir)
             if note:
-                print(f"[mlx-dp] note: {note}", flush=True)
+                log.note(note)
         except CheckpointError as e:
             error = e
     token = lock.run_id.encode() if lock else b""

@@ -40,11 +40,11 @@ records fit in its own blocks: on a full disk a record is rewritten in place
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
+from .. import log
 from ..state.checkpoint import process_alive
 from ..env import launch_env, restart_env
 from . import runlock
@@ -136,8 +136,7 @@ def write(world, run_dir: Path, state: str, step: int = 0, reason: str | None = 
         allowed, why = may_write(Path(run_dir), state, rank, consequence)
         if not allowed:
             if (state == "failed" and rank != 0) or "already records" in why or "keeps the earlier" in why:
-                print(f"[mlx-dp] rank {rank}: not recording '{state}' in {run_dir}/{STATUS}: {why}", file=sys.stderr,
-                      flush=True)
+                log.each(f"not recording '{state}' in {run_dir}/{STATUS}: {why}")
             return False
         now = time.time()
         record = {"state": state, "step": step, "rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
@@ -183,7 +182,7 @@ def _store(path: Path, record: dict, rank: int) -> bool:
     except OSError as e:
         if _write_in_place(path, record):
             return True
-        print(f"[mlx-dp] rank {rank}: could not write {path}: {e.strerror or e}", file=sys.stderr, flush=True)
+        log.each(f"could not write {path}: {e.strerror or e}")
         return False
 
 

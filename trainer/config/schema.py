@@ -339,12 +339,6 @@ class Config:
         if self.parallel.shard_optimizer and self.training.optimizer == "adafactor":
             raise ConfigError("parallel.shard_optimizer needs an element-wise optimizer (adamw, adam or sgd); "
                               "adafactor factors each matrix's statistics by rows and columns")
-        if self.method.objective != "sft" and self.data.format != "auto":
-            raise ConfigError(f"data.format={self.data.format} names a next-token format; with method.objective="
-                              f"{self.method.objective} rows are preference pairs (keep data.format=auto)")
-        if self.method.objective != "sft" and self.data.packing:
-            raise ConfigError(f"data.packing packs samples of next-token data; method.objective="
-                              f"{self.method.objective} trains on whole pairs, so set data.packing=false")
         if self.method.type == "full" and self.method.dropout:
             raise ConfigError("method.dropout applies to adapters; set it to 0 for method.type=full")
 

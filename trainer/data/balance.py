@@ -1,7 +1,7 @@
 """Speed-balanced ranks: how many rows of each global micro-batch each rank computes.
 
 The loss of an update is a sum of token losses divided by the token count of
-the whole global batch (``trainer.step.grads``), so a global micro-batch may be
+the whole global batch (``trainer.step.step``), so a global micro-batch may be
 split across ranks unevenly and the update stays exactly the one a single
 process computes on the whole batch. A faster Mac can therefore take more
 rows, and every rank finishes its backward at about the same time.
@@ -11,7 +11,7 @@ rows, and every rank finishes its backward at about the same time.
 * ``off``: every rank takes ``training.batch_size`` rows (the even split);
 * a list of relative speeds, one per rank: a fixed split in proportion;
 * ``auto``: each rank measures its own compute time (forward and backward,
-  no communication, see ``run_update(measure=...)``) on a few updates, the
+  no communication, see ``Step(measure=...)``) on a few updates, the
   times travel to every rank with the gradients, and all ranks derive the same
   split from the same numbers. It is re-measured every
   :data:`REMEASURE_EVERY` updates, because another job can slow one Mac.

@@ -43,7 +43,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 _MASKED = -1e30  # a masked score; exp(_MASKED - max) is exactly 0 in float32
-_state = {"on": False}
 
 
 def resolve(setting) -> bool:
@@ -51,11 +50,6 @@ def resolve(setting) -> bool:
     if setting == "auto":
         return mx.default_device().type == mx.cpu
     return bool(setting)
-
-
-def enabled() -> bool:
-    """Whether the loss and attention use this module (set by :func:`use_fused`)."""
-    return _state["on"]
 
 
 # ---------------------------------------------------------------------------- SwiGLU
@@ -159,12 +153,12 @@ def attention(queries, keys, values, scale: float, mask, block: int) -> mx.array
 
 
 def use_fused(model: nn.Module, on: bool) -> list[str]:
-    """Route ``model``'s SwiGLU and the trainer's loss through this module (``on``), or back.
+    """Route ``model``'s SwiGLU through this module (``on``), or back.
 
-    ``trainer.model.attention.use_blocks`` handles the attention side. Only this
-    model's modules change (``trainer.model.routing``: never mlx-lm's module
-    globals); the loss choice is this module's own (:func:`enabled`, read by
-    ``trainer.step.grads``). A compiled step keeps what was set when it was traced.
+    ``trainer.model.attention.use_blocks`` handles the attention side, and the
+    run's loss is its own choice (``trainer.objectives.base.TokenLoss``). Only
+    this model's modules change (``trainer.model.routing``: never mlx-lm's
+    module globals). A compiled step keeps what was set when it was traced.
 
     Returns:
         list[str]: The mlx-lm model modules whose ``swiglu`` is now :func:`swiglu`.
@@ -173,5 +167,4 @@ def use_fused(model: nn.Module, on: bool) -> list[str]:
 
     from .routing import route
 
-    _state["on"] = bool(on)
     return route(model, {"swiglu": activations.swiglu}, {"swiglu": swiglu} if on else {})

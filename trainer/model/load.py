@@ -146,13 +146,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, get_total_parameters(model)
 
 
-def enable_grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each transformer block in backward (mlx-lm's implementation)."""
-    from mlx_lm.tuner.trainer import grad_checkpoint
-
-    grad_checkpoint(model.layers[0])
-
-
 def backward_order(model: nn.Module, inputs: mx.array) -> list[str]:
     """Trainable parameter names in the order backward produces their gradients.
 

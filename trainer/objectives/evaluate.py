@@ -1,19 +1,16 @@
-"""Distributed evaluation: token-weighted loss (and greedy exact match) over a split, sharded across ranks.
+"""Distributed evaluation: an objective's sums over a split, sharded across ranks; greedy exact match.
 
-Each rank scores its rows of fixed, length-sorted global batches; loss sums
-are summed over ranks and divided by the global token count, so the result is
-what one process scoring the whole split would report. Preference pairs are
-scored the same way with their objective's sums, divided by the global pair
-and token counts (:func:`evaluate_pairs`).
+Each rank scores its rows of fixed, length-sorted global batches with the
+objective's own loss; the sums are summed over ranks and divided by the
+global counts, so the result is what one process scoring the whole split
+would report.
 """
 
 import math
 
 import mlx.core as mx
 
-from ..data.batches import epoch_batches, make_batch
-from ..data.pair_batches import make_pair_batch
-from ..step.grads import make_eval_loss, to_arrays
+from ..data.batches import epoch_batches
 
 
 def eval_batches(split, per_rank_batch: int, world_size: int, max_batches: int | None = None):
@@ -22,40 +19,71 @@ def eval_batches(split, per_rank_batch: int, world_size: int, max_batches: int |
     return batches if max_batches is None else batches[:max_batches]
 
 
-def evaluate_loss(world, model, split, per_rank_batch: int, pad_multiple: int,
-                  max_batches: int | None = None, progress=None) -> dict:
-    """Token-weighted loss and perplexity of ``model`` on ``split``.
+def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
+                  max_batches: int | None = None, progress=None) -> tuple[list, list]:
+    """The objective's statistics summed over a split and over ranks, and this rank's batches.
 
     Args:
         world (trainer.parallel.World): The group; every rank must call this.
         model: The model (switched to eval mode for the duration).
-        split (trainer.data.tokenized.TokenizedSplit): Validation or test data.
-        per_rank_batch (int): Rows per rank per batch.
+        split: Validation or test data the objective batches (``objective.batch``).
+        objective (trainer.objectives.base.Objective): Whose loss is scored.
+        per_rank_batch (int): Items per rank per batch.
         pad_multiple (int): Padding granularity.
         max_batches (int | None): Score only the first N global batches. Default: ``None``.
         progress (callable | None): Called once per batch (e.g. a tqdm update). Default: ``None``.
 
     Returns:
-        dict: ``loss``, ``perplexity``, ``tokens`` (global) and ``batches``.
+        tuple: ``(sums, batches)``: the statistics summed over ranks, and this rank's
+        batches (their global counts are every rank's).
     """
     was_training = model.training
     model.eval()
-    loss_fn = make_eval_loss(model)
-    total = mx.array(0.0, mx.float32)
-    tokens = 0
-    batches = eval_batches(split, per_rank_batch, world.size, max_batches)
-    for indices in batches:
-        batch = make_batch(split, indices, world.rank, world.size, per_rank_batch, pad_multiple)
-        total = total + loss_fn(*to_arrays(batch))
-        tokens += batch.global_tokens
+    # The loss's statistics, unscaled: its first is the loss sum.
+    stats_fn = mx.compile(lambda *arrays: objective.loss(model, mx.ones(2), *arrays)[1], inputs=[model.state],
+                          outputs=[model.state])
+    total = mx.zeros(len(objective.stats), mx.float32)
+    batches = []
+    for indices in eval_batches(split, per_rank_batch, world.size, max_batches):
+        batch = objective.batch(split, indices, world.rank, world.size, per_rank_batch, pad_multiple)
+        total = total + stats_fn(*objective.arrays(batch))
+        batches.append(batch)
         mx.eval(total)  # note: sync point per batch keeps memory at one batch
         if progress is not None:
             progress()
-    loss_sum = world.all_sum([total.item()], phase="eval")[0]
+    sums = world.all_sum(total.tolist(), phase="eval")  # note: sync point (already evaluated), then a collective
     if was_training:
         model.train()
-    loss = loss_sum / max(tokens, 1)
+    return sums, batches
+
+
+def evaluate_loss(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
+                  max_batches: int | None = None, progress=None) -> dict:
+    """Token-weighted loss and perplexity of ``model`` on ``split`` (next-token objectives).
+
+    Returns:
+        dict: ``loss``, ``perplexity``, ``tokens`` (global) and ``batches``.
+    """
+    sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress)
+    tokens = sum(b.global_tokens for b in batches)
+    loss = sums[0] / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "batches": len(batches)}
+
+
+def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
+                   max_batches: int | None = None, progress=None) -> dict:
+    """A preference objective's loss and metrics of ``model`` on a split of pairs.
+
+    Returns:
+        dict: ``loss`` and the objective's metrics (``preference_accuracy``:
+        the share of pairs whose chosen answer the model finds likelier than
+        the rejected one, a tie counting half; ``reward_accuracy``,
+        ``reward_margin``, ``chosen_logp``, ...), plus ``pairs`` and ``batches``.
+    """
+    sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress)
+    metrics = objective.summary(sums, 0, objective.counts(batches))
+    metrics["loss"] = metrics.pop("train_loss")
+    return {**metrics, "batches": len(batches)}
 
 
 def exact_match(world, model, tokenizer, split, max_new_tokens: int, max_samples: int | None = None,
@@ -95,56 +123,3 @@ def exact_match(world, model, tokenizer, split, max_new_tokens: int, max_samples
             progress()
     total = world.all_sum([float(matches)], phase="eval")[0]
     return {"exact_match": total / max(len(indices), 1), "matches": int(total), "samples": len(indices)}
-
-
-def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                   max_batches: int | None = None, progress=None) -> dict:
-    """The preference objective's loss and metrics of ``model`` on a split of pairs.
-
-    Args:
-        world (trainer.parallel.World): The group; every rank must call this.
-        model: The model (switched to eval mode for the duration).
-        split (trainer.data.pairs.PairSplit): Validation or test pairs (with
-            reference log-probs for DPO).
-        objective (trainer.objectives.base.Preference): DPO or ORPO.
-        per_rank_batch (int): Pairs per rank per batch.
-        pad_multiple (int): Padding granularity.
-        max_batches (int | None): Score only the first N global batches. Default: ``None``.
-        progress (callable | None): Called once per batch. Default: ``None``.
-
-    Returns:
-        dict: ``loss`` and the objective's metrics (``preference_accuracy``:
-        the share of pairs whose chosen answer the model finds likelier than
-        the rejected one, a tie counting half; ``reward_accuracy``,
-        ``reward_margin``, ``chosen_logp``, ...), plus ``pairs`` and ``batches``.
-    """
-    was_training = model.training
-    model.eval()
-    stats_fn = mx.compile(lambda *arrays: objective.loss(model, mx.zeros(2), *arrays)[1], inputs=[model.state],
-                          outputs=[model.state])
-    total = mx.zeros(len(objective.stats), mx.float32)
-    batches = eval_batches(split, per_rank_batch, world.size, max_batches)
-    micro = []
-    for indices in batches:
-        batch = make_pair_batch(split, indices, world.rank, world.size, per_rank_batch, pad_multiple)
-        total = total + stats_fn(*objective.arrays(batch))
-        micro.append(batch)
-        mx.eval(total)  # note: sync point per batch keeps memory at one batch
-        if progress is not None:
-            progress()
-    sums = world.all_sum(total.tolist(), phase="eval")  # note: sync point (already evaluated), then a collective
-    if was_training:
-        model.train()
-    counts = objective.counts(micro)
-    metrics = objective.summary(sums, 0, counts)
-    metrics["loss"] = metrics.pop("train_loss")
-    return {**metrics, "pairs": counts["pairs"], "batches": len(batches)}
-
-
-def validation(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-               max_batches: int | None = None) -> dict:
-    """The ``metrics.jsonl`` record of one validation: ``val_loss`` (and ``val_<metric>`` for pairs)."""
-    if not getattr(objective, "preference", False):
-        return {"val_loss": evaluate_loss(world, model, split, per_rank_batch, pad_multiple, max_batches)["loss"]}
-    result = evaluate_pairs(world, model, split, objective, per_rank_batch, pad_multiple, max_batches)
-    return {f"val_{k}": v for k, v in result.items() if k not in ("pairs", "batches")}

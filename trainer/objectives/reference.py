@@ -39,7 +39,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .base import sequence_logps
+from .. import log
+from .base import TokenLoss, sequence_logps
 from ..data.pair_batches import make_pair_batch
 
 REFERENCE_VERSION = 1
@@ -127,7 +128,7 @@ def chunks(split) -> list[np.ndarray]:
     return [order[i:i + CHUNK_PAIRS] for i in range(0, len(order), CHUNK_PAIRS)]
 
 
-def compute(world, model, split, pad_multiple: int) -> np.ndarray:
+def compute(world, model, split, pad_multiple: int, nll: TokenLoss | None = None) -> np.ndarray:
     """Reference log-probs of every pair, ``(pairs, 2)`` float32, sharded over ranks (a collective).
 
     Args:
@@ -135,6 +136,7 @@ def compute(world, model, split, pad_multiple: int) -> np.ndarray:
         model: The model before tuning (adapters at their initial values or absent).
         split (trainer.data.pairs.PairSplit): The pairs.
         pad_multiple (int): Padding granularity (``data.pad_multiple``).
+        nll (TokenLoss | None): How token losses are computed (the run's kernels). Default: MLX's own.
     """
     values = np.zeros((len(split), 2), np.float32)
     was_training = model.training
@@ -145,7 +147,7 @@ def compute(world, model, split, pad_multiple: int) -> np.ndarray:
                 if k % world.size != world.rank:
                     continue
                 batch = make_pair_batch(split, indices, 0, 1, len(indices), pad_multiple)
-                logps = sequence_logps(model, mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+                logps = sequence_logps(model, mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), nll)
                 logps = np.array(logps)  # note: sync point per chunk keeps memory at one chunk
                 values[indices, 0], values[indices, 1] = logps[:len(indices)], logps[len(indices):]
     finally:
@@ -173,7 +175,7 @@ def _read(path: Path, pairs: int) -> np.ndarray | None:
     return values if values.shape == (pairs, 2) and values.dtype == np.float32 else None
 
 
-def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, note=print) -> dict:
+def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nll: TokenLoss | None = None) -> dict:
     """Give every pair split its reference log-probs, from the cache or computed (sharded) and cached.
 
     Every rank must call this with the model *before* any update or
@@ -187,8 +189,8 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, no
         splits (dict[str, PairSplit]): The splits to fill in place.
         cache_dir (str | None): ``data.cache_dir``.
         settings (dict): What else changes the values (resolved attention
-            block, fused exp, padding multiple).
-        note (callable): Prints a line for people. Default: ``print``.
+            block, fused exp, padding multiple, the BLAS that multiplies).
+        nll (TokenLoss | None): How token losses are computed. Default: MLX's own.
 
     Returns:
         dict: Per split name, ``"cached"`` or ``"computed"``, and its cache file.
@@ -200,9 +202,9 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, no
         values = _read(path, len(split))
         everywhere = world.all_sum([0.0 if values is None else 1.0], phase="reference")[0] == world.size
         if not everywhere:
-            note(f"[mlx-dp] reference log-probs of {len(split)} {name} pairs: computing them once, over "
+            log.info(f"reference log-probs of {len(split)} {name} pairs: computing them once, over "
                  f"{world.size} rank(s), with the model before tuning")
-            values = compute(world, model, split, settings.get("pad_multiple", 16))
+            values = compute(world, model, split, settings.get("pad_multiple", 16), nll)
             _write(path, values)
         split.reference = values
         done[name] = {"reference": "cached" if everywhere else "computed", "file": str(path)}

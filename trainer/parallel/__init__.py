@@ -18,6 +18,6 @@ It depends only on MLX, the standard library and ``trainer.env`` (what the
 launcher set).
 """
 
-from .buckets import MiB, Bucket, GradientReducer, plan_buckets, plan_digest  # noqa: F401
+from .buckets import MiB, Bucket, GradientReducer, Reducer, plan_buckets, plan_digest  # noqa: F401
 from .placement import Placement, settle  # noqa: F401
 from .world import World, check_agreement, digest, init_world, refuse_lone_rank, resolve_backend, set_monitor

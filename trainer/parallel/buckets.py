@@ -6,6 +6,7 @@ exist (see the class docstring).
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import mlx.core as mx
 
@@ -78,6 +79,33 @@ def plan_digest(buckets: list[Bucket]) -> str:
     return digest(*[f"{b.names}|{b.shapes}|{b.dtypes}|{b.comm_dtype}" for b in buckets])
 
 
+class Reducer(Protocol):
+    """What the replicated update (``trainer.step.replicated``) needs of a gradient reducer.
+
+    :class:`GradientReducer` keeps it; so do the lab's baselines, which the
+    benchmarks pass as ``RunOptions.reducer`` (as PyTorch's DDP communication hooks).
+
+    Attributes:
+        world: The group.
+        buckets: The gradient buckets it reduces, in the order backward fills them.
+        averages: It returns means over ranks rather than sums (the loss scale then makes up for it).
+    """
+
+    world: World
+    buckets: list
+    averages: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it sends per update."""
+
+    def check_plan(self) -> None:
+        """Agree with every rank on the bucket plan before any gradient is sent. Blocking."""
+
+    def reduce(self, grads: dict, extra: "mx.array | None" = None, on_dispatch=None) -> tuple:
+        """``(grads summed over ranks, extra summed or None)``, lazy; ``grads`` is emptied as it goes."""
+
+
 class GradientReducer:
     """Sums gradients over ranks in buckets, overlapping with backward.
 
@@ -102,7 +130,7 @@ class GradientReducer:
     backward is evaluated first and the buckets are reduced afterwards.
 
     Gradients are *summed*, not averaged: the loss is already normalised by
-    the global token count (see ``trainer.step.grads``). Reduced gradients come back
+    the global token count (see ``trainer.step.step``). Reduced gradients come back
     as row-major slices of their bucket, which also spares the optimizer the
     slow strided kernels that the transposed weight gradients of backward need.
 
@@ -118,7 +146,7 @@ class GradientReducer:
         stream (str): ``parallel.comm_stream``: ``"auto"``, ``"separate"`` or ``"default"``. Default: ``"auto"``.
     """
 
-    averages = False  # returns sums over ranks (see run_update's loss scale)
+    averages = False  # returns sums over ranks (see Step: the loss scale)
 
     def __init__(self, world: World, buckets: list[Bucket], overlap: bool = True, stream: str = "auto"):
         self.world = world

@@ -36,6 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import log
 from ..state import checkpoint
 from ..errors import CheckpointError
 
@@ -155,7 +156,7 @@ def pick_shared(world, run_dir: Path, explicit: str | None, job: str = "") -> tu
     have = world.rank == 0 or _holds(path, named["manifest"])
     missing = [r for r, ok in enumerate(world.all_gather_bytes(b"1" if have else b"0", phase="resume")) if ok == b"0"]
     if missing:
-        world.print0(f"[mlx-dp] rank(s) {', '.join(map(str, missing))} do not hold checkpoint {path.name}: "
+        log.info(f"rank(s) {', '.join(map(str, missing))} do not hold checkpoint {path.name}: "
                      "sending them rank 0's copy")
         path = _receive(world, picked.path if world.rank == 0 else None, keep=world.rank in missing)
     if world.rank == 0:

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from .. import log
+
 
 class MetricWindow:
     """One reporting window: updates since the last report.
@@ -39,7 +41,7 @@ class MetricWindow:
         self.counts = {}  # global pairs and answer tokens the statistics divide by
 
     def add(self, out: dict, micro_batches: list, seconds: float) -> None:
-        """Count one update: ``out`` from ``trainer.step.grads.run_update``, this rank's batches, its wall time."""
+        """Count one update: ``out`` from ``trainer.step.step.Step``, this rank's batches, its wall time."""
         import mlx.core as mx
 
         self.loss_sum = self.loss_sum + out["loss_sum"]
@@ -49,18 +51,17 @@ class MetricWindow:
         self.updates += 1
         self.real_tokens += sum(b.real_tokens for b in micro_batches)
         self.cells += sum(b.inputs.shape[0] * (b.inputs.shape[1] + 1) for b in micro_batches)
-        if getattr(out.get("objective"), "preference", False):
-            self.objective = out["objective"]
-            self.stats = out["stats"] if self.stats is None else self.stats + out["stats"]
-            for key, value in out["counts"].items():
-                self.counts[key] = self.counts.get(key, 0) + value
+        self.objective = out["objective"]
+        self.stats = out["stats"] if self.stats is None else self.stats + out["stats"]
+        for key, value in out["counts"].items():
+            self.counts[key] = self.counts.get(key, 0) + value
 
     def skipped(self) -> int:
         """Updates of this window not applied (non-finite). Reads a device value."""
         return int(self.nonfinite.item())  # note: sync point
 
     def summary(self) -> dict:
-        """Loss per token (or the objective's loss and metrics), throughput and padding. Reads device values."""
+        """The objective's loss and metrics, throughput and padding. Reads device values."""
         out = {
             "train_loss": self.loss_sum.item() / max(self.tokens, 1),  # note: sync point
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
@@ -68,10 +69,11 @@ class MetricWindow:
             "tokens": self.tokens,
             "padded_share": round(1 - self.real_tokens / max(self.cells, 1), 4),
         }
-        if getattr(self.objective, "preference", False):
+        if self.objective is not None:
             out.update(self.objective.summary(self.stats.tolist(), self.tokens, self.counts))  # note: sync point
-            out["pairs"] = self.counts["pairs"]
-            out["pairs_per_s"] = self.counts["pairs"] / max(self.seconds, 1e-9)
+            unit = self.objective.unit
+            if unit in self.counts:  # pairs or prompts per second, beside tokens
+                out[f"{unit}_per_s"] = self.counts[unit] / max(self.seconds, 1e-9)
         return out
 
 
@@ -82,9 +84,6 @@ class NullReporter:
         pass
 
     def advance(self, steps: int = 1, postfix: dict | None = None) -> None:
-        pass
-
-    def note(self, text: str) -> None:
         pass
 
     def checkpoint(self, path) -> None:
@@ -123,6 +122,8 @@ class Reporter(NullReporter):
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, leave=True)
+            # rank 0's lines go through the bar while it is open, so they do not break it
+            log.route(lambda text: self.bar.write(text, file=sys.stderr))
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **{k: _jsonable(v) for k, v in record.items()}}
@@ -138,13 +139,6 @@ class Reporter(NullReporter):
                 self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(steps)
 
-    def note(self, text: str) -> None:
-        """Print a line without breaking the bar."""
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, flush=True)
-
     def checkpoint(self, path) -> None:
         if self.wandb is not None:
             step = int(Path(path).name.split("_")[-1])
@@ -153,10 +147,26 @@ class Reporter(NullReporter):
 
     def close(self) -> None:
         if self.bar is not None:
+            log.route(None)
             self.bar.close()
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def open_reporter(run):
+    """Rank 0 reports to the bar, metrics.jsonl and wandb; the other ranks to nothing."""
+    if not run.world.is_main:
+        return NullReporter()
+    cfg, wandb_run = run.cfg, None
+    if cfg.logging.wandb:
+        wandb_run, mode = start_wandb(cfg.logging.wandb_project, cfg.logging.wandb_run_name or run.run_dir.name,
+                                      run.run_dir, {**cfg.to_dict(), "world_size": run.world.size,
+                                                    "global_batch": run.state.global_batch})
+        log.info(f"wandb: {mode} run in {run.run_dir / 'wandb'}"
+                 + (" (no network or login: offline mode)" if mode == "offline" else ""))
+    return Reporter(run.run_dir / "metrics.jsonl", run.total_steps, run.state.step, cfg.logging.progress_bar,
+                    wandb_run)
 
 
 def start_wandb(project: str, run_name: str, run_dir: Path, config: dict):
@@ -170,8 +180,9 @@ def start_wandb(project: str, run_name: str, run_dir: Path, config: dict):
     mode = os.environ.get("WANDB_MODE")
     if mode is None:
         mode = "online" if _wandb_reachable() else "offline"
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config, mode=mode)
+    quiet = os.environ.get("WANDB_SILENT", "true").lower() not in ("false", "0")  # the user's choice wins
+    run = wandb.init(project=project, name=run_name, dir=str(run_dir), config=config, mode=mode,
+                     settings=wandb.Settings(silent=quiet))
     return run, mode
 
 
@@ -188,11 +199,3 @@ def _wandb_reachable(timeout: float = 2.0) -> bool:
         return True
     except OSError:
         return False
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .. import log
 from ..state import checkpoint
 from ..config.load import Config, yaml_load
 from ..errors import CheckpointError, UserError, short
@@ -119,7 +120,7 @@ def check_continuation(cfg: Config, ckpt: checkpoint.Checkpoint, dataset: str, t
 
 
 def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, trainable: dict,
-            dataset: str, allow_changes: bool = False, note=print) -> tuple:
+            dataset: str, allow_changes: bool = False) -> tuple:
     """Load a checkpoint into the model, RNG and data stream; hand back its optimizer state.
 
     Args:
@@ -133,7 +134,6 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
         trainable (dict): The model's trainable parameters (to check shapes).
         dataset (str): Fingerprint of the training split.
         allow_changes (bool): See :func:`check_continuation`. Default: ``False``.
-        note (callable): Prints a line for people (rank 0's print). Default: ``print``.
 
     Returns:
         tuple: ``(TrainingState, optimizer state, Resumed)``; the optimizer
@@ -143,7 +143,7 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
     ckpt, skipped = pick_shared(world, run_dir, resume if isinstance(resume, str) else None,
                                 job=resume.job if isinstance(resume, LaunchCheckpoints) else "")
     for line in skipped:
-        note(f"[mlx-dp] skipping damaged checkpoint {line}")
+        log.info(f"skipping damaged checkpoint {line}")
     saved, path = ckpt.state, ckpt.path
     checkpoint.check_weights_match(ckpt.weights, trainable, path)
     if saved.global_batch != fresh.global_batch and not cfg.parallel.allow_world_size_change:
@@ -154,12 +154,12 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
             "parallel.allow_world_size_change=true")
     changes = check_continuation(cfg, ckpt, dataset, fresh.total_steps, allow_changes)
     if changes:
-        note(f"[mlx-dp] {ALLOW_FLAG}: continuing with {_describe(changes)}")
+        log.info(f"{ALLOW_FLAG}: continuing with {_describe(changes)}")
     if saved.total_steps and saved.total_steps != fresh.total_steps and cfg.training.lr_schedule != "constant":
-        note(f"[mlx-dp] note: the {cfg.training.lr_schedule} schedule now spans {fresh.total_steps} updates "
+        log.note(f"the {cfg.training.lr_schedule} schedule now spans {fresh.total_steps} updates "
              f"(the checkpoint was planned for {saved.total_steps})")
     if saved.step == fresh.total_steps:
-        note(f"[mlx-dp] note: checkpoint {path} is already at update {saved.step} = this run's length; "
+        log.note(f"checkpoint {path} is already at update {saved.step} = this run's length; "
              "nothing left to train")
     model.load_weights(list(ckpt.weights.items()), strict=False)
     # mx.random.state cannot be assigned in mlx 0.32, but its key is two
@@ -168,8 +168,8 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
     mx.random.seed((hi << 32) | lo)
     moved = stream.restore(saved.data)
     if moved:
-        note(f"[mlx-dp] {moved}")
-    note(f"[mlx-dp] resumed from {path} at update {saved.step} (epoch {saved.data.epoch}, batch {saved.data.index})")
+        log.info(f"{moved}")
+    log.info(f"resumed from {path} at update {saved.step} (epoch {saved.data.epoch}, batch {saved.data.index})")
     # This run's shape and provenance, the checkpoint's progress.
     fresh.step, fresh.data, fresh.best, fresh.val_loss = saved.step, stream.position(), saved.best, saved.val_loss
     fresh.balance = saved.balance

@@ -65,16 +65,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temporary file, fsync, rename): a reader sees the old or the new one whole."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(text)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:

@@ -10,7 +10,7 @@ the state per rank falls by the world size. An update:
    gradient norm (for clipping) and the non-finite decision are identical on
    every rank;
 3. applies the optimizer to this rank's weight shards, bucket by bucket
-   (``trainer.step.apply``, as the unsharded update does);
+   (``trainer.step.optimizer.BucketedOptimizer``, as the replicated update does);
 4. all-gathers each updated weight shard into its whole bucket and puts it
    into the model.
 
@@ -18,7 +18,7 @@ The optimizers are mlx.optimizers' own, applied to flat shards, which is exact
 because AdamW, Adam and SGD work element by element; Adafactor factors each
 matrix's second moment by rows and columns, so it cannot be sharded flat.
 
-Checkpoints stay world-size independent: :meth:`ShardedOptimizer.full_state`
+Checkpoints stay world-size independent: :meth:`ShardedUpdate.full_state`
 gathers the shards into the unsharded layout (a collective), which resumes
 sharded or not, on any world size.
 """
@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 from ..errors import ConfigError
 from ..parallel.placement import settle
 from ..parallel.scatter import ShardedReducer
-from .apply import BucketedUpdate, clip_scale
+from .optimizer import BucketedOptimizer, clip_scale
 
 SHARDABLE = (optim.AdamW, optim.Adam, optim.SGD)  # element-wise: a flat shard updates like the whole
 
@@ -40,8 +40,8 @@ def _key(index: int) -> str:
     return f"bucket{index}"
 
 
-class ShardedOptimizer:
-    """This rank's optimizer state, weight shards and the sharded update.
+class ShardedUpdate:
+    """This rank's optimizer state and weight shards, and the update that reduce-scatters into them.
 
     Args:
         model (nn.Module): The model; its trainable parameters are updated in place.
@@ -64,7 +64,7 @@ class ShardedOptimizer:
         if saved_state is not None:
             self._load_full_state(saved_state)
         optimizer.init(self.shards)
-        self._bucketed = BucketedUpdate(optimizer, [[_key(i)] for i in range(len(self.plan.buckets))])
+        self._bucketed = BucketedOptimizer(optimizer, [[_key(i)] for i in range(len(self.plan.buckets))])
 
     def _weight_shards(self) -> dict:
         """This rank's shard of each bucket's weights, flat (copies of the model's)."""
@@ -77,11 +77,33 @@ class ShardedOptimizer:
         mx.eval(out)  # note: sync point, once at start: the copies, not the whole flat buckets, stay
         return out
 
-    def apply(self, shards: list, loss_sum: mx.array, norm_squared: mx.array):
+    def describe(self) -> str:
+        return "reduce-scattered"
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: its shards."""
+        return sum(v.nbytes for _, v in tree_flatten(self.optimizer.state))
+
+    def apply(self, grads: dict, extra: mx.array, loss_terms: int) -> tuple:
+        """Reduce-scatter ``grads`` (flat, emptied as it goes), sum ``extra`` over ranks, then update.
+
+        Each rank gets its shard of every bucket summed; the global norm is the sum of the
+        ranks' squared shards, which rides in the one small all_sum with ``extra``.
+
+        Returns:
+            tuple: ``(extra summed, norm, finite)``, as ``ReplicatedUpdate.apply``.
+        """
+        shards = self.reducer.reduce_scatter(grads)
+        squares = sum(mx.square(s.astype(mx.float32)).sum() for s in shards)
+        extra = self.reducer.sum_small(mx.concatenate([extra, squares.reshape(1)]))
+        norm, finite = self._apply(shards, extra[:loss_terms].sum(), extra[-1])  # note: syncs per bucket
+        return extra[:-1], norm, finite
+
+    def _apply(self, shards: list, loss_sum: mx.array, norm_squared: mx.array):
         """Update this rank's shards and gather every rank's into the model, bucket by bucket.
 
         Each bucket is evaluated before the next, so old and new weights and
-        moments coexist for one bucket at a time (``trainer.step.apply``).
+        moments coexist for one bucket at a time (``trainer.step.optimizer``).
 
         Returns:
             tuple: ``(norm, finite)``, evaluated.

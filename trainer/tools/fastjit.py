@@ -38,6 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..env import use_kernel_toolchain
 from ..errors import UserError
 from .fastblas import cache_dir
 
@@ -138,8 +139,7 @@ def enable() -> None:
     if Path(gxx).resolve() != (bin_dir / "g++").resolve():
         _wrapper(bin_dir, gxx)
     tempfile.tempdir = tempfile.gettempdir()  # Python's temporary files stay where they were
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ["TMPDIR"] = str(root)
+    use_kernel_toolchain(bin_dir, root)
     _state["active"] = True
     _check_against_mlx()
 

@@ -86,8 +86,10 @@ def model_bytes(cfg) -> tuple[int, int, dict]:
 
 
 def rows_per_micro_batch(cfg) -> int:
-    """Sequences per rank per micro-batch: ``batch_size``, or twice that for preference pairs."""
-    return cfg.training.batch_size * (1 if cfg.method.objective == "sft" else 2)
+    """Model rows per rank per micro-batch: ``batch_size`` items of the objective's rows each (a pair: 2)."""
+    from ..objectives.registry import objective_class
+
+    return cfg.training.batch_size * objective_class(cfg).rows_per_item
 
 
 def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
@@ -154,7 +156,8 @@ def header_line(path) -> str:
     the figures a user reads in a recipe are the ones ``mlx-dp recipes memory`` prints.
     """
     from ..config.load import load_config
-    from ..run.report import format_bytes
+    from ..log import format_bytes
+    from ..objectives.registry import objective_class
 
     cfg = load_config(path)
     sizes = model_bytes(cfg)
@@ -165,7 +168,8 @@ def header_line(path) -> str:
         f"at {max(WORLD_SIZES)} ranks with parallel.shard_optimizer, a {sharded} GB Mac" if sharded else
         f"over {int(USABLE * MACS_GB[-1])} GB: lower batch_size or max_seq_length")
     b, s = cfg.training.batch_size, cfg.data.max_seq_length
-    batch = f"batch {b}" if cfg.method.objective == "sft" else f"batch {b} pairs ({2 * b} rows)"
+    rows = rows_per_micro_batch(cfg)
+    batch = f"batch {b}" if rows == b else f"batch {b} {objective_class(cfg).unit} ({rows} rows)"
     return (f"{HEADER} (mlx-dp recipes memory; worst case, every row {s} tokens at {batch}): "
             f"{format_bytes(one.total - one.activations)} weights, gradients and optimizer state + "
             f"{format_bytes(one.activations)} activations per rank; {where}.")

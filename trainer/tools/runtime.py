@@ -4,10 +4,10 @@ Shared by ``trainer.cli`` and the benchmarks that build a training run
 (``trainer.bench.profile``), so neither imports the other.
 """
 
-import os
 import sys
 
-from ..env import launch_env
+from .. import log
+from ..env import launch_env, set_library_defaults
 from ..errors import Stopped, UserError
 
 MAX_ERROR_CHARS = 1000
@@ -23,9 +23,8 @@ def prepare_runtime() -> None:
     if not fastjit.active() == "avx2":  # fastjit keeps MLX's kernels in mlx-dp's own private cache
         check_mlx_kernels(trusted)
     for note in filter(None, notes):
-        if env.rank == 0:
-            print(f"[mlx-dp] {note}", flush=True)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        log.info(note)
+    set_library_defaults()
 
 
 def check_mlx_kernels(trusted) -> None:

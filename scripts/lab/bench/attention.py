@@ -1,7 +1,7 @@
 """``lab bench attention``: the training step with attention in query blocks, against whole rows.
 
 For each row width it times the trainer's own compiled forward+backward
-(``StepFunctions.grads``, the recipe's model and method) with MLX's own ops
+(``trainer.step.step.Gradient``, the recipe's model and method) with MLX's own ops
 (its attention kernel over whole rows, mlx-lm's SwiGLU, MLX's cross-entropy:
 ``training.attention_block: 0``, ``training.fused_exp: false``) and with each
 block size asked for, under the recipe's ``training.fused_exp`` (``auto``: on
@@ -76,7 +76,9 @@ def main(argv: list[str]) -> int:
         from trainer.model import fused
         from trainer.model.attention import use_blocks
         from trainer.model.load import apply_method, load_base
-        from trainer.step.grads import StepFunctions
+        from trainer.objectives.base import TokenLoss
+        from trainer.objectives.sft import SFT
+        from trainer.step.step import Gradient
         from trainer.tools import fastjit
         from trainer.tools.fastblas import active
 
@@ -87,8 +89,8 @@ def main(argv: list[str]) -> int:
         if not use_blocks(model, variants[-1]):
             raise UserError(f"{cfg.model.path}: its attention does not go through mlx-lm's "
                             "scaled_dot_product_attention, so blocks do not apply to it")
-        # One compiled gradient function per variant: a trace keeps the block size it was traced with.
-        fns = {v: StepFunctions(model, optim.SGD(learning_rate=0.0), None) for v in variants}
+        # One compiled gradient function per variant: a trace keeps the block size (and loss) it was traced with.
+        grads = {v: Gradient(model, SFT(cfg.method, TokenLoss(fused=fused_on and v > 0))) for v in variants}
         batch = args.batch or cfg.training.batch_size
         vocab = int(model.args.vocab_size) if hasattr(model, "args") else 1000
         results = []
@@ -106,7 +108,7 @@ def main(argv: list[str]) -> int:
                 use_blocks(model, v, fused=fused_on and v > 0)
                 fused.use_fused(model, fused_on and v > 0)
                 start = time.perf_counter()
-                mx.eval(fns[v].grads(scale, *arrays))
+                mx.eval(grads[v](scale, *arrays))
                 return time.perf_counter() - start
 
             for v in variants:

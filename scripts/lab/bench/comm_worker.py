@@ -1,7 +1,7 @@
 """One rank of ``lab bench comm`` (see ``lab.bench.comm``).
 
 Run by the benchmark's launcher, never by hand. Every variant times the
-trainer's own update (``trainer.step.grads.run_update``) with a different
+trainer's own update (``trainer.step.step.Step``) with a different
 reducer from ``trainer.parallel``; only the reducer differs. Rank 0
 writes the JSON that the parent process reads.
 """
@@ -31,7 +31,9 @@ def worker(spec_path: str) -> int:
     from trainer.model.load import backward_order, trainable_parameters
     from lab.reducers import AverageGradientsReducer, LocalReducer, PassThroughReducer
     from trainer.parallel import GradientReducer, init_world, plan_buckets
-    from trainer.step.grads import StepFunctions, make_eval_loss, run_update, to_arrays
+    from trainer.objectives.sft import SFT
+    from trainer.step.replicated import ReplicatedUpdate
+    from trainer.step.step import Gradient, Step
 
     spec = json.load(open(spec_path))
     world = init_world()
@@ -41,19 +43,21 @@ def worker(spec_path: str) -> int:
     n_params = sum(v.size for v in params.values())
     grad_bytes = sum(v.nbytes for v in params.values())
     optimizer = optim.AdamW(1e-6, weight_decay=0.0)
-    forward = make_eval_loss(model)
+    objective = SFT(None)
+    forward = mx.compile(lambda *a: objective.loss(model, mx.array(1.0), *a)[1], inputs=[model.state],
+                         outputs=[model.state])
     vocab = model.args.vocab_size if hasattr(model, "args") else 256
     tokens = np.random.default_rng(world.rank).integers(0, vocab, (spec["batch"], spec["seq"] + 1)).astype(np.int32)
     batch = Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=np.ones((spec["batch"], spec["seq"]), np.float32),
                   tokens=spec["batch"] * spec["seq"], global_tokens=spec["batch"] * spec["seq"] * world.size,
                   indices=np.arange(spec["batch"]), real_tokens=tokens.size)
-    arrays = to_arrays(batch)
+    arrays = objective.arrays(batch)
     order = backward_order(model, arrays[0])
     buckets = plan_buckets(order, {k: v.shape for k, v in params.items()}, {k: v.dtype for k, v in params.items()},
                            int(spec["bucket_mb"] * MiB), int(spec["first_bucket_mb"] * MiB))
     del params  # holding the first weights would keep a second copy alive once the updates replace them
-    # the update is applied bucket by bucket, as in training
-    fns = StepFunctions(model, optimizer, max_grad_norm=None, groups=[list(b.names) for b in buckets])
+    groups = [list(b.names) for b in buckets]  # the update is applied bucket by bucket, as in training
+    gradient = Gradient(model, objective)
     stream = world.placement.resolve(spec["comm_stream"])
     reducers = {"serial": GradientReducer(world, buckets, overlap=False, stream=stream),
                 "overlap": GradientReducer(world, buckets, overlap=True, stream=stream),
@@ -63,15 +67,20 @@ def worker(spec_path: str) -> int:
                 "average_gradients": AverageGradientsReducer(world),
                 "unbucketed": PassThroughReducer(world)}  # compute only, gradients as backward returns them
     reducers["overlap"].check_plan()
+    # One step per reducer, sharing the compiled gradient and the optimizer: only the reducer differs.
+    steps = {name: Step(model, objective, ReplicatedUpdate(model, optimizer, r, None, groups=groups), gradient)
+             for name, r in reducers.items()}
 
     def step(variant: str, reducer=None):
         if variant == "forward":
             mx.eval(forward(*arrays))
             return
         if variant == "backward":  # forward + backward, no reduction or update
-            mx.eval(fns.grads(mx.array(1.0), *arrays))
+            mx.eval(gradient(mx.array(1.0), *arrays))
             return
-        out = run_update(fns, reducer or reducers[variant], [batch])
+        run = steps[variant] if reducer is None else \
+            Step(model, objective, ReplicatedUpdate(model, optimizer, reducer, None, groups=groups), gradient)
+        out = run([batch])
         mx.eval(model.state, optimizer.state, out["loss_sum"], out["grad_norm"])  # note: the step's sync point
 
     measured = list(VARIANTS) + ["forward", "backward", "unbucketed"]
@@ -152,6 +161,7 @@ class _TimedReducer:
 
     def __init__(self, reducer, order: list[str], t0: float):
         self.reducer, self.world, self.averages = reducer, reducer.world, reducer.averages
+        self.buckets = reducer.buckets
         self.order, self.t0 = order, t0
         self.events, self.threads, self.last_grad = {}, [], None
 

@@ -85,9 +85,8 @@ def profile_updates(run, updates: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from trainer.step.grads import to_arrays
-
-    fns, reducer, stream, accum = run.fns, run.reducer, run.stream, run.cfg.training.grad_accumulation
+    step, stream, accum = run.step, run.stream, run.cfg.training.grad_accumulation
+    to_arrays, reducer = run.objective.arrays, step.update.reducer
     seen, rows = set(), []
     for _ in range(updates):
         t0 = time.perf_counter()
@@ -102,13 +101,13 @@ def profile_updates(run, updates: int) -> dict:
         scale = mx.array(1.0 / total, mx.float32)
         acc, loss = None, mx.array(0.0, mx.float32)
         for a in arrays:
-            loss_sum, grads = fns.grads(scale, *a)
+            loss_sum, grads = step.grads(scale, *a)
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             loss = loss + loss_sum
             mx.eval(acc, loss)  # note: sync point, to time forward+backward alone
         t2 = time.perf_counter()
         summed, extra = reducer.reduce(dict(tree_flatten(acc)), extra=loss.reshape(1))
-        fns.update(summed, extra[0])
+        step.update._apply(summed, extra[0])  # the replicated update's clip and apply, timed with the reduction
         mx.eval(run.model.state, run.optimizer.state)  # note: sync point, the end of the update
         t3 = time.perf_counter()
         rows.append({"batch": t1 - t0, "fwd_bwd_raw": t2 - t1, "reduce_update": t3 - t2, "new_shape": new,
