@@ -278,7 +278,8 @@ def test_ranks_standing_in_for_missing_ones_train_what_the_full_job_trains(tmp_p
     # SGD, as tests/test_equivalence.py: Adam can flip the sign of an element whose gradient is about zero.
     sections = {"method": {"type": "lora", "rank": 4, "scale": 4.0, "dropout": 0.1},
                 "training": {"steps": 6, "batch_size": 2, "grad_accumulation": 2, "optimizer": "sgd",
-                             "momentum": 0.9, "learning_rate": 0.05}}
+                             "momentum": 0.9, "learning_rate": 0.05},
+                "eval": {"every": 3, "max_batches": 2}}  # a subset of the validation rows: the same one
     two = _uninterrupted(tmp_path, n=2, parallel={"balance": [1.0, 2.0]}, **sections)
     alone = _recipe(tmp_path / "alone", parallel={"balance": [1.0, 2.0]}, **sections)
     result = run([MLX_DP, "train", str(alone)], env={"MLX_DP_NOMINAL_RANKS": "2", "MLX_DP_PRESENT": "0"})
@@ -287,6 +288,8 @@ def test_ranks_standing_in_for_missing_ones_train_what_the_full_job_trains(tmp_p
     # To float rounding: one process adds the micro-batches in another order than two ranks do. Drawing
     # dropout masks other than each rank's own would move the weights far more.
     _assert_same(read_weights(tmp_path / "alone" / "run"), two, rounding=True)
+    assert _val_losses(tmp_path / "alone" / "run") == pytest.approx(_val_losses(tmp_path / "reference" / "run"),
+                                                                    rel=1e-5), "validation scores the same rows"
 
     three = _uninterrupted(tmp_path / "three", n=3, **sections)
     pair = _recipe(tmp_path / "pair", **sections)
@@ -294,6 +297,14 @@ def test_ranks_standing_in_for_missing_ones_train_what_the_full_job_trains(tmp_p
                   "--", MLX_DP, "train", str(pair)], timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_same(read_weights(tmp_path / "pair" / "run"), three, rounding=True)
+    assert _val_losses(tmp_path / "pair" / "run") == pytest.approx(
+        _val_losses(tmp_path / "three" / "reference" / "run"), rel=1e-5)
+
+
+def _val_losses(run_dir) -> list:
+    losses = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+    assert len(losses) == 3, losses  # at the start, at update 3 and at the end
+    return losses
 
 
 @pytest.mark.e2e

@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from mlx.utils import tree_flatten
 
 from conftest import PYTHON, ROOT, TINY_DATA, TINY_MODEL, run, tiny_recipe
 
@@ -112,6 +113,40 @@ def test_model_changes_stay_in_the_models_own_modules():
         attention.use_blocks(model, 0)
         fused.use_fused(model, False)
     assert type(model.layers[0].self_attn) is llama.Attention and type(model.layers[0].mlp) is llama.MLP
+
+
+def test_gradient_checkpointing_one_model_leaves_another_of_its_class_untouched():
+    """training.grad_checkpoint goes through this model's own blocks; mlx-lm's grad_checkpoint rewrote the class."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.models import llama
+
+    from trainer.model.checkpointing import checkpoint_blocks, uncheckpoint_blocks
+
+    model, _ = load(str(TINY_MODEL))
+    other, _ = load(str(TINY_MODEL))
+    call = llama.TransformerBlock.__call__
+    tokens = mx.array([[1, 5, 9, 13, 2, 7] * 6])
+
+    def loss_and_grads(m):
+        return nn.value_and_grad(m, lambda x: m(x).astype(mx.float32).square().mean())(tokens)
+
+    expected = loss_and_grads(model)
+    checkpoint_blocks(model)
+    checkpoint_blocks(model)  # twice is once
+    try:
+        assert llama.TransformerBlock.__call__ is call, "the class everyone shares is untouched"
+        assert type(other.layers[0]) is llama.TransformerBlock, "another model of the same class is untouched"
+        assert type(model.layers[0]) is not llama.TransformerBlock and isinstance(model.layers[0], llama.TransformerBlock)
+        assert type(model.layers[0]).__mro__[1] is llama.TransformerBlock, "checkpointed once, not wrapped twice"
+        got = loss_and_grads(model)
+        assert mx.allclose(got[0], expected[0]).item(), "the same loss, recomputed in backward"
+        for (name, g), (_, e) in zip(tree_flatten(got[1]), tree_flatten(expected[1])):
+            assert mx.allclose(g, e, atol=1e-6).item(), name
+    finally:
+        uncheckpoint_blocks(model)
+    assert type(model.layers[0]) is llama.TransformerBlock
 
 
 # ---------------------------------------------------------------------------- a plain pip install

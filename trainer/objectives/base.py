@@ -134,8 +134,9 @@ class Objective(Protocol):
     def validation_note(self, record: dict) -> str:
         """What the line after a validation says besides the loss (``, preference accuracy 93.0%``)."""
 
-    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches) -> dict:
-        """One validation's ``metrics.jsonl`` record (``val_loss`` first). A collective."""
+    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members) -> dict:
+        """One validation's ``metrics.jsonl`` record (``val_loss`` first), over the nominal ranks' batches
+        (``members``: a ``Membership``), so it scores the same rows however many ranks run. A collective."""
 
     def evaluate(self, world, model, tokenizer, split, cfg) -> dict:
         """``mlx-dp eval``'s result on a split. A collective."""

@@ -20,8 +20,11 @@ def eval_batches(split, per_rank_batch: int, world_size: int, max_batches: int |
 
 
 def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                  max_batches: int | None = None, progress=None) -> tuple[list, list]:
+                  max_batches: int | None = None, progress=None, members=None) -> tuple[list, list]:
     """The objective's statistics summed over a split and over ranks, and this rank's batches.
+
+    The global batches are made for the nominal ranks (``members``), so a run that stands in for
+    missing ranks (``trainer.data.membership``) scores the same rows, also under ``max_batches``.
 
     Args:
         world (trainer.parallel.World): The group; every rank must call this.
@@ -32,11 +35,14 @@ def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multi
         pad_multiple (int): Padding granularity.
         max_batches (int | None): Score only the first N global batches. Default: ``None``.
         progress (callable | None): Called once per batch (e.g. a tqdm update). Default: ``None``.
+        members (trainer.data.membership.Membership | None): The nominal ranks this process
+            computes. Default: ``None`` (every rank runs).
 
     Returns:
         tuple: ``(sums, batches)``: the statistics summed over ranks, and this rank's
         batches (their global counts are every rank's).
     """
+    nominal, hosted = (world.size, (world.rank,)) if members is None else (members.nominal, members.hosted)
     was_training = model.training
     model.eval()
     # The loss's statistics, unscaled: its first is the loss sum.
@@ -44,10 +50,11 @@ def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multi
                           outputs=[model.state])
     total = mx.zeros(len(objective.stats), mx.float32)
     batches = []
-    for indices in eval_batches(split, per_rank_batch, world.size, max_batches):
-        batch = objective.batch(split, indices, world.rank, world.size, per_rank_batch, pad_multiple)
-        total = total + stats_fn(*objective.arrays(batch))
-        batches.append(batch)
+    for indices in eval_batches(split, per_rank_batch, nominal, max_batches):
+        for rank in hosted:
+            batch = objective.batch(split, indices, rank, nominal, per_rank_batch, pad_multiple)
+            total = total + stats_fn(*objective.arrays(batch))
+        batches.append(batch)  # one per global batch: its global counts are what the metrics divide by
         mx.eval(total)  # note: sync point per batch keeps memory at one batch
         if progress is not None:
             progress()
@@ -58,20 +65,21 @@ def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multi
 
 
 def evaluate_loss(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                  max_batches: int | None = None, progress=None) -> dict:
+                  max_batches: int | None = None, progress=None, members=None) -> dict:
     """Token-weighted loss and perplexity of ``model`` on ``split`` (next-token objectives).
 
     Returns:
         dict: ``loss``, ``perplexity``, ``tokens`` (global) and ``batches``.
     """
-    sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress)
+    sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress,
+                                  members)
     tokens = sum(b.global_tokens for b in batches)
     loss = sums[0] / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "batches": len(batches)}
 
 
 def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                   max_batches: int | None = None, progress=None) -> dict:
+                   max_batches: int | None = None, progress=None, members=None) -> dict:
     """A preference objective's loss and metrics of ``model`` on a split of pairs.
 
     Returns:
@@ -80,7 +88,8 @@ def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_mult
         the rejected one, a tie counting half; ``reward_accuracy``,
         ``reward_margin``, ``chosen_logp``, ...), plus ``pairs`` and ``batches``.
     """
-    sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress)
+    sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress,
+                                  members)
     metrics = objective.summary(sums, 0, objective.counts(batches))
     metrics["loss"] = metrics.pop("train_loss")
     return {**metrics, "batches": len(batches)}

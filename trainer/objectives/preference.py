@@ -93,8 +93,8 @@ class Preference(ObjectiveBase):
     def validation_note(self, record: dict) -> str:
         return f", preference accuracy {record['val_preference_accuracy']:.1%}"
 
-    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches) -> dict:
-        result = evaluate_pairs(world, model, split, self, per_rank, pad_multiple, max_batches)
+    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members) -> dict:
+        result = evaluate_pairs(world, model, split, self, per_rank, pad_multiple, max_batches, members=members)
         return {f"val_{k}": v for k, v in result.items() if k not in ("pairs", "batches")}
 
     def evaluate(self, world, model, tokenizer, split, cfg) -> dict:

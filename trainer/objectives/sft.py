@@ -50,8 +50,9 @@ class SFT(ObjectiveBase):
     def summary(self, stats: list, tokens: int, counts: dict) -> dict:
         return {"train_loss": stats[0] / max(tokens, 1)}
 
-    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches) -> dict:
-        return {"val_loss": evaluate_loss(world, model, split, self, per_rank, pad_multiple, max_batches)["loss"]}
+    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members) -> dict:
+        return {"val_loss": evaluate_loss(world, model, split, self, per_rank, pad_multiple, max_batches,
+                                          members=members)["loss"]}
 
     def evaluate(self, world, model, tokenizer, split, cfg) -> dict:
         """Loss and perplexity, and greedy exact match of completion rows (``eval.exact_match``)."""

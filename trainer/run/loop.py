@@ -142,7 +142,7 @@ def validate(run: Run, reporter) -> float | None:
     health.phase("eval", run.state.step)
     e = run.cfg.eval
     record = run.objective.validate(run.world, run.model, split, e.batch_size or run.cfg.training.batch_size,
-                                    run.cfg.data.pad_multiple, e.max_batches)
+                                    run.cfg.data.pad_multiple, e.max_batches, run.membership)
     reporter.log({"step": run.state.step, **record})
     log.info(f"step {run.state.step}: val loss {record['val_loss']:.4f}{run.objective.validation_note(record)}")
     return record["val_loss"]
