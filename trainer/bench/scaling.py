@@ -4,12 +4,10 @@ The recipe trains for a fixed number of optimizer updates at world size 1
 and at N with the same per-rank batch (so N ranks do N times the work per
 update) and the same OpenBLAS threads per rank. The first ``--warmup``
 updates (compilation) are not measured. All of that runs in ``--rounds``
-rounds (1, N, 1, N, ...), and each figure is the median over rounds with its
-spread; a baseline far below its other rounds, a round next to other load, or
-an efficiency above 100% plus the noise is re-measured or marked invalid
-(``trainer/bench/scaling_rounds.py``). Definitions are in
-``trainer/bench/scaling_report.py``. Every rank is started by ``mlx-dp
-launch``, whose own CPU use is measured and reported next to the throughput.
+rounds, world sizes alternating: ``scaling_rounds`` decides which figures to
+trust and combines them, ``scaling_report`` defines them. Every rank is
+started by ``mlx-dp launch``, whose own CPU use is measured and reported next
+to the throughput.
 
 Usage::
 

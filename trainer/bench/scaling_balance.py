@@ -1,15 +1,14 @@
 """``mlx-dp bench scaling --balance off,auto``: the N-rank throughput of each ``parallel.balance`` setting.
 
 A mixed desk cluster (the lab emulates one with ``--slow 1=0.5``: rank 1
-capped at half a core) is where ``parallel.balance: auto`` earns its keep: with an even
-split every update waits for the slow rank. Each setting trains the same
-recipe at N ranks once per round, in turn, so drift hits them alike; each
-ratio against the first setting is taken within a round and reported as the
-median over rounds with its range. Rounds in which other processes took more
-than ``scaling_rounds.DISTURBED`` cores are left out (all of them are used,
-with a note, if every round was disturbed). Next to the throughput: the split
-(rows per rank of the last measured update) and each rank's own
-forward+backward time per update, from the run's metrics.
+capped at half a core) is where ``parallel.balance: auto`` earns its keep:
+with an even split every update waits for the slow rank. Each setting trains
+the same recipe at N ranks once per round, in turn, so drift hits them alike;
+each ratio against the first setting is taken within a round and reported as
+the median over rounds with its range, and disturbed rounds are left out as
+``scaling_rounds`` says. Next to the throughput: the split (rows per rank of
+the last measured update) and each rank's own forward+backward time per
+update, from the run's metrics.
 
 Pure: measurements in, a summary and its table out.
 """

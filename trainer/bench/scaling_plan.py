@@ -65,8 +65,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--max-extra-rounds", type=int, default=2, help="rounds added to re-measure a baseline far "
                    "below its other rounds or an efficiency above 100%% + noise (default 2)")
     # The first updates compile the step once per new sequence-length shape, and at N ranks each
-    # update waits for the slowest rank's compile: on tiny-lora the first ~10 updates of a 2-rank
-    # run were 20-40% slower than later ones, at one rank only the first (measured, 2 cores).
+    # update waits for the slowest rank's compile, so an N-rank run settles later than a 1-rank one
+    # (measured: docs/RESULTS.md, "Tiny LoRA, N=1 and 2 on loopback").
     p.add_argument("--warmup", type=int, default=10, help="unmeasured first updates, compilation included "
                    "(default 10)")
     p.add_argument("--blas-threads", type=int, default=None, help="with MLX_DP_BLAS=openblas: OpenBLAS threads "

@@ -16,8 +16,9 @@ Three things are never reported as results:
   and a note says so;
 * **a baseline far below its own other rounds** (a 1-rank run under
   ``OUTLIER`` x the median of the other rounds, as when two OpenBLAS threads
-  fought a busy relay and one rank fell from 700 to 62 tok/s): the round is
-  left out, named in the notes, and the benchmark measures another one;
+  fought a busy relay and a 1-rank run collapsed: docs/RESULTS.md, "Tiny LoRA,
+  N=1 and 2 on loopback"): the round is left out, named in the notes, and the
+  benchmark measures another one;
 * **an efficiency above 100% plus the measured noise** (the relative spread
   of tokens/s over rounds, at 1 and at N ranks): no real N-rank run beats N
   one-rank runs by more than their noise, so the row is re-measured, and if it

@@ -7,10 +7,8 @@ padding. The row length is chosen from the data unless set
 out) the whole row before it, so rows much longer than the samples spend
 attention on pairs that are then thrown away (attention in query blocks,
 ``trainer.model.attention``, skips the pairs above the diagonal, not those
-across samples below it). About 1.5 times the mean sample was the fastest of
-1.5x, 2x and 3x measured (docs/RESULTS.md). A
-sample longer than the row gets a row of its own. Each row carries a
-segment id per token:
+across samples below it). A sample longer than the row gets a row of its own.
+Each row carries a segment id per token:
 
 * the loss mask is each sample's own mask, and the target that would cross
   into the next sample is excluded;
@@ -31,8 +29,10 @@ import numpy as np
 def pack_length(lengths: np.ndarray, max_seq_length: int, pad_multiple: int) -> int:
     """The packed row length chosen from the data: about 1.5 times the mean sample length.
 
-    One epoch of variable-length text (mean 148 tokens) at 2 ranks, attention in
-    blocks: rows of 1.5x the mean ran 1.07x unpacked, 2x 1.02x, 3x 0.97x.
+    Of rows of 1.5, 2 and 3 times the mean, 1.5 trained an epoch of
+    variable-length text fastest with attention in blocks, and 3 was no faster
+    than no packing (measured: docs/RESULTS.md, "One epoch at N=2 against
+    mlx_lm.lora").
 
     Rounded up so the model input (length - 1) is a multiple of ``pad_multiple``,
     at least the median sample, and capped by ``max_seq_length``.
@@ -138,14 +138,14 @@ def outlook(packed: PackedSplit, micro_batch: int, pad_multiple: int, blocked: b
     """A warning when packing cannot win: unpacked length-grouped batches are nearly as full.
 
     Packing saves the padded slots of unpacked batches and compiles fewer row
-    widths; it costs attention across the samples sharing a row. Measured
-    (docs/RESULTS.md), one epoch at 2 ranks: on the tiny task it saved about 30%
-    of the slots and ran 1.3-1.4x faster; on variable-length text (mean 148
-    tokens) with attention in query blocks, rows of 1.5x the mean saved 4% of
-    the slots and ran 1.07x faster (fewer widths to compile did the rest); with
-    MLX's whole-row attention, 2x rows saved 6% and ran 0.90x. So it is said not
-    to win under 2% saved with blocks (equal lengths: nothing to gain), and
-    under 10% with whole rows.
+    widths; it costs attention across the samples sharing a row. Where
+    unpacked batches were mostly padding (the tiny task) it won clearly; on
+    variable-length text, where length-grouped batches pad little, it still won
+    by a little with attention in query blocks (fewer widths to compile did the
+    rest) and lost with MLX's whole-row attention (measured: docs/RESULTS.md,
+    "Data packing", "The profile" and "One epoch at N=2 against mlx_lm.lora").
+    So it is said not to win under 2% saved with blocks (equal lengths: nothing
+    to gain), and under 10% with whole rows.
 
     Args:
         packed (PackedSplit): The packed training split.

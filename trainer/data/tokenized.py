@@ -1,17 +1,14 @@
 """Datasets: load with `datasets`, tokenize with mlx-lm's formats, cache, check.
 
-A split goes from rows (JSONL/Parquet/CSV file, a directory of split files, or
-a hub dataset) to a :class:`TokenizedSplit`: one flat token array plus
-per-sample start, length and prompt length. Tokenizing happens once: the
-result is stored by ``datasets``' own map cache under a fingerprint of the
-raw data, the tokenizer and the format settings. A local file is known by a
-hash of its bytes (``datasets`` alone knows it by path and modification
-time, so a file replaced in place would be served from the old cache).
+A split goes from rows (``trainer.data.sources`` reads them) to a
+:class:`TokenizedSplit`: one flat token array plus per-sample start, length
+and prompt length. Tokenizing happens once: the result is stored by
+``datasets``' own map cache under a fingerprint of the raw data (a local
+file's by its bytes, see ``sources``), the tokenizer and the format settings.
 
 Row formats are mlx-lm's (``text``, ``prompt``/``completion``, chat
 ``messages``), tokenized by mlx-lm's own dataset classes so that prompts are
-rendered and masked exactly as ``mlx_lm.lora`` does. Where rows come from and
-how they are read is ``trainer.data.sources``.
+rendered and masked exactly as ``mlx_lm.lora`` does.
 
 Batching and sharding are in ``trainer.data.batches``; this module imports no MLX.
 """

@@ -2,12 +2,11 @@
 
 Why this exists: mlx-lm's attention layers call ``mx.fast.scaled_dot_product_attention``.
 On MLX's CPU backend that (and its backward) computes the whole L x L score matrix
-and then masks away the half above the diagonal. Measured on a 2-core Linux machine
-(docs/RESULTS.md, "Attention in query blocks"): a 5M Llama's forward+backward of 8 rows
-ran 1.02-1.05x faster in blocks of 64 at 96-320 tokens and 1.40x at 512, and one epoch
-of variable-length text (mean 148 tokens, tail to 512) at 2 ranks ran 1.10x faster,
-which took mlx-dp from 1.07x to 1.27x mlx_lm.lora's tokens/s there. Nothing in MLX or
-mlx-lm skips those blocks for training, so this does.
+and then masks away the half above the diagonal, which is most of the extra time of a
+long row; blocks gain a few percent on short rows, much more on long ones and over an
+epoch of variable-length text (measured: docs/RESULTS.md, "Attention in query blocks"
+and "One epoch at N=2 against mlx_lm.lora"). Nothing in MLX or mlx-lm skips those
+blocks for training, so this does.
 
 How: the queries are split into blocks of ``block``; block ``i`` (queries
 ``s..e``) attends keys ``0..e`` only, through the same
@@ -18,19 +17,18 @@ concatenated. The result equals the whole-row call up to float rounding
 (tests/test_attention.py checks outputs and gradients), for (n + 1) / 2n of
 the score work with n blocks.
 
-Where it applies: mlx-lm model modules import ``scaled_dot_product_attention``
-from ``mlx_lm.models.base`` by name; :func:`use_blocks` routes the attention
-modules of the given model to this module's version (``trainer.model.routing``:
-the model's own modules, never mlx-lm's module globals). The replacement takes over only calls it can do
-exactly: a causal mask (``"causal"``, or the packed rows' block-diagonal
-causal mask of :class:`~trainer.data.packing.SegmentMask`), as many queries as
-keys, more than one block, no quantized KV cache and no attention sinks.
-Everything else (generation with a KV cache, sliding-window or bidirectional
-masks) goes to mlx-lm's function unchanged. On a GPU the default leaves MLX's
-fused kernels alone: the measurement above is the CPU's. With
-``training.fused_exp`` (on by default on a CPU) each block, or a row short
-enough to be one block, is computed by :func:`trainer.model.fused.attention`
-instead of MLX's call, so that its softmax's exp runs in a fused kernel.
+Where it applies: :func:`use_blocks` routes the given model's attention
+modules to this module's version (``trainer.model.routing`` says how). The
+replacement takes over only calls it can do exactly: a causal mask
+(``"causal"``, or the packed rows' block-diagonal causal mask of
+:class:`~trainer.data.packing.SegmentMask`), as many queries as keys, more
+than one block, no quantized KV cache and no attention sinks. Everything else
+(generation with a KV cache, sliding-window or bidirectional masks) goes to
+mlx-lm's function unchanged. On a GPU the default leaves MLX's fused kernels
+alone: the measurements are the CPU's. With ``training.fused_exp`` (on by
+default on a CPU) each block, or a row short enough to be one block, is
+computed by :func:`trainer.model.fused.attention` instead of MLX's call, so
+that its softmax's exp runs in a fused kernel.
 """
 
 from functools import lru_cache
@@ -41,7 +39,7 @@ import mlx.nn as nn
 from . import fused as _fused
 from .routing import route
 
-DEFAULT_CPU_BLOCK = 64  # 32 and 128 were within noise of it at 96-512 tokens (docs/RESULTS.md)
+DEFAULT_CPU_BLOCK = 64  # 32 and 128 were within noise of it (docs/RESULTS.md, "Attention in query blocks")
 
 
 def resolve_block(setting) -> int:

@@ -1,13 +1,12 @@
 """The training step's exp-heavy ops, written so that MLX fuses their ``exp`` into compiled kernels.
 
 Why this exists: on MLX's CPU backend an op that ``mx.compile`` does not fuse
-runs MLX's prebuilt kernel, and on the Linux wheel those compute ``exp``
-one element at a time (about 17 ns each, six calls to glibc's ``fmaf``;
-see :mod:`trainer.tools.fastjit`). ``perf`` on one update of a 5M Llama at
-160 tokens put 25% of the samples in MLX's ``exp``, ``fmaf`` and ``Sigmoid``:
-more than attention and LoRA together. Kernels that ``mx.compile`` fuses are
-built at run time with vector instructions (fastjit): about 4 ns per ``exp``.
-Three ops in mlx-lm's models keep their ``exp`` out of fused kernels:
+runs MLX's prebuilt kernel, which on the Linux wheel computes ``exp`` one
+element at a time (:mod:`trainer.tools.fastjit` says why), while fused kernels
+are built at run time and can use vector instructions (``MLX_DP_JIT=avx2``).
+A profile of one update put more samples in those exps than in attention and
+LoRA together (measured: docs/RESULTS.md, "Exps in fused kernels"). Three ops
+in mlx-lm's models keep their ``exp`` out of fused kernels:
 
 * SwiGLU (``mlx_lm.models.activations.swiglu``): the backward pass keeps the
   sigmoid's output, and ``mx.compile`` does not fuse a single op whose result
@@ -26,11 +25,8 @@ Three ops in mlx-lm's models keep their ``exp`` out of fused kernels:
 Results equal MLX's up to float rounding (tests/test_fused.py compares outputs
 and gradients, and a model's loss and gradients, with MLX's ops). They are used
 where ``training.fused_exp`` says (``auto``: on a CPU; a GPU's Metal kernels are
-fused already). Measured in docs/RESULTS.md ("Exps in fused kernels").
-
-Measured: with the vector flags, one epoch of variable-length text at 2 ranks
-ran 1.19x faster and the tiny task 1.43x; without them the rewrite is worth
-1.02x (the flags and the rewrite need each other).
+fused already). The rewrite pays only together with the vector flags: either
+alone changes little (same section).
 
 What is left alone: models whose MLP calls ``nn.silu`` or ``nn.gelu`` directly
 rather than mlx-lm's ``swiglu`` (their attention and loss still go through

@@ -10,7 +10,7 @@
 * ``placement``: where each collective runs on a CPU, Metal or CUDA, and the
   host waits that keep a Mac's GPU from waiting on a peer (the one place that
   names a device for a collective).
-* ``shards``: reduce-scatter and all-gather of bucket shards for optimizer
+* ``scatter``: reduce-scatter and all-gather of bucket shards for optimizer
   state sharded across ranks (``parallel.shard_optimizer``), built from
   ``send``/``recv`` where the backend (ring) has no ``sum_scatter``.
 

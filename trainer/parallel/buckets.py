@@ -119,12 +119,10 @@ class GradientReducer:
     every bucket has been dispatched.
 
     Where the ``all_sum`` runs is the world's :class:`~trainer.parallel.placement.Placement`'s
-    choice: no stream (``"default"``: the backend's own, which on a Mac is the
-    CPU's, apart from the GPU's compute), or a stream of its own on the
-    backend's communication device (``"separate"``: NCCL on CUDA, or a CPU with
-    an idle core). Once every bucket is dispatched, :meth:`reduce` waits on the
-    host for the sums before anything consumes them, so no GPU kernel ever
-    waits on a slow peer (the Metal watchdog; see ``placement.py``).
+    choice (``stream``; ``Placement.resolve`` says which). Once every bucket is
+    dispatched, :meth:`reduce` waits on the host for the sums before anything
+    consumes them, so no GPU kernel ever waits on a slow peer (the Metal
+    watchdog; see ``placement.py``).
 
     With ``overlap=False`` (the serial path, kept for comparison) the whole
     backward is evaluated first and the buckets are reduced afterwards.

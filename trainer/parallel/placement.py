@@ -25,8 +25,8 @@ A separate stream is needed only where the communication device is also the
 compute device and work should overlap: NCCL on CUDA (its default stream
 would be the compute stream). On a Mac the ring's CPU stream is already apart
 from the GPU's. On a CPU, a second stream's thread only competes for the same
-busy cores (measured: every order took compute plus communication on 2
-cores), so ``parallel.comm_stream: auto`` gives none (:meth:`Placement.resolve`).
+busy cores (measured slower: docs/RESULTS.md, "Choosing the default bucket
+size"), so ``parallel.comm_stream: auto`` gives none (:meth:`Placement.resolve`).
 
 **The Metal watchdog.** macOS ends a GPU command buffer that waits about 5 s
 ("Caused GPU Timeout Error"), and a GPU kernel that consumes a collective's

@@ -12,9 +12,9 @@ stage 1). An update then needs:
   ``N - 1`` steps each rank passes a partial sum to its right neighbour, so
   each rank sends ``(N - 1) / N`` of the bucket, half of what an
   ``all_sum`` moves. Sends run on a stream of their own, so both directions
-  of the link carry data at once. Measured here on loopback against
-  ``all_sum`` plus slicing (2 ranks, 4 to 128 MiB): 1.2 to 2.7 times faster,
-  identical results; ``bench comm`` repeats the comparison.
+  of the link carry data at once. On loopback it beat ``all_sum`` plus
+  slicing at every bucket size tried, with identical results (measured:
+  docs/RESULTS.md, "Bigger models"; ``bench comm`` repeats the comparison).
 * an **all-gather** of the updated weight shards (``mx.distributed.all_gather``
   works on every backend), so every rank again holds all the weights.
 
@@ -25,13 +25,12 @@ weights and moments stay zero.
 
 Like the gradient buckets, each bucket's reduce-scatter is dispatched as soon
 as backward has produced its gradients. Where the receives run is the
-placement's choice (``placement.py``): with no stream of their own they go on
-the backend's default stream (on a CPU the compute stream, posted only once
-this rank's own gradients are ready, since the ring's socket threads spin
-while a receive waits; on a Mac the CPU's, apart from the GPU); sends always
-get a stream of their own on the communication device. The additions between
-a receive and the next send run on the receive's stream, and every result is
-waited for on the host before GPU work consumes it (the Metal watchdog).
+placement's choice (``placement.py``, which also says why every result is
+waited for on the host); on a CPU's default stream a receive is posted only
+once this rank's own gradients are ready, since the ring's socket threads spin
+while it waits. Sends always get a stream of their own on the communication
+device, and the additions between a receive and the next send run on the
+receive's stream.
 """
 
 from dataclasses import dataclass

@@ -5,9 +5,9 @@
 ``optimizer.update(model, grads)`` in one compiled call builds every new
 weight and every new moment while the old ones are still alive: on a full
 fine-tune with AdamW that is a second copy of the weights and of both
-moments at the top of each step (measured on a 127M model: +1.2 GB over 2.0 GB
-resident). Applied bucket by bucket, with each bucket evaluated before the
-next, the extra memory is one bucket's worth. Two pieces make that exact:
+moments at the top of each step. Applied bucket by bucket, with each bucket
+evaluated before the next, the extra memory is one bucket's worth (the peak it
+saved: docs/RESULTS.md, "Bigger models"). Two pieces make that exact:
 
 * the decision to apply the update at all (a non-finite loss or gradient
   norm skips it, the same on every rank) is taken once, before any bucket,

@@ -1,11 +1,11 @@
 """Optional fast fp32 matmul for MLX's CPU backend on Linux.
 
 Why this exists: the Linux ``mlx[cpu]`` wheel links a single-threaded reference
-BLAS, so fp32 matmul runs at about 5 GFLOP/s, while the OpenBLAS that numpy
-already ships reaches about 85 GFLOP/s on one core of the same machine
-(docs/PLATFORM.md). MLX resolves ``cblas_sgemm`` dynamically, so a tiny
-shim that forwards it to numpy's OpenBLAS and is loaded ``RTLD_GLOBAL`` before
-``mlx.core`` makes every fp32 matmul use OpenBLAS. Nothing else changes.
+BLAS, so fp32 matmul runs an order of magnitude slower than on the OpenBLAS
+that numpy already ships, on one core of the same machine (measured:
+docs/RESULTS.md, "The machine"). MLX resolves ``cblas_sgemm`` dynamically, so
+a tiny shim that forwards it to numpy's OpenBLAS and is loaded ``RTLD_GLOBAL``
+before ``mlx.core`` makes every fp32 matmul use OpenBLAS. Nothing else changes.
 
 It is strictly opt-in (``MLX_DP_BLAS=openblas``), never used on macOS (Metal
 does the maths there), checked against MLX's float64 matmul (which still runs

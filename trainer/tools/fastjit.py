@@ -6,10 +6,10 @@ that MLX builds with ``g++`` the first time it needs them, into
 only when MLX itself was built for AVX2 (``mlx/backend/cpu/jit_compiler.cpp``);
 the PyPI ``mlx[cpu]`` wheel is built for baseline x86-64, so its fused kernels
 run scalar code, and every ``exp`` in them (a Cephes polynomial) makes six calls
-to glibc's ``fmaf``. Measured on the 2-core Linux VM (docs/RESULTS.md): a fused
-``exp(x - m)`` went from 11.9 to 3.8 ns per element and a fused softmax from
-17.8 to 5.2 ns. :mod:`trainer.model.fused` writes the training step's
-exp-heavy ops so that their ``exp`` lands in such kernels.
+to glibc's ``fmaf``. With the flags a fused ``exp`` or softmax costs a fraction
+of that per element (measured: docs/RESULTS.md, "Exps in fused kernels").
+:mod:`trainer.model.fused` writes the training step's exp-heavy ops so that
+their ``exp`` lands in such kernels.
 
 The results do not change: there is no ``-ffast-math``, and
 ``-ffp-contract=off`` stops g++ from turning ``a * b + c`` into one rounding

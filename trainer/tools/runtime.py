@@ -1,7 +1,7 @@
 """What every entry point that trains does first and last: prepare the process, report errors.
 
-Shared by ``trainer.cli`` and the benchmarks that build a training run
-(``trainer.bench.profile``), so neither imports the other.
+Shared by ``trainer.cli`` and the lab's benchmarks that build a training run
+(``scripts/lab/bench/profile.py``), so neither imports the other.
 """
 
 import sys
