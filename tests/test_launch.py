@@ -238,3 +238,157 @@ def test_the_labs_slow_caps_a_local_rank_at_its_share_of_a_core():
     assert float(cpu["1"]) < 0.25 * 3 * 1.25  # the quota (with a little slack for accounting)
     assert float(cpu["0"]) > 2 * float(cpu["1"])  # rank 0 is not capped
     assert not [g for g in Path("/sys/fs/cgroup/cpu").iterdir() if g.name.startswith(f"mlx-dp-{proc.pid}-")]
+
+
+# ---------------------------------------------------------------------------- temporary files and --timeout
+
+
+def private_tmp(tmp_path: Path) -> tuple[dict, Path, Path]:
+    """An environment whose temporary folder is a fresh one (other jobs' files cannot show up in it),
+    the folder, and where the launch folders of this user go in it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return {**os.environ, "TMPDIR": str(tmp)}, tmp, tmp / f"mlx-dp-launch-{os.geteuid()}"
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if not p.is_dir())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("args", [["--", "/nonexistent/command"], ["--restarts", "2", "--python", "/bin/false",
+                                                                   "--", "true"]], ids=["plain", "restarts"])
+def test_ranks_that_die_before_their_python_starts_leave_no_temporary_files(tmp_path, args):
+    # MLX's script made a pidfile and a ring hostfile per rank with mktemp; no Python read and removed the hostfile.
+    env, tmp, root = private_tmp(tmp_path)
+    result = subprocess.run([MLX_DP, "launch", "-n", "2", *args], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode in (1, 127), result.stderr
+    assert files_under(tmp) == [], result.stderr
+    assert list(root.iterdir()) == [], "the launch's folder is removed"
+
+
+@pytest.mark.e2e
+def test_each_attempt_removes_its_temporary_files_before_the_next(tmp_path):
+    env, tmp, _ = private_tmp(tmp_path)
+    # Each rank prints its hostfile and what is beside it; rank 0 fails the first attempt.
+    body = ("folder = os.path.dirname(os.environ['MLX_HOSTFILE'])\n"
+            "print('ATTEMPT', os.environ['MLX_DP_ATTEMPT'], os.path.basename(os.environ['MLX_HOSTFILE']), "
+            "*sorted(os.listdir(folder)), flush=True)\n"
+            "if os.environ['MLX_DP_ATTEMPT'] == '0':\n    time.sleep(1.0 if RANK == 0 else 120)\n    sys.exit(1)")
+    result = subprocess.run([MLX_DP, "launch", "-n", "2", "--restarts", "1", "--grace", "5", "--",
+                             *rank_script(body)], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    hostfiles, beside = {"0": set(), "1": set()}, {"0": set(), "1": set()}
+    for line in result.stdout.splitlines():
+        _, attempt, hostfile, *names = line.split()
+        hostfiles[attempt].add(hostfile)
+        beside[attempt].update(names)
+    assert len(hostfiles["0"]) == 2 and len(hostfiles["1"]) == 2, result.stdout
+    assert hostfiles["1"] <= beside["1"]
+    assert not hostfiles["0"] & beside["1"], "the first attempt's hostfiles were still there at the restart"
+    assert files_under(tmp) == []
+
+
+def _launch_folder(root: Path, pid: int) -> Path:
+    found = list(root.glob(f"{pid}-*"))
+    assert len(found) == 1, f"launcher {pid}'s folder in {root}: {found}"
+    return found[0]
+
+
+@pytest.mark.e2e
+def test_a_killed_launchers_leftover_folder_is_swept_by_the_next_launch(tmp_path):
+    env, tmp, root = private_tmp(tmp_path)
+    body = "print('up', flush=True)\ntime.sleep(120)"
+    killed = launcher("-n", "2", "--", *rank_script(body), env=env, stdin=subprocess.DEVNULL)
+    live = launcher("-n", "2", "--", *rank_script(body), env=env, stdin=subprocess.DEVNULL)
+    try:
+        for proc in (killed, live):
+            assert proc.stdout.readline() == "up\n" and proc.stdout.readline() == "up\n"
+        left, kept = _launch_folder(root, killed.pid), _launch_folder(root, live.pid)
+        assert files_under(tmp) == sorted(str(p) for p in (*left.iterdir(), *kept.iterdir()))  # nothing outside
+        assert len(list(left.iterdir())) == 4  # 2 pidfiles, 2 hostfiles
+        killed.kill()  # its ranks die with it (PR_SET_PDEATHSIG); nothing of it can clean up
+        killed.communicate(timeout=30)
+        assert left.is_dir() and len(list(left.iterdir())) == 4
+        # a dead launcher's folder reached through a link is not followed; a live pid with another start time
+        # (a reused pid) is a dead launcher's
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "keep").write_text("x")
+        (root / "999999999-1-linked").symlink_to(elsewhere)
+        (root / f"{os.getpid()}-1-reused").mkdir()
+        nxt = subprocess.run([MLX_DP, "launch", "--", "true"], capture_output=True, text=True, timeout=60, env=env,
+                             cwd=ROOT, stdin=subprocess.DEVNULL)
+        assert nxt.returncode == 0, nxt.stderr
+        assert not left.exists() and not (root / f"{os.getpid()}-1-reused").exists()
+        assert len(list(kept.iterdir())) == 4, "a live launcher's folder is left alone"
+        assert (elsewhere / "keep").exists()
+    finally:
+        for proc in (killed, live):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    _, err = live.communicate(timeout=60)
+    assert live.returncode == 143, err
+    assert not kept.exists()
+    (root / "999999999-1-linked").unlink()
+    assert files_under(tmp) == [] and list(root.iterdir()) == []
+    assert leftovers() == []
+
+
+@pytest.mark.e2e
+def test_the_timeout_message_shows_the_value_given_under_restarts():
+    # Each attempt runs for what is left of the job's --timeout; the message names the value the user gave.
+    proc = launcher("-n", "2", "--restarts", "1", "--timeout", "2", "--grace", "5", "--",
+                    *rank_script("time.sleep(120)"), stdin=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 124, err
+    assert "ranks still running after --timeout 2 s; stopping them" in err
+    assert leftovers() == []
+
+
+def test_an_mlx_whose_script_makes_its_files_otherwise_is_not_reused(monkeypatch):
+    import mlx._distributed_utils.launch as mlx_launch
+
+    from trainer.cluster import mlx_launcher
+
+    assert mlx_launcher.missing_internals() == []
+    original = mlx_launch.RemoteProcess.make_launch_script
+
+    def other(rank, python, cwd, files, env, command, is_local):
+        script = original(rank, python, cwd, files, env, command, is_local)
+        return script.replace("fname=$(mktemp)", "fname=$(mktemp -d)")
+
+    monkeypatch.setattr(mlx_launch.RemoteProcess, "make_launch_script", staticmethod(other))
+    assert mlx_launcher.missing_internals() == [
+        "RemoteProcess.make_launch_script making its pidfile and files with a bare mktemp"]
+
+
+@pytest.mark.e2e
+def test_a_users_values_are_untouched_by_the_private_temporary_folder(tmp_path):
+    from trainer.cluster.mlx_launcher import LOCAL_HOST, RankSpec
+
+    spec = RankSpec(rank=0, host=LOCAL_HOST, python=None, cwd=None, files={"MLX_HOSTFILE": "[]"},
+                    env=("X=$(mktemp); pidfile=$(mktemp); ",), command=("sh", "-c", 'echo "$X"; cat "$MLX_HOSTFILE"'),
+                    temp_dir=str(tmp_path))
+    out = subprocess.run(spec.argv(), capture_output=True, text=True, timeout=30).stdout.splitlines()
+    pidfile, value, hostfile = out
+    assert value == "$(mktemp); pidfile=$(mktemp); " and hostfile == "[]"
+    assert Path(pidfile).parent == tmp_path and Path(pidfile).name.startswith("tmp.")
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("tmp.")]) == 2  # the pidfile and the hostfile
+
+
+
+@pytest.mark.e2e
+def test_a_planted_link_for_the_launch_folders_is_not_followed(tmp_path):
+    env, tmp, root = private_tmp(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root.symlink_to(elsewhere)  # someone made the launch folders' place point where they choose
+    result = subprocess.run([MLX_DP, "launch", "-n", "2", "--", "true"], capture_output=True, text=True, timeout=60,
+                            env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert f"mlx-dp launch: {root} is not a folder of this user's; temporary files of the ranks go where " \
+           "mlx.launch puts them" in result.stderr
+    assert list(elsewhere.iterdir()) == []

@@ -21,8 +21,11 @@ hosts that cannot be reached, at the same global batch
 ``--prefix-output`` tags lines with their rank; ``--timeout`` bounds the job;
 a local launch picks free ports unless ``--starting-port`` is given (other jobs
 may hold ``mlx.launch``'s default 32323); every rank gets
-``MLX_DP_LAUNCHER=mlx-dp launch``. If this MLX lacks the internals reused
-here, one line says so and stock ``mlx.launch`` runs the job instead.
+``MLX_DP_LAUNCHER=mlx-dp launch``; the temporary files MLX's scripts make
+for ranks on this machine (pidfiles, ring hostfiles) live in a private folder
+of the launch that goes when it ends, and a killed launcher's folder is swept
+by the next launch (``tempfiles.launch_folder``). If this MLX lacks the
+internals reused here, one line says so and stock ``mlx.launch`` runs the job instead.
 
 Under ``--backend nccl`` (the default where CUDA is) every rank sees one GPU:
 ranks that share a host get ``CUDA_VISIBLE_DEVICES`` 0, 1, ... in rank order,
@@ -38,7 +41,7 @@ import sys
 from pathlib import Path
 
 from ..env import LAUNCHER_VAR
-from . import mlx_launcher
+from . import mlx_launcher, tempfiles
 from .ports import free_port_block
 
 PROG = "mlx-dp launch"
@@ -155,10 +158,22 @@ def main(argv: list[str], output=None, on_start=None) -> int:
         parser.error(f"--min-ranks {args.min_ranks} is more than the {len(hostfile.hosts)} rank(s) of the job")
     if args.backend == "mpi":
         return mlx_launcher.run_mpi(parser, hostfile.hosts, args, command)
-    if elastic:
-        return _run_elastic(parser, args, as_given, hostfile.hosts, command, output, on_start)
+    # The local ranks' pidfiles and hostfiles go into a folder of this launch, gone when it ends
+    # (tempfiles.launch_folder: what is and is not cleaned up on remote hosts).
+    with tempfiles.launch_folder(warn=_say) as temp_dir:
+        if elastic:
+            return _run_elastic(parser, args, as_given, hostfile.hosts, command, output, on_start, temp_dir)
+        return _run_once(parser, args, as_given, hostfile.hosts, command, output, on_start, temp_dir)
+
+
+def _say(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _run_once(parser, args, as_given, hosts: list, command: list[str], output, on_start, temp_dir) -> int:
+    """The job, started once (no ``--restarts`` or ``--min-ranks``)."""
     try:
-        specs = mlx_launcher.rank_specs(parser, hostfile.hosts, args, command)
+        specs = mlx_launcher.rank_specs(parser, hosts, args, command, temp_dir=temp_dir)
     except RuntimeError as e:  # MLX's launcher changed in a way the checks did not catch
         return run_stock(as_given, command, [str(e)])
     from .relay import Output
@@ -173,7 +188,7 @@ def main(argv: list[str], output=None, on_start=None) -> int:
         return 127
 
 
-def _run_elastic(parser, args, as_given, hosts: list, command: list[str], output, on_start) -> int:
+def _run_elastic(parser, args, as_given, hosts: list, command: list[str], output, on_start, temp_dir) -> int:
     """``--restarts`` / ``--min-ranks``: attempts of the job, each with the hosts that take part."""
     from . import elastic
     from .relay import Output
@@ -184,7 +199,7 @@ def _run_elastic(parser, args, as_given, hosts: list, command: list[str], output
         if as_given.starting_port is None and all(h.ssh_hostname == mlx_launcher.LOCAL_HOST for h in chosen):
             per_host = max(1, args.connections_per_ip) * max(1, max(len(h.ips) for h in chosen))
             attempt.starting_port = free_port_block(len(chosen) * per_host) or DEFAULT_PORT  # fresh ports each time
-        return mlx_launcher.rank_specs(parser, chosen, attempt, command)
+        return mlx_launcher.rank_specs(parser, chosen, attempt, command, temp_dir=temp_dir)
 
     try:
         return elastic.run(hosts, make_specs, output or Output(prefix=args.prefix_output), args.restarts,

@@ -22,6 +22,8 @@ rank % repeat_hosts``, GPU 0 for every rank of a hostfile; and a rank 0 that
 the other ranks could not reach is refused before anything starts
 (:func:`check_nccl_hosts`).
 
+Where MLX's scripts put their temporary files on this machine: ``trainer.cluster.tempfiles``.
+
 These are private names of MLX; :func:`missing_internals` checks that they are
 there, and ``mlx-dp launch`` falls back to stock ``mlx.launch`` when they are not.
 """
@@ -35,6 +37,8 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+from .tempfiles import private_mktemp
+
 LAUNCH_MODULE = "mlx._distributed_utils.launch"
 COMMON_MODULE = "mlx._distributed_utils.common"
 # RemoteProcess(rank, host, python, cwd, files, env, command): what each rank's entry holds.
@@ -47,6 +51,9 @@ GPU_VAR = "CUDA_VISIBLE_DEVICES"  # under NCCL, the one GPU each rank sees (assi
 # command line, echoed or written anywhere.
 PIDFILE_PRINT = 'printf "%s\\n" $pidfile; '
 READ_SECRET = "IFS= read -r MLX_DP_JOB_SECRET; export MLX_DP_JOB_SECRET; "
+BARE_MKTEMP = "$(mktemp)"  # how MLX's script makes its pidfile and each backend file (checked: missing_internals)
+# A launch folder's name: the launcher's pid, its start time (tells a later process with the same pid apart),
+# and mkdtemp's random part (one launcher process may run several launches).
 
 
 def _modules():
@@ -84,6 +91,12 @@ def missing_internals() -> list[str]:
                 script = ""
             if "stty -echo" not in script or PIDFILE_PRINT not in script:
                 missing.append("RemoteProcess.make_launch_script printing its pidfile with echo off")
+            try:
+                local = remote.make_launch_script(0, None, None, {"F": "x"}, [], ["true"], True)
+            except Exception:  # noqa: BLE001 - any failure means: not usable
+                local = ""
+            if local.count(BARE_MKTEMP) != 2 or local.count("mktemp") != 2:
+                missing.append("RemoteProcess.make_launch_script making its pidfile and files with a bare mktemp")
     return missing
 
 
@@ -100,6 +113,9 @@ class RankSpec:
             (``MLX_HOSTFILE`` for the ring, ``MLX_IBV_DEVICES`` for jaccl).
         env: ``KEY=VALUE`` strings exported before the command.
         command: The program and its arguments.
+        temp_dir: The folder on this machine where the script makes its pidfile and
+            ``files`` (a rank on this machine under ``mlx-dp launch``: ``trainer.cluster.tempfiles.launch_folder``);
+            ``None``: where a bare ``mktemp`` puts them, as MLX does (remote ranks).
     """
 
     rank: int
@@ -109,6 +125,7 @@ class RankSpec:
     files: dict
     env: tuple
     command: tuple
+    temp_dir: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -118,10 +135,13 @@ class RankSpec:
         """MLX's bash script for this rank: prints its pidfile's path as its first line, then execs the command.
 
         ``read_secret``: right after that line, read the job's secret from stdin (a remote rank).
+        With ``temp_dir``, the script's ``mktemp`` makes its files there (``trainer.cluster.tempfiles.private_mktemp``).
         """
         launch, _ = _modules()
         text = launch.RemoteProcess.make_launch_script(self.rank, self.python, self.cwd, dict(self.files),
                                                        list(self.env), list(self.command), self.is_local)
+        if self.temp_dir is not None:
+            text = private_mktemp(self.temp_dir) + text
         return text.replace(PIDFILE_PRINT, PIDFILE_PRINT + READ_SECRET, 1) if read_secret else text
 
     def argv(self) -> list[str]:
@@ -176,7 +196,8 @@ def _caught_launch(caught: list):
         launch._launch_with_io = original
 
 
-def rank_specs(parser, hosts, args, command: list[str], launcher_env=None) -> list[RankSpec]:
+def rank_specs(parser, hosts, args, command: list[str], launcher_env=None, temp_dir: str | None = None
+               ) -> list[RankSpec]:
     """Every rank's command, as ``mlx.launch`` would start it, without starting anything.
 
     Under NCCL each rank also gets its own GPU (:func:`assign_gpus`): MLX's
@@ -192,6 +213,8 @@ def rank_specs(parser, hosts, args, command: list[str], launcher_env=None) -> li
         command (list[str]): What every rank runs.
         launcher_env (Mapping | None): The launcher's environment, which local ranks inherit
             (its ``CUDA_VISIBLE_DEVICES`` is honoured for them). Default: ``None`` (``os.environ``).
+        temp_dir (str | None): Where the ranks on this machine make their temporary files
+            (``trainer.cluster.tempfiles.launch_folder``). Default: ``None`` (where a bare ``mktemp`` puts them, as MLX does).
 
     Raises:
         RuntimeError: MLX's launcher failed in a way that says its internals changed.
@@ -213,7 +236,7 @@ def rank_specs(parser, hosts, args, command: list[str], launcher_env=None) -> li
             raise
         except Exception as e:  # noqa: BLE001 - an error inside MLX's code: its launcher changed
             raise RuntimeError(f"MLX's {backend.__name__} failed ({type(e).__name__}: {e})") from e
-    specs = _specs_from(caught)
+    specs = [replace(spec, temp_dir=temp_dir) if spec.is_local else spec for spec in _specs_from(caught)]
     if args.backend == "nccl":
         specs = assign_gpus(parser, specs, _env_value(args.env, GPU_VAR),
                             os.environ if launcher_env is None else launcher_env)

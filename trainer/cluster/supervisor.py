@@ -15,6 +15,9 @@ What the launcher does, and ``mlx.launch`` does not (measured with mlx 0.32.4):
   SIGTERM, the trainer's clean stop; what has not ended after ``grace_s`` is
   killed, so no rank outlives the launcher. A second one kills at once.
 * **--timeout**: every rank is stopped as for SIGTERM; the status is 124.
+* **Temporary files**: the pidfiles and hostfiles the ranks' scripts made on
+  this machine (in the launch's folder, ``RankSpec.temp_dir``) are removed when
+  the attempt ends, whatever ended it.
 
 After a signal the status is 128 + that signal, as a shell reports it.
 Nothing here polls: the main thread blocks on one queue that rank exits and
@@ -28,6 +31,7 @@ import threading
 import time
 
 from .mlx_launcher import RankSpec
+from .tempfiles import empty_folder
 from .relay import Output, Rank, forward_stdin
 
 SECOND_INT_GRACE_S = 5.0  # after a second Ctrl-C
@@ -57,6 +61,9 @@ class Supervisor:
         specs (list[RankSpec]): Every rank, from ``trainer.cluster.mlx_launcher.rank_specs``.
         output (Output): Where output and the launcher's own lines go.
         timeout (float | None): Stop every rank after this many seconds. Default: ``None``.
+        timeout_given (float | None): The ``--timeout`` the user gave, for the message when
+            ``timeout`` runs out (under ``--restarts``, ``timeout`` is what is left of it).
+            Default: ``None`` (``timeout``).
         grace_s (float): From SIGTERM to SIGKILL. Default: ``30``.
         verbose (bool): Also say when each rank completes. Default: ``False``.
         on_start (Callable[[RankSpec, int], None] | None): Called with each rank's spec and
@@ -64,8 +71,9 @@ class Supervisor:
     """
 
     def __init__(self, specs: list[RankSpec], output: Output, timeout: float | None = None,
-                 grace_s: float = 30.0, verbose: bool = False, on_start=None):
+                 grace_s: float = 30.0, verbose: bool = False, on_start=None, timeout_given: float | None = None):
         self.specs, self.output, self.timeout, self.grace_s, self.verbose = specs, output, timeout, grace_s, verbose
+        self.timeout_given = timeout if timeout_given is None else timeout_given
         self.on_start = on_start
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.ranks: list[Rank] = []
@@ -74,7 +82,10 @@ class Supervisor:
         self.signals: list[int] = []
         self.timed_out = False
         self.kill_at: float | None = None
-        self.reports: dict[int, dict] = {}  # rank -> its report to the launcher (trainer.cluster.health)
+        self.reports: dict[int, dict] = {}  # rank -> its failure report to the launcher (trainer.cluster.health)
+        # What rank 0 said of the run (health.report_progress, under --restarts): "run_dir" and "host" where it
+        # writes, "saved" the update of its newest checkpoint.
+        self.progress: dict = {}
 
     # ------------------------------------------------------------------ the loop
 
@@ -164,13 +175,20 @@ class Supervisor:
                     rank.send(signal.SIGKILL)
         if deadline is not None and now >= deadline and not self.timed_out:
             self.timed_out = True
-            self.output.say(f"ranks still running after --timeout {self.timeout:g} s; stopping them")
+            self.output.say(f"ranks still running after --timeout {self.timeout_given:g} s; stopping them")
             self._stop(signal.SIGTERM, self.grace_s)
 
     # ------------------------------------------------------------------ helpers
 
     def _on_report(self, rank: int, report: dict) -> None:
-        self.reports.setdefault(rank, report)  # a relay thread; the first report of a rank is its own cause
+        """A relay thread: a line the trainer addressed to the launcher, a failure or news of progress."""
+        event = report.get("event")
+        if event is None:
+            self.reports.setdefault(rank, report)  # the first failure report of a rank is its own cause
+        elif event == "run":
+            self.progress.update(run_dir=report.get("run_dir"), host=report.get("host"))
+        elif event == "saved":
+            self.progress["saved"] = report.get("step")
 
     def _kill_blamed(self, index: int) -> None:
         """Kill at once the ranks the failed rank's report blames (lost, or silent: asleep, unplugged).
@@ -229,7 +247,7 @@ class Supervisor:
             signal.signal(sig, handler)
 
     def _finish(self) -> None:
-        """Relay what is left of the output, reap ssh helpers, remove pidfiles."""
+        """Relay what is left of the output, reap ssh helpers, remove pidfiles and this machine's hostfiles."""
         end = time.monotonic() + DRAIN_S
         for rank in self.ranks:
             rank.drain(max(0.0, end - time.monotonic()))
@@ -237,3 +255,7 @@ class Supervisor:
             rank.finish(timeout=FINISH_S)
         for rank in self.ranks:
             rank.finish(timeout=FINISH_S)  # the remote pidfile removal started by the first pass
+        # Every local rank has ended: what their scripts made (a hostfile no Python read, when a rank died
+        # before its Python started) goes now, before a restart's attempt makes its own.
+        for folder in {spec.temp_dir for spec in self.specs if spec.is_local and spec.temp_dir is not None}:
+            empty_folder(folder)
