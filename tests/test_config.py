@@ -177,7 +177,8 @@ def test_recipes_are_found_by_name_and_builtins_by_their_name(tmp_path, monkeypa
     with pytest.raises(ConfigError, match="did you mean tiny-lora"):
         recipes.find_recipe("tiny-lroa")
     with pytest.raises(ConfigError, match="builtin:tiny-llam is not a built-in file of mlx-dp; the built-ins are "
-                                          "builtin:tiny-corpus, builtin:tiny-llama, builtin:tiny-preference, builtin:tiny-task"):
+                                          "builtin:tiny-corpus, builtin:tiny-llama, builtin:tiny-preference, "
+                                          "builtin:tiny-prompts, builtin:tiny-task"):
         resolve("builtin:tiny-llam")
     with pytest.raises(ConfigError, match="not a built-in"):
         resolve("builtin:../recipes")

@@ -69,6 +69,112 @@ def test_what_cannot_train_alike_is_one_sentence_naming_the_key(config, message)
         translate(config, "c.yaml", world_size=2)
 
 
+@pytest.mark.parametrize("config,plan", [
+    ({"train": True}, "train"),
+    ({}, "train"),  # train left out: mlx-dp train stands for mlx_lm.lora --train
+    ({"train": False, "test": True}, "test"),
+    ({"train": False}, "nothing"),  # mlx_lm.lora: "Must provide at least one of --train or --test"
+    ({"train": True, "iters": 0}, "idle"),  # mlx-lm runs no micro-batch, so no update
+    ({"train": True, "iters": 3, "grad_accumulation_steps": 4}, "idle"),  # 3 micro-batches never reach an update
+    ({"train": True, "iters": 0, "test": True}, "idle"),
+    ({"train": True, "iters": 4, "grad_accumulation_steps": 4, "test": True}, "train"),
+])
+def test_what_train_does_with_train_test_and_iters_is_mlx_lms(config, plan):
+    t = translate({"model": "m", **config}, "c.yaml")
+    assert t.plan == plan
+    assert (t.plan_note == "") == (plan == "train")
+    if plan != "train":
+        header = t.recipe_yaml().split("\n\n")[0]
+        assert t.plan_note in header and t.as_recipe() in header, "recipes cp says what the config means"
+    cfg = build_config(t.recipe)  # the recipe stays a valid one, for recipes cp and mlx-dp eval
+    if config.get("test") and plan != "train":  # the eval section scores the test split as mlx-lm's test does
+        assert cfg.eval.max_batches == DEFAULTS["test_batches"] and not cfg.eval.exact_match
+    else:
+        assert cfg.eval.max_batches == DEFAULTS["val_batches"] and cfg.eval.exact_match
+
+
+def test_train_and_test_keeps_a_note_to_eval_afterwards():
+    t = translate({"model": "m", "train": True, "test": True, "test_batches": -1}, "c.yaml")
+    assert t.plan == "train"
+    assert any("mlx-dp eval c.yaml eval.max_batches=null afterwards" in note for note in t.notes)
+
+
+@pytest.mark.parametrize("report_to,wandb", [("wandb", True), (" WandB, ", True), ("", False), (",", False)])
+def test_report_to_wandb_as_mlx_lm_splits_it(report_to, wandb):
+    t = translate({"model": "m", "report_to": report_to, "project_name": "p"}, "c.yaml")
+    assert build_config(t.recipe).logging.wandb is wandb
+
+
+@pytest.mark.parametrize("report_to,message", [
+    ("swanlab", "report_to 'swanlab' names swanlab, which mlx-dp does not report to"),
+    ("wandb,swanlab", "report_to 'wandb,swanlab' names swanlab, which mlx-dp does not report to"),
+    ("tensorboard", "report_to 'tensorboard' names 'tensorboard', which is not a reporter of mlx-lm (wandb, swanlab)"),
+    (["wandb"], "report_to must be a string such as wandb, got ['wandb']"),
+])
+def test_a_reporter_mlx_dp_lacks_is_one_sentence(report_to, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"c.yaml: {message}")):
+        translate({"model": "m", "report_to": report_to}, "c.yaml")
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"iters": "ten"}, "iters must be an integer, got 'ten'"),
+    ({"iters": -1}, "iters must be >= 0, got -1"),
+    ({"train": "yes"}, "train must be true or false, got 'yes'"),
+    ({"test": 1}, "test must be true or false, got 1"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"grad_accumulation_steps": 0}, "grad_accumulation_steps must be at least 1, got 0"),
+    ({"learning_rate": "fast"}, "learning_rate must be a number, got 'fast'"),
+    ({"val_batches": 0}, "val_batches must be -1 (the whole split) or a positive count, got 0"),
+    ({"test_batches": -2}, "test_batches must be -1 (the whole split) or a positive count, got -2"),
+    ({"steps_per_eval": 0}, "steps_per_eval must be at least 1, got 0"),
+    ({"optimizer": ["adam"]}, "optimizer must be a string, got ['adam']"),
+    ({"optimizer_config": {"adam": 3}}, "optimizer_config.adam must be a mapping, as mlx-lm's is, got 3"),
+    ({"optimizer_config": {"adam": {"betas": "high"}}}, "optimizer_config.adam takes numbers"),
+    ({"lora_parameters": {"rank": "eight"}}, "lora_parameters: rank must be an integer, got 'eight'"),
+    ({"lr_schedule": {"name": "cosine_decay", "arguments": ["a", 10]}}, "lr_schedule cosine_decay takes numbers"),
+    ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-4]}}, "lr_schedule cosine_decay takes numbers"),
+])
+def test_a_value_of_the_wrong_kind_is_one_sentence_naming_the_key(config, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"c.yaml: {message}")):
+        translate({"model": "m", **config}, "c.yaml")
+
+
+def _config_file(tmp_path, **config) -> str:
+    path = tmp_path / "mlxlm.yaml"
+    path.write_text(yaml.safe_dump({"model": str(TINY_MODEL), "data": str(TINY_DATA), "batch_size": 4,
+                                    "adapter_path": str(tmp_path / "adapters"), **config}))
+    return str(path)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    import trainer.run.loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(trainer.run.loop, "train", refuse)
+
+
+@pytest.mark.parametrize("config,code,said", [
+    ({"train": False}, 2, "mlx-dp: error: {path}: train: false and test: false: the config does nothing, which "
+                          "mlx_lm.lora refuses too"),
+    ({"train": True, "iters": 0}, 0, "[mlx-dp] {path} is an mlx_lm.lora config: iters 0 add up to no optimizer update "
+                                     "(grad_accumulation_steps 1): mlx-dp train trains nothing and writes nothing"),
+    ({"train": True, "iters": 3, "grad_accumulation_steps": 4}, 0, "mlx-dp train trains nothing and writes nothing"),
+])
+def test_a_config_that_trains_nothing_says_so_and_writes_nothing(tmp_path, capsys, no_training, config, code, said):
+    from trainer.cli import main
+
+    path = _config_file(tmp_path, **config)
+    with pytest.raises(SystemExit) as end:
+        main(["train", path])
+    out = capsys.readouterr()
+    assert end.value.code == code, out.err
+    assert said.format(path=path) in out.out + out.err and "Traceback" not in out.err
+    assert not (tmp_path / "adapters").exists()
+
+
 @pytest.mark.parametrize("name,arguments,warmup,init", [
     ("cosine_decay", [1e-3, 10, 1e-5], 0, 0.0), ("cosine_decay", [1e-3, 8, 0.0], 2, 1e-6),
     ("linear_schedule", [5e-4, 1e-5, 7], 3, 0.0), ("cosine_decay", [1e-3, 20], 0, 0.0)])
@@ -111,6 +217,38 @@ def test_train_and_cp_take_an_mlx_lm_config(tmp_path):
     bad.write_text(yaml.safe_dump({**config, "batchsize": 4}))
     result = mlx_dp("train", str(bad))
     assert result.returncode == 2 and "unknown mlx_lm.lora config key batchsize" in one_error_line(result)
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.e2e
+def test_a_config_with_train_false_tests_and_leaves_the_adapters_byte_for_byte(tmp_path):
+    """train: false, test: true scores the adapters at adapter_path (as mlx-dp eval does) and writes nothing."""
+    base = {"model": str(TINY_MODEL), "data": str(TINY_DATA), "batch_size": 4, "val_batches": 1,
+            "learning_rate": 1e-3, "adapter_path": str(tmp_path / "adapters"), "max_seq_length": 64,
+            "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    trained = tmp_path / "train.yaml"
+    trained.write_text(yaml.safe_dump({**base, "train": True, "iters": 2}))
+    assert mlx_dp("train", str(trained), "logging.progress_bar=false").returncode == 0
+    before = _files(tmp_path / "adapters")
+    assert "adapters.safetensors" in before
+    tested = tmp_path / "test.yaml"
+    tested.write_text(yaml.safe_dump({**base, "train": False, "test": True, "test_batches": 3, "iters": 500}))
+    result = mlx_dp("train", str(tested))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: false, test: true: as mlx_lm.lora does, mlx-dp train trains nothing" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if line.startswith("test: loss"))
+    evaluated = mlx_dp("eval", str(tested))  # the same path as mlx-dp eval, on the same batches
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert line in evaluated.stdout.splitlines()
+    assert "exact match" not in line, "mlx-lm's test scores the loss (and perplexity) only"
+    assert _files(tmp_path / "adapters") == before, "nothing at adapter_path changes"
+    out = tmp_path / "recipe.yaml"
+    copied = mlx_dp("recipes", "cp", str(tested), str(out))
+    assert copied.returncode == 0 and "note: train: false, test: true" in copied.stdout
+    assert "# train: false, test: true" in out.read_text()
 
 
 def test_hf_dataset_takes_a_list_like_mlx_lm(tmp_path):

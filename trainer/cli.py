@@ -35,23 +35,37 @@ from .tools.runtime import prepare_runtime, print_error
 def _load(args, say: bool = False):
     """The recipe a command names: a file or a library recipe, or an mlx_lm.lora config (translated).
 
-    ``say``: print, on rank 0, how an mlx-lm config maps onto a recipe.
+    ``say``: print, on rank 0, how an mlx-lm config maps onto a recipe (or, when ``mlx-dp train``
+    trains nothing with it, what it does instead).
+
+    The recipe is checked first, in pure Python: a mistake in it ends the command before the runtime
+    is prepared (``prepare_runtime``, which must come before MLX is imported) or anything loads.
+
+    Returns:
+        tuple: The ``Config`` and the ``Translation`` of an mlx-lm config (``None`` for a recipe).
     """
+    from .config.load import blame
     from .config.mlx_lm import load_any
     from .tools.recipes import find_recipe
 
     env = launch_env()
     path = find_recipe(args.recipe)
     cfg, translation = load_any(path, args.overrides, world_size=env.world_size or 1)
+    prepare_runtime()
     from .objectives.registry import make_objective
 
-    make_objective(cfg)  # keys that do not apply to the objective stop here, before anything starts
-    if translation is not None and say:
+    try:
+        make_objective(cfg)  # keys that do not apply to the objective stop here, before anything starts
+    except ConfigError as e:
+        raise blame(e, args.overrides, str(path)) from None
+    if translation is not None and say and translation.plan == "train":
         log.info(f"{path} is an mlx_lm.lora config; it trains as this recipe (mlx-dp recipes cp {path} recipe.yaml "
                  "writes it out for editing):")
         for note in translation.notes:
             log.info(f"  {note}")
-    return cfg
+    elif translation is not None and say and translation.plan != "nothing":
+        log.info(f"{path} is an mlx_lm.lora config: {translation.plan_note}")
+    return cfg, translation
 
 
 def _cmd_train(args, options=None) -> int:
@@ -59,39 +73,62 @@ def _cmd_train(args, options=None) -> int:
         # `--resume training.steps=200`: the value is an override, not a path
         args.overrides.append(args.resume)
         args.resume = ""
-    prepare_runtime()
-    cfg = _load(args, say=True)
+    cfg, translation = _load(args, say=True)
+    if args.allow_changes and args.resume is None:
+        raise ConfigError("--allow-changes applies to --resume only")
+    if translation is not None and translation.plan != "train":
+        return _train_nothing(args, cfg, translation)
     from .run.loop import train
 
     resume = None
     if args.resume is not None:
         resume = True if args.resume == "" else args.resume
-    if args.allow_changes and resume is None:
-        raise ConfigError("--allow-changes applies to --resume only")
-    result = train(cfg, resume=resume, options=options, allow_changes=args.allow_changes)
+    if args.overwrite and resume is not None:
+        raise ConfigError("--overwrite starts over and --resume continues: give one of them")
+    result = train(cfg, resume=resume, options=options, allow_changes=args.allow_changes, overwrite=args.overwrite)
     if result["stopped"]:  # saved and resumable, but not finished: a script must not take it for done
         return 128 + (result.get("signal") or signal.SIGTERM)
     return 0
 
 
-def _cmd_eval(args) -> int:
-    prepare_runtime()
-    cfg = _load(args)
+def _train_nothing(args, cfg, translation) -> int:
+    """``mlx-dp train`` of an mlx-lm config that trains nothing, as under ``mlx_lm.lora -c``: score the test
+    split where it asks (``test: true``) and write nothing, above all not at its ``adapter_path``."""
+    if translation.plan == "nothing":
+        raise ConfigError(f"{translation.source}: {translation.plan_note}")
+    if args.resume is not None:
+        raise ConfigError(f"--resume: {translation.source} trains nothing, so there is nothing to resume")
+    if not translation.test:
+        return 0
     from .tools.evaluation import run_eval
 
-    result = run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split)
+    # The model as it starts is the base model: a fresh LoRA's B is 0, a fresh DoRA's magnitude is the weights'
+    # own norm, and a full fine-tune starts from the base weights.
+    fresh = translation.plan == "idle" or translation.adapter_path == ""  # mlx-lm: an empty path tests the base
+    _print_eval(run_eval(cfg, checkpoint="none" if fresh else None, split_name="test"))
+    return 0
+
+
+def _print_eval(result: dict, json_path: str | None = None) -> None:
+    """``mlx-dp eval``'s line on rank 0, and its result as JSON to ``json_path`` where given."""
     line = result.pop("line")
     if launch_env().rank == 0:
         print(line, flush=True)
-    if launch_env().rank == 0 and args.json:
-        with open(args.json, "w") as f:
+    if launch_env().rank == 0 and json_path:
+        with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def _cmd_eval(args) -> int:
+    cfg, _ = _load(args)
+    from .tools.evaluation import run_eval
+
+    _print_eval(run_eval(cfg, checkpoint=args.checkpoint, split_name=args.split), args.json)
     return 0
 
 
 def _cmd_export(args) -> int:
-    prepare_runtime()
-    cfg = _load(args)
+    cfg, _ = _load(args)
     from .tools.export import export
 
     out = export(cfg, args.out, checkpoint=args.checkpoint, dequantize=args.dequantize)
@@ -118,6 +155,11 @@ def _cmd_recipes(args) -> int:
             raise ConfigError("usage: mlx-dp recipes cp NAME DEST (NAME: a library recipe, or an mlx_lm.lora "
                               "config to translate)")
         print(recipes.copy_recipe(args.name, args.dest, ranks=args.ranks))
+        from .config.mlx_lm import translation_of
+
+        translation = translation_of(recipes.find_recipe(args.name), world_size=args.ranks)
+        if translation is not None and translation.plan != "train":  # the header says it too
+            print(f"note: {translation.plan_note}; {translation.as_recipe()}")
         return 0
     from .config.load import describe_keys
 
@@ -161,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue although the recipe or the data changed since the checkpoint "
                         "(recorded in metrics.jsonl)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a checkpoint.dir that holds other files, or start an earlier run there over "
+                        "(its checkpoints, adapters and metrics are removed); never / or a home directory")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="token-weighted loss (and exact match) of a trained run, sharded over ranks")

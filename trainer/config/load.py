@@ -8,7 +8,8 @@ classes are re-exported here).
 
 An unknown key, a value of the wrong type or an impossible value raises
 :class:`~trainer.errors.ConfigError` with the file, the key and, for typos,
-the closest valid key. This module imports nothing from MLX.
+the closest valid key; a mistake made by a command-line override names that
+override instead of the file (:func:`blame`). This module imports nothing from MLX.
 """
 
 import dataclasses
@@ -179,9 +180,13 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {short(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad
@@ -219,6 +224,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = raw
     except RecipeShapeError as e:
         raise ConfigError(f"override {short(dotted, 40)}: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer of more digits than Python converts; deep nesting
+        raise ConfigError(f"override {short(dotted, 40)} holds a value that cannot be read: {str(e)[:120]}") from None
     return parts[0], parts[1], value
 
 
@@ -254,14 +261,8 @@ def read_recipe(path) -> dict:
     return data
 
 
-def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
-    """Validate nested dicts (plus ``section.key=value`` overrides) into a :class:`Config`.
-
-    Args:
-        data (dict): The recipe's sections.
-        overrides (Iterable[str]): Command-line overrides, applied last. Default: ``()``.
-        source (str): Name used in error messages. Default: ``"<recipe>"``.
-    """
+def _file_sections(data: dict, source: str) -> dict:
+    """The recipe file's sections as fresh dicts, checked to be known sections holding mappings."""
     merged = {}
     for section, values in data.items():
         if section not in _SECTION_CLASSES:
@@ -272,13 +273,18 @@ def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section} must be a mapping of keys, got {short(values)}")
         merged[section] = dict(values)
+    return merged
+
+
+def _apply_overrides(merged: dict, overrides) -> None:
+    """Set each ``section.key=value`` of ``overrides`` in ``merged``, in order (the last one wins)."""
     for text in overrides:
         try:
             section, key, value = parse_override(text)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"command-line {e}") from None
         if section not in _SECTION_CLASSES:
-            raise ConfigError(f"{source}: override {short(text)} names unknown section {short(section, 40)}"
+            raise ConfigError(f"command-line override {_cut(text)} names unknown section {short(section, 40)}"
                               + _suggest(section, _SECTION_CLASSES))
         if section == "training" and key in ("steps", "epochs"):
             # An override of one length key replaces the recipe's other one.
@@ -286,6 +292,48 @@ def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
             if not any(o.split("=", 1)[0].strip() == f"training.{other}" for o in overrides):
                 merged.get("training", {}).pop(other, None)
         merged.setdefault(section, {})[key] = value
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """An override as the user typed it, cut to about ``limit`` characters for a message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_KEY_IN_MESSAGE = re.compile(r"\b(" + "|".join(_SECTION_CLASSES) + r")\.(\w+)")
+
+
+def blame(error: ConfigError, overrides=(), source: str = "<recipe>") -> ConfigError:
+    """``error`` headed by where the value it is about came from: the command-line override that set a key the
+    message names (outside a "did you mean" hint), else the recipe file ``source``.
+
+    Args:
+        error (ConfigError): A message about the merged recipe, without a source.
+        overrides (Iterable[str]): The command line's ``section.key=value`` strings. Default: ``()``.
+        source (str): The recipe file. Default: ``"<recipe>"``.
+    """
+    set_by = {}
+    for text in overrides:  # the last override of a key is the one that counts
+        set_by[tuple(text.split("=", 1)[0].strip().split(".", 1))] = text
+    named = str(error).split("; did you mean")[0]
+    for section, key in _KEY_IN_MESSAGE.findall(named):
+        if (section, key) in set_by:
+            return ConfigError(f"command-line override {_cut(set_by[(section, key)])}: {error}")
+    return ConfigError(f"{source}: {error}")
+
+
+def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
+    """Validate nested dicts (plus ``section.key=value`` overrides) into a :class:`Config`.
+
+    An error names the command-line override it comes from, or else ``source``.
+
+    Args:
+        data (dict): The recipe's sections.
+        overrides (Iterable[str]): Command-line overrides, applied last. Default: ``()``.
+        source (str): Name used in error messages. Default: ``"<recipe>"``.
+    """
+    overrides = list(overrides)
+    merged = _file_sections(data, source)
+    _apply_overrides(merged, overrides)
     if "model" not in merged:
         raise ConfigError(f"{source}: the recipe needs a model section with model.path")
     if "data" not in merged:
@@ -294,7 +342,7 @@ def build_config(data: dict, overrides=(), source: str = "<recipe>") -> Config:
         sections = {name: _build_section(name, values) for name, values in merged.items()}
         return Config(**sections)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise blame(e, overrides, source) from None
 
 
 def load_config(path, overrides=()) -> Config:

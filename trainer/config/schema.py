@@ -23,6 +23,43 @@ def _suggest(name: str, options) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+# Bounds of values that MLX, numpy or Python cannot take, whatever the recipe means.
+MAX_COUNT = 2**31 - 1  # counts and lengths: MLX's shapes and the schedule's step counter are 32-bit integers
+MAX_BYTES = 2**63 - 1  # a byte count compared with MLX's (64-bit) memory counters
+SEED_LIMIT = 2**64  # mx.random.seed takes an unsigned 64-bit seed (numpy's default_rng any integer >= 0)
+MAX_WAIT_S = 1e9  # Python's thread and socket waits overflow past about 9.2e9 s (threading.TIMEOUT_MAX)
+
+
+def _refuse(key: str, rule: str, value) -> ConfigError:
+    """``ConfigError("{key} must be {rule}, got {value}")``: the one wording of an impossible value."""
+    return ConfigError(f"{key} must be {rule}, got {short(value)}")
+
+
+def _count(key: str, value: Optional[int], low: int = 1, rule: Optional[str] = None) -> None:
+    """Refuse an integer below ``low`` or above ``MAX_COUNT``; ``None`` ("not set") passes.
+
+    ``rule`` words the lower bound (default ``at least 1`` / ``>= 0``).
+    """
+    if value is None:
+        return
+    if value < low:
+        raise _refuse(key, rule or ("at least 1" if low == 1 else f">= {low}"), value)
+    if value > MAX_COUNT:
+        raise _refuse(key, f"at most {MAX_COUNT} (MLX's counts and shapes are 32-bit)", value)
+
+
+def _named(key: str, value: Optional[str], what: str = "a name") -> None:
+    """Refuse an empty (or blank) string; ``None`` ("not set") passes."""
+    if value is not None and not value.strip():
+        raise _refuse(key, f"{what}, not an empty string", value)
+
+
+def _seconds(key: str, value: Optional[float]) -> None:
+    """Refuse a duration that is not positive or that Python's waits cannot take; ``None`` passes."""
+    if value is not None and not 0 < value <= MAX_WAIT_S:
+        raise _refuse(key, f"positive and at most {MAX_WAIT_S:g} s", value)
+
+
 def _doc(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
     """A dataclass field with a one-line description (shown by `mlx-dp recipes keys`)."""
     if factory is not dataclasses.MISSING:
@@ -40,7 +77,7 @@ class ModelConfig:
     trust_remote_code: bool = _doc("let the tokenizer run code from the model repo", False)
 
     def __post_init__(self):
-        if not self.path:
+        if not self.path.strip():
             raise ConfigError("model.path must name a model directory or hub id")
 
 
@@ -56,28 +93,67 @@ class MethodConfig:
     keys: Optional[list[str]] = _doc(
         "module paths inside a block to adapt, e.g. [self_attn.q_proj, self_attn.v_proj]; null: every linear layer",
         None)
-    objective: Literal["sft", "dpo", "orpo"] = _doc(
+    objective: Literal["sft", "dpo", "orpo", "grpo"] = _doc(
         "what the loss teaches: sft (next tokens of the data), dpo or orpo (preference pairs: rows of prompt, "
-        "chosen and rejected; training.batch_size then counts pairs)", "sft")
+        "chosen and rejected; training.batch_size then counts pairs), grpo (rewards of completions it samples "
+        "for prompt rows; training.batch_size then counts prompts)", "sft")
     beta: float = _doc("dpo: strength of the pull away from the reference model (the model before tuning); "
-                       "higher: stays closer to it", 0.1)
+                       "higher: stays closer to it. grpo: weight of the KL to the reference; 0: no reference "
+                       "pass (faster)", 0.1)
     label_smoothing: float = _doc("dpo: assumed share of pairs whose labels are flipped (conservative DPO); "
                                   "0: plain sigmoid DPO", 0.0)
     orpo_lambda: float = _doc("orpo: weight of the odds-ratio term beside the NLL of the chosen answer", 0.1)
+    group_size: int = _doc("grpo: completions sampled per prompt (their rewards are compared within the group); "
+                           "more: steadier advantages, more generation", 8)
+    max_completion_tokens: int = _doc("grpo: longest completion, in tokens (one ending there is cut)", 256)
+    temperature: float = _doc("grpo: sampling temperature of the completions; 0: greedy (a group then agrees "
+                              "with itself and teaches nothing)", 1.0)
+    epsilon: float = _doc("grpo: clip range of the probability ratio (below 1 - epsilon and above "
+                          "1 + epsilon_high the update stops pushing)", 0.2)
+    epsilon_high: Optional[float] = _doc("grpo: upper clip range (DAPO's clip-higher, e.g. 0.28); null: epsilon",
+                                         None)
+    updates_per_generation: int = _doc("grpo: optimizer updates per batch of completions (more than 1 reuses "
+                                       "them, with ratio clipping; checkpoints fall between generations)", 1)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = _doc(
+        "grpo: how token losses are normalised: grpo (per completion, then per completion of the update), "
+        "dr_grpo (by completions x max_completion_tokens; advantages not divided by the spread) or dapo "
+        "(by the completion tokens of the whole update)", "grpo")
+    rewards: Optional[list[dict[str, Any]]] = _doc(
+        "grpo: the rewards, summed with their weights: built-ins {kind: exact_match | contains | number_match "
+        "| format | length, ...} or your own {function: module:function}; a named function is imported and "
+        "run (docs/INTERNALS.md, GRPO)", None)
 
     def __post_init__(self):
-        if not self.beta > 0:
-            raise ConfigError(f"method.beta must be positive, got {self.beta}")
+        if not self.beta >= 0:
+            raise _refuse("method.beta", ">= 0", self.beta)
+        self._check_generation()
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"method.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.orpo_lambda < 0:
             raise ConfigError(f"method.orpo_lambda must be >= 0, got {self.orpo_lambda}")
-        if self.rank < 1:
-            raise ConfigError(f"method.rank must be at least 1, got {self.rank}")
+        _count("method.rank", self.rank)
+        if not self.scale > 0:
+            raise _refuse("method.scale", "positive (it multiplies the adapter's output)", self.scale)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
-        if self.num_layers == 0 or self.num_layers < -1:
-            raise ConfigError(f"method.num_layers must be -1 (all) or a positive count, got {self.num_layers}")
+        if self.num_layers != -1:
+            _count("method.num_layers", self.num_layers, rule="-1 (all) or a positive count")
+        if self.keys is not None and (not self.keys or not all(k.strip() for k in self.keys)):
+            raise _refuse("method.keys", "null (every linear layer) or a list of module paths, none empty", self.keys)
+
+    def _check_generation(self):
+        """GRPO's keys, checked whatever the objective (a recipe switching to grpo keeps them)."""
+        _count("method.group_size", self.group_size, low=2, rule="at least 2 (a group compares its completions)")
+        _count("method.max_completion_tokens", self.max_completion_tokens)
+        _count("method.updates_per_generation", self.updates_per_generation)
+        if not 0 <= self.temperature <= 100:
+            raise _refuse("method.temperature", "in [0, 100]", self.temperature)
+        if not 0 < self.epsilon < 1:
+            raise _refuse("method.epsilon", "in (0, 1)", self.epsilon)
+        if self.epsilon_high is not None and not 0 < self.epsilon_high <= 10:
+            raise _refuse("method.epsilon_high", "null or in (0, 10]", self.epsilon_high)
+        if self.rewards is not None and not self.rewards:
+            raise _refuse("method.rewards", "null or a list of rewards", self.rewards)
 
 
 # Keys of data.hf_dataset, as in mlx-lm's hf_dataset entries.
@@ -119,13 +195,18 @@ class DataConfig:
             raise ConfigError("data.path (or data.hf_dataset) must name the dataset")
         if self.path is not None and self.hf_dataset is not None:
             raise ConfigError("set only one of data.path and data.hf_dataset")
-        if self.max_seq_length < 2:
-            raise ConfigError(f"data.max_seq_length must be at least 2, got {self.max_seq_length}")
-        if self.pad_multiple < 1:
-            raise ConfigError(f"data.pad_multiple must be at least 1, got {self.pad_multiple}")
+        _named("data.path", self.path, "a file, a directory or a hub id")
+        _named("data.cache_dir", self.cache_dir, "a directory or null")
+        for name in ("text", "prompt", "completion", "chat", "chosen", "rejected", "system"):
+            _named(f"data.{name}_feature", getattr(self, f"{name}_feature"), "a column name")
+        _count("data.max_seq_length", self.max_seq_length, low=2, rule="at least 2")
+        _count("data.pad_multiple", self.pad_multiple)
         if self.pack_length != 0 and not 2 <= self.pack_length <= self.max_seq_length:
             raise ConfigError(f"data.pack_length must be 0 (chosen from the data) or between 2 and "
                               f"data.max_seq_length={self.max_seq_length}, got {self.pack_length}")
+        self._check_hf_datasets()
+
+    def _check_hf_datasets(self) -> None:
         entries = self.hf_datasets()
         if isinstance(self.hf_dataset, list) and not entries:
             raise ConfigError("data.hf_dataset is an empty list; give at least one dataset")
@@ -133,10 +214,14 @@ class DataConfig:
             where = "data.hf_dataset" + (f"[{i}]" if isinstance(self.hf_dataset, list) else "")
             if not entry.get("path"):
                 raise ConfigError(f"{where} needs a `path` (the hub id)")
-            for key in entry:
+            for key, value in entry.items():
                 if key not in HF_DATASET_KEYS:
-                    raise ConfigError(f"unknown key {where}.{key}" + _suggest(key, HF_DATASET_KEYS).replace(
-                        "mean ", f"mean {where}."))
+                    raise ConfigError(f"unknown key {where}.{str(key)[:40]}" + _suggest(
+                        str(key), HF_DATASET_KEYS).replace("mean ", f"mean {where}."))
+                if key == "config" and not isinstance(value, (dict, type(None))):
+                    raise _refuse(f"{where}.config", "a mapping of load_dataset arguments", value)
+                if key != "config" and value is not None and (not isinstance(value, str) or not value.strip()):
+                    raise _refuse(f"{where}.{key}", "a non-empty string or null", value)
 
     def hf_datasets(self) -> list[dict]:
         """``hf_dataset`` as a list of entries (empty without one)."""
@@ -185,36 +270,58 @@ class TrainingConfig:
     seed: int = _doc("seed for adapter init, dropout and data order", 0)
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"training.batch_size must be at least 1, got {self.batch_size}")
-        if self.grad_accumulation < 1:
-            raise ConfigError(f"training.grad_accumulation must be at least 1, got {self.grad_accumulation}")
+        _count("training.batch_size", self.batch_size)
+        _count("training.grad_accumulation", self.grad_accumulation)
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS)  # frozen: the one place the default is set
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("set exactly one of training.steps and training.epochs")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"training.steps must be at least 1, got {self.steps}")
+        _count("training.steps", self.steps)
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"training.epochs must be positive, got {self.epochs}")
+        if self.epochs is not None and self.epochs > MAX_COUNT:  # the updates they make are counted in 32 bits
+            raise _refuse("training.epochs", f"at most {MAX_COUNT} (MLX's step counter is 32-bit)", self.epochs)
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise _refuse("training.seed", "in [0, 2**64) (mx.random.seed takes an unsigned 64-bit seed)", self.seed)
+        self._check_optimizer()
+        self._check_schedule()
+        if self.clear_cache_threshold < -1 or self.clear_cache_threshold > MAX_BYTES:
+            raise _refuse("training.clear_cache_threshold", f"-1 (never), 0 or a number of bytes up to {MAX_BYTES}",
+                          self.clear_cache_threshold)
+        if self.fused_exp != "auto" and not isinstance(self.fused_exp, bool):
+            raise ConfigError(f"training.fused_exp must be auto, true or false, got {short(self.fused_exp)}")
+        if self.attention_block != "auto":
+            if isinstance(self.attention_block, bool):
+                raise _refuse("training.attention_block", "auto, 0 or a positive number of queries",
+                              self.attention_block)
+            _count("training.attention_block", self.attention_block, low=0,
+                   rule="auto, 0 or a positive number of queries")
+
+    def _check_optimizer(self) -> None:
         if not self.learning_rate > 0:
             raise ConfigError(f"training.learning_rate must be positive, got {self.learning_rate}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"training.betas must be two numbers in [0, 1), got {short(self.betas)}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"training.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
-        if self.clear_cache_threshold < -1:
-            raise ConfigError(f"training.clear_cache_threshold must be -1 (never), 0 or a number of bytes, "
-                              f"got {self.clear_cache_threshold}")
+        if not self.eps > 0:
+            raise _refuse("training.eps", "positive (Adam divides by it where a gradient is 0)", self.eps)
+        if not 0 <= self.momentum < 1:
+            raise _refuse("training.momentum", "in [0, 1)", self.momentum)
         if self.weight_decay < 0:
             raise ConfigError(f"training.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.fused_exp != "auto" and not isinstance(self.fused_exp, bool):
-            raise ConfigError(f"training.fused_exp must be auto, true or false, got {short(self.fused_exp)}")
-        if self.attention_block != "auto" and (isinstance(self.attention_block, bool) or self.attention_block < 0):
-            raise ConfigError(f"training.attention_block must be auto, 0 or a positive number of queries, "
-                              f"got {short(self.attention_block)}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"training.max_grad_norm must be positive or null, got {self.max_grad_norm}")
+
+    def _check_schedule(self) -> None:
+        _count("training.warmup_steps", self.warmup_steps, low=0)
+        if self.warmup_steps:
+            # below 0 is allowed (an mlx-lm warmup from 0 translates to one), as long as no update's rate is negative
+            first = self.warmup_init + (self.learning_rate - self.warmup_init) / self.warmup_steps
+            if first < -1e-9 * self.learning_rate:  # so warmup_steps > 1
+                bound = -self.learning_rate / (self.warmup_steps - 1)
+                raise _refuse("training.warmup_init", f"at least {bound:g} (-learning_rate / (warmup_steps - 1)), "
+                              "so that the first update's learning rate is not negative", self.warmup_init)
+        if self.min_learning_rate < 0:
+            raise _refuse("training.min_learning_rate", ">= 0 (a learning rate)", self.min_learning_rate)
 
 
 @dataclass(frozen=True)
@@ -230,12 +337,10 @@ class EvalConfig:
     max_new_tokens: int = _doc("generation length for exact match", 32)
 
     def __post_init__(self):
-        if self.every < 0:
-            raise ConfigError(f"eval.every must be >= 0, got {self.every}")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ConfigError(f"eval.max_batches must be positive or null, got {self.max_batches}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size must be positive or null, got {self.batch_size}")
+        _count("eval.every", self.every, low=0)
+        _count("eval.max_batches", self.max_batches, rule="positive or null")
+        _count("eval.batch_size", self.batch_size, rule="positive or null")
+        _count("eval.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -251,12 +356,11 @@ class CheckpointConfig:
     keep_best: bool = _doc("also keep the checkpoint with the lowest validation loss", True)
 
     def __post_init__(self):
-        if self.every < 0:
-            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+        _named("checkpoint.dir", self.dir, "a directory")
+        _count("checkpoint.every", self.every, low=0)
         if self.every_minutes is not None and not self.every_minutes > 0:
             raise ConfigError(f"checkpoint.every_minutes must be positive (or null), got {self.every_minutes}")
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last must be at least 1, got {self.keep_last}")
+        _count("checkpoint.keep_last", self.keep_last)
 
     @property
     def run_dir(self) -> "Path":
@@ -280,8 +384,9 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = _doc("wandb run name; null: derived from checkpoint.dir", None)
 
     def __post_init__(self):
-        if self.every < 1:
-            raise ConfigError(f"logging.every must be at least 1, got {self.every}")
+        _count("logging.every", self.every)
+        _named("logging.wandb_project", self.wandb_project)
+        _named("logging.wandb_run_name", self.wandb_run_name, "a name or null")
 
 
 @dataclass(frozen=True)
@@ -312,12 +417,11 @@ class ParallelConfig:
         "list of relative speeds, one per rank; the update is the same either way", "off")
 
     def __post_init__(self):
-        if not self.bucket_mb > 0 or not self.first_bucket_mb > 0:
-            raise ConfigError("parallel.bucket_mb and parallel.first_bucket_mb must be positive")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
-        if self.peer_silence_s is not None and not self.peer_silence_s > 0:
-            raise ConfigError(f"parallel.peer_silence_s must be positive, got {self.peer_silence_s}")
+        for key in ("bucket_mb", "first_bucket_mb"):
+            if not getattr(self, key) > 0:
+                raise _refuse(f"parallel.{key}", "positive", getattr(self, key))
+        _seconds("parallel.timeout_s", self.timeout_s)
+        _seconds("parallel.peer_silence_s", self.peer_silence_s)
         if isinstance(self.balance, list) and (not self.balance or not all(s > 0 for s in self.balance)):
             raise ConfigError(f"parallel.balance must list a positive speed for every rank, got {self.balance}")
 
