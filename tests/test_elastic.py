@@ -11,6 +11,7 @@ in) is in tests/test_launch_ssh.py.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import (MLX_DP, ROOT, fake_split, mlx_dp_command, read_metrics, read_status, read_weights,
+from conftest import (MLX_DP, ROOT, TINY_DATA, fake_split, mlx_dp_command, read_metrics, read_status, read_weights,
                       run, start_ranks, tiny_recipe, trainer_pids, wait_for_step, worker_result)
 from trainer.cluster import elastic
 from trainer.data.batches import BatchStream
@@ -345,3 +346,79 @@ def test_ranks_with_disks_of_their_own_resume_from_rank_0s_checkpoint(tmp_path):
 @pytest.mark.e2e
 def test_broadcast_bytes_delivers_rank_0s_bytes_to_every_rank_in_chunks():
     assert worker_result(3, "broadcast_check.py", timeout=120) == {"sizes": [0, 1, 4321, 10_000], "ranks": 3}
+
+
+@pytest.mark.e2e
+def test_a_crash_at_start_up_under_many_restarts_ends_within_a_minute_with_a_true_status(tmp_path):
+    """The same failure twice with no checkpoint in between ends the launch: --restarts 50 does not run for hours."""
+    recipe = _recipe(tmp_path)
+    start = time.monotonic()
+    proc = _start(["-n", "2", "--restarts", "50"], recipe, faults="raise:rank=1:step=1")  # on every attempt
+    out, err = _finish(proc, timeout=120)
+    assert time.monotonic() - start < 60, err[-2000:]
+    assert proc.returncode == 1, err[-3000:]
+    assert err.count("mlx-dp launch: restart 1 of 50") == 1 and "restart 2 of 50" not in err
+    assert "not restarting: the same failure twice with no checkpoint saved in between" in err
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "failed", status
+    assert "stopped restarting" in status["reason"] and "injected crash at update 1" in status["reason"], status
+    shown = run([MLX_DP, "status", str(tmp_path / "run")])
+    assert shown.returncode == 1 and "failed" in shown.stdout
+
+
+def _until_backoff(proc, lines: list) -> threading.Event:
+    seen = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "restart 1 of 3 in" in line:
+                seen.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen
+
+
+@pytest.mark.e2e
+def test_status_says_restarting_in_a_backoff_and_stopped_after_a_signal_there(tmp_path):
+    recipe = _recipe(tmp_path, training={"steps": 30, "batch_size": 2}, checkpoint={"every": 2})
+    proc = _start(["-n", "2", "--restarts", "3"], recipe, faults="kill:rank=1:step=3")
+    lines = []
+    assert _until_backoff(proc, lines).wait(240), "".join(lines)[-3000:]
+    during = read_status(tmp_path / "run")
+    assert during["state"] == "restarting" and during["pid"] == proc.pid, during
+    assert "restart 1 of 3" in during["reason"] and "SIGKILL" in during["reason"]
+    shown = run([MLX_DP, "status", str(tmp_path / "run")])
+    assert shown.returncode == 3 and "restarting" in shown.stdout
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    after = read_status(tmp_path / "run")
+    assert after["state"] == "stopped" and "SIGTERM while mlx-dp launch was between attempts" in after["reason"]
+
+
+@pytest.mark.e2e
+def test_a_launcher_killed_in_a_backoff_reads_as_lost(tmp_path):
+    recipe = _recipe(tmp_path, training={"steps": 30, "batch_size": 2}, checkpoint={"every": 2})
+    proc = _start(["-n", "2", "--restarts", "3"], recipe, faults="kill:rank=1:step=3")
+    lines = []
+    assert _until_backoff(proc, lines).wait(240), "".join(lines)[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    shown = run([MLX_DP, "status", str(tmp_path / "run")])
+    assert shown.returncode == 1 and "lost" in shown.stdout and "says restarting" in shown.stdout, shown.stdout
+
+
+@pytest.mark.e2e
+def test_a_restart_that_ends_on_a_data_error_records_that_error(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(TINY_DATA, data)
+    recipe = _recipe(tmp_path, data={"path": str(data)}, training={"steps": 30, "batch_size": 2},
+                     checkpoint={"every": 2})
+    proc = _start(["-n", "2", "--restarts", "3"], recipe, faults="kill:rank=1:step=3")
+    lines = []
+    assert _until_backoff(proc, lines).wait(240), "".join(lines)[-3000:]
+    (data / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')  # broken in the backoff
+    proc.wait(timeout=240)
+    assert proc.returncode == 2, "".join(lines)[-3000:]
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "failed" and "train.jsonl line 2" in status["reason"], status

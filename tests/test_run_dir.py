@@ -46,7 +46,7 @@ def test_a_second_run_into_the_same_directory_is_refused_and_writes_nothing(tmp_
     # a lock left by a run that died is taken over, with a note
     (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid(),
                                                   "run_id": "gone", "started": "earlier"}))
-    again = mlx_dp("train", recipe, "training.steps=1", "checkpoint.dir=" + str(run_dir))
+    again = mlx_dp("train", recipe, "training.steps=1", "checkpoint.dir=" + str(run_dir), "--overwrite")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "took over the lock of a run that is gone" in again.stdout
 

@@ -35,15 +35,18 @@ class DistributedError(UserError):
 
     ``blamed`` lists the ranks that did not answer, where this rank knows them
     (a restart may leave their hosts out: ``trainer.cluster.elastic``);
-    ``final`` says a restart would meet the same error (ranks that disagree).
+    ``final`` says a restart would meet the same error (ranks that disagree);
+    ``consequence`` says this rank only saw another's failure (whose own record
+    of the cause then wins in ``status.json``).
     """
 
     exit_code = 3
 
-    def __init__(self, message: str, blamed: tuple = (), final: bool = False):
+    def __init__(self, message: str, blamed: tuple = (), final: bool = False, consequence: bool = False):
         super().__init__(message)
         self.blamed = tuple(blamed)
         self.final = final
+        self.consequence = consequence
 
 
 class Stopped(UserError):

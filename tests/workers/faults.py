@@ -13,6 +13,8 @@ separated by ``;``, each ``kind:rank=R:step=S[:seconds=T]`` (rank defaults to 0)
 * ``crash_in_save``: the process dies halfway through writing checkpoint S;
 * ``kill``: rank R is killed outright (SIGKILL, as the OOM killer does) at update S,
   on every attempt of a restarted job that reaches it;
+* ``raise``: rank R raises an unexpected exception (a bug: exit 1, a traceback) at update S,
+  on every attempt;
 * ``compute``: rank R reports T seconds of compute for every measured update
   (``parallel.balance: auto``), from update S on (a fake, deterministic speed).
 """
@@ -58,6 +60,8 @@ class FaultHooks(Hooks):
             health.request_stop()
         if self._due("kill", step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._due("raise", step):
+            raise RuntimeError(f"injected crash at update {step}")
         if self._due("nan", step):  # a NaN in the loss mask makes this rank's loss (and gradient) NaN
             micro_batches = [dataclasses.replace(b, mask=b.mask * np.float32("nan")) for b in micro_batches]
         return micro_batches

@@ -36,8 +36,10 @@ their workers' error files.
 """
 
 import queue
+import re
 import secrets
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -197,54 +199,123 @@ def run(hosts: list, make_specs, output, restarts: int, min_ranks: int | None = 
         on_start (callable | None): As ``Supervisor``'s. Default: ``None``.
         probe_s (float): ssh's connect timeout for the probe. Default: :data:`PROBE_S`.
     """
-    job, cause, avoid, status = secrets.token_hex(8), "", set(), 0
-    deadline = None if timeout is None else time.monotonic() + timeout
+    launch = _Launch(hosts, output, restarts, min_ranks, timeout, probe_s)
     # Between attempts (probe, backoff, the few lines between) a stop signal is caught here, so Ctrl-C or
     # SIGTERM ends the launch cleanly at any moment; during an attempt the supervisor catches its own.
     with _Signals() as signals:
         for attempt in range(restarts + 1):
-            stopped = _stopped(signals, output, deadline)
-            if stopped:
-                return stopped
-            reach = {}
-            if min_ranks is not None:
-                reach = _probe_all(hosts, probe_s, signals.events)
-                if isinstance(reach, int):
-                    output.say(f"{signal.Signals(reach).name}: stopping before the next start")
-                    return 128 + reach
-            present, left = _choose(hosts, min_ranks, avoid, reach)
-            for index, why in sorted(left.items()):
-                output.say(f"leaving out {hosts[index].ssh_hostname}: {why}")
-            if min_ranks is not None and len(present) < min_ranks:
-                output.say(f"only {len(present)} of {len(hosts)} hosts can take part, and --min-ranks {min_ranks} "
-                           f"needs {min_ranks}: stopping" + (f"; the last failure: {cause}" if cause else ""))
-                return status or 3
-            if left:
-                output.say(f"starting {len(present)} of {len(hosts)} ranks; they compute the missing ranks' rows "
-                           "too, so the global batch and the updates stay the same")
-            specs = make_specs([hosts[i] for i in present], _attempt_env(attempt, restarts, job, cause, present,
-                                                                         len(hosts), left, hosts))
-            remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
-            sup = Supervisor(specs, output, timeout=remaining, grace_s=grace_s, verbose=verbose, on_start=on_start)
-            status = sup.run()
-            if status == 0 or sup.asked_to_stop():
-                return status
-            failure = _failure(sup, present, hosts)
-            if failure.final:
-                output.say(f"not restarting: {failure.final}")
-                return status
-            if attempt == restarts:
-                output.say(f"giving up after {restarts} restart(s); the last failure: {failure.cause}")
-                return status
-            cause, avoid = failure.cause, set(failure.blamed) if failure.connecting else set()
-            wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)
-            output.say(f"restart {attempt + 1} of {restarts} in {wait:g} s, from this launch's newest checkpoint, "
-                       f"after: {failure.cause}")
-            signum = signals.wait(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
-            if signum:
-                output.say(f"{signal.Signals(signum).name}: not restarting")
-                return 128 + signum
-    return status
+            present = launch.choose(signals)
+            if isinstance(present, int):
+                return present
+            specs = make_specs([hosts[i] for i in present], launch.attempt_env(attempt, present))
+            sup = Supervisor(specs, output, timeout=launch.remaining(), grace_s=grace_s, verbose=verbose,
+                             on_start=on_start, timeout_given=timeout)
+            launch.status = sup.run()
+            launch.learn(sup)
+            if launch.status == 0 or sup.asked_to_stop():
+                return launch.status
+            ended = launch.after_failure(_failure(sup, present, hosts), attempt, signals)
+            if ended is not None:
+                return ended
+    return launch.status
+
+
+def signature(cause: str) -> str:
+    """A failure's cause without what changes from one attempt to the next (numbers: pids, times, ports)."""
+    return re.sub(r"\d+(\.\d+)?", "#", cause)
+
+
+class _Launch:
+    """One launch's state between attempts: who takes part, why the last attempt ended, and what the run
+    directory's ``status.json`` says meanwhile (when rank 0 writes on this machine)."""
+
+    def __init__(self, hosts: list, output, restarts: int, min_ranks, timeout, probe_s: float):
+        self.hosts, self.output, self.restarts, self.min_ranks, self.probe_s = hosts, output, restarts, min_ranks, probe_s
+        self.job, self.cause, self.avoid, self.status = secrets.token_hex(8), "", set(), 0
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.previous, self.saved, self.run_dir, self.left = None, False, None, {}
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(1.0, self.deadline - time.monotonic())
+
+    def choose(self, signals) -> list | int:
+        """The host indices taking part in the next attempt, or the status to end with (a signal, the
+        timeout, too few hosts)."""
+        stopped = _stopped(signals, self.output, self.deadline)
+        if stopped:
+            return self._record_stop(stopped)
+        reach = {}
+        if self.min_ranks is not None:
+            reach = _probe_all(self.hosts, self.probe_s, signals.events)
+            if isinstance(reach, int):
+                self.output.say(f"{signal.Signals(reach).name}: stopping before the next start")
+                return self._record_stop(128 + reach)
+        present, self.left = _choose(self.hosts, self.min_ranks, self.avoid, reach)
+        for index, why in sorted(self.left.items()):
+            self.output.say(f"leaving out {self.hosts[index].ssh_hostname}: {why}")
+        if self.min_ranks is not None and len(present) < self.min_ranks:
+            self.output.say(f"only {len(present)} of {len(self.hosts)} hosts can take part, and --min-ranks "
+                            f"{self.min_ranks} needs {self.min_ranks}: stopping"
+                            + (f"; the last failure: {self.cause}" if self.cause else ""))
+            self._record("failed", f"mlx-dp launch stopped: only {len(present)} of {len(self.hosts)} hosts could "
+                                   f"take part (--min-ranks {self.min_ranks}); the last failure: {self.cause}")
+            return self.status or 3
+        if self.left:
+            self.output.say(f"starting {len(present)} of {len(self.hosts)} ranks; they compute the missing ranks' "
+                            "rows too, so the global batch and the updates stay the same")
+        return present
+
+    def attempt_env(self, attempt: int, present: list) -> list[str]:
+        return _attempt_env(attempt, self.restarts, self.job, self.cause, present, len(self.hosts), self.left,
+                            self.hosts)
+
+    def learn(self, sup) -> None:
+        """What the attempt's rank 0 said: where the run writes (on this machine), and whether it saved."""
+        progress = sup.progress
+        if progress.get("run_dir") and progress.get("host") == socket.gethostname():
+            self.run_dir = progress["run_dir"]
+        self.saved = "saved" in progress
+
+    def after_failure(self, failure: "Failure", attempt: int, signals) -> int | None:
+        """Restart after a backoff (``None``), or the status to end with, said in one line."""
+        repeated = self.previous == signature(failure.cause) and not self.saved
+        self.previous = signature(failure.cause)
+        if failure.final:  # the failing rank recorded its own cause in status.json
+            self.output.say(f"not restarting: {failure.final}")
+            return self.status
+        if repeated:
+            why = "the same failure twice with no checkpoint saved in between, so a restart would fail again"
+            self._record("failed", f"mlx-dp launch stopped restarting: {why}; the last failure: {failure.cause}")
+            self.output.say(f"not restarting: {why}; the last failure: {failure.cause}")
+            return self.status
+        if attempt == self.restarts:
+            self.output.say(f"giving up after {self.restarts} restart(s); the last failure: {failure.cause}")
+            return self.status
+        self.cause, self.avoid = failure.cause, set(failure.blamed) if failure.connecting else set()
+        wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)
+        # status.json first: whoever reads the line below finds the record already true
+        self._record("restarting", f"restart {attempt + 1} of {self.restarts} in {wait:g} s after: {failure.cause}")
+        self.output.say(f"restart {attempt + 1} of {self.restarts} in {wait:g} s, from this launch's newest "
+                        f"checkpoint, after: {failure.cause}")
+        signum = signals.wait(wait if self.deadline is None else max(0.0, min(wait, self.deadline - time.monotonic())))
+        if signum:
+            self.output.say(f"{signal.Signals(signum).name}: not restarting")
+            return self._record_stop(128 + signum)
+        return None
+
+    def _record(self, state: str, reason: str) -> None:
+        """``status.json`` between attempts, where rank 0 writes on this machine (``status.write_for_launcher``)."""
+        if self.run_dir is None:
+            return
+        from . import status
+
+        status.write_for_launcher(self.run_dir, state, reason, self.job)
+
+    def _record_stop(self, code: int) -> int:
+        what = "--timeout" if code == 124 else signal.Signals(code - 128).name
+        self._record("stopped", f"{what} while mlx-dp launch was between attempts; --resume continues from the "
+                                "newest checkpoint")
+        return code
 
 
 def _stopped(signals: "_Signals", output, deadline: float | None) -> int:

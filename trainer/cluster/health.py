@@ -198,6 +198,20 @@ def report_failure(reason: str, blamed=(), connecting: bool = False, final: bool
         pass
 
 
+def report_progress(event: str, **fields) -> None:
+    """Tell ``mlx-dp launch --restarts`` how the run goes (one line it takes off): ``run`` (rank 0 holds
+    ``checkpoint.dir``, so the launcher may record its restarts there) and ``saved`` (a checkpoint, so a
+    repeated failure is one that makes progress). Nothing is printed when the launcher does not restart."""
+    if restart_env().restarts <= 0:
+        return
+    import json
+
+    try:
+        print(REPORT_MARKER + json.dumps({"event": event, **fields}), file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def _hard_exit(message: str, state: str = "failed", code: int = WATCHDOG_EXIT) -> None:
     log.each(message, name_rank=False)  # the message names the rank and its host
     report_failure(message)

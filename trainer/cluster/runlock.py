@@ -152,25 +152,40 @@ def acquire(run_dir: Path) -> tuple[RunLock, str | None]:
                           "choose another checkpoint.dir")
 
 
-def acquire_for_group(world, run_dir: Path) -> tuple[RunLock | None, str]:
+def acquire_for_group(world, run_dir: Path, before=None, after=None) -> tuple[RunLock | None, str]:
     """Rank 0 locks ``run_dir``; every rank learns the run id (a collective).
+
+    Args:
+        world: The group.
+        run_dir (Path): ``checkpoint.dir``.
+        before (callable | None): ``before(run_dir)`` on rank 0 before the lock is taken (whether
+            the folder may be written at all: ``trainer.state.rundir``). Default: ``None``.
+        after (callable | None): ``after(run_dir)`` on rank 0 once the lock is held (whether an
+            earlier run may be replaced); it may raise, and the lock is then let go. Default: ``None``.
 
     Returns:
         tuple: ``(lock or None on other ranks, run id)``.
 
     Raises:
-        CheckpointError: On rank 0, when another run holds the directory.
-        CheckpointError: On the other ranks too, in that case: the same mistake (a directory in
-            use) with the same exit status, whichever rank a launcher hears from first.
+        CheckpointError: On rank 0, when another run holds the directory, or ``before``/``after`` refuse it.
+        CheckpointError: On the other ranks too, in that case: the same mistake with the same exit status,
+            whichever rank a launcher hears from first.
     """
     lock, error = None, None
     if world.is_main:
         try:
+            if before is not None:
+                before(run_dir)
             lock, note = acquire(run_dir)
             if note:
                 log.note(note)
+            if after is not None:
+                after(run_dir)
         except CheckpointError as e:
             error = e
+            if lock is not None:
+                lock.release()
+                lock = None
     token = lock.run_id.encode() if lock else b""
     run_id = world.all_gather_bytes(token, phase="lock")[0].decode()
     if error is not None:

@@ -30,7 +30,13 @@ Who writes, so that the file stays true:
    it caused.
 4. A command refused before it trains (a different global batch on
    ``--resume``, a recipe error) leaves a finished run's record alone: this
-   run has not written ``running`` yet, and an earlier run's end stands.
+   run has not written ``running`` yet, and an earlier run's end stands;
+   except under ``mlx-dp launch --restarts``, where an attempt's end replaces
+   an earlier attempt's of the same launch.
+5. Between attempts of ``mlx-dp launch --restarts``, the launcher itself
+   writes ``restarting`` (during the backoff), or how the launch ended there
+   (:func:`write_for_launcher`), with its own pid: a launcher killed during a
+   backoff reads as lost.
 
 The file is written padded to :data:`RECORD_BYTES` from the start, so later
 records fit in its own blocks: on a full disk a record is rewritten in place
@@ -45,12 +51,15 @@ import time
 from pathlib import Path
 
 from .. import log
+from ..errors import UserError
+from ..state.rundir import open_update, write_atomic
 from ..state.checkpoint import process_alive
 from ..env import launch_env, restart_env
 from . import runlock
 
 STATUS = "status.json"
 TERMINAL = ("completed", "stopped", "failed")
+LIVE = ("running", "restarting")  # a process still answers for these: gone, the record reads as lost
 HEARTBEAT_S = 5.0  # rank 0 refreshes a running run's record this often (a 4 KB write)
 LOST_AFTER_S = 60.0  # a running record older than this, from a process not seen alive, is a lost run
 RECORD_BYTES = 4096  # the file's size, padded with spaces: later records rewrite it in place
@@ -106,6 +115,9 @@ def may_write(run_dir: Path, state: str, rank: int, consequence: bool = False) -
     if earlier_run:
         if _run["started_training"] or state == "running":
             return True, ""
+        job = restart_env().job
+        if job and existing.get("job") == job:
+            return True, ""  # an earlier attempt of this launch: this attempt's end is the one to record
         return False, (f"status.json keeps the earlier run's '{existing.get('state')}' (this command stopped before "
                        "it trained)")
     if existing.get("consequence") and not consequence and state == "failed":
@@ -169,15 +181,7 @@ def _text(record: dict) -> bytes:
 def _store(path: Path, record: dict, rank: int) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_bytes(_text(record))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(path, _text(record))  # never through a planted link
         return True
     except OSError as e:
         if _write_in_place(path, record):
@@ -190,7 +194,7 @@ def _write_in_place(path: Path, record: dict) -> bool:
     """Overwrite the existing file's own (padded) blocks: a full disk still allows that."""
     data = _text(record)
     try:
-        with open(path, "r+b") as f:
+        with open_update(path) as f:
             size = os.fstat(f.fileno()).st_size
             if len(data) > size:
                 return False
@@ -198,8 +202,31 @@ def _write_in_place(path: Path, record: dict) -> bool:
             f.flush()
             os.fsync(f.fileno())
         return True
-    except OSError:
+    except (OSError, UserError):  # no room, or a link: nothing is written
         return False
+
+
+def write_for_launcher(run_dir: Path, state: str, reason: str, job: str, step: int | None = None) -> bool:
+    """``mlx-dp launch --restarts`` records the launch's own state: ``restarting`` during a backoff, or how it ended
+    between attempts (``stopped`` by a signal, ``failed`` when it stops restarting).
+
+    Written with the launcher's pid and a heartbeat, so a launcher killed during a backoff reads as ``lost``;
+    never where another launch's live run holds ``checkpoint.dir``. The launch's restarts so far are kept.
+    Returns whether it was written.
+    """
+    path = Path(run_dir) / STATUS
+    existing = _read(path) or {}
+    holder = runlock.read_holder(Path(run_dir))
+    if holder is not None and holder.alive() and holder.job != job:
+        return False
+    now = time.time()
+    record = {"state": state, "step": existing.get("step", 0) if step is None else step, "rank": "launcher",
+              "host": socket.gethostname(), "pid": os.getpid(), "world_size": existing.get("world_size"),
+              "run_id": existing.get("run_id"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "unix_time": round(now, 3), "heartbeat": round(now, 3), "reason": reason, "job": job}
+    if existing.get("job") == job and existing.get("restarts"):
+        record["restarts"] = existing["restarts"]
+    return _store(path, record, rank=0)
 
 
 # ---------------------------------------------------------------------------- while it runs
@@ -245,7 +272,7 @@ def read(run_dir: Path, now: float | None = None) -> dict | None:
     ``lost_reason`` then. ``None`` when there is no readable record.
     """
     record = _read(Path(run_dir) / STATUS)
-    if record is None or record.get("state") != "running":
+    if record is None or record.get("state") not in LIVE:
         return record
     now = time.time() if now is None else now
     beat = float(record.get("heartbeat", record.get("unix_time", 0)) or 0)
@@ -256,8 +283,8 @@ def read(run_dir: Path, now: float | None = None) -> dict | None:
     if gone or age > LOST_AFTER_S:
         who = f"pid {pid} on {record.get('host')}"
         why = f"its process ({who}) is gone" if gone else f"nothing was heard from {who}"
-        return {**record, "state": "lost", "recorded_state": "running",
-                "lost_reason": f"status.json says running at update {record.get('step')}, but {why} and its last "
+        return {**record, "state": "lost", "recorded_state": record["state"],
+                "lost_reason": f"status.json says {record['state']} at update {record.get('step')}, but {why} and its last "
                                f"heartbeat was {age:.0f} s ago: the run was lost (killed outright, or its machine "
                                "went down); --resume continues from its last checkpoint"}
     return record
@@ -274,8 +301,11 @@ def describe(run_dir: Path, record: dict | None) -> str:
     if state == "running":
         age = time.time() - float(record.get("heartbeat", record.get("unix_time", 0)) or 0)
         return f"{run_dir}: running, at update {step}; heartbeat {age:.0f} s ago ({who})"
+    if state == "restarting":
+        return f"{run_dir}: restarting (mlx-dp launch --restarts, pid {record.get('pid')} on {record.get('host')}): " \
+               f"{record.get('reason', '')}"
     reason = f": {record['reason']}" if record.get("reason") else ""
     return f"{run_dir}: {state} at update {step} ({who}){reason}"
 
 
-EXIT_CODES = {"completed": 0, "failed": 1, "lost": 1, "running": 3, "stopped": 4}
+EXIT_CODES = {"completed": 0, "failed": 1, "lost": 1, "running": 3, "restarting": 3, "stopped": 4}

@@ -128,7 +128,7 @@ class World:
         if error is not None:
             raise error
         if ok < 1.0:
-            raise DistributedError("rank 0 failed while preparing; see its message above")
+            raise DistributedError("rank 0 failed while preparing; see its message above", consequence=True)
         return fn() if self.rank != 0 else result
 
 

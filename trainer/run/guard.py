@@ -15,6 +15,7 @@ rank failed, and gives back everything it took, in reverse order.
 
 import errno
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ..env import restart_env
 from ..errors import CheckpointError, DistributedError, Stopped, UserError
 from ..parallel import refuse_lone_rank
 from ..run.report import NullReporter
-from ..state import checkpoint
+from ..state import checkpoint, rundir
 from .pick import restart_resume, shared_resume
 
 RESTART_SILENCE_S = 15.0  # parallel.peer_silence_s under --restarts: a restart costs seconds, a sleeping Mac hours
@@ -48,10 +49,12 @@ class RunGuard:
     Args:
         cfg (Config): The resolved recipe.
         resume (str | bool | None): What the user asked to resume (``--resume``).
+        overwrite (bool): ``--overwrite``: write into a folder that holds other files, or start an
+            earlier run there over (``trainer.state.rundir``). Default: ``False``.
     """
 
-    def __init__(self, cfg: Config, resume=None):
-        self.cfg, self.run_dir, self.resume = cfg, cfg.checkpoint.run_dir, resume
+    def __init__(self, cfg: Config, resume=None, overwrite: bool = False):
+        self.cfg, self.run_dir, self.resume, self.overwrite = cfg, cfg.checkpoint.run_dir, resume, overwrite
         self.world, self.membership, self.restarted = None, None, None
         self._lock, self._reporter, self._wired, self._heartbeat = None, NullReporter(), None, None
 
@@ -79,16 +82,26 @@ class RunGuard:
         health.attach(world, PeerMonitor.start(world))
         for note in notes:
             log.note(note)
+        restart = restart_env()
+
+        def earlier(run_dir):  # once the lock is held: an earlier run is continued, or replaced only when asked
+            removed = rundir.check_earlier_run(run_dir, self.resume is not None, self.overwrite, restart.attempt > 0)
+            if removed:
+                log.info(f"--overwrite: removed the earlier run's {', '.join(removed)} from {run_dir}")
+
         try:
-            self._lock, run_id = runlock.acquire_for_group(world, self.run_dir)
+            self._lock, run_id = runlock.acquire_for_group(
+                world, self.run_dir, before=lambda run_dir: rundir.check_place_and_contents(run_dir, self.overwrite),
+                after=earlier)
         except UserError:
             status_file.disown()  # another run owns checkpoint.dir: write nothing there
             raise
         status_file.set_run(run_id)
+        if world.is_main:  # the launcher records its restarts where this run writes
+            health.report_progress("run", run_dir=str(self.run_dir.resolve()), host=socket.gethostname())
         earlier = status_file.read(self.run_dir)
         if earlier is not None and earlier.get("state") == "lost":
             log.note(f"the earlier run in {self.run_dir} was lost: {earlier['lost_reason']}")
-        restart = restart_env()
         self.membership = Membership.of(world.rank, world.size, restart.nominal, restart.present)
         self.restarted = _note_restart(self.run_dir, restart, earlier, self.membership, world.size)
         if self.restarted is not None:
@@ -148,7 +161,9 @@ class RunGuard:
             return
         health.failing()
         translated = as_user_error(error, self.run_dir)
-        lost_peer = isinstance(translated, DistributedError) and str(translated) != str(error)  # another's end
+        # what this rank only saw of another's end (a lost peer, rank 0's failure): the other's cause wins
+        lost_peer = isinstance(translated, DistributedError) and (translated.consequence
+                                                                  or str(translated) != str(error))
         health.status(world, self.run_dir, "failed", step=step, reason=str(translated), consequence=lost_peer)
         blamed, final = (translated.blamed, translated.final) if isinstance(translated, DistributedError) else ((),
                                                                                                               False)

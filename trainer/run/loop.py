@@ -19,13 +19,15 @@ from ..cluster import health
 from ..config.load import Config
 from ..errors import UserError
 from ..state import checkpoint
+from ..state.rundir import open_append
 from .guard import RunGuard
 from .hooks import RunOptions
 from .report import MetricWindow, open_reporter
 from .setup import Run, build_run
 
 
-def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_changes: bool = False) -> dict:
+def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_changes: bool = False,
+          overwrite: bool = False) -> dict:
     """Run a recipe on this process's rank.
 
     Args:
@@ -38,12 +40,14 @@ def train(cfg: Config, resume=None, options: RunOptions | None = None, allow_cha
         allow_changes (bool): Resume even though the recipe or data changed
             since the checkpoint (``--allow-changes``; the changes are
             recorded in ``metrics.jsonl``). Default: ``False``.
+        overwrite (bool): Write into a ``checkpoint.dir`` that holds other files, or start an
+            earlier run there over (``--overwrite``). Default: ``False``.
 
     Returns:
         dict: Final step, whether it stopped early (and the signal that
         asked, 0 if none), and the last val loss.
     """
-    with RunGuard(cfg, resume) as guard:
+    with RunGuard(cfg, resume, overwrite) as guard:
         run = build_run(cfg, guard.world, guard.resume, options, allow_changes, guard.membership)
         guard.started(run, open_reporter(run))
         return guard.finished(fit(run, guard.reporter))
@@ -76,7 +80,11 @@ def fit(run: Run, reporter) -> dict:
         window.add(out, micro, toc - tic)
         _rebalance(run, out, micro, reporter)
         _log_timing(timings, run, out, toc - tic)
-        last, stopping = state.step == run.total_steps, out["stop"].item() > 0  # evaluated above; same on all ranks
+        # A checkpoint resumes exactly only where the objective allows it (between an on-policy objective's
+        # generations): a stop or a timed save waits for the next such update.
+        resumable = run.objective.resumable_after(state.step)
+        last = state.step == run.total_steps
+        stopping = out["stop"].item() > 0 and resumable  # evaluated above; the same on all ranks
         reporter.advance(1)
         if state.step % cfg.logging.every == 0 or last or stopping:
             report(run, window, out, reporter)
@@ -85,7 +93,7 @@ def fit(run: Run, reporter) -> dict:
         if "valid" in run.splits and ((cfg.eval.every and state.step % cfg.eval.every == 0) or last):
             val_loss = validate(run, reporter)
             tic = time.perf_counter()  # validation time is not training throughput
-        timed_save = out["save"].item() > 0  # evaluated above; the same on every rank
+        timed_save = out["save"].item() > 0 and resumable  # evaluated above; the same on every rank
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stopping or timed_save:
             save(run, val_loss, reporter)
             tic = last_save = time.perf_counter()  # nor is saving
@@ -109,10 +117,10 @@ def _next_update(run: Run, step: int, save: bool = False) -> tuple[list, dict]:
     """
     hooks = run.options.hooks
     run.stream.set_split(run.balancer.split)
-    micro = hooks.before_update(step, run.stream.take(run.cfg.training.grad_accumulation))
-    # An on-policy objective makes this update's rows now, from the policy as it is (GRPO's completions of
-    # the stream's prompts); the others train on the stream's rows as they are.
-    micro = run.objective.rollout(run.model, micro, step)
+    # An on-policy objective makes this update's rows now, from the policy as it is (GRPO completes the
+    # stream's prompts); the others train on the stream's rows as they are.
+    take = partial(run.stream.take, run.cfg.training.grad_accumulation)
+    micro = hooks.before_update(step, run.objective.rollout(run.model, take, step, len(run.stream.hosted)))
     shapes = {b.inputs.shape for b in micro} - run.compiled_shapes
     run.compiled_shapes |= shapes
     # A new shape compiles the step first: that time says nothing of this rank's speed, so it is not
@@ -190,6 +198,7 @@ def save(run: Run, val_loss: float | None, reporter) -> None:
         keep = {Path(state.best.path)} if (state.best and run.cfg.checkpoint.keep_best) else set()
         checkpoint.prune(run.run_dir, run.cfg.checkpoint.keep_last, keep)
         reporter.checkpoint(path)
+        health.report_progress("saved", step=state.step)  # a restart after this one makes progress
     run.world.barrier(phase="save")  # nobody runs ahead while rank 0 writes
 
 
@@ -198,7 +207,7 @@ def _timings_file(run: Run):
     if not run.cfg.logging.per_rank_timings:
         return None
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    return open(run.run_dir / f"metrics.rank{run.world.rank}.jsonl", "a")
+    return open_append(run.run_dir / f"metrics.rank{run.world.rank}.jsonl")
 
 
 def _log_timing(timings, run: Run, out: dict, seconds: float) -> None:

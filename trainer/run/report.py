@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import log
+from ..state.rundir import open_append
 
 
 class MetricWindow:
@@ -53,8 +54,11 @@ class MetricWindow:
         self.cells += sum(b.inputs.shape[0] * (b.inputs.shape[1] + 1) for b in micro_batches)
         self.objective = out["objective"]
         self.stats = out["stats"] if self.stats is None else self.stats + out["stats"]
-        for key, value in out["counts"].items():
-            self.counts[key] = self.counts.get(key, 0) + value
+        for key, value in out["counts"].items():  # sums; a maximum stays one; samples are listed
+            if key not in self.counts:
+                self.counts[key] = value
+            else:
+                self.counts[key] = max(self.counts[key], value) if key.endswith("_max") else self.counts[key] + value
 
     def skipped(self) -> int:
         """Updates of this window not applied (non-finite). Reads a device value."""
@@ -114,7 +118,7 @@ class Reporter(NullReporter):
                  wandb_run=None):
         self.path = Path(metrics_path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")
+        self.file = open_append(self.path)  # never through a planted link
         self.wandb = wandb_run
         self.bar = None
         if progress_bar:
@@ -130,8 +134,7 @@ class Reporter(NullReporter):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            step = record.get("step")
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            self.wandb.log(_for_wandb(record), step=record.get("step"))
 
     def advance(self, steps: int = 1, postfix: dict | None = None) -> None:
         if self.bar is not None:
@@ -152,6 +155,18 @@ class Reporter(NullReporter):
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _for_wandb(record: dict) -> dict:
+    """A record's numbers, and its lists of rows (a few sampled completions) as wandb tables."""
+    out = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for key, rows in record.items():
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            import wandb
+
+            columns = list(rows[0])
+            out[key] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    return out
 
 
 def open_reporter(run):

@@ -109,9 +109,9 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
     _prepare_run_dir(cfg, world)
     model, tokenizer, adapter_cfg, objective = _load_model(cfg)
     splits = _load_data(cfg, world, tokenizer, objective, members.nominal)
-    reference = _prepare_objective(cfg, world, model, splits, objective)  # before a checkpoint's weights load
     state = _fresh_state(cfg, splits["train"], members.nominal)
-    _check_enough_data(cfg, objective, splits["train"], state)
+    _check_enough_data(cfg, objective, splits["train"], state)  # before any long pass over the data
+    reference = _prepare_objective(cfg, world, model, tokenizer, splits, objective)  # before a checkpoint loads
     t = cfg.training
     stream = objective.stream(splits["train"], t.batch_size, members.hosted[0], members.nominal, t.seed,
                               cfg.data.pad_multiple, prefetch=cfg.data.prefetch, hosted=members.hosted)
@@ -201,16 +201,15 @@ def _load_data(cfg: Config, world: World, tokenizer, objective: Objective, nomin
     return splits
 
 
-def _prepare_objective(cfg: Config, world: World, model, splits: dict, objective: Objective) -> dict:
-    """What the objective computes before training (DPO's reference log-probs), as agreement items."""
-    if not objective.needs_reference:
-        return {}
-    # The reference pass sums values over ranks, item by item: first make sure every rank holds the same recipe
-    # and data, or ranks with different data would wait on each other's sums without end.
-    check_agreement(world, {"recipe": digest(cfg.to_yaml()), **versions(),
-                            **{f"{name} data": split.fingerprint() for name, split in sorted(splits.items())}})
-    health.phase("reference log-probs", watched=False)  # one forward pass over the data
-    return objective.prepare(world, model, splits, cfg.data.cache_dir, reference_settings(cfg))
+def _prepare_objective(cfg: Config, world: World, model, tokenizer, splits: dict, objective: Objective) -> dict:
+    """What the objective computes or keeps before training (DPO's reference log-probs), as agreement items."""
+    if objective.needs_reference:
+        # The reference pass sums values over ranks, item by item: first make sure every rank holds the same
+        # recipe and data, or ranks with different data would wait on each other's sums without end.
+        check_agreement(world, {"recipe": digest(cfg.to_yaml()), **versions(),
+                                **{f"{name} data": split.fingerprint() for name, split in sorted(splits.items())}})
+        health.phase("reference log-probs", watched=False)  # one forward pass over the data
+    return objective.prepare(world, model, tokenizer, splits, cfg.data.cache_dir, reference_settings(cfg))
 
 
 def reference_settings(cfg: Config, training: bool = True) -> dict:
@@ -229,10 +228,13 @@ def reference_settings(cfg: Config, training: bool = True) -> dict:
 def _check_enough_data(cfg: Config, objective: Objective, train, state: TrainingState) -> None:
     t = cfg.training
     if len(train) < state.global_batch:
+        smaller = [f"lower {key}" for key, value in (("training.batch_size", t.batch_size),
+                                                      ("training.grad_accumulation", t.grad_accumulation)) if value > 1]
         raise DataError(
             f"the training set {train.source} has {len(train)} usable {objective.items}, fewer than one global batch "
             f"of {state.global_batch} (training.batch_size={t.batch_size} x {state.world_size} ranks x "
-            f"grad_accumulation={t.grad_accumulation}); lower training.batch_size")
+            f"grad_accumulation={t.grad_accumulation}); "
+            + ", ".join(smaller + [f"add {objective.items}"] + (["run on fewer ranks"] if state.world_size > 1 else [])))
     log.info(f"world: {state.world_size} rank(s); global batch = {t.batch_size} x {state.world_size} x "
              f"{t.grad_accumulation} = {state.global_batch} {objective.unit} per update; {len(train)} training "
              f"{objective.items}; {state.total_steps} updates")
