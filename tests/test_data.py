@@ -164,3 +164,48 @@ def test_truncate_trains_what_mlx_lm_trains(tokenizer, tmp_path):
     their_mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])  # mlx-lm's default_loss
     assert ours.tokens == int(their_mask.sum().item()) == 23, "the same targets count"
     assert np.array_equal(ours.targets[0, :23], np.asarray(theirs)[0, 1:24])
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("cut.jsonl", '{"text": "broken row cut here\n',
+     "line 3 is not valid JSON (the row ends at column 29 inside a string that opens at column 10)"),
+    ("cut-crlf.jsonl", '{"text": "broken row cut here\r\n',
+     "line 3 is not valid JSON (the row ends at column 29 inside a string that opens at column 10)"),
+    ("cut-list.jsonl", '{"text": "x", "tags": [1, 2\n', "line 3 is not valid JSON (the row ends at column 27 before "
+                                                         "its JSON is complete)"),
+    ("colon.jsonl", '{"text" "ok"}\n', "line 3 is not valid JSON (expecting ':' delimiter at column 9)"),
+    ("tab.jsonl", '{"text": "a\tb"}\n', "line 3 is not valid JSON (invalid control character at column 12)"),
+    ("document.json", None, "is not valid JSON (expecting ',' delimiter at line 3 column 15)"),
+])
+def test_a_json_error_names_the_true_line_and_column(tokenizer, tmp_path, name, text, message):
+    path = tmp_path / name
+    if text is None:  # one JSON list over several lines: the line and column are the file's
+        path.write_text('[{"text": "ok one"},\n {"text": "ok two"},\n {"text": "x" "y"}]\n')
+    else:
+        path.write_bytes(b'{"text": "ok one"}\n{"text": "ok two"}\n' + text.encode())
+    with pytest.raises(DataError) as error:
+        load_splits(DataConfig(path=str(path)), tokenizer, ("train",), False)
+    assert str(error.value) == f"{path} {message}"
+    assert " at at " not in str(error.value)
+
+
+def test_a_malformed_file_is_our_one_sentence_and_datasets_state_is_put_back(tokenizer, tmp_path, capfd):
+    """datasets logs pyarrow's (or pandas') words and leaves a progress bar before it raises; none of that is
+    printed, and its verbosity and progress-bar switch are as they were, after a failure and a success."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    before = datasets_logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text" "ok"}\n')
+    (tmp_path / "bad.csv").write_text('prompt,completion\na,b\n"c,d\n')
+    (tmp_path / "good.jsonl").write_text('{"text": "a fine row."}\n')
+    capfd.readouterr()
+    for name, message in (("bad.jsonl", "line 2 is not valid JSON"), ("bad.csv", "could not load")):
+        with pytest.raises(DataError, match=message) as error:
+            load_splits(DataConfig(path=str(tmp_path / name)), tokenizer, ("train",), False)
+        assert "An error occurred while generating the dataset" not in str(error.value), "the parser's words"
+        assert (datasets_logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()) == before
+    load_splits(DataConfig(path=str(tmp_path / "good.jsonl")), tokenizer, ("train",), False)
+    assert (datasets_logging.get_verbosity(), datasets.utils.are_progress_bars_disabled()) == before
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == "", printed

@@ -34,6 +34,23 @@ def test_rows_without_a_usable_field(tmp_path):
     assert result.returncode == 2 and "have no usable field" in one_error_line(result)
 
 
+def test_a_malformed_data_file_is_our_one_sentence_alone(tmp_path):
+    """Nothing of datasets, pyarrow or pandas (their log lines, a progress bar) comes before our line, and the
+    line and column it names are the row's."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "ok one"}\n{"text": "ok two"}\n{"text": "cut short her\n{"text": "ok"}\n')
+    table = tmp_path / "rows.csv"
+    table.write_text('prompt,completion\na,b\n"c,d\n')
+    for path, message in ((data, f"{data} line 3 is not valid JSON (the row ends at column 23 inside a string "
+                                 "that opens at column 10)"),
+                          (table, f"could not load {table}: Error tokenizing data")):
+        result = mlx_dp("train", str(tiny_recipe(tmp_path)), f"data.path={path}")
+        assert result.returncode == 2 and message in one_error_line(result)
+        printed = result.stdout + result.stderr
+        assert "Failed to" not in printed and "Generating train split" not in printed, printed
+        assert "ArrowInvalid" not in printed and "pandas" not in printed, printed
+
+
 def test_all_rows_longer_than_max_seq_length(tmp_path):
     result = mlx_dp("train", str(tiny_recipe(tmp_path)), "data.max_seq_length=4")
     assert result.returncode == 2

@@ -94,6 +94,51 @@ def test_a_bad_row_is_one_sentence_naming_file_and_line(tokenizer, tmp_path, bad
     assert "\n" not in str(error.value)
 
 
+USER, ASSISTANT = {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}
+OR_CONVERSATIONS = " (or both must be whole conversations that begin with the same messages)"
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"prompt": "a", "chosen": [USER], "rejected": [{"role": "user", "content": "c"}]},
+     "'chosen' begins with a 'user' message and 'rejected' begins with a 'user' message, but an answer to 'prompt' "
+     "must begin with an 'assistant' message" + OR_CONVERSATIONS),
+    ({"prompt": "a", "chosen": "b", "rejected": [USER]},
+     "'rejected' begins with a 'user' message, but an answer to 'prompt' must begin with an 'assistant' message"
+     + OR_CONVERSATIONS),
+    ({"prompt": [{"role": "user", "content": "a"}], "chosen": [USER], "rejected": [ASSISTANT]},
+     "'chosen' begins with a 'user' message, but an answer to 'prompt' must begin with an 'assistant' message"),
+    ({"prompt": [{"role": "user", "content": "a"}], "chosen": [ASSISTANT],
+      "rejected": [{"role": "system", "content": "c"}]},
+     "'rejected' begins with a 'system' message, but an answer to 'prompt' must begin with an 'assistant' message"),
+    ({"chosen": [USER, {"role": "user", "content": "again"}], "rejected": [USER, ASSISTANT]},
+     "'chosen' begins with a 'user' message, but an answer after the messages both conversations share must "
+     "begin with an 'assistant' message"),
+])
+def test_answers_with_the_wrong_role_name_the_roles_found_and_expected(tokenizer, tmp_path, bad, reason):
+    good = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, bad, good])
+    with pytest.raises(DataError) as error:
+        load(path, tokenizer)
+    assert str(error.value) == f"{path} line 2: {reason}"
+
+
+def test_pairs_with_an_empty_or_blank_answer_are_dropped_and_counted(tokenizer, tmp_path):
+    """Dropped with a count, not refused: such a pair teaches the model to prefer saying nothing (or to avoid
+    it), and a hub dataset with a few cannot be mended in place; the note says how many there were."""
+    good = {"prompt": "what pet does vito have?", "chosen": "vito has a dog.", "rejected": "vito likes tea."}
+    rows = [good, {**good, "chosen": ""}, {**good, "chosen": "  \n "}, {**good, "rejected": ""},
+            {**good, "chosen": [{"role": "assistant", "content": " "}]}, good,
+            {"chosen": "Human: hi\n\nAssistant:", "rejected": "Human: hi\n\nAssistant: go away."}]
+    split = load(write_jsonl(tmp_path / "pairs.jsonl", rows), tokenizer)
+    assert len(split) == 2
+    assert "dropped 5 of 7 pairs with an empty or blank answer (4 chosen, 1 rejected)" in split.notes, split.notes
+    assert split.chosen.fingerprint() == load(write_jsonl(tmp_path / "good.jsonl", [good] * 2),
+                                              tokenizer).chosen.fingerprint()
+    with pytest.raises(DataError, match=r"no usable pairs remain in .*dropped 2 of 2 pairs with an empty or blank "
+                                        r"answer \(1 chosen, 1 rejected\)"):
+        load(write_jsonl(tmp_path / "blank.jsonl", rows[1:4:2]), tokenizer)
+
+
 def test_rows_without_answers_name_the_columns_and_the_keys(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": "b"}] * 2)
     with pytest.raises(DataError, match=r"no 'chosen' and 'rejected' fields.*data.chosen_feature"):
@@ -114,13 +159,15 @@ def test_custom_columns_and_whole_pairs_dropped_by_length_or_sameness(tokenizer,
 def test_config_keys_and_impossible_values(tmp_path):
     assert MethodConfig().objective == "sft"
     for override, message in [("method.objective=ppo", "method.objective must be one of"),
-                              ("method.beta=0", "method.beta must be positive"),
+                              ("method.beta=-1", "method.beta must be >= 0"),
                               ("method.label_smoothing=0.5", r"method.label_smoothing must be in \[0, 0.5\)"),
                               ("method.orpo_lambda=-1", "method.orpo_lambda must be >= 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config(tiny_recipe(tmp_path), [override])
     from trainer.objectives.registry import make_objective
 
+    with pytest.raises(ConfigError, match="method.beta must be positive with method.objective=dpo"):
+        make_objective(load_config(tiny_recipe(tmp_path), ["method.objective=dpo", "method.beta=0"]))
     with pytest.raises(ConfigError, match="set data.packing=false"):  # the objective says which keys apply to it
         make_objective(load_config(tiny_recipe(tmp_path), ["method.objective=dpo", "data.packing=true"]))
     with pytest.raises(ConfigError, match="keep data.format=auto"):

@@ -21,7 +21,10 @@ mlx-lm's ``CompletionsDataset`` and mlx-lm-lora's ``DPODataset`` render it,
 so a pair tokenizes like the SFT row of the same prompt and answer. Implicit
 string prompts carry their dialogue format inside them and are tokenized as
 text: prompt, then answer and EOS, as TRL does. The prompt is never in the
-loss. Other columns (``preference_score``, ids, scores) are ignored.
+loss. Other columns (``preference_score``, ids, scores) are ignored. A chat
+answer begins with the assistant's message (a row whose answer begins with a
+user's is refused, naming the roles); a pair with an empty or blank answer is
+dropped and counted in the split's notes.
 
 Tokenizing is cached by ``datasets`` under a fingerprint of the rows, the
 tokenizer and these settings, as ``trainer.data.tokenized`` does for SFT rows.
@@ -36,10 +39,10 @@ import numpy as np
 
 from ..config.load import DataConfig
 from .tokenized import TokenizedSplit, concatenate, load_parts
-from .sources import Source, row_location
+from .sources import Source, quiet_datasets, row_location
 from ..errors import DataError
 
-PAIR_TOKENIZE_VERSION = 1  # bump when the tokenized pairs change meaning
+PAIR_TOKENIZE_VERSION = 2  # bump when the tokenized pairs change meaning
 
 
 @dataclass
@@ -127,6 +130,47 @@ def common_prefix(a, b) -> int:
     return n
 
 
+def _role_problem(answers: dict, context: str) -> str | None:
+    """Why answers that do not begin with an assistant's message cannot be trained as answers, naming the
+    roles found and the one expected; ``None`` when both begin with the assistant's."""
+    wrong = [(key, messages[0]["role"]) for key, messages in answers.items() if messages[0]["role"] != "assistant"]
+    if not wrong:
+        return None
+    found = " and ".join(f"'{key}' begins with a '{role}' message" for key, role in wrong)
+    return f"{found}, but {context} must begin with an 'assistant' message"
+
+
+def _chat_pair(prompt, chosen: list, rejected: list, system: list, cfg: DataConfig) -> Pair | str:
+    """A pair of chat answers with its prompt (given, or the messages both answers begin with), or why not.
+
+    The answers are what the loss trains, so each must begin with the assistant's message: a user's message
+    there is a prompt in the wrong column, and the sentence says which roles were found.
+    """
+    keys, replies = (cfg.chosen_feature, cfg.rejected_feature), chosen[0]["role"] == rejected[0]["role"] == "assistant"
+    context = f"an answer to '{cfg.prompt_feature}'"
+    if isinstance(prompt, str) and replies:
+        prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        prompt = _messages(prompt)
+    else:  # whole conversations: the prompt is what they share (TRL's maybe_extract_prompt); a string one is ignored
+        n = common_prefix(chosen, rejected)
+        if n == 0 and prompt is not None:  # a string prompt beside answers that are neither replies nor conversations
+            return (f"{_role_problem(dict(zip(keys, (chosen, rejected))), context)} (or both must be whole "
+                    "conversations that begin with the same messages)")
+        if n == 0:
+            return (f"has no prompt: '{cfg.prompt_feature}' is missing and '{keys[0]}' and '{keys[1]}' begin with "
+                    f"different messages (a '{chosen[0]['role']}' and a '{rejected[0]['role']}' message)")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not chosen or not rejected:
+            return f"'{keys[0]}' or '{keys[1]}' has no message after the prompt they share"
+        context = "an answer after the messages both conversations share"
+    problem = _role_problem(dict(zip(keys, (chosen, rejected))), context)
+    if problem:
+        return problem
+    lead = system if system and prompt[0]["role"] != "system" else []  # a prompt's own system message wins
+    return Pair(lead + prompt, chosen, rejected, chat=True)
+
+
 def normalise(row: dict, cfg: DataConfig, has_template: bool) -> Pair | str:
     """The row as a :class:`Pair`, or why it cannot be one (a phrase for the error line)."""
     keys = (cfg.chosen_feature, cfg.rejected_feature)
@@ -149,18 +193,7 @@ def normalise(row: dict, cfg: DataConfig, has_template: bool) -> Pair | str:
     system = row.get(cfg.system_feature) if cfg.system_feature else None
     system = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
     if isinstance(chosen, list):
-        replies = chosen[0]["role"] == rejected[0]["role"] == "assistant"
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) and replies else _messages(prompt)
-        if prompt is None:  # whole conversations: the prompt is what they share (TRL's maybe_extract_prompt)
-            n = common_prefix(chosen, rejected)
-            if n == 0:
-                return (f"has no prompt: '{cfg.prompt_feature}' is not chat messages and '{keys[0]}' and "
-                        f"'{keys[1]}' begin with different messages")
-            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
-            if not chosen or not rejected:
-                return f"'{keys[0]}' or '{keys[1]}' has no message after the prompt they share"
-        lead = system if system and prompt[0]["role"] != "system" else []
-        return Pair(lead + prompt, chosen, rejected, chat=True)
+        return _chat_pair(prompt, chosen, rejected, system, cfg)
     if prompt is None:  # whole texts: the prompt is their common beginning, tokenized as text
         n = common_prefix(chosen, rejected)
         if n == 0:
@@ -168,7 +201,7 @@ def normalise(row: dict, cfg: DataConfig, has_template: bool) -> Pair | str:
         return Pair(chosen[:n], chosen[n:], rejected[n:], chat=False)
     if isinstance(prompt, list):  # chat prompt, string answers: the answers are assistant messages
         prompt = _messages(prompt)
-        lead = system if system and prompt and prompt[0]["role"] != "system" else []  # a prompt's own system message wins
+        lead = system if system and prompt and prompt[0]["role"] != "system" else []  # the prompt's own one wins
         return Pair(lead + prompt, [{"role": "assistant", "content": chosen}],
                     [{"role": "assistant", "content": rejected}], chat=True)
     if has_template:
@@ -176,6 +209,11 @@ def normalise(row: dict, cfg: DataConfig, has_template: bool) -> Pair | str:
         return Pair(system + user, [{"role": "assistant", "content": chosen}],
                     [{"role": "assistant", "content": rejected}], chat=True)
     return Pair(prompt, chosen, rejected, chat=False)
+
+
+def blank(answer) -> bool:
+    """Whether an answer (a string or messages) holds nothing but white space."""
+    return not answer.strip() if isinstance(answer, str) else all(not m["content"].strip() for m in answer)
 
 
 def render(pair: Pair, tokenizer) -> tuple:
@@ -200,7 +238,8 @@ def tokenize_pairs(source: Source, ds, tokenizer, cfg: DataConfig, tok_fp: str, 
     """Tokenize preference rows with datasets' map, cached by an explicit fingerprint.
 
     Returns the mapped dataset with ``chosen_ids``, ``chosen_prompt``,
-    ``rejected_ids`` and ``rejected_prompt`` columns.
+    ``rejected_ids`` and ``rejected_prompt`` columns, and ``chosen_blank`` and
+    ``rejected_blank``: the answer is empty or white space (no tokens then).
 
     Raises:
         DataError: A row that is not a preference pair, naming its file and line.
@@ -217,7 +256,7 @@ def tokenize_pairs(source: Source, ds, tokenizer, cfg: DataConfig, tok_fp: str, 
                         f"found {ds.column_names}")
 
     def tokenize(batch, indices):
-        out = {"chosen_ids": [], "chosen_prompt": [], "rejected_ids": [], "rejected_prompt": []}
+        out = {f"{side}_{column}": [] for side in ("chosen", "rejected") for column in ("ids", "prompt", "blank")}
         for j, index in enumerate(indices):
             pair = normalise({k: batch[k][j] for k in batch}, cfg, template)
             if isinstance(pair, str):
@@ -225,26 +264,24 @@ def tokenize_pairs(source: Source, ds, tokenizer, cfg: DataConfig, tok_fp: str, 
             if pair.chat and not template:
                 raise DataError(f"{row_location(source, index)}: chat-message pairs need a chat template, but the "
                                 "tokenizer has none; use string rows or a model with a chat template")
-            try:
-                (c, cp), (r, rp) = render(pair, tokenizer)
+            empty = blank(pair.chosen), blank(pair.rejected)
+            try:  # a pair with a blank answer is dropped, with a count (to_pair_split): no need to render it
+                rendered = (([], 0), ([], 0)) if any(empty) else render(pair, tokenizer)
             except Exception as e:  # a template that rejects the messages (roles out of order, say)
                 raise DataError(f"{row_location(source, index)}: cannot tokenize ({str(e)[:160]})") from None
-            for name, ids, plen in (("chosen", c, cp), ("rejected", r, rp)):
-                out[f"{name}_ids"].append(ids)
-                out[f"{name}_prompt"].append(plen)
+            for side, (ids, plen), nothing in zip(("chosen", "rejected"), rendered, empty):
+                out[f"{side}_ids"].append(ids)
+                out[f"{side}_prompt"].append(plen)
+                out[f"{side}_blank"].append(nothing)
         return out
 
-    ids = datasets.Sequence(datasets.Value("int32"))
-    features = datasets.Features({"chosen_ids": ids, "chosen_prompt": datasets.Value("int32"),
-                                  "rejected_ids": ids, "rejected_prompt": datasets.Value("int32")})
-    if not show_progress:
-        datasets.disable_progress_bars()
-    try:
+    ids, flag, count = datasets.Sequence(datasets.Value("int32")), datasets.Value("bool"), datasets.Value("int32")
+    features = datasets.Features({"chosen_ids": ids, "chosen_prompt": count, "chosen_blank": flag,
+                                  "rejected_ids": ids, "rejected_prompt": count, "rejected_blank": flag})
+    with quiet_datasets(progress=show_progress):
         return ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
                       new_fingerprint=key, load_from_cache_file=True,
                       desc=f"tokenizing pairs of {source.description}")
-    finally:
-        datasets.enable_progress_bars()
 
 
 def _side(name: str, source: Source, mapped, side: str) -> TokenizedSplit:
@@ -260,24 +297,41 @@ def _subset(split: TokenizedSplit, keep: np.ndarray, lengths: np.ndarray) -> Tok
                           split.prompt_lengths[keep])
 
 
+def _blank_answers(mapped, notes: list) -> np.ndarray:
+    """Which pairs to keep: not those with an empty or blank answer, which are counted in ``notes``.
+
+    Such a pair is dropped with a count rather than refused: like the pairs below that teach nothing, it is
+    a row a user cannot always mend (a hub dataset holds a few), and the note says how many there were.
+    Trained, it would teach the model to prefer (or avoid) saying nothing.
+    """
+    chosen, rejected = (np.asarray(mapped.data.column(f"{side}_blank").to_numpy(zero_copy_only=False), bool)
+                        for side in ("chosen", "rejected"))
+    either = chosen | rejected
+    if either.any():
+        notes.append(f"dropped {int(either.sum())} of {len(either)} pairs with an empty or blank answer "
+                     f"({int(chosen.sum())} chosen, {int(rejected.sum())} rejected)")
+    return ~either
+
+
 def to_pair_split(name: str, source: Source, mapped, cfg: DataConfig) -> PairSplit:
     """Arrow columns to a :class:`PairSplit`, with ``data.max_seq_length`` applied to whole pairs.
 
-    A pair with a sample over the limit is dropped (``long_samples: drop``)
-    or both its samples are cut (``truncate``); a pair left with no answer
-    token on a side, or with the same tokens on both, teaches nothing and is
-    dropped; each drop is noted.
+    A pair with an empty or blank answer is dropped; a pair with a sample
+    over the limit is dropped (``long_samples: drop``) or both its samples
+    are cut (``truncate``); a pair left with no answer token on a side, or
+    with the same tokens on both, teaches nothing and is dropped; each drop
+    is noted.
     """
     chosen, rejected = _side(name, source, mapped, "chosen"), _side(name, source, mapped, "rejected")
     n, limit, notes = len(chosen), cfg.max_seq_length, []
-    keep = np.ones(n, bool)
+    keep = _blank_answers(mapped, notes)
     longest = np.maximum(chosen.lengths, rejected.lengths)
     c_len, r_len = chosen.lengths, rejected.lengths
     if (longest > limit).any():
         over = int((longest > limit).sum())
         if cfg.long_samples == "drop":
-            if over == n:
-                raise DataError(f"all {n} pairs of {source.description} have an answer longer than "
+            if over == keep.sum():
+                raise DataError(f"all {over} pairs of {source.description} have an answer longer than "
                                 f"data.max_seq_length={limit} tokens; raise data.max_seq_length or set "
                                 "data.long_samples=truncate")
             keep &= longest <= limit

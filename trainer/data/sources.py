@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,16 +110,56 @@ def resolve_sources(cfg: DataConfig) -> dict[str, Source]:
 # --------------------------------------------------------------------------- loading
 
 
+def _json_detail(text: str, error: json.JSONDecodeError, whole_file: bool = False) -> str:
+    """What is wrong with ``text`` at ``error``, in words whose line and column are true for the user's file.
+
+    Python's messages end in "at" for some errors ("Unterminated string starting at"), and a row cut short
+    fails past its last character, where a column is no help: such a row (or file) is said to end early.
+    """
+    def place(line: int, column: int) -> str:
+        return f"line {line} column {column}" if whole_file else f"column {column}"
+
+    end = len(text.rstrip())
+    unclosed = error.msg.startswith("Unterminated string")
+    if unclosed or error.pos >= end:
+        last = place(text.count("\n", 0, end) + 1, end - text.rfind("\n", 0, end) - 1)
+        what = "file" if whole_file else "row"
+        if unclosed:
+            return f"the {what} ends at {last} inside a string that opens at {place(error.lineno, error.colno)}"
+        return f"the {what} ends at {last} before its JSON is complete"
+    message = error.msg.removesuffix(" at")
+    return f"{message[0].lower()}{message[1:]} at {place(error.lineno, error.colno)}"
+
+
+def _bad_json_document(path: str, text: str) -> str | None:
+    """Why a ``.json`` file that is one JSON list of rows cannot be read, or ``None``."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"{path} is not valid JSON ({_json_detail(text, e, whole_file=True)})"
+    if not isinstance(rows, list):
+        return None
+    odd = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+    return None if odd is None else f"{path} item {odd} is not a JSON object (got {type(rows[odd]).__name__})"
+
+
 def _first_bad_jsonl_line(path: str) -> str | None:
-    """Find the first line of a JSONL file that is not a JSON object."""
+    """Find the first line of a JSONL file that is not a JSON object, naming its true line and column; a
+    ``.json`` file that is one JSON list is checked as a whole instead."""
     with open(path, encoding="utf-8", errors="replace") as f:
+        if path.lower().endswith(".json"):
+            text = f.read()
+            if text.lstrip().startswith("["):
+                return _bad_json_document(path, text)
+            f.seek(0)
         for number, line in enumerate(f, 1):
-            if not line.strip():
+            text = line.rstrip("\r\n")  # the line ending is not the row's: an error there is the row's end
+            if not text.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as e:
-                return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
+                return f"{path} line {number} is not valid JSON ({_json_detail(text, e)})"
             if not isinstance(row, dict):
                 return f"{path} line {number} is not a JSON object (got {type(row).__name__})"
     return None
@@ -180,21 +221,64 @@ def row_location(source: Source, row: int) -> str:
     return f"{source.description} row {row}"
 
 
+@contextmanager
+def quiet_datasets(progress: bool = True):
+    """Within the block, ``datasets`` logs nothing and shows progress bars only if ``progress`` (and it did).
+
+    On a malformed file ``datasets`` logs its own error (pyarrow's or pandas' words) and leaves a progress
+    bar behind before it raises; the one-line error that follows says the same, naming the line. Both
+    settings are the process's, not ours, so they are put back as they were, and an environment variable
+    that fixes the bars (``HF_DATASETS_DISABLE_PROGRESS_BARS``) is left to win.
+    """
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    level = datasets_logging.get_verbosity()
+    hide = not progress and not datasets.utils.are_progress_bars_disabled() and \
+        datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    if hide:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets.enable_progress_bars()
+        datasets_logging.set_verbosity(level)
+
+
+def _reason(error: Exception) -> str:
+    """The first line of what went wrong, from the innermost error where ``datasets`` wrapped a parser's."""
+    while type(error).__name__ == "DatasetGenerationError" and error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def load_rows(source: Source, cache_dir: str | None = None, required: bool = True):
-    """Load one split as a ``datasets.Dataset``; ``None`` when an optional hub split is absent."""
+    """Load one split as a ``datasets.Dataset``; ``None`` when an optional hub split is absent.
+
+    A local file is read without ``datasets``' progress bar (it is quick; the tokenizing bar that follows
+    shows progress), so a malformed one ends in our one line alone; a hub split keeps its download bars.
+
+    Raises:
+        DataError: The file or split cannot be read, naming the file, line and column where they are known.
+    """
     import datasets
 
-    datasets.logging.set_verbosity_error()
     try:
         if source.data_files is not None:
             if os.path.getsize(source.data_files) == 0:
                 raise DataError(f"data file {source.description} is empty")
             # The config name carries the content hash, so datasets' cache (keyed by path and mtime
             # alone) and everything derived from it (the tokenized rows) follow the bytes.
-            ds = datasets.load_dataset(source.builder, f"content-{content_digest(source)[:16]}",
-                                       data_files=source.data_files, split="train", cache_dir=cache_dir)
+            digest = content_digest(source)[:16]
+            with quiet_datasets(progress=False):
+                ds = datasets.load_dataset(source.builder, f"content-{digest}", data_files=source.data_files,
+                                           split="train", cache_dir=cache_dir)
         else:
-            ds = _load_hub_split(source, cache_dir, required)
+            with quiet_datasets():
+                ds = _load_hub_split(source, cache_dir, required)
             if ds is None:
                 return None
     except DataError:
@@ -204,7 +288,7 @@ def load_rows(source: Source, cache_dir: str | None = None, required: bool = Tru
             bad = _first_bad_jsonl_line(source.data_files)
             if bad:
                 raise DataError(bad) from None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _reason(e)
         if source.data_files is None and hub_offline():
             raise DataError(f"could not load {source.description}: it is not a local path, and HF_HUB_OFFLINE=1 "
                             f"forbids fetching it from the hub ({reason})") from None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config.load import DataConfig
-from .sources import Source, load_rows, row_location, source_parts
+from .sources import Source, load_rows, quiet_datasets, row_location, source_parts
 from ..errors import DataError
 
 # Bump when tokenization output changes meaning, to invalidate old caches.
@@ -175,14 +175,10 @@ def tokenize_split(source: Source, ds, tokenizer, cfg: DataConfig, tok_fp: str, 
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "prompt_len": datasets.Value("int32")})
-    if not show_progress:
-        datasets.disable_progress_bars()
-    try:
+    with quiet_datasets(progress=show_progress):
         return ds.map(tokenize, batched=True, with_indices=True, remove_columns=ds.column_names,
                       features=features, new_fingerprint=key, load_from_cache_file=True,
                       desc=f"tokenizing {source.description}")
-    finally:
-        datasets.enable_progress_bars()
 
 
 def to_split(name: str, source: Source, mapped, cfg: DataConfig) -> TokenizedSplit:

@@ -20,7 +20,11 @@ never held.
   tokenizer and the data settings), the base weights as loaded (values, names,
   dtypes), the numerics settings (attention blocks, fused exp, padding) and the
   MLX version, so a changed model, data or recipe never reuses stale values,
-  while a resumed or repeated run reads them back.
+  while a resumed or repeated run reads them back. Beside each file, a
+  manifest (``<key>.json``) records the bytes' sha256, the shape, dtype, key
+  and versions; a cache that fails a check (no manifest, another checksum,
+  another shape, values that are not finite) is computed again, with a line
+  that says why.
 
 Cost: one forward pass per pair (chosen and rejected), about a third of a
 training step's compute per pair, paid once per key. A run that trains on
@@ -30,6 +34,7 @@ the set instead (``train_split: "train[:8000]"``).
 """
 
 import hashlib
+import io
 import json
 import os
 from contextlib import contextmanager
@@ -40,6 +45,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import log
+from ..errors import ModelError
 from .base import TokenLoss, sequence_logps
 from ..data.pair_batches import make_pair_batch
 
@@ -158,21 +164,84 @@ def compute(world, model, split, pad_multiple: int, nll: TokenLoss | None = None
     return values
 
 
-def _write(path: Path, values: np.ndarray) -> None:
-    """Write atomically: a reader sees the old file, the whole new one, or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def manifest_path(path: Path) -> Path:
+    """The manifest beside a cache file: what was written, so that a changed or damaged file is known."""
+    return path.with_suffix(".json")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically: a reader sees the old file, the whole new one, or none."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "wb") as f:
-        np.save(f, values)
+        f.write(data)
     os.replace(temporary, path)
 
 
-def _read(path: Path, pairs: int) -> np.ndarray | None:
+def _write(path: Path, values: np.ndarray, key: str) -> None:
+    """Write the values, then their manifest (the bytes' sha256, shape, dtype, key, versions), each atomically.
+
+    A write cut between the two leaves values that no manifest vouches for, which the next run computes again.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    data = buffer.getvalue()
+    manifest = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "shape": list(values.shape),
+                "dtype": str(values.dtype), "reference_version": REFERENCE_VERSION, "chunk_pairs": CHUNK_PAIRS,
+                "mlx": mx.__version__, "numpy": np.__version__}
+    _replace(path, data)
+    _replace(manifest_path(path), json.dumps(manifest, indent=1).encode())
+
+
+def _read(path: Path, pairs: int, key: str) -> tuple[np.ndarray | None, str | None]:
+    """The cached values of ``key``, checked before use, or why they cannot be used.
+
+    A cache full of NaN would end every run a few updates in, blaming the
+    learning rate; one zeroed to the right shape would train on silently and
+    change the results. So the values must be a finite float32 array of the
+    split's shape, and their bytes must match the manifest written with them.
+
+    Returns:
+        tuple: ``(values, None)``; ``(None, None)`` where there is no cache
+        file; ``(None, reason)`` where the cache fails a check (a phrase
+        that follows "the cache PATH").
+    """
     try:
-        values = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return values if values.shape == (pairs, 2) and values.dtype == np.float32 else None
+        data = path.read_bytes()
+        values = np.load(io.BytesIO(data), allow_pickle=False)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, EOFError) as e:
+        return None, f"is not a readable NumPy array ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if values.shape != (pairs, 2) or values.dtype != np.float32:
+        return None, f"holds {values.dtype} values of shape {values.shape}, not float32 of shape ({pairs}, 2)"
+    if not np.isfinite(values).all():
+        return None, f"holds {int((~np.isfinite(values)).sum())} values that are not finite"
+    try:
+        manifest = json.loads(manifest_path(path).read_text())
+        recorded = manifest["sha256"], manifest["key"]
+    except FileNotFoundError:
+        return None, f"has no manifest ({manifest_path(path).name}) to vouch for it"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"has an unreadable manifest ({manifest_path(path).name})"
+    if recorded[1] != key:
+        return None, "has a manifest written for another key"
+    if hashlib.sha256(data).hexdigest() != recorded[0]:
+        return None, "does not match the checksum in its manifest (it changed after it was written)"
+    return values, None
+
+
+def _check_computed(values: np.ndarray, name: str) -> None:
+    """Refuse reference log-probs that are not finite: training on them fails later, blaming something else.
+
+    Raises:
+        ModelError: Naming how many pairs of the split, and the first.
+    """
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ModelError(f"the model before tuning gives {int(bad.sum())} of the {len(values)} {name} pairs a "
+                         f"log-prob that is not finite (pair {int(np.argmax(bad))} first), so DPO has no reference "
+                         "for them; check the model's weights, or load them in float32 (model.dtype=float32)")
 
 
 def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nll: TokenLoss | None = None) -> dict:
@@ -181,7 +250,8 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nl
     Every rank must call this with the model *before* any update or
     checkpoint is loaded into it. Ranks agree first on whether every rank
     holds the cache (another machine's disk may not), so all compute
-    together or none does.
+    together or none does. A cache that fails its checks (:func:`_read`)
+    counts as absent, and the line that announces the computation says why.
 
     Args:
         world (trainer.parallel.World): The group.
@@ -194,18 +264,29 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nl
 
     Returns:
         dict: Per split name, ``"cached"`` or ``"computed"``, and its cache file.
+
+    Raises:
+        ModelError: The model before tuning gives a pair a log-prob that is not finite.
     """
     weights = base_digest(model)
     done = {}
     for name, split in splits.items():
-        path = cache_path(cache_dir, cache_key(split, weights, settings))
-        values = _read(path, len(split))
-        everywhere = world.all_sum([0.0 if values is None else 1.0], phase="reference")[0] == world.size
+        key = cache_key(split, weights, settings)
+        path = cache_path(cache_dir, key)
+        values, problem = _read(path, len(split), key)
+        held, bad = world.all_sum([float(values is not None), float(problem is not None)], phase="reference")
+        everywhere = held == world.size
         if not everywhere:
-            log.info(f"reference log-probs of {len(split)} {name} pairs: computing them once, over "
-                 f"{world.size} rank(s), with the model before tuning")
+            why = ""
+            if problem is not None:
+                why = f", because the cache {path} {problem}"
+            elif bad:
+                why = f", because the cache on {int(bad)} other rank(s) failed its checks"
+            log.info(f"reference log-probs of {len(split)} {name} pairs: computing them {'again' if bad else 'once'}, "
+                     f"over {world.size} rank(s), with the model before tuning{why}")
             values = compute(world, model, split, settings.get("pad_multiple", 16), nll)
-            _write(path, values)
+            _check_computed(values, name)
+            _write(path, values, key)
         split.reference = values
         done[name] = {"reference": "cached" if everywhere else "computed", "file": str(path)}
     return done
