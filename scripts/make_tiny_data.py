@@ -16,8 +16,9 @@ streams are frozen), so the files are byte-identical on every run::
 
 writes ``data/tiny-corpus/corpus.txt`` (one document per line),
 ``data/tiny-task/{train,valid,test}.jsonl`` plus ``data/tiny-task/README.md``, and
-the preference pairs ``data/tiny-preference/{train,valid,test}.jsonl`` plus its
-README (from a random stream of their own, so the other files do not change).
+the preference pairs ``data/tiny-preference/{train,valid,test}.jsonl`` and the GRPO prompts
+``data/tiny-prompts/{train,valid,test}.jsonl``, each with a README (each from a random stream of
+its own, so the other files do not change).
 """
 
 import argparse
@@ -158,6 +159,21 @@ def qa_rows(facts: list[dict]) -> list[dict]:
     return [{"prompt": q, "completion": f["sentence"]} for f in facts for q in f["questions"]]
 
 
+def prompt_rows(facts: list[dict]) -> list[dict]:
+    """One GRPO prompt per fact: the corpus sentence without its last word, which is the answer.
+
+    ``{"prompt": "the owl eats", "answer": "worms."}``. The base model finishes such a sentence
+    from pretraining, often with the right word, but rarely stops there: sampled, about one
+    completion in four is exactly the answer; greedy, it runs on into the next sentence. What
+    GRPO's exact-match reward teaches is to answer and stop.
+    """
+    rows = []
+    for f in facts:
+        *stem, last = f["sentence"].split()
+        rows.append({"prompt": " ".join(stem), "answer": last})
+    return rows
+
+
 def preference_rows(rng: np.random.RandomState, facts: list[dict], entities: set) -> list[dict]:
     """One pair per fact of ``entities``: a question, its answer, and a true sentence that does not answer it.
 
@@ -201,6 +217,19 @@ The pretraining corpus states every one of these sentences, so the base model fi
 equally likely: it prefers the chosen answer on about half of the held-out pairs (near chance).
 Valid and test ask only about the held-out entities of `../tiny-task`. Pairs: train {n_train}, valid
 {n_valid}, test {n_test}; one question template per fact, drawn at random.
+"""
+
+
+PROMPTS_README = """\
+# tiny-prompts: finish the sentence, and stop
+
+Made by `python scripts/make_tiny_data.py --seed {seed} --out data`; do not edit by hand.
+GRPO prompts on the tiny world of `../tiny-task`: a sentence of the pretraining corpus without its
+last word, and that word as the answer, e.g. {{"prompt": "{p}", "answer": "{a}"}}. The prompts are
+plain text (`data.format: text`): the base model continues them as it continues its corpus. It
+often names the right word, but rarely stops after it, so an exact-match reward (the completion is
+the answer and nothing more) starts low and teaches it to answer and stop. Valid and test ask only
+about the held-out entities of `../tiny-task`. Rows: train {n_train}, valid {n_valid}, test {n_test}.
 """
 
 
@@ -266,6 +295,19 @@ def main(argv: list[str] | None = None) -> int:
              "test": preference_rows(pref_rng, facts, test_ents)}
     for name, rows in prefs.items():
         write_jsonl(pref_dir / f"{name}.jsonl", rows)
+    prompt_dir = args.out / "tiny-prompts"
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    prompt_rng = np.random.RandomState([args.seed, 2])  # its own stream too
+    train_facts = [f for f in facts if f["entity"] not in held_out]
+    prompts = {"train": [prompt_rows(train_facts)[i] for i in prompt_rng.permutation(len(train_facts))]}
+    for name, ents in (("valid", valid_ents), ("test", test_ents)):
+        rows = prompt_rows([f for f in facts if f["entity"] in ents])
+        prompts[name] = [rows[i] for i in sorted(prompt_rng.permutation(len(rows))[:args.eval_rows // 2])]
+    for name, rows in prompts.items():
+        write_jsonl(prompt_dir / f"{name}.jsonl", rows)
+    (prompt_dir / "README.md").write_text(PROMPTS_README.format(
+        seed=args.seed, p=prompts["train"][0]["prompt"], a=prompts["train"][0]["answer"],
+        n_train=len(prompts["train"]), n_valid=len(prompts["valid"]), n_test=len(prompts["test"])), encoding="utf-8")
     first = prefs["train"][0]
     (pref_dir / "README.md").write_text(PREFERENCE_README.format(
         seed=args.seed, q=first["prompt"], c=first["chosen"], r=first["rejected"], n_train=len(prefs["train"]),
@@ -279,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"task: train {len(train)}, valid {len(valid)}, test {len(test)} -> {task_dir}/")
     print(f"preference: train {len(prefs['train'])}, valid {len(prefs['valid'])}, test {len(prefs['test'])} "
           f"-> {pref_dir}/")
+    print(f"prompts: train {len(prompts['train'])}, valid {len(prompts['valid'])}, test {len(prompts['test'])} "
+          f"-> {prompt_dir}/")
     return 0
 
 

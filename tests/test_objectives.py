@@ -28,7 +28,7 @@ def test_every_objective_declares_and_implements_the_contract(name):
     methods = [m for m in vars(Objective) if not m.startswith("_") and callable(getattr(Objective, m))]
     for method in methods:
         assert callable(getattr(cls, method, None)), f"{name} has no {method}"
-    assert cls.unit in ("sequences", "pairs", "prompts") and cls.rows_per_item >= 1
+    assert cls.unit in ("sequences", "pairs", "prompts") and cls.rows_per_item(MethodConfig()) >= 1
 
 
 def test_only_the_registry_reads_the_objective_by_name():

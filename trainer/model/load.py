@@ -133,6 +133,15 @@ def adapter_config(method: MethodConfig, model_path: str, num_model_layers: int)
     return config
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether ``model`` trains mlx-lm adapters (LoRA, DoRA), whose base is the model with them off."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    kinds = (LoRALinear, LoRASwitchLinear, DoRALinear, LoRAEmbedding, DoRAEmbedding)
+    return any(isinstance(m, kinds) for _, m in model.named_modules())
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, mx.array]:
     """Flat ``{name: array}`` of what training updates."""
     return dict(tree_flatten(model.trainable_parameters()))

@@ -45,14 +45,17 @@ class TokenLoss:
     def __init__(self, fused: bool = False):
         self.fused = fused
 
-    def __call__(self, model: nn.Module, inputs, targets, segments=None) -> mx.array:
-        """``(rows, length)`` float32 NLL of ``targets`` given ``inputs`` (``segments``: packed rows)."""
+    def __call__(self, model: nn.Module, inputs, targets, segments=None, scale: float = 1.0) -> mx.array:
+        """``(rows, length)`` float32 NLL of ``targets`` given ``inputs`` (``segments``: packed rows), of the
+        logits times ``scale`` (one over a sampling temperature)."""
         if segments is None:
             logits = model(inputs)
         else:
             from ..data.packing import SegmentMask
 
             logits = model(inputs, cache=[SegmentMask(segments)] * len(model.layers))
+        if scale != 1.0:
+            logits = logits * scale
         cross_entropy = fused.cross_entropy if self.fused else nn.losses.cross_entropy
         return cross_entropy(logits, targets).astype(mx.float32)
 
@@ -79,7 +82,6 @@ class Objective(Protocol):
         name: Its ``method.objective``.
         items: What a row of its data is (``"samples"``, ``"pairs"``, ``"prompts"``).
         unit: What ``training.batch_size`` counts (``"sequences"``, ``"pairs"``, ``"prompts"``).
-        rows_per_item: Model rows one item becomes (a pair: 2).
         packing: Whether ``data.packing`` may pack its items into shared rows.
         needs_reference: Whether :meth:`prepare` computes reference values before training.
         on_policy: Whether it makes its own rows each update from the policy (:meth:`rollout`).
@@ -89,11 +91,18 @@ class Objective(Protocol):
     name: str
     items: str
     unit: str
-    rows_per_item: int
     packing: bool
     needs_reference: bool
     on_policy: bool
     stats: tuple
+
+    @classmethod
+    def rows_per_item(cls, method) -> int:
+        """Model rows one item becomes under ``method`` (a pair: 2; a prompt: its group of completions)."""
+
+    @classmethod
+    def row_length(cls, cfg) -> int:
+        """The longest row a batch can hold, in tokens (what ``recipes memory`` plans for)."""
 
     def check(self, cfg) -> None:
         """Raise ``ConfigError`` for recipe keys that do not apply to it, naming them."""
@@ -107,11 +116,18 @@ class Objective(Protocol):
     def batch(self, split, indices, rank: int, world_size: int, rows: int, pad_multiple: int):
         """This rank's batch of the global batch ``indices`` (validation and evaluation)."""
 
-    def prepare(self, world, model, splits: dict, cache_dir, settings: dict) -> dict:
-        """Before training, with the model as loaded: reference values; returns what ranks must agree on."""
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
+        """Before training, with the model as loaded: reference values, or what rollouts need; returns what
+        every rank must agree on. A collective where it computes over ranks (``needs_reference``)."""
 
-    def rollout(self, model, micro_batches: list, step: int) -> list:
-        """The micro-batches update ``step`` trains on, made from the stream's (on-policy: generated now)."""
+    def rollout(self, model, take, step: int, hosted: int = 1) -> list:
+        """The micro-batches update ``step`` trains on. ``take()`` gives the stream's next ones (each global
+        micro-batch once per ``hosted`` nominal rank); an on-policy objective makes its rows from them now,
+        from the policy as it is, and may reuse them for later updates without taking more."""
+
+    def resumable_after(self, step: int) -> bool:
+        """Whether a checkpoint after update ``step`` resumes exactly (an on-policy objective that reuses a
+        generation across updates can only resume between generations); the loop saves and stops there."""
 
     def arrays(self, batch) -> tuple:
         """The batch's arrays :meth:`loss` takes after ``model`` and ``scales``."""
@@ -163,11 +179,22 @@ class ObjectiveBase:
     def check(self, cfg) -> None:
         pass
 
-    def prepare(self, world, model, splits: dict, cache_dir, settings: dict) -> dict:
+    @classmethod
+    def rows_per_item(cls, method) -> int:
+        return 1
+
+    @classmethod
+    def row_length(cls, cfg) -> int:
+        return cfg.data.max_seq_length
+
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
         return {}
 
-    def rollout(self, model, micro_batches: list, step: int) -> list:
-        return micro_batches
+    def rollout(self, model, take, step: int, hosted: int = 1) -> list:
+        return take()
+
+    def resumable_after(self, step: int) -> bool:
+        return True
 
     def progress(self, record: dict) -> dict:
         return {}

@@ -38,9 +38,12 @@ class Preference(ObjectiveBase):
 
     items = "pairs"
     unit = "pairs"
-    rows_per_item = 2
     packing = False
     stats: tuple = ()
+
+    @classmethod
+    def rows_per_item(cls, method) -> int:
+        return 2
 
     def check(self, cfg) -> None:
         if cfg.data.format != "auto":
@@ -122,7 +125,13 @@ class DPO(Preference):
     stats = ("loss_sum", "reward_wins", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp",
              "preference_wins")
 
-    def prepare(self, world, model, splits: dict, cache_dir, settings: dict) -> dict:
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        if not self.method.beta > 0:
+            raise ConfigError(f"method.beta must be positive with method.objective=dpo (it scales the reward "
+                              f"margin; 0 would teach nothing), got {self.method.beta}")
+
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
         """Every split's reference log-probs (the model before tuning), cached; agreed on by every rank."""
         from . import reference
 

@@ -7,10 +7,11 @@ the two lists equal).
 """
 
 from .base import Objective, TokenLoss
+from .grpo import GRPO
 from .preference import DPO, ORPO
 from .sft import SFT
 
-OBJECTIVES: dict = {"sft": SFT, "dpo": DPO, "orpo": ORPO}
+OBJECTIVES: dict = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "grpo": GRPO}
 
 
 def objective_class(cfg) -> type:

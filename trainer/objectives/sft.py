@@ -20,7 +20,6 @@ class SFT(ObjectiveBase):
     name = "sft"
     items = "samples"
     unit = "sequences"
-    rows_per_item = 1
     packing = True
     stats = ("loss_sum",)
 

@@ -42,7 +42,7 @@ def run_eval(cfg, checkpoint: str | None = None, split_name: str | None = None) 
     if split_name not in splits:
         raise DataError(f"{cfg.data.path or cfg.data.hf_dataset} has no {split_name} split")
     if objective.needs_reference:  # the reference is the base: its values before the adapters are loaded
-        objective.prepare(world, model, splits, cfg.data.cache_dir, reference_settings(cfg, training=False))
+        objective.prepare(world, model, tokenizer, splits, cfg.data.cache_dir, reference_settings(cfg, training=False))
     if checkpoint != "none":
         load_trained(model, cfg, source)
     split = splits[split_name]

@@ -85,11 +85,18 @@ def model_bytes(cfg) -> tuple[int, int, dict]:
     return weights, trainable, archs.text_config(config)
 
 
+def row_length(cfg) -> int:
+    """The longest row a micro-batch can hold (a GRPO row: the prompt and its longest completion)."""
+    from ..objectives.registry import objective_class
+
+    return objective_class(cfg).row_length(cfg)
+
+
 def rows_per_micro_batch(cfg) -> int:
     """Model rows per rank per micro-batch: ``batch_size`` items of the objective's rows each (a pair: 2)."""
     from ..objectives.registry import objective_class
 
-    return cfg.training.batch_size * objective_class(cfg).rows_per_item
+    return cfg.training.batch_size * objective_class(cfg).rows_per_item(cfg.method)
 
 
 def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
@@ -105,7 +112,7 @@ def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
     optimizer = OPTIMIZER_TENSORS[cfg.training.optimizer] * trainable
     if sharded:
         optimizer //= world_size
-    b, s = rows_per_micro_batch(cfg), cfg.data.max_seq_length
+    b, s = rows_per_micro_batch(cfg), row_length(cfg)
     h, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
     per_layer = 34 * b * s * h
     stored = per_layer + 2 * b * s * h * layers if cfg.training.grad_checkpoint else per_layer * layers
@@ -167,7 +174,7 @@ def header_line(path) -> str:
     where = f"fits a {fits} GB Mac" if fits else (
         f"at {max(WORLD_SIZES)} ranks with parallel.shard_optimizer, a {sharded} GB Mac" if sharded else
         f"over {int(USABLE * MACS_GB[-1])} GB: lower batch_size or max_seq_length")
-    b, s = cfg.training.batch_size, cfg.data.max_seq_length
+    b, s = cfg.training.batch_size, row_length(cfg)
     rows = rows_per_micro_batch(cfg)
     batch = f"batch {b}" if rows == b else f"batch {b} {objective_class(cfg).unit} ({rows} rows)"
     return (f"{HEADER} (mlx-dp recipes memory; worst case, every row {s} tokens at {batch}): "
