@@ -161,6 +161,9 @@ HF_DATASET_KEYS = ("path", "name", "config", "train_split", "valid_split", "test
                    "prompt_feature", "completion_feature", "chat_feature", "chosen_feature", "rejected_feature",
                    "system_feature")
 
+# Keys of one source of data.mix.
+MIX_KEYS = ("path", "hf_dataset", "weight")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -189,12 +192,27 @@ class DataConfig:
     pack_length: int = _doc("packed row length in tokens; 0: chosen from the data (about 1.5x the mean sample, "
                             "capped by max_seq_length): longer rows waste attention across samples", 0)
     cache_dir: Optional[str] = _doc("where tokenized data is cached; null: the datasets library's cache", None)
+    mix: Optional[list[dict[str, Any]]] = _doc(
+        "several sources trained together instead of data.path: a list of {path: file, directory or hub id (or "
+        "hf_dataset: {...}), weight: its share of every epoch}; weights are relative (3 and 1: 3 of every 4 "
+        "samples), not Axolotl's keep-fraction", None)
+    epoch_size: Optional[int] = _doc("samples (pairs, prompts) in one epoch of data.mix; null: the sources' total. "
+                                     "A source repeats or leaves out samples to give its weight's share", None)
+    streaming: bool = _doc("read the training split while training (.jsonl, .parquet or a hub dataset): each rank "
+                           "reads its own share and tokenizes rows as needed, so memory stays bounded; needs "
+                           "training.steps, or data.stream_rows with training.epochs", False)
+    stream_rows: Optional[int] = _doc("streaming: rows in the training split, if you know them; sizes the schedule of "
+                                      "training.epochs and the epoch fraction in metrics", None)
+    stream_window: int = _doc("streaming: micro-batches of rows each rank reads, tokenizes and groups by length at "
+                              "once; more: less padding, more memory", 64)
 
     def __post_init__(self):
-        if self.path is None and self.hf_dataset is None:
-            raise ConfigError("data.path (or data.hf_dataset) must name the dataset")
-        if self.path is not None and self.hf_dataset is not None:
-            raise ConfigError("set only one of data.path and data.hf_dataset")
+        given = [key for key in ("path", "hf_dataset", "mix") if getattr(self, key) is not None]
+        if not given:
+            raise ConfigError("data.path (or data.hf_dataset, or data.mix) must name the dataset")
+        if len(given) > 1:
+            raise ConfigError(f"data.{given[-1]} and data.{given[0]} both name the dataset; set only one of "
+                              "data.path, data.hf_dataset and data.mix")
         _named("data.path", self.path, "a file, a directory or a hub id")
         _named("data.cache_dir", self.cache_dir, "a directory or null")
         for name in ("text", "prompt", "completion", "chat", "chosen", "rejected", "system"):
@@ -205,6 +223,37 @@ class DataConfig:
             raise ConfigError(f"data.pack_length must be 0 (chosen from the data) or between 2 and "
                               f"data.max_seq_length={self.max_seq_length}, got {self.pack_length}")
         self._check_hf_datasets()
+        self._check_mix()
+        _count("data.epoch_size", self.epoch_size, rule="positive or null")
+        if self.epoch_size is not None and self.mix is None:
+            raise ConfigError("data.epoch_size sizes the epochs of data.mix; set data.mix, or leave it null")
+        _count("data.stream_rows", self.stream_rows, rule="positive or null")
+        _count("data.stream_window", self.stream_window)
+        if self.streaming and self.mix is not None:
+            raise ConfigError("data.mix cannot stream (data.streaming): a mix draws each epoch from its sources' "
+                              "sizes, which a stream does not know; set data.streaming=false")
+
+    def _check_mix(self) -> None:
+        """Each source names one dataset and a positive weight; other keys (Axolotl's) are refused."""
+        if self.mix is None:
+            return
+        if not self.mix:
+            raise ConfigError("data.mix is an empty list; give at least one {path, weight} source")
+        for i, entry in enumerate(self.mix):
+            where = f"data.mix[{i}]"
+            for key in entry:
+                if key not in MIX_KEYS:
+                    raise ConfigError(f"unknown key {where}.{str(key)[:40]} (a source takes {', '.join(MIX_KEYS)})"
+                                      + _suggest(str(key), MIX_KEYS))
+            if ("path" in entry) == ("hf_dataset" in entry):
+                raise ConfigError(f"{where} needs exactly one of `path` and `hf_dataset`")
+            if "path" in entry and (not isinstance(entry["path"], str) or not entry["path"].strip()):
+                raise _refuse(f"{where}.path", "a file, a directory or a hub id", entry["path"])
+            if "hf_dataset" in entry:
+                dataclasses.replace(self, mix=None, epoch_size=None, path=None, hf_dataset=entry["hf_dataset"])
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e12:
+                raise _refuse(f"{where}.weight", "a positive number (the source's share of each epoch)", weight)
 
     def _check_hf_datasets(self) -> None:
         entries = self.hf_datasets()
@@ -335,12 +384,26 @@ class EvalConfig:
     split: Literal["valid", "test"] = _doc("split that `mlx-dp eval` scores", "test")
     exact_match: bool = _doc("`mlx-dp eval`: also score greedy generations of completion data", True)
     max_new_tokens: int = _doc("generation length for exact match", 32)
+    early_stop_patience: Optional[int] = _doc(
+        "end the run (completed) after this many evaluations without an improvement of early_stop_min_delta in "
+        "early_stop_metric; the final adapters are then the best evaluation's; null: train to the end", None)
+    early_stop_min_delta: float = _doc("the smallest change that counts as an improvement", 0.0)
+    early_stop_metric: str = _doc(
+        "what early stopping watches: val_loss, or a validation metric the objective logs (val_reward, "
+        "val_preference_accuracy, ...); lower is better for names with 'loss' in them, higher for the others",
+        "val_loss")
 
     def __post_init__(self):
         _count("eval.every", self.every, low=0)
         _count("eval.max_batches", self.max_batches, rule="positive or null")
         _count("eval.batch_size", self.batch_size, rule="positive or null")
         _count("eval.max_new_tokens", self.max_new_tokens)
+        _count("eval.early_stop_patience", self.early_stop_patience, rule="positive or null")
+        if not 0 <= self.early_stop_min_delta < 1e9:
+            raise _refuse("eval.early_stop_min_delta", ">= 0", self.early_stop_min_delta)
+        if not self.early_stop_metric.startswith("val_"):
+            raise _refuse("eval.early_stop_metric", "a validation metric (val_loss, val_reward, ...)",
+                          self.early_stop_metric)
 
 
 @dataclass(frozen=True)

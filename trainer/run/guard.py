@@ -130,7 +130,7 @@ class RunGuard:
     def finished(self, result: dict) -> dict:
         """Record how the loop ended: completed, or stopped (resumable) by a signal or a stop request."""
         result["signal"] = health.stop_signal()
-        reason = None
+        reason = result.get("reason")
         if result["stopped"]:
             asked = signal.Signals(result["signal"]).name if result["signal"] else "a stop request"
             reason = f"{asked}: stopped after saving update {result['step']}; continue with --resume"

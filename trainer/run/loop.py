@@ -20,6 +20,7 @@ from ..config.load import Config
 from ..errors import UserError
 from ..state import checkpoint
 from ..state.rundir import open_append
+from .early_stop import EarlyStop
 from .guard import RunGuard
 from .hooks import RunOptions
 from .report import MetricWindow, open_reporter
@@ -57,12 +58,13 @@ def fit(run: Run, reporter) -> dict:
     """Train until ``run.total_steps`` updates are done or every rank agreed to stop.
 
     Returns:
-        dict: ``step``, ``stopped`` and the last ``val_loss``.
+        dict: ``step``, ``stopped``, the last ``val_loss``, and the ``reason`` it ended early (early stopping).
     """
     cfg, world, state = run.cfg, run.world, run.state
-    val_loss = None
+    early = EarlyStop(cfg, state, "valid" in run.splits)
+    val_loss, plateau = None, False
     if cfg.eval.at_start and state.step == 0:
-        val_loss = validate(run, reporter)
+        val_loss, _ = validate(run, reporter)  # the base model's; early stopping counts evaluations of training
     window, timings = MetricWindow(), _timings_file(run)
     tic = last_save = time.perf_counter()
     every_s = cfg.checkpoint.every_minutes * 60 if cfg.checkpoint.every_minutes else None
@@ -89,18 +91,26 @@ def fit(run: Run, reporter) -> dict:
         if state.step % cfg.logging.every == 0 or last or stopping:
             report(run, window, out, reporter)
             window = MetricWindow()
-        tic, val_loss = toc, None
+        tic, val_loss, improved = toc, None, False
         if "valid" in run.splits and ((cfg.eval.every and state.step % cfg.eval.every == 0) or last):
-            val_loss = validate(run, reporter)
+            val_loss, record = validate(run, reporter)
+            improved, plateau = early.observe(record), early.plateaued()  # the same on every rank: summed metrics
             tic = time.perf_counter()  # validation time is not training throughput
         timed_save = out["save"].item() > 0 and resumable  # evaluated above; the same on every rank
-        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stopping or timed_save:
-            save(run, val_loss, reporter)
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last or stopping or timed_save \
+                or improved or plateau:  # the best evaluation's weights are kept on disk
+            save(run, val_loss, reporter, early.keep(run.run_dir))
             tic = last_save = time.perf_counter()  # nor is saving
         if stopping:
             log.info(f"stop requested: saved update {state.step} to {run.run_dir}; continue with --resume")
             return {"step": state.step, "stopped": True}
-    return {"step": state.step, "stopped": False, "val_loss": val_loss}
+        if plateau:
+            log.info(early.reason())
+            reporter.log({"step": state.step, "event": "early_stop", "reason": early.reason(), **early.record()})
+            break
+    if world.is_main:
+        early.finish(run.run_dir, run.adapter_config)
+    return {"step": state.step, "stopped": False, "val_loss": val_loss, "reason": early.reason() if plateau else None}
 
 
 def _clear_cache(threshold: int) -> None:
@@ -142,18 +152,19 @@ def _rebalance(run: Run, out: dict, micro: list, reporter) -> None:
         log.info(f"update {run.state.step}: {note}")
 
 
-def validate(run: Run, reporter) -> float | None:
-    """The objective's validation loss and metrics on every rank (a collective); ``None`` without a valid split."""
+def validate(run: Run, reporter) -> tuple[float | None, dict]:
+    """The objective's validation loss and its record (metrics), on every rank (a collective); ``(None, {})``
+    without a valid split."""
     split = run.splits.get("valid")
     if split is None:
-        return None
+        return None, {}
     health.phase("eval", run.state.step)
     e = run.cfg.eval
     record = run.objective.validate(run.world, run.model, split, e.batch_size or run.cfg.training.batch_size,
                                     run.cfg.data.pad_multiple, e.max_batches, run.membership)
     reporter.log({"step": run.state.step, **record})
     log.info(f"step {run.state.step}: val loss {record['val_loss']:.4f}{run.objective.validation_note(record)}")
-    return record["val_loss"]
+    return record["val_loss"], record
 
 
 def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
@@ -180,7 +191,7 @@ def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
     reporter.advance(0, postfix)
 
 
-def save(run: Run, val_loss: float | None, reporter) -> None:
+def save(run: Run, val_loss: float | None, reporter, keep: set = frozenset()) -> None:
     """Rank 0 writes a resumable checkpoint and refreshes the top-level adapters; then every rank waits."""
     health.phase("save", run.state.step)
     optimizer_state = run.step.update.full_state()  # sharded: every rank takes part in gathering it
@@ -195,7 +206,7 @@ def save(run: Run, val_loss: float | None, reporter) -> None:
         checkpoint.save_checkpoint(run.run_dir, state, weights, optimizer_state, run.adapter_config,
                                    run.cfg.to_yaml(), on_partial=lambda: run.options.hooks.mid_save(state.step))
         checkpoint.save_adapters(run.run_dir, weights, run.adapter_config)
-        keep = {Path(state.best.path)} if (state.best and run.cfg.checkpoint.keep_best) else set()
+        keep = set(keep) | ({Path(state.best.path)} if (state.best and run.cfg.checkpoint.keep_best) else set())
         checkpoint.prune(run.run_dir, run.cfg.checkpoint.keep_last, keep)
         reporter.checkpoint(path)
         health.report_progress("saved", step=state.step)  # a restart after this one makes progress

@@ -62,6 +62,8 @@ class TrainingState:
             refuses other data unless told to accept changes).
         job: The launch that wrote it (``mlx-dp launch --restarts``: a restart
             continues from that launch's own checkpoints), or "".
+        early_stop: ``eval.early_stop_patience``'s count (``trainer.run.early_stop``): the best
+            metric so far, its update and checkpoint, and evaluations since it improved.
     """
 
     step: int = 0
@@ -78,6 +80,7 @@ class TrainingState:
     balance: dict | None = None  # trainer.data.balance.Balancer.to_dict(): the split and its speed estimates
     dataset: str = ""
     job: str = ""
+    early_stop: dict | None = None
 
     @property
     def global_batch(self) -> int:
@@ -123,4 +126,5 @@ class TrainingState:
                    total_steps=int(data.get("total_steps", 0)), val_loss=data.get("val_loss"),
                    best=BestCheckpoint(float(best["val_loss"]), str(best["path"])) if best else None,
                    versions=dict(data.get("versions") or {}), recipe_digest=str(data.get("recipe_digest", "")),
-                   balance=data.get("balance"), dataset=str(data.get("dataset", "")), job=str(data.get("job", "")))
+                   balance=data.get("balance"), dataset=str(data.get("dataset", "")), job=str(data.get("job", "")),
+                   early_stop=data.get("early_stop"))
