@@ -186,6 +186,23 @@ def test_cache_is_emptied_after_an_update_as_mlx_lm_does():
     assert mx.get_cache_memory() == 0
 
 
+def test_auto_keeps_the_cache_on_a_cpu_and_empties_it_on_a_gpu(monkeypatch):
+    from trainer.run.loop import _clear_cache
+
+    def cached():
+        a = mx.ones((1 << 18,))
+        mx.eval(a)
+        del a
+        return mx.get_cache_memory()
+
+    assert cached() > 0
+    _clear_cache("auto")
+    assert mx.get_cache_memory() > 0, "a CPU keeps its buffers for the next update"
+    _pretend_gpu(monkeypatch)
+    _clear_cache("auto")
+    assert mx.get_cache_memory() == 0, "a Mac's memory goes back to macOS after every update, as mlx-lm does"
+
+
 # ---------------------------------------------------------------------------- in the code
 
 

@@ -96,7 +96,7 @@ OUT_OF_RANGE = {
     "training.grad_checkpoint": Valid("true or false: both are settings"),
     "training.attention_block": [-1, 2**31],
     "training.fused_exp": "on",
-    "training.clear_cache_threshold": [-2, 2**63],
+    "training.clear_cache_threshold": [-2, 2**63, "never"],
     "training.skip_nonfinite": Valid("true or false: both are settings"),
     "training.seed": [-1, 2**64, 2**70],
     "eval.every": [-1, 2**31],

@@ -161,6 +161,20 @@ HF_DATASET_KEYS = ("path", "name", "config", "train_split", "valid_split", "test
                    "prompt_feature", "completion_feature", "chat_feature", "chosen_feature", "rejected_feature",
                    "system_feature")
 
+def _check_hf_entry(entry: dict, where: str) -> None:
+    """One hub dataset entry (``data.hf_dataset``, or a source of ``data.mix``): a path and known keys."""
+    if not entry.get("path"):
+        raise ConfigError(f"{where} needs a `path` (the hub id)")
+    for key, value in entry.items():
+        if key not in HF_DATASET_KEYS:
+            raise ConfigError(f"unknown key {where}.{str(key)[:40]}" + _suggest(
+                str(key), HF_DATASET_KEYS).replace("mean ", f"mean {where}."))
+        if key == "config" and not isinstance(value, (dict, type(None))):
+            raise _refuse(f"{where}.config", "a mapping of load_dataset arguments", value)
+        if key != "config" and value is not None and (not isinstance(value, str) or not value.strip()):
+            raise _refuse(f"{where}.{key}", "a non-empty string or null", value)
+
+
 # Keys of one source of data.mix.
 MIX_KEYS = ("path", "hf_dataset", "weight")
 
@@ -250,7 +264,9 @@ class DataConfig:
             if "path" in entry and (not isinstance(entry["path"], str) or not entry["path"].strip()):
                 raise _refuse(f"{where}.path", "a file, a directory or a hub id", entry["path"])
             if "hf_dataset" in entry:
-                dataclasses.replace(self, mix=None, epoch_size=None, path=None, hf_dataset=entry["hf_dataset"])
+                if not isinstance(entry["hf_dataset"], dict):
+                    raise _refuse(f"{where}.hf_dataset", "a mapping like data.hf_dataset's", entry["hf_dataset"])
+                _check_hf_entry(entry["hf_dataset"], f"{where}.hf_dataset")
             weight = entry.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1e12:
                 raise _refuse(f"{where}.weight", "a positive number (the source's share of each epoch)", weight)
@@ -260,17 +276,7 @@ class DataConfig:
         if isinstance(self.hf_dataset, list) and not entries:
             raise ConfigError("data.hf_dataset is an empty list; give at least one dataset")
         for i, entry in enumerate(entries):
-            where = "data.hf_dataset" + (f"[{i}]" if isinstance(self.hf_dataset, list) else "")
-            if not entry.get("path"):
-                raise ConfigError(f"{where} needs a `path` (the hub id)")
-            for key, value in entry.items():
-                if key not in HF_DATASET_KEYS:
-                    raise ConfigError(f"unknown key {where}.{str(key)[:40]}" + _suggest(
-                        str(key), HF_DATASET_KEYS).replace("mean ", f"mean {where}."))
-                if key == "config" and not isinstance(value, (dict, type(None))):
-                    raise _refuse(f"{where}.config", "a mapping of load_dataset arguments", value)
-                if key != "config" and value is not None and (not isinstance(value, str) or not value.strip()):
-                    raise _refuse(f"{where}.{key}", "a non-empty string or null", value)
+            _check_hf_entry(entry, "data.hf_dataset" + (f"[{i}]" if isinstance(self.hf_dataset, list) else ""))
 
     def hf_datasets(self) -> list[dict]:
         """``hf_dataset`` as a list of entries (empty without one)."""
@@ -311,10 +317,10 @@ class TrainingConfig:
         "write SwiGLU, the loss and attention's softmax so that MLX fuses their exp into compiled kernels "
         "(same result up to float rounding; on MLX's CPU backend ~4x cheaper exps); auto: on a CPU, not on a GPU",
         "auto")
-    clear_cache_threshold: int = _doc(
-        "empty MLX's buffer cache after an update when it holds more than this many bytes (mlx-lm's "
-        "clear_cache_threshold and default: 0 empties it after every update, so a Mac's memory goes back to "
-        "macOS); -1 never", 0)
+    clear_cache_threshold: Union[Literal["auto"], int] = _doc(
+        "empty MLX's buffer cache after an update when it holds more than this many bytes: 0 after every update "
+        "(mlx-lm's default: a Mac's memory goes back to macOS), -1 never; auto: 0 on a GPU, -1 on a CPU (where "
+        "reallocating each update's buffers only costs time; docs/RESULTS.md)", "auto")
     skip_nonfinite: bool = _doc("skip an update whose loss or gradient norm is NaN/inf instead of stopping", False)
     seed: int = _doc("seed for adapter init, dropout and data order", 0)
 
@@ -334,9 +340,10 @@ class TrainingConfig:
             raise _refuse("training.seed", "in [0, 2**64) (mx.random.seed takes an unsigned 64-bit seed)", self.seed)
         self._check_optimizer()
         self._check_schedule()
-        if self.clear_cache_threshold < -1 or self.clear_cache_threshold > MAX_BYTES:
-            raise _refuse("training.clear_cache_threshold", f"-1 (never), 0 or a number of bytes up to {MAX_BYTES}",
-                          self.clear_cache_threshold)
+        if self.clear_cache_threshold != "auto" and (isinstance(self.clear_cache_threshold, bool)
+                                                     or not -1 <= self.clear_cache_threshold <= MAX_BYTES):
+            raise _refuse("training.clear_cache_threshold", f"auto, -1 (never), 0 or a number of bytes up to "
+                          f"{MAX_BYTES}", self.clear_cache_threshold)
         if self.fused_exp != "auto" and not isinstance(self.fused_exp, bool):
             raise ConfigError(f"training.fused_exp must be auto, true or false, got {short(self.fused_exp)}")
         if self.attention_block != "auto":

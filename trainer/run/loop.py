@@ -113,8 +113,15 @@ def fit(run: Run, reporter) -> dict:
     return {"step": state.step, "stopped": False, "val_loss": val_loss, "reason": early.reason() if plateau else None}
 
 
-def _clear_cache(threshold: int) -> None:
-    """Give MLX's cached buffers back once the update is done, as mlx-lm's trainer does (``_clear_cache``)."""
+def _clear_cache(threshold) -> None:
+    """Give MLX's cached buffers back once the update is done, as mlx-lm's trainer does (``_clear_cache``).
+
+    ``auto``: after every update on a GPU (on a Mac the memory goes back to macOS, which shares it), never on a
+    CPU, where the next update would only allocate the same buffers again (docs/RESULTS.md, "Emptying MLX's
+    cache").
+    """
+    if threshold == "auto":
+        threshold = 0 if mx.default_device().type == mx.gpu else -1
     if threshold >= 0 and mx.get_cache_memory() > threshold:
         mx.clear_cache()
 
