@@ -2,7 +2,7 @@
 
     mlx-dp train RECIPE [section.key=value ...] [--resume [PATH] [--allow-changes]]
     mlx-dp eval RECIPE [--checkpoint PATH] [section.key=value ...]
-    mlx-dp export RECIPE --out DIR [--checkpoint PATH]
+    mlx-dp export RECIPE [--out DIR] [--gguf FILE] [--upload-repo NAME [--adapters-only] [--dry-run]]
     mlx-dp bench scaling RECIPE -n N ...
     mlx-dp recipes list | cp NAME DEST | keys | memory [NAME]
     mlx-dp status RUN_DIR
@@ -129,10 +129,11 @@ def _cmd_eval(args) -> int:
 
 def _cmd_export(args) -> int:
     cfg, _ = _load(args)
-    from .tools.export import export
+    from .tools.export import ExportRequest, run_export
 
-    out = export(cfg, args.out, checkpoint=args.checkpoint, dequantize=args.dequantize)
-    print(f"fused model written to {out}; try: mlx_lm.generate --model {out} --prompt \"hello\"")
+    run_export(cfg, ExportRequest(out=args.out, gguf=args.gguf, upload_repo=args.upload_repo,
+                                  adapters_only=args.adapters_only, private=args.private, dry_run=args.dry_run,
+                                  checkpoint=args.checkpoint, dequantize=args.dequantize))
     return 0
 
 
@@ -193,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="also: mlx-dp launch (start ranks as mlx.launch does, without its busy relay; see mlx-dp launch "
         "--help) and mlx-dp bench scaling (how much faster N ranks are than one; see mlx-dp bench scaling --help)")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_tools(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune from a recipe (run under a launcher for several ranks)")
     p.add_argument("recipe", help="recipe YAML file, a library recipe's name (mlx-dp recipes list), or an "
                    "mlx_lm.lora config")
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its checkpoints, adapters and metrics are removed); never / or a home directory")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="token-weighted loss (and exact match) of a trained run, sharded over ranks")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -217,14 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="fuse adapters into the base model (mlx-lm loads the result)")
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="fuse adapters into the base model (mlx-lm loads the result), write a GGUF "
+                       "file for llama.cpp, push to the Hugging Face Hub",
+                       description="Give --out, --gguf or --upload-repo, or several: the model is fused once. "
+                       "Without --out, an upload of the fused model is staged in a temporary folder.")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    p.add_argument("--out", required=True, help="directory for the fused model")
+    p.add_argument("--out", default=None, help="directory for the fused model (new or empty)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="write the fused model as one GGUF file "
+                   "(llama, mistral and mixtral models, as mlx-lm's writer; a new file)")
+    p.add_argument("--upload-repo", default=None, metavar="NAME", help="push the fused model (and the GGUF file) "
+                   "to this Hub repository, owner/name, with a model card; needs a token (hf auth login)")
+    p.add_argument("--adapters-only", action="store_true", help="with --upload-repo: push the adapters "
+                   "(adapters.safetensors, adapter_config.json), not the fused model")
+    p.add_argument("--private", action="store_true", help="with --upload-repo: create the repository private "
+                   "(the Hub's default, and mlx-lm's and unsloth's, is public)")
+    p.add_argument("--dry-run", action="store_true", help="with --upload-repo: write what was asked locally, then "
+                   "print the files that would be uploaded and the model card instead of uploading (no network)")
     p.add_argument("--checkpoint", default=None, help="run dir or checkpoints/step_* (default checkpoint.dir)")
-    p.add_argument("--dequantize", action="store_true", help="full-precision output from a quantized base")
+    p.add_argument("--dequantize", action="store_true", help="full-precision output from a quantized base "
+                   "(needed for --gguf)")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_tools(sub) -> None:
     p = sub.add_parser("status", help="what a run directory's run is doing, or how it ended (a run killed "
                        "outright shows as lost)", description="Exit status: 0 completed, 1 failed or lost, "
                        "2 no status.json, 3 running, 4 stopped (resumable).")
@@ -244,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=1, help="cp of an mlx_lm.lora config: ranks its global batch_size "
                    "is split over (default 1)")
     p.set_defaults(func=_cmd_recipes)
-    return parser
 
 
 def _recipe_after_resume(argv: list[str]) -> list[str]:
