@@ -55,7 +55,7 @@ class Batch:
 
 
 def epoch_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> list[np.ndarray]:
+                  shuffle: bool = True, members: np.ndarray | None = None) -> list[np.ndarray]:
     """Split one epoch into global micro-batches of sample indices.
 
     Args:
@@ -65,18 +65,22 @@ def epoch_batches(lengths: np.ndarray, micro_batch: int, seed: int, epoch: int,
         epoch (int): Epoch number; each epoch reshuffles.
         shuffle (bool): Shuffle samples and batch order. ``False`` gives a
             fixed, length-sorted order (for evaluation). Default: ``True``.
+        members (np.ndarray | None): The epoch's sample indices, repeats
+            allowed (a mix's picks, ``trainer.data.mix``). Default: ``None``
+            (every sample once).
 
     Returns:
         list[np.ndarray]: Index arrays, each sorted by decreasing length; all
         have ``micro_batch`` entries except possibly the last.
     """
-    n = len(lengths)
+    members = np.arange(len(lengths)) if members is None else members
+    n = len(members)
     if shuffle:
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(n)
+        order = members[rng.permutation(n)]
         group = micro_batch * LENGTH_GROUP_BATCHES
     else:
-        order = np.arange(n)
+        order = members
         group = n
     batches = []
     for start in range(0, n, group):
@@ -173,10 +177,14 @@ class BatchStream:
             stands in for missing ones (``trainer.data.membership``); ``rank`` and
             ``world_size`` are then nominal. :meth:`take` serves one micro-batch per
             hosted rank. Default: ``None`` (``(rank,)``).
+        world (trainer.parallel.World | None): Unused: every rank knows the global
+            counts from the plan. (A stream that reads only its own share sums them
+            over the group: ``trainer.data.stream_batches``.) Default: ``None``.
     """
 
     def __init__(self, split, per_rank_batch: int, rank: int, world_size: int, seed: int,
-                 pad_multiple: int, shuffle: bool = True, prefetch: bool = False, hosted: tuple | None = None):
+                 pad_multiple: int, shuffle: bool = True, prefetch: bool = False, hosted: tuple | None = None,
+                 world=None):
         self.split = split
         self.rows = per_rank_batch
         self.rank = rank
@@ -191,13 +199,16 @@ class BatchStream:
         self.index = 0
         self._plan = None
         self._plan_epoch = None
+        self._view = split  # what the epoch's batches index: the split, or a mix's rows packed for the epoch
         self.prefetch = prefetch
         self._pool = None
         self._ahead = None  # (key, future) of the batch built ahead
 
     def _batches(self) -> list[np.ndarray]:
         if self._plan_epoch != self.epoch:
-            self._plan = epoch_batches(self.split.lengths, self.micro_batch, self.seed, self.epoch, self.shuffle)
+            self._view, members = self.split.epoch_view(self.seed, self.epoch)  # a mix picks the epoch's samples
+            self._plan = epoch_batches(self._view.lengths, self.micro_batch, self.seed, self.epoch, self.shuffle,
+                                       members)
             self._plan_epoch = self.epoch
         return self._plan
 
@@ -232,11 +243,11 @@ class BatchStream:
     def __iter__(self):
         return self
 
-    def _build(self, batch: np.ndarray, row_split: tuple) -> list[Batch]:
-        """The hosted ranks' micro-batches of ``batch`` under ``row_split`` (reads no mutable state: it runs
-        on a thread)."""
+    def _build(self, split, batch: np.ndarray, row_split: tuple) -> list[Batch]:
+        """The hosted ranks' micro-batches of ``batch`` (indices into ``split``, the epoch's view) under
+        ``row_split`` (reads no mutable state: it runs on a thread)."""
         even = len(set(row_split)) == 1
-        return [make_batch(self.split, batch, rank, self.world_size, row_split[rank], self.pad_multiple,
+        return [make_batch(split, batch, rank, self.world_size, row_split[rank], self.pad_multiple,
                            None if even else list(row_split)) for rank in self.hosted]
 
     def _next_group(self) -> list[Batch]:
@@ -248,14 +259,16 @@ class BatchStream:
             plan = self._batches()
         key = (self.epoch, self.index, tuple(self.row_split))
         ahead, self._ahead = self._ahead, None
-        group = ahead[1].result() if ahead is not None and ahead[0] == key else self._build(plan[self.index], key[2])
+        view = self._view
+        fresh = ahead is None or ahead[0] != key
+        group = self._build(view, plan[self.index], key[2]) if fresh else ahead[1].result()
         self.index += 1
         if self.prefetch and self.index < len(plan):
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="mlx-dp-batches")
             nxt = (self.epoch, self.index, key[2])
-            self._ahead = (nxt, self._pool.submit(self._build, plan[self.index], key[2]))
+            self._ahead = (nxt, self._pool.submit(self._build, view, plan[self.index], key[2]))
         return group
 
     def __next__(self) -> Batch:

@@ -82,6 +82,7 @@ class PackedSplit:
     name: str = ""
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    capacity: int = 0  # the row length the rows were packed to
 
     def __post_init__(self):
         self.name = self.base.name
@@ -90,6 +91,7 @@ class PackedSplit:
         self.lengths = np.array([int(lengths[r].sum()) for r in self.rows], np.int64)
         counts = self.base.loss_counts
         self.loss_counts = np.array([int(counts[r].sum()) for r in self.rows], np.int64)
+        self._epoch, self._view = None, None  # the (seed, epoch) a mix's rows were last packed for, and them
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -113,11 +115,33 @@ class PackedSplit:
     def total_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    @property
+    def mix(self):
+        """The unpacked samples' mix (``trainer.data.mix``), if any."""
+        return self.base.mix
+
+    def epoch_view(self, seed: int, epoch: int) -> tuple:
+        """``(rows, None)``: these rows, or under a mix (``trainer.data.mix``) the epoch's picks packed anew,
+        so that the mix's proportions hold in samples, not in rows (the last epoch's packing is kept)."""
+        members = self.base.epoch_view(seed, epoch)[1]
+        if members is None:
+            return self, None
+        if self._epoch != (seed, epoch):
+            picks = pack_rows(self.base.lengths[members], self.capacity)
+            self._view = PackedSplit(self.base, [[int(members[i]) for i in row] for row in picks], notes=self.notes,
+                                     capacity=self.capacity)
+            self._epoch = (seed, epoch)
+        return self._view, None
+
+    def epoch_items(self, seed: int) -> int:
+        """Packed rows of one epoch (under a mix, of the first: they vary a little from epoch to epoch)."""
+        return len(self.epoch_view(seed, 0)[0])
+
 
 def pack(split, capacity: int) -> PackedSplit:
     """Pack a tokenized split into rows of at most ``capacity`` tokens."""
     rows = pack_rows(split.lengths, capacity)
-    packed = PackedSplit(split, rows)
+    packed = PackedSplit(split, rows, capacity=capacity)
     longer = int((split.lengths > capacity).sum())
     packed.notes = list(split.notes) + [
         f"packed {len(split)} samples into {len(rows)} rows of {capacity} tokens "

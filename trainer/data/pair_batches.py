@@ -79,9 +79,9 @@ class PairStream(BatchStream):
     ``per_rank_batch`` counts pairs (each is two sequences).
     """
 
-    def _build(self, batch: np.ndarray, row_split: tuple) -> list[PairBatch]:
+    def _build(self, split, batch: np.ndarray, row_split: tuple) -> list[PairBatch]:
         even = len(set(row_split)) == 1
-        return [make_pair_batch(self.split, batch, rank, self.world_size, row_split[rank], self.pad_multiple,
+        return [make_pair_batch(split, batch, rank, self.world_size, row_split[rank], self.pad_multiple,
                                 None if even else list(row_split)) for rank in self.hosted]
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config.load import DataConfig
+from .mix import WholeEpochs
 from .tokenized import TokenizedSplit, concatenate, load_parts
 from .sources import Source, quiet_datasets, row_location
 from ..errors import DataError
@@ -46,7 +47,7 @@ PAIR_TOKENIZE_VERSION = 2  # bump when the tokenized pairs change meaning
 
 
 @dataclass
-class PairSplit:
+class PairSplit(WholeEpochs):
     """Tokenized preference pairs: pair ``i`` is sample ``i`` of ``chosen`` and of ``rejected``.
 
     Attributes:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config.load import DataConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .batches import Batch, BatchStream, rank_rows
 from .balance import rows_of
+from .mix import WholeEpochs
 from .sources import Source, quiet_datasets, row_location
 from .tokenized import load_parts
 
@@ -32,7 +33,7 @@ PROMPT_TOKENIZE_VERSION = 1
 
 
 @dataclass
-class PromptSplit:
+class PromptSplit(WholeEpochs):
     """Tokenized prompts with the rows they came from.
 
     Attributes:
@@ -161,7 +162,13 @@ def load_prompt_splits(cfg: DataConfig, tokenizer, splits=("train", "valid"), sh
 
     Returns:
         dict[str, PromptSplit]: The splits that exist.
+
+    Raises:
+        ConfigError: ``data.streaming`` is set (prompt rows are not streamed).
     """
+    if cfg.streaming:
+        raise ConfigError("data.streaming streams next-token rows (method.objective=sft); prompt rows for grpo are "
+                          "few and loaded whole, so set data.streaming=false")
     return load_parts(cfg, tokenizer, splits, show_progress, tokenize_prompts, to_prompt_split, _concatenate)
 
 
@@ -183,7 +190,7 @@ class PromptStream(BatchStream):
     on-policy objective makes the rows from them, ``trainer.objectives.grpo``).
     """
 
-    def _build(self, batch: np.ndarray, row_split: tuple) -> list[PromptBatch]:
+    def _build(self, split, batch: np.ndarray, row_split: tuple) -> list[PromptBatch]:
         even = len(set(row_split)) == 1
         out = []
         for rank in self.hosted:

@@ -56,8 +56,13 @@ def _file_source(split: str, path: Path) -> Source:
 
 def source_parts(cfg: DataConfig) -> list[tuple[DataConfig, dict[str, Source]]]:
     """Every part of the data: each hub dataset of a ``data.hf_dataset`` list (its ``*_feature`` column names
-    override the data section's), or the one ``data.path``, with its split sources. A split concatenates the
-    parts, as mlx-lm does."""
+    override the data section's), or the one ``data.path``, with its split sources; with ``data.mix``, each
+    source's. A split concatenates the parts, as mlx-lm does (a mix then picks each epoch's samples:
+    ``trainer.data.mix``)."""
+    if cfg.mix is not None:
+        from .mix import mix_parts
+
+        return [found for part in mix_parts(cfg) for found in source_parts(part)]
     parts = []
     for entry in cfg.hf_datasets() or [None]:
         part = cfg

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config.load import DataConfig
+from .mix import WholeEpochs, plan_mix
 from .sources import Source, load_rows, quiet_datasets, row_location, source_parts
 from ..errors import DataError
 
@@ -28,7 +29,7 @@ TOKENIZE_VERSION = 1
 
 
 @dataclass
-class TokenizedSplit:
+class TokenizedSplit(WholeEpochs):
     """A tokenized split: flat tokens with per-sample start, length and prompt length."""
 
     name: str
@@ -274,6 +275,8 @@ def load_parts(cfg: DataConfig, tokenizer, splits, show_progress: bool, tokenize
                 pieces.append(build(name, sources[name], mapped, part))
         if pieces:
             out[name] = pieces[0] if len(pieces) == 1 else combine(pieces)
+            if name == "train" and cfg.mix is not None:  # each epoch's samples are drawn by weight
+                out[name].mix = plan_mix(cfg, pieces)
     if "train" in splits and "train" not in out:
-        raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset}")
+        raise DataError(f"no training split found for {cfg.path or cfg.hf_dataset or 'data.mix'}")
     return out

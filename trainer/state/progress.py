@@ -25,11 +25,21 @@ class DataPosition:
             in (per-rank batch x ranks). A run with another micro-batch size
             continues at the same fraction of the epoch
             (``trainer.data.batches.BatchStream.restore``).
+        ranks: With ``data.streaming``, each rank's place in its own share
+            (``trainer.data.stream.ShareReader.position``: window start, window,
+            micro-batches served from it, share used up); empty otherwise, where
+            the position above is all there is.
     """
 
     epoch: int = 0
     index: int = 0
     micro_batch: int = 1
+    ranks: list = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataPosition":
+        return cls(epoch=int(data["epoch"]), index=int(data["index"]), micro_batch=int(data["micro_batch"]),
+                   ranks=[[int(v) for v in place] for place in data.get("ranks") or []])
 
 
 @dataclass
@@ -120,7 +130,7 @@ class TrainingState:
             raise ValueError(f"format_version {version} is newer than this mlx-dp reads ({FORMAT_VERSION})")
         best = data.get("best")
         hi, lo = data["rng_key"]
-        return cls(step=int(data["step"]), data=DataPosition(**{k: int(v) for k, v in data["data"].items()}),
+        return cls(step=int(data["step"]), data=DataPosition.from_dict(data["data"]),
                    rng_key=(int(hi), int(lo)), world_size=int(data["world_size"]),
                    batch_size=int(data["batch_size"]), grad_accumulation=int(data["grad_accumulation"]),
                    total_steps=int(data.get("total_steps", 0)), val_loss=data.get("val_loss"),
