@@ -209,3 +209,45 @@ def test_tiny_grpo_learns_to_answer_and_stop_and_eval_prints_the_reward(tmp_path
     scored = mlx_dp("eval", "tiny-grpo", f"checkpoint.dir={run_dir}", env=blas_env)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert "test: mean reward 0." in scored.stdout and "held-out prompts" in scored.stdout
+
+
+def test_generation_time_is_counted_as_this_ranks_compute_once_per_generation():
+    """parallel.balance weighs a rank by its measured compute; GRPO's generation is this rank's work too,
+    timed before the sum that makes every rank wait for the slowest, and only on the update that generates
+    (updates_per_generation > 1 reuses the rows: nothing to count)."""
+    import time
+    from types import SimpleNamespace
+
+    from trainer.config.load import load_config
+    from trainer.objectives.grpo import GRPO
+
+    cfg = load_config(ROOT / "recipes" / "tiny-grpo.yaml", ["method.updates_per_generation=2"])
+    objective = GRPO(cfg.method)
+
+    def complete(model, index, generation):
+        time.sleep(0.05)
+        return {"index": index}
+
+    # Only the per-prompt work is replaced (and the sum over ranks); GRPO's own rollout and _generate run.
+    objective._complete = complete
+    objective._rows = lambda batch, done: {"inputs": None, "targets": None, "mask": np.ones((1, 1)), "real": 1,
+                                           "advantages": None}
+    objective._side_logps = lambda model, rows: (None, None)
+    objective._record = lambda prompts, groups, hosted: ({}, [0])
+    import trainer.objectives.grpo as grpo
+
+    made = []
+    original = grpo.GRPOBatch
+    grpo.GRPOBatch = lambda **fields: made.append(fields) or fields
+    try:
+        model = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
+        rows = lambda: [SimpleNamespace(indices=[0, 1], global_items=2)]  # noqa: E731
+        objective.rollout(model, rows, step=1)
+        assert objective.rollout_seconds >= 0.1  # two prompts of 0.05 s
+        objective.rollout(model, rows, step=2)  # the same generation's second update
+        assert objective.rollout_seconds == 0.0
+        objective.rollout(model, rows, step=3)
+        assert objective.rollout_seconds >= 0.1
+        assert len(made) == 2
+    finally:
+        grpo.GRPOBatch = original

@@ -9,9 +9,12 @@ it (``tests/test_package.py`` checks), and it may import the product freely.
   width) and ``scaling``: the product's ``mlx-dp bench scaling`` with the
   lab's extra runs (communication skipped, mlx_lm.lora on the same work,
   stock ``mlx.launch``, emulated links and slower ranks, one epoch side by side),
-  ``faults`` (what one failure costs under ``--restarts``) and ``preference``
+  ``faults`` (what one failure costs under ``--restarts``), ``preference``
   (DPO against mlx-lm-lora's on the same work, through ``preference_peer.py``
-  in the peer's own environment);
+  in the peer's own environment), ``grpo`` (GRPO against mlx-lm-lora's, through
+  ``grpo_peer.py``; the peer's environment is made by ``peer_env.py`` when
+  missing) and ``rollouts`` (what uneven generation between ranks costs GRPO,
+  and whether ``parallel.balance`` pays);
 * ``launch``: ranks started through the product's launcher code, with a CPU
   cap per rank (``cpulimit``) or inside network namespaces behind shaped
   links (``netem``);

@@ -1,13 +1,19 @@
 """The body of one rank of a benchmark's run, started by the benchmark's launcher, never by hand.
 
-    PYTHONPATH=scripts python -m lab.rank mlx-dp [--no-reduce] [--record-pairs PATH K] -- train RECIPE [overrides]
+    PYTHONPATH=scripts python -m lab.rank mlx-dp [--no-reduce] [--record-pairs PATH K] [--time-rollouts PATH]
+        [--balance-rollouts] -- train RECIPE [overrides]
     PYTHONPATH=scripts python -m lab.rank mlx-lm REPORTS [--sort-by-tokens] -- MLX_LM_LORA_ARGS
 
 ``mlx-dp`` runs the trainer's own command; ``--no-reduce`` passes the
 trainer a reducer that skips every ``all_sum`` (``lab.reducers.LocalReducer``),
 the compute-only baseline of ``bench scaling`` (ranks then train apart);
 ``--record-pairs PATH K`` writes the pair indices each rank trains on in its
-first K updates to ``PATH.rank<R>.json`` (``bench preference``). ``mlx-lm``
+first K updates to ``PATH.rank<R>.json`` (``bench preference``, ``bench grpo``);
+``--time-rollouts PATH`` writes each update's generation seconds on this
+rank (GRPO) to ``PATH.rank<R>.jsonl`` (:class:`RolloutTimer`), and
+``--balance-rollouts`` adds them to the compute time ``parallel.balance:
+auto`` measures (``bench rollouts``: the balancer as it would be if it
+counted generation). ``mlx-lm``
 runs ``mlx_lm.lora`` for the comparison; ``--sort-by-tokens`` repairs its
 length sort first (:func:`repair_length_sort`).
 """
@@ -38,6 +44,67 @@ def pair_recorder(path: str, keep: int):
     return PairRecorder()
 
 
+class RolloutTimer:
+    """Time GRPO's generation on this rank, per update, without touching the trainer's code.
+
+    ``GRPO._complete`` (one prompt's group: sampling and rewards, all local) is
+    timed and summed per update; ``GRPO.rollout`` is timed whole, which also
+    holds the rollout's one small collective, where a rank that finished early
+    waits for the others. One JSON line per update to ``PATH.rank<R>.jsonl``:
+    ``generate_s`` (local work), ``rollout_s`` (with that wait), this rank's
+    prompts and completion tokens and its longest completion.
+    """
+
+    def __init__(self, path: str):
+        self.path, self.generate_s, self.last = path, 0.0, {}
+
+    def install(self) -> None:
+        from trainer.objectives.grpo import GRPO
+
+        complete, rollout, timer = GRPO._complete, GRPO.rollout, self
+
+        def timed_complete(objective, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return complete(objective, *args, **kwargs)
+            finally:
+                timer.generate_s += time.perf_counter() - start
+
+        def timed_rollout(objective, model, take, step, hosted=1):
+            timer.generate_s, start = 0.0, time.perf_counter()
+            rows = rollout(objective, model, take, step, hosted)
+            masks = [b.mask for b in rows]
+            timer.last = {"step": step, "rank": launch_env().rank, "generate_s": timer.generate_s,
+                          "rollout_s": time.perf_counter() - start, "prompts": sum(len(b.indices) for b in rows),
+                          "completion_tokens": int(sum(m.sum() for m in masks)),
+                          "longest": int(max([m.sum(axis=-1).max() for m in masks if m.size] or [0]))}
+            with open(f"{timer.path}.rank{launch_env().rank}.jsonl", "a") as f:
+                f.write(json.dumps(timer.last) + "\n")
+            return rows
+
+        GRPO._complete, GRPO.rollout = timed_complete, timed_rollout
+
+
+def rollout_hooks(inner, timer: RolloutTimer):
+    """``inner``'s hooks, with this update's generation seconds added to the compute time the balancer sees."""
+    from trainer.run.hooks import Hooks
+
+    class CountGeneration(Hooks):
+        def before_update(self, step: int, micro_batches: list) -> list:
+            return inner.before_update(step, micro_batches)
+
+        def compute_seconds(self, step: int, seconds: float) -> float:
+            measured = inner.compute_seconds(step, seconds)
+            if timer.last.get("step") != step or measured <= 0:
+                return measured
+            return measured + timer.last["generate_s"]
+
+        def mid_save(self, step: int) -> None:
+            inner.mid_save(step)
+
+    return CountGeneration()
+
+
 def _local_reducer(*args, **kwargs):
     # lab.reducers imports mlx.core, which must wait until the trainer has loaded its BLAS
     # (MLX_DP_BLAS=openblas refuses to start once mlx.core is in), so it is imported at first use
@@ -57,6 +124,18 @@ def mlx_dp_rank(argv: list[str]) -> int:
     if "--record-pairs" in options:
         at = options.index("--record-pairs")
         hooks = pair_recorder(options[at + 1], int(options[at + 2]))
+    if "--time-rollouts" in options:
+        import trainer.cli as cli
+
+        timer, prepare = RolloutTimer(options[options.index("--time-rollouts") + 1]), cli.prepare_runtime
+
+        def prepare_then_time():  # the trainer imports MLX only after its runtime is prepared (MLX_DP_BLAS)
+            prepare()
+            timer.install()
+
+        cli.prepare_runtime = prepare_then_time
+        if "--balance-rollouts" in options:
+            hooks = rollout_hooks(hooks, timer)
     cli_main(rest, options=RunOptions(reducer=_local_reducer if "--no-reduce" in options else None, hooks=hooks))
     return 0
 
@@ -135,7 +214,8 @@ def main(argv: list[str]) -> int:
         sort_by_tokens = rest[:1] == ["--sort-by-tokens"]
         rest = rest[1:] if sort_by_tokens else rest
         return mlx_lm_worker(argv[1], rest[1:] if rest[:1] == ["--"] else rest, sort_by_tokens)
-    print("usage: python -m lab.rank {mlx-dp [--no-reduce] [--record-pairs PATH K] -- ARGS | "
+    print("usage: python -m lab.rank {mlx-dp [--no-reduce] [--record-pairs PATH K] [--time-rollouts PATH "
+          "[--balance-rollouts]] -- ARGS | "
           "mlx-lm REPORTS [--sort-by-tokens] -- ARGS}",
           file=sys.stderr)
     return 2

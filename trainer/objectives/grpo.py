@@ -26,6 +26,7 @@ So N ranks at b prompts train exactly what one process trains at N*b.
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -92,6 +93,9 @@ class GRPO(ObjectiveBase):
             raise ConfigError(f"data.format={cfg.data.format} names a next-token format; with method.objective=grpo "
                               "rows are prompts: data.format=auto (a string prompt through the chat template) or text "
                               "(the prompt as it is)")
+        if cfg.parallel.pipeline:
+            raise ConfigError("method.objective=grpo generates its completions on each rank and does not run on a "
+                              "pipeline; set parallel.pipeline=false")
         if m.updates_per_generation > 1 and (cfg.checkpoint.every % m.updates_per_generation
                                              or (cfg.training.steps or 0) % m.updates_per_generation):
             raise ConfigError(f"method.updates_per_generation={m.updates_per_generation} reuses each generation for "
@@ -112,7 +116,7 @@ class GRPO(ObjectiveBase):
     def batch(self, split, indices, rank: int, world_size: int, rows: int, pad_multiple: int):
         raise NotImplementedError("GRPO validates by generating (GRPO.validate), not by scoring fixed rows")
 
-    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict, stage=None) -> dict:
         """Remember what rollouts need; with ``beta`` > 0 on a full fine-tune, keep the base weights as the
         reference (one more copy of the trained weights in memory; LoRA turns its adapters off instead)."""
         self.world, self.tokenizer, self.split = world, tokenizer, splits.get("train")
@@ -131,6 +135,7 @@ class GRPO(ObjectiveBase):
     def rollout(self, model, take, step: int, hosted: int = 1) -> list:
         """This update's rows: at the first update of each generation, the stream's prompts completed now."""
         per = self.method.updates_per_generation
+        self.rollout_seconds = 0.0  # a cached generation costs nothing this update
         if self._cache is None or (step - 1) % per == 0:
             self._cache = self._generate(model, take(), (step - 1) // per, hosted)
         return self._cache
@@ -140,7 +145,7 @@ class GRPO(ObjectiveBase):
 
     def _generate(self, model, prompts: list, generation: int, hosted: int) -> list:
         """Complete, score and lay out every micro-batch's prompts; one small sum over ranks per update."""
-        was_training = model.training
+        start, was_training = time.perf_counter(), model.training
         model.eval()  # no dropout while sampling: the completions are the policy's, exactly
         try:
             groups = [[self._complete(model, int(i), generation) for i in batch.indices] for batch in prompts]
@@ -148,6 +153,9 @@ class GRPO(ObjectiveBase):
             extra = [self._side_logps(model, r) for r in rows]
         finally:
             model.train(was_training)
+        # This rank's own work, timed before the sum below makes it wait for the slowest: parallel.balance
+        # counts it with the gradients' compute (generation is about half of an update).
+        self.rollout_seconds = time.perf_counter() - start
         record, tokens = self._record(prompts, groups, hosted)
         return [GRPOBatch(inputs=r["inputs"], targets=r["targets"], mask=r["mask"], tokens=int(r["mask"].sum()),
                           global_tokens=tokens[i // hosted] if i % hosted == 0 else 0, indices=batch.indices,
@@ -205,11 +213,12 @@ class GRPO(ObjectiveBase):
         old = np.zeros(shape, np.float32)
         ref = np.zeros(shape, np.float32)
         arrays = (mx.array(rows["inputs"]), mx.array(rows["targets"]))
-        if self.method.updates_per_generation > 1:
-            old = np.array(-self.nll(model, *arrays, scale=1.0 / self._temperature()))  # note: sync point
-        if self.method.beta > 0:
-            with self._reference_model(model):
-                ref = np.array(-self.nll(model, *arrays, scale=1.0 / self._temperature()))  # note: sync point
+        with self.nll.scoring():  # values only: no gradient work in the loss
+            if self.method.updates_per_generation > 1:
+                old = np.array(-self.nll(model, *arrays, scale=1.0 / self._temperature()))  # note: sync point
+            if self.method.beta > 0:
+                with self._reference_model(model):
+                    ref = np.array(-self.nll(model, *arrays, scale=1.0 / self._temperature()))  # note: sync point
         return old, ref
 
     def _temperature(self) -> float:
@@ -352,7 +361,8 @@ class GRPO(ObjectiveBase):
             model.train(was_training)
         return world.all_sum([total], phase="eval")[0] / max(count, 1), count
 
-    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members) -> dict:
+    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members,
+                 score=None) -> dict:
         """``val_reward``, the held-out mean reward of greedy completions; ``val_loss`` is its negative, so the
         best checkpoint (``checkpoint.keep_best``) is the one with the highest reward."""
         nominal = world.size if members is None else members.nominal
@@ -363,7 +373,7 @@ class GRPO(ObjectiveBase):
     def validation_note(self, record: dict) -> str:
         return f", mean reward {record['val_reward']:.3f} (greedy)"
 
-    def evaluate(self, world, model, tokenizer, split, cfg) -> dict:
+    def evaluate(self, world, model, tokenizer, split, cfg, stage=None) -> dict:
         self.tokenizer = tokenizer
         limit = None if cfg.eval.max_batches is None else \
             cfg.eval.max_batches * (cfg.eval.batch_size or cfg.training.batch_size) * world.size

@@ -142,7 +142,10 @@ def _next_update(run: Run, step: int, save: bool = False) -> tuple[list, dict]:
     run.compiled_shapes |= shapes
     # A new shape compiles the step first: that time says nothing of this rank's speed, so it is not
     # measured (its zero voids the measurement on every rank, and the next update measures instead).
-    measure = partial(hooks.compute_seconds, step) if run.balancer.wants_measure(step) and not shapes else None
+    # An on-policy objective's generation is this rank's compute too (a slower Mac generates slower).
+    made = run.objective.rollout_seconds
+    measure = (lambda s: hooks.compute_seconds(step, s + made)) if run.balancer.wants_measure(step) and not shapes \
+        else None
     return micro, run.step(micro, stop=health.stop_requested(), measure=measure, save=save,
                            hosted=len(run.stream.hosted))
 
@@ -168,7 +171,8 @@ def validate(run: Run, reporter) -> tuple[float | None, dict]:
     health.phase("eval", run.state.step)
     e = run.cfg.eval
     record = run.objective.validate(run.world, run.model, split, e.batch_size or run.cfg.training.batch_size,
-                                    run.cfg.data.pad_multiple, e.max_batches, run.membership)
+                                    run.cfg.data.pad_multiple, e.max_batches, run.membership,
+                                    run.step.scorer(run.objective, len(run.objective.stats)))
     reporter.log({"step": run.state.step, **record})
     log.info(f"step {run.state.step}: val loss {record['val_loss']:.4f}{run.objective.validation_note(record)}")
     return record["val_loss"], record
@@ -201,7 +205,8 @@ def report(run: Run, window: MetricWindow, out: dict, reporter) -> None:
 def save(run: Run, val_loss: float | None, reporter, keep: set = frozenset()) -> None:
     """Rank 0 writes a resumable checkpoint and refreshes the top-level adapters; then every rank waits."""
     health.phase("save", run.state.step)
-    optimizer_state = run.step.update.full_state()  # sharded: every rank takes part in gathering it
+    optimizer_state = run.step.update.full_state()  # sharded or staged: every rank takes part in gathering them
+    weights = run.step.update.full_weights()
     if run.world.is_main:
         state = run.state
         state.data = run.stream.position()
@@ -209,7 +214,6 @@ def save(run: Run, val_loss: float | None, reporter, keep: set = frozenset()) ->
         state.balance = run.balancer.to_dict()
         path = run.run_dir / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(state.step)
         state.note_val_loss(val_loss, str(path))
-        weights = run.weights()
         checkpoint.save_checkpoint(run.run_dir, state, weights, optimizer_state, run.adapter_config,
                                    run.cfg.to_yaml(), on_partial=lambda: run.options.hooks.mid_save(state.step))
         checkpoint.save_adapters(run.run_dir, weights, run.adapter_config)
