@@ -50,6 +50,9 @@ def recorded(request, tmp_path_factory):
     spec = [[recipe, f"checkpoint.dir={tmp}/lora"],
             [recipe, "method.type=full", "parallel.shard_optimizer=true", "parallel.bucket_mb=0.5",
              "parallel.first_bucket_mb=0.1", f"checkpoint.dir={tmp}/zero1"]]
+    if kind != "cuda":  # MLX's NCCL backend has no send or recv: a pipeline is refused there (test_pipeline.py)
+        spec.append([recipe, "parallel.pipeline=true", "parallel.pipeline_microbatches=2",
+                     f"checkpoint.dir={tmp}/pipeline"])
     (tmp / "spec.json").write_text(json.dumps(spec))
     env = {"NCCL_HOST_IP": "127.0.0.1", "NCCL_PORT": "1"} if kind == "cuda" else None
     result = run([MLX_DP, "launch", "-n", "2", "--", PYTHON, WORKER, kind, str(tmp / "log"), str(tmp / "spec.json")],
@@ -76,12 +79,14 @@ def test_every_collective_runs_where_the_table_says(recorded):
     zero1 = "ShardedReducer._scatter" if kind == "cuda" else "ring_reduce_scatter"  # NCCL has sum_scatter
     assert {"GradientReducer._sum", "World.all_sum", "World.all_gather_bytes", zero1,
             "ShardedReducer.sum_small", "all_gather_shards"} <= seen, seen
+    if kind != "cuda":
+        assert {"StageLink.send", "StageLink.recv", "PipelineUpdate.apply", "gather"} <= seen, seen
 
 
 @pytest.mark.e2e
 def test_both_trainings_completed_with_the_gpu_defaults(recorded):
     kind, tmp, records, stdout = recorded
-    for name in ("lora", "zero1"):
+    for name in ("lora", "zero1") + (("pipeline",) if kind != "cuda" else ()):
         status = json.loads((tmp / name / "status.json").read_text())
         assert status["state"] == "completed" and status["step"] == 3, status
         assert (tmp / name / "adapters.safetensors").is_file()
@@ -92,7 +97,7 @@ def test_both_trainings_completed_with_the_gpu_defaults(recorded):
     assert f"on {stream}" in stdout, stdout[-2000:]
     wired = [r["wired_limit"] for r in records[0] if "wired_limit" in r]
     # mlx-lm's recommended working set, set as each training starts and restored when it ends
-    assert wired == ([12 << 30, 0] * 2 if kind == "mac" else []), wired
+    assert wired == ([12 << 30, 0] * 3 if kind == "mac" else []), wired  # lora, zero1, pipeline
 
 
 @pytest.mark.e2e

@@ -148,6 +148,15 @@ def _cmd_recipes(args) -> int:
         from .tools.memory_plan import __doc__ as how, table
 
         paths = [recipes.find_recipe(n) for n in ([args.name] if args.name else [])] or recipes.all_recipes()
+        if args.macs:  # one recipe on the user's Macs: data parallel, or the pipeline that fits
+            from .config.load import load_config
+            from .tools.stage_plan import parse_macs, plan
+
+            macs = parse_macs(args.macs)
+            if not args.name:
+                raise ConfigError("--macs plans one recipe: mlx-dp recipes memory NAME --macs 4x64GB")
+            print(f"{args.name} {plan(load_config(paths[0]), macs)}")
+            return 0
         print(table(paths))
         print("\n" + how.split("\n\n", 2)[2].strip())
         return 0
@@ -271,6 +280,8 @@ def _add_tools(sub) -> None:
     p.add_argument("dest", nargs="?", help="cp: where to write it")
     p.add_argument("--ranks", type=int, default=1, help="cp of an mlx_lm.lora config: ranks its global batch_size "
                    "is split over (default 1)")
+    p.add_argument("--macs", help="memory: your Macs, e.g. 4x64GB or 64GB,32GB; says whether data parallelism fits "
+                   "and otherwise the pipeline (stages and blocks per stage) that does")
     p.set_defaults(func=_cmd_recipes)
 
 

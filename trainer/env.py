@@ -229,6 +229,21 @@ class RestartEnv:
     left_out: str = ""
 
 
+# What this process set up at start that changes its numbers (``blas``: ``trainer.tools.fastblas`` records
+# "openblas" once its route is in place), for the layers below the tools that must know it.
+_RUNTIME: dict = {}
+
+
+def note_runtime(key: str, value: str) -> None:
+    """Record a fact of this process's runtime (see :func:`runtime`)."""
+    _RUNTIME[key] = value
+
+
+def runtime(key: str, default: str) -> str:
+    """A fact :func:`note_runtime` recorded, else ``default``."""
+    return _RUNTIME.get(key, default)
+
+
 def restart_env() -> RestartEnv:
     """Read what the launcher's restart loop set (cheap; read afresh at each call).
 

@@ -44,8 +44,13 @@ def resolve_model_path(path: str) -> str:
                     + close_match(path))
 
 
-def load_base(cfg: ModelConfig):
+def load_base(cfg: ModelConfig, lazy: bool = False):
     """Load the base model and tokenizer with mlx-lm.
+
+    Args:
+        cfg (ModelConfig): The recipe's model section.
+        lazy (bool): Leave the weights unread until they are evaluated (a pipeline stage reads only its own
+            blocks'; mlx-lm's ``lazy``). Default: ``False``.
 
     Returns:
         tuple: ``(model, tokenizer, model_config)``; ``model_config`` is the
@@ -57,7 +62,7 @@ def load_base(cfg: ModelConfig):
     try:
         model, tokenizer, model_config = load(
             path, return_config=True, tokenizer_config={"trust_remote_code": cfg.trust_remote_code},
-            trust_remote_code=cfg.trust_remote_code)
+            trust_remote_code=cfg.trust_remote_code, lazy=lazy)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:  # RuntimeError: truncated safetensors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "download" if not Path(path).exists() else "load"
@@ -148,11 +153,20 @@ def trainable_parameters(model: nn.Module) -> dict[str, mx.array]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; quantized weights counted as mlx-lm does."""
-    from mlx_lm.utils import get_total_parameters
+    """(trainable, total) parameter counts; quantized weights counted as mlx-lm does.
 
+    mlx-lm's ``get_total_parameters`` reads ``weight`` of every quantized module, which a pipeline
+    stage has dropped from the blocks it does not hold (``trainer.model.stages``): counted here, a
+    module without its weights counts what it still has.
+    """
+    def count(module: nn.Module) -> int:
+        if hasattr(module, "bits") and "weight" in module:  # packed: 32 // bits values per uint32
+            return module.weight.size * 32 // module.bits + (module.bias.size if "bias" in module else 0)
+        return sum(v.size for _, v in tree_flatten(module.parameters()))
+
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))
     trainable = sum(v.size for v in trainable_parameters(model).values())
-    return trainable, get_total_parameters(model)
+    return trainable, sum(count(m) for _, m in leaves)
 
 
 def backward_order(model: nn.Module, inputs: mx.array) -> list[str]:

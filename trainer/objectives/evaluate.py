@@ -20,7 +20,7 @@ def eval_batches(split, per_rank_batch: int, world_size: int, max_batches: int |
 
 
 def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                  max_batches: int | None = None, progress=None, members=None) -> tuple[list, list]:
+                  max_batches: int | None = None, progress=None, members=None, score=None) -> tuple[list, list]:
     """The objective's statistics summed over a split and over ranks, and this rank's batches.
 
     The global batches are made for the nominal ranks (``members``), so a run that stands in for
@@ -37,6 +37,8 @@ def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multi
         progress (callable | None): Called once per batch (e.g. a tqdm update). Default: ``None``.
         members (trainer.data.membership.Membership | None): The nominal ranks this process
             computes. Default: ``None`` (every rank runs).
+        score (callable | None): ``arrays -> statistics`` where the model is not whole here (a pipeline
+            stage: ``trainer.step.pipeline``). Default: ``None`` (this rank's compiled loss).
 
     Returns:
         tuple: ``(sums, batches)``: the statistics summed over ranks, and this rank's
@@ -46,40 +48,52 @@ def evaluate_sums(world, model, split, objective, per_rank_batch: int, pad_multi
     was_training = model.training
     model.eval()
     # The loss's statistics, unscaled: its first is the loss sum.
-    stats_fn = mx.compile(lambda *arrays: objective.loss(model, mx.ones(2), *arrays)[1], inputs=[model.state],
-                          outputs=[model.state])
+    stats_fn = score or mx.compile(lambda *arrays: objective.loss(model, mx.ones(2), *arrays)[1],
+                                   inputs=[model.state], outputs=[model.state])
     total = mx.zeros(len(objective.stats), mx.float32)
     batches = []
-    for indices in eval_batches(split, per_rank_batch, nominal, max_batches):
-        for rank in hosted:
-            batch = objective.batch(split, indices, rank, nominal, per_rank_batch, pad_multiple)
-            total = total + stats_fn(*objective.arrays(batch))
-        batches.append(batch)  # one per global batch: its global counts are what the metrics divide by
-        mx.eval(total)  # note: sync point per batch keeps memory at one batch
-        if progress is not None:
-            progress()
+    with objective.nll.scoring():  # values only: traced here, so no gradient work in the loss
+        for indices in eval_batches(split, per_rank_batch, nominal, max_batches):
+            for rank in hosted:
+                batch = objective.batch(split, indices, rank, nominal, per_rank_batch, pad_multiple)
+                arrays = objective.arrays(batch)
+                total = total + (score(arrays) if score else stats_fn(*arrays))
+            batches.append(batch)  # one per global batch: its global counts are what the metrics divide by
+            mx.eval(total)  # note: sync point per batch keeps memory at one batch
+            if progress is not None:
+                progress()
     sums = world.all_sum(total.tolist(), phase="eval")  # note: sync point (already evaluated), then a collective
     if was_training:
         model.train()
     return sums, batches
 
 
+def through(stage, objective) -> dict:
+    """:func:`evaluate_sums`' keywords on a pipeline's ``stage`` (``trainer.run.stages.Stage``): every stage
+    scores every row (one replica), the forward going through the stages; none without a stage."""
+    if stage is None:
+        return {}
+    from ..data.membership import Membership
+
+    return {"members": Membership.of(0, 1), "score": stage.runner.scorer(objective)}
+
+
 def evaluate_loss(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                  max_batches: int | None = None, progress=None, members=None) -> dict:
+                  max_batches: int | None = None, progress=None, members=None, score=None) -> dict:
     """Token-weighted loss and perplexity of ``model`` on ``split`` (next-token objectives).
 
     Returns:
         dict: ``loss``, ``perplexity``, ``tokens`` (global) and ``batches``.
     """
     sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress,
-                                  members)
+                                  members, score)
     tokens = sum(b.global_tokens for b in batches)
     loss = sums[0] / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens, "batches": len(batches)}
 
 
 def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_multiple: int,
-                   max_batches: int | None = None, progress=None, members=None) -> dict:
+                   max_batches: int | None = None, progress=None, members=None, score=None) -> dict:
     """A preference objective's loss and metrics of ``model`` on a split of pairs.
 
     Returns:
@@ -89,7 +103,7 @@ def evaluate_pairs(world, model, split, objective, per_rank_batch: int, pad_mult
         ``reward_margin``, ``chosen_logp``, ...), plus ``pairs`` and ``batches``.
     """
     sums, batches = evaluate_sums(world, model, split, objective, per_rank_batch, pad_multiple, max_batches, progress,
-                                  members)
+                                  members, score)
     metrics = objective.summary(sums, 0, objective.counts(batches))
     metrics["loss"] = metrics.pop("train_loss")
     return {**metrics, "batches": len(batches)}

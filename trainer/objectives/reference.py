@@ -135,7 +135,7 @@ def chunks(split) -> list[np.ndarray]:
     return [order[i:i + CHUNK_PAIRS] for i in range(0, len(order), CHUNK_PAIRS)]
 
 
-def compute(world, model, split, pad_multiple: int, nll: TokenLoss | None = None) -> np.ndarray:
+def compute(world, model, split, pad_multiple: int, nll: TokenLoss | None = None, stage=None) -> np.ndarray:
     """Reference log-probs of every pair, ``(pairs, 2)`` float32, sharded over ranks (a collective).
 
     Args:
@@ -144,18 +144,22 @@ def compute(world, model, split, pad_multiple: int, nll: TokenLoss | None = None
         split (trainer.data.pairs.PairSplit): The pairs.
         pad_multiple (int): Padding granularity (``data.pad_multiple``).
         nll (TokenLoss | None): How token losses are computed (the run's kernels). Default: MLX's own.
+        stage (trainer.run.stages.Stage | None): This rank's stage of a pipeline: every chunk goes through
+            every stage and its values come from the last. Default: ``None`` (chunks dealt over ranks).
     """
     values = np.zeros((len(split), 2), np.float32)
     was_training = model.training
     model.eval()
     try:
-        with adapters_off(model):
+        with adapters_off(model), (nll or TokenLoss()).scoring() as nll:
             # Compiled as the training step is: the run's fused kernels are written for mx.compile, and the
             # chunks' widths are multiples of pad_multiple, so few shapes are traced.
             logps_of = mx.compile(partial(sequence_logps, model, nll=nll), inputs=[model.state],
                                   outputs=[model.state])
+            if stage is not None:  # not compiled: a stage's input arrives from the stage before, each chunk anew
+                logps_of = _through(stage, partial(sequence_logps, nll=nll))
             for k, indices in enumerate(chunks(split)):
-                if k % world.size != world.rank:
+                if k % world.size != world.rank and stage is None:
                     continue
                 batch = make_pair_batch(split, indices, 0, 1, len(indices), pad_multiple)
                 logps = np.array(logps_of(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)))
@@ -167,6 +171,15 @@ def compute(world, model, split, pad_multiple: int, nll: TokenLoss | None = None
         summed = world.all_sum(values.ravel().tolist(), phase="reference", watched=False)
         values = np.asarray(summed, np.float32).reshape(values.shape)
     return values
+
+
+def _through(stage, logps):
+    """``logps(model, inputs, targets, mask)`` through a pipeline's stages: the last stage's values, zeros on
+    the others (so the sum over ranks below is the one value)."""
+    def run(*arrays):
+        return stage.runner.score(lambda model, a: logps(model, *a), arrays, arrays[0].shape[0])
+
+    return run
 
 
 def manifest_path(path: Path) -> Path:
@@ -249,7 +262,8 @@ def _check_computed(values: np.ndarray, name: str) -> None:
                          "for them; check the model's weights, or load them in float32 (model.dtype=float32)")
 
 
-def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nll: TokenLoss | None = None) -> dict:
+def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nll: TokenLoss | None = None,
+           stage=None) -> dict:
     """Give every pair split its reference log-probs, from the cache or computed (sharded) and cached.
 
     Every rank must call this with the model *before* any update or
@@ -266,6 +280,7 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nl
         settings (dict): What else changes the values (resolved attention
             block, fused exp, padding multiple, the BLAS that multiplies).
         nll (TokenLoss | None): How token losses are computed. Default: MLX's own.
+        stage (trainer.run.stages.Stage | None): This rank's stage of a pipeline. Default: ``None``.
 
     Returns:
         dict: Per split name, ``"cached"`` or ``"computed"``, and its cache file.
@@ -273,7 +288,7 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nl
     Raises:
         ModelError: The model before tuning gives a pair a log-prob that is not finite.
     """
-    weights = base_digest(model)
+    weights = base_digest(model) if stage is None else stage.joined(world, base_digest(model))
     done = {}
     for name, split in splits.items():
         key = cache_key(split, weights, settings)
@@ -288,8 +303,8 @@ def attach(world, model, splits: dict, cache_dir: str | None, settings: dict, nl
             elif bad:
                 why = f", because the cache on {int(bad)} other rank(s) failed its checks"
             log.info(f"reference log-probs of {len(split)} {name} pairs: computing them {'again' if bad else 'once'}, "
-                     f"over {world.size} rank(s), with the model before tuning{why}")
-            values = compute(world, model, split, settings.get("pad_multiple", 16), nll)
+                     f"over {world.size} {'stage' if stage else 'rank'}(s), with the model before tuning{why}")
+            values = compute(world, model, split, settings.get("pad_multiple", 16), nll, stage)
             _check_computed(values, name)
             _write(path, values, key)
         split.reference = values

@@ -40,6 +40,7 @@ class MetricWindow:
         self.objective = None  # what the loss teaches; its statistics are summarised with it
         self.stats = None  # the objective's sums over ranks (lazy)
         self.counts = {}  # global pairs and answer tokens the statistics divide by
+        self.stage_wait = None  # a pipeline's seconds each stage waited on its neighbours (lazy)
 
     def add(self, out: dict, micro_batches: list, seconds: float) -> None:
         """Count one update: ``out`` from ``trainer.step.step.Step``, this rank's batches, its wall time."""
@@ -54,6 +55,8 @@ class MetricWindow:
         self.cells += sum(b.inputs.shape[0] * (b.inputs.shape[1] + 1) for b in micro_batches)
         self.objective = out["objective"]
         self.stats = out["stats"] if self.stats is None else self.stats + out["stats"]
+        if "stage_wait_s" in out:
+            self.stage_wait = out["stage_wait_s"] if self.stage_wait is None else self.stage_wait + out["stage_wait_s"]
         for key, value in out["counts"].items():  # sums; a maximum stays one; samples are listed
             if key not in self.counts:
                 self.counts[key] = value
@@ -73,6 +76,8 @@ class MetricWindow:
             "tokens": self.tokens,
             "padded_share": round(1 - self.real_tokens / max(self.cells, 1), 4),
         }
+        if self.stage_wait is not None:  # the share of the window's time each pipeline stage sat idle
+            out["stage_idle_share"] = [round(w / max(self.seconds, 1e-9), 4) for w in self.stage_wait.tolist()]
         if self.objective is not None:
             out.update(self.objective.summary(self.stats.tolist(), self.tokens, self.counts))  # note: sync point
             unit = self.objective.unit

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .. import log
 from ..state import checkpoint
@@ -28,7 +29,7 @@ from .pick import LaunchCheckpoints, pick_shared
 # (the global batch is checked on its own), memory-only switches and the cache.
 FREE_ON_RESUME_SECTIONS = ("eval", "checkpoint", "logging", "parallel")
 FREE_ON_RESUME = ("training.steps", "training.epochs", "training.batch_size", "training.grad_accumulation",
-                  "training.grad_checkpoint", "training.attention_block", "training.fused_exp",
+                  "training.grad_checkpoint", "training.attention_block", "training.fused_exp", "training.chunked_loss",
                   "training.clear_cache_threshold",
                   "training.skip_nonfinite",
                   "data.cache_dir")
@@ -131,7 +132,7 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
         model, stream: Filled in place.
         fresh (TrainingState): This run's shape and provenance; its progress
             is set from the checkpoint and it is returned.
-        trainable (dict): The model's trainable parameters (to check shapes).
+        trainable (dict): The model's trainable parameters (to check shapes; a pipeline's: every stage's).
         dataset (str): Fingerprint of the training split.
         allow_changes (bool): See :func:`check_continuation`. Default: ``False``.
 
@@ -161,7 +162,8 @@ def restore(cfg: Config, world, run_dir: Path, resume, model, stream, fresh, tra
     if saved.step == fresh.total_steps:
         log.note(f"checkpoint {path} is already at update {saved.step} = this run's length; "
              "nothing left to train")
-    model.load_weights(list(ckpt.weights.items()), strict=False)
+    own = dict(tree_flatten(model.trainable_parameters()))  # a pipeline stage's own; otherwise every one
+    model.load_weights([(k, v) for k, v in ckpt.weights.items() if k in own], strict=False)
     # mx.random.state cannot be assigned in mlx 0.32, but its key is two
     # uint32 words and seed(s) sets the key to [s >> 32, s & 0xffffffff].
     hi, lo = saved.rng_key

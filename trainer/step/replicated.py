@@ -80,3 +80,7 @@ class ReplicatedUpdate:
     def full_state(self) -> dict:
         """The optimizer state a checkpoint holds (this rank's is whole)."""
         return self.optimizer.state
+
+    def full_weights(self) -> dict:
+        """The trainable weights a checkpoint holds (this rank's are all of them)."""
+        return dict(tree_flatten(self.model.trainable_parameters()))

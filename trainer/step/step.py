@@ -137,3 +137,7 @@ class Step:
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (its shards only, when sharded)."""
         return self.update.state_bytes()
+
+    def scorer(self, objective, size: int):
+        """How validation scores a batch here: ``None``, this rank's own compiled loss (``trainer.objectives.evaluate``)."""
+        return None

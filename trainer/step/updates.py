@@ -38,6 +38,9 @@ class Update(Protocol):
     def full_state(self) -> dict:
         """The whole optimizer state, for a checkpoint (a collective where it is sharded)."""
 
+    def full_weights(self) -> dict:
+        """Every trainable weight, for a checkpoint (a collective where ranks hold parts: a pipeline)."""
+
     def describe(self) -> str:
         """How gradients travel, for the start-up line (``reduced``, ``reduce-scattered``)."""
 

@@ -145,6 +145,10 @@ class ShardedUpdate:
 
     # ------------------------------------------------------------ checkpoints
 
+    def full_weights(self) -> dict:
+        """The trainable weights a checkpoint holds (every rank holds them whole after the gather)."""
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
     def full_state(self) -> dict:
         """The optimizer state in the unsharded, flat layout a checkpoint holds. A collective.
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import log
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, ModelError
 
 
 def check_destination(out: Path, run_dirs) -> None:
@@ -51,6 +51,27 @@ def check_destination(out: Path, run_dirs) -> None:
                                   f"{', ...' if len(present) > 3 else ''}); export into a new or empty directory")
 
 
+def check_fits(cfg, source: Path, dequantize: bool, memory: int | None = None) -> None:
+    """Refuse, in one sentence, to fuse a model larger than this machine's memory (one trained on a pipeline's
+    stages, say): fusing holds the whole model at once. The adapters themselves load in mlx-lm as they are."""
+    from ..model.load import resolve_model_path
+    from ..run.stages import machine_memory
+
+    folder = Path(resolve_model_path(cfg.model.path))
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    try:
+        quantized = json.loads((folder / "config.json").read_text()).get("quantization") or {}
+    except (OSError, ValueError):
+        quantized = {}
+    if dequantize and quantized.get("bits"):
+        weights = weights * 16 // int(quantized["bits"])
+    memory = machine_memory() if memory is None else memory
+    if weights > memory:
+        raise ModelError(f"the fused model {cfg.model.path} needs about {weights / 1e9:.0f} GB at once and this "
+                         f"machine has {memory / 1e9:.0f} GB; fuse it on a machine with more memory, or use the "
+                         f"adapters as they are (mlx_lm.generate --model {cfg.model.path} --adapter-path {source})")
+
+
 def fuse_trained(cfg, source: Path, dequantize: bool = False):
     """The recipe's base model with the trained adapters in ``source`` fused in.
 
@@ -69,6 +90,7 @@ def fuse_trained(cfg, source: Path, dequantize: bool = False):
     from ..model.load import load_base
     from .adapters import load_trained
 
+    check_fits(cfg, source, dequantize)
     model, tokenizer, config = load_base(cfg.model)
     load_trained(model, cfg, source)
     fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()

@@ -32,6 +32,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..env import note_runtime
+
 ENV_VAR = "MLX_DP_BLAS"
 THREADS_ENV = "MLX_DP_BLAS_THREADS"  # OpenBLAS threads per process; default: cores / local ranks
 
@@ -135,6 +137,7 @@ def enable(threads: int = 1) -> None:
     lib.mlx_dp_set_threads(int(threads))
     _check_against_mlx()
     _state.update(active=True, threads=threads)
+    note_runtime("blas", "openblas")  # what the lower layers may ask (a cache key's numerics)
 
 
 def _check_against_mlx() -> None:
