@@ -39,9 +39,42 @@ def test_recipes_memory_prints_every_recipe_with_the_formula():
 def test_recipe_headers_state_the_memory_recipes_memory_computes():
     """One source: the `# Memory` line of every recipe is the estimate `mlx-dp recipes memory` prints,
     labelled as the worst case (rewrite them with `python scripts/lab recipe-memory --write`)."""
-    from trainer.tools.memory_plan import HEADER, header_line
+    from trainer.tools.memory_plan import HEADER
+    from trainer.tools.stage_plan import recipe_header as header_line
 
     for path in all_recipes():
         lines = [line for line in path.read_text().splitlines() if line.startswith(HEADER)]
         assert lines == [header_line(path)], path.name
         assert "worst case" in lines[0]
+
+
+def test_a_model_bigger_than_any_mac_gets_the_pipeline_that_fits():
+    """Llama 3.3 70B 4-bit on four 32 GB Macs: data parallelism cannot fit; four stages can, each on its Mac."""
+    import re
+
+    from trainer.tools.stage_plan import model_parts, parse_macs, plan, stage_bytes
+
+    cfg = load_config(find_recipe("llama-3.3-70b-pipeline"))
+    parts = model_parts(cfg)
+    assert len(parts.blocks) == 80 and 38e9 < sum(parts.blocks) + parts.embed + parts.head < 42e9
+    text = plan(cfg, parse_macs("4x32GB"))
+    assert "data parallel does not fit" in text and "a pipeline of 4 stages fits" in text, text
+    stages = re.findall(r"blocks (\d+)-(\d+) \((\d+)\), .* = ([\d.]+) GB of ([\d.]+)", text)
+    assert len(stages) == 4 and sum(int(n) for *_, n, _, _ in stages) == 80
+    assert all(float(used) <= float(cap) for *_, used, cap in stages)
+    assert int(stages[0][0]) == 0 and int(stages[-1][1]) == 79
+    # the head's weights sit on the last stage, the embedding on the first (untied)
+    first = stage_bytes(cfg, parts, (0, 1), True, False)["weights"]
+    middle = stage_bytes(cfg, parts, (1, 2), False, False)["weights"]
+    assert first == parts.blocks[0] + parts.embed and middle == parts.blocks[1]
+    # a recipe that fits every Mac needs no pipeline
+    assert "data parallel fits" in plan(load_config(find_recipe("tiny-lora")), parse_macs("2x16GB"))
+
+
+@pytest.mark.parametrize("bad", ["4x", "x64GB", "0x64GB", "64TB", ""])
+def test_macs_that_cannot_be_read_are_one_sentence(bad):
+    from trainer.errors import ConfigError
+    from trainer.tools.stage_plan import parse_macs
+
+    with pytest.raises(ConfigError, match="--macs"):
+        parse_macs(bad)

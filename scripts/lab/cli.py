@@ -1,13 +1,15 @@
 """``python scripts/lab COMMAND ...``: the lab's benchmarks and tools.
 
-    bench comm|memory|profile|attention|scaling|faults|preference ...   benchmarks (each has --help)
+    bench comm|memory|profile|attention|scaling|faults|preference|grpo|rollouts|streaming|pipeline|loss ...
+                                                       benchmarks (each has --help)
     launch [--slow RANK=SHARE,...] LAUNCH_ARGS -- CMD   mlx-dp launch with slower local ranks
     recipe-memory [--write]                            the recipes' # Memory lines, from mlx-dp recipes memory
 """
 
 import sys
 
-BENCHES = ("comm", "memory", "profile", "attention", "scaling", "faults", "preference")
+BENCHES = ("comm", "memory", "profile", "attention", "scaling", "faults", "preference", "grpo", "rollouts",
+           "streaming", "pipeline", "loss")
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,6 @@
 """``python scripts/lab recipe-memory [--write]``: the recipes' ``# Memory`` header lines, from ``mlx-dp recipes memory``.
 
-Prints each recipe's line as ``trainer.tools.memory_plan.header_line`` computes it;
+Prints each recipe's line as ``trainer.tools.stage_plan.recipe_header`` computes it;
 ``--write`` puts it into the recipe in place of its old ``# Memory`` line (a
 maintainer's step after a change to a recipe or to the estimate;
 ``tests/test_memory_plan.py`` fails until it is done).
@@ -8,7 +8,8 @@ maintainer's step after a change to a recipe or to the estimate;
 
 import sys
 
-from trainer.tools.memory_plan import HEADER, header_line
+from trainer.tools.memory_plan import HEADER
+from trainer.tools.stage_plan import recipe_header as header_line
 from trainer.tools.recipes import all_recipes
 
 

@@ -242,6 +242,9 @@ class DataConfig:
         if self.epoch_size is not None and self.mix is None:
             raise ConfigError("data.epoch_size sizes the epochs of data.mix; set data.mix, or leave it null")
         _count("data.stream_rows", self.stream_rows, rule="positive or null")
+        if self.stream_rows is not None and not self.streaming:
+            raise ConfigError("data.stream_rows gives the length of a stream; set data.streaming=true, or leave it "
+                              "null (without streaming the length is known)")
         _count("data.stream_window", self.stream_window)
         if self.streaming and self.mix is not None:
             raise ConfigError("data.mix cannot stream (data.streaming): a mix draws each epoch from its sources' "
@@ -317,6 +320,10 @@ class TrainingConfig:
         "write SwiGLU, the loss and attention's softmax so that MLX fuses their exp into compiled kernels "
         "(same result up to float rounding; on MLX's CPU backend ~4x cheaper exps); auto: on a CPU, not on a GPU",
         "auto")
+    chunked_loss: bool = _doc(
+        "compute the loss a chunk of tokens at a time, never holding the [tokens x vocabulary] logits (same "
+        "result up to float rounding; at 4 x 512 tokens and a 151,936-word vocabulary a step's peak memory is "
+        "about a quarter of the plain loss's); models whose output head it cannot open keep the plain loss", True)
     clear_cache_threshold: Union[Literal["auto"], int] = _doc(
         "empty MLX's buffer cache after an update when it holds more than this many bytes: 0 after every update "
         "(mlx-lm's default: a Mac's memory goes back to macOS), -1 never; auto: 0 on a GPU, -1 on a CPU (where "
@@ -484,9 +491,22 @@ class ParallelConfig:
         "memory per Mac; gradients are reduce-scattered and weights all-gathered (adamw, adam, sgd)", False)
     balance: Union[Literal["off", "auto"], list[float]] = _doc(
         "rows of each global micro-batch per rank: off (even), auto (measured: faster ranks take more) or a "
-        "list of relative speeds, one per rank; the update is the same either way", "off")
+        "list of relative speeds, one per rank; the update is the same either way. With pipeline: each stage's "
+        "share of the blocks (a list: relative capacities; auto: in proportion to each Mac's memory)", "off")
+    pipeline: bool = _doc(
+        "every rank is a pipeline stage holding only its own blocks: a model bigger than one Mac trains on several "
+        "(LoRA, DoRA, QLoRA); training.batch_size is then the batch of the whole pipeline", False)
+    pipeline_microbatches: int = _doc(
+        "pipeline: parts each micro-batch is cut into, so that stages work at once (GPipe; metrics.jsonl's "
+        "stage_idle_share says how long each stage waited); more: less waiting, smaller matmuls", 4)
+    stage_layers: Optional[list[int]] = _doc(
+        "pipeline: blocks per stage, e.g. [30, 50] (first stage first); null: from parallel.balance, else even",
+        None)
 
     def __post_init__(self):
+        _count("parallel.pipeline_microbatches", self.pipeline_microbatches)
+        if self.stage_layers is not None and (not self.stage_layers or min(self.stage_layers) < 1):
+            raise _refuse("parallel.stage_layers", "null or a positive block count per stage", self.stage_layers)
         for key in ("bucket_mb", "first_bucket_mb"):
             if not getattr(self, key) > 0:
                 raise _refuse(f"parallel.{key}", "positive", getattr(self, key))
@@ -515,6 +535,23 @@ class Config:
                               "adafactor factors each matrix's statistics by rows and columns")
         if self.method.type == "full" and self.method.dropout:
             raise ConfigError("method.dropout applies to adapters; set it to 0 for method.type=full")
+        if self.parallel.pipeline:
+            self._check_pipeline()
+
+    def _check_pipeline(self):
+        """What a pipeline does not do (yet), each in one sentence."""
+        p = self.parallel
+        if p.shard_optimizer:
+            raise ConfigError("parallel.pipeline keeps each stage's optimizer state on its stage already; set "
+                              "parallel.shard_optimizer=false")
+        if self.method.type == "full":
+            raise ConfigError("parallel.pipeline trains adapters (lora, dora, QLoRA on a quantized base), not "
+                              "method.type=full")
+        if self.data.packing:
+            raise ConfigError("parallel.pipeline trains unpacked rows; set data.packing=false")
+        if self.training.grad_checkpoint:
+            raise ConfigError("parallel.pipeline recomputes each stage's forward in backward already; set "
+                              "training.grad_checkpoint=false")
 
     def to_dict(self) -> dict:
         """The resolved recipe as plain data (what gets printed and saved)."""

@@ -22,12 +22,13 @@ at no extra collective and which its metrics divide by the same counts.
 docs/INTERNALS.md, "Adding an objective", walks through a new one.
 """
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..model import fused
+from ..model import chunked, fused, heads
 
 
 class TokenLoss:
@@ -40,20 +41,43 @@ class TokenLoss:
         fused (bool): Cross-entropy with its exp in fused kernels
             (``trainer.model.fused.cross_entropy``, ``training.fused_exp``);
             else MLX's ``nn.losses.cross_entropy``. Default: ``False``.
+        chunked (bool): Never hold the [tokens x vocabulary] logits: the model's
+            trunk gives hidden states and :func:`trainer.model.chunked.chunked_cross_entropy`
+            computes the loss a chunk of tokens at a time (``training.chunked_loss``).
+            A model whose output head :func:`trainer.model.heads.split_head` cannot
+            open (a pipeline stage, an unsurveyed architecture, a DoRA head) gets the
+            plain loss. Default: ``False``.
     """
 
-    def __init__(self, fused: bool = False):
+    def __init__(self, fused: bool = False, chunked: bool = False):
         self.fused = fused
+        self.chunked = chunked
+        self._grad = True
+
+    @contextmanager
+    def scoring(self):
+        """Within it, traced losses are for values only (evaluation, reference log-probs, a policy's
+        old log-probs): the chunked loss then skips the gradient work it would do in its forward."""
+        before, self._grad = self._grad, False
+        try:
+            yield self
+        finally:
+            self._grad = before
 
     def __call__(self, model: nn.Module, inputs, targets, segments=None, scale: float = 1.0) -> mx.array:
         """``(rows, length)`` float32 NLL of ``targets`` given ``inputs`` (``segments``: packed rows), of the
         logits times ``scale`` (one over a sampling temperature)."""
-        if segments is None:
-            logits = model(inputs)
-        else:
+        cache = None
+        if segments is not None:
             from ..data.packing import SegmentMask
 
-            logits = model(inputs, cache=[SegmentMask(segments)] * len(model.layers))
+            cache = [SegmentMask(segments)] * len(model.layers)
+        split = heads.split_head(model) if self.chunked else None
+        if split is not None:
+            hidden = split.trunk(inputs, cache)
+            return chunked.chunked_cross_entropy(hidden, targets, split.head, scale=scale,
+                                                 grad_in_forward=None if self._grad else False)
+        logits = model(inputs) if cache is None else model(inputs, cache=cache)
         if scale != 1.0:
             logits = logits * scale
         cross_entropy = fused.cross_entropy if self.fused else nn.losses.cross_entropy
@@ -75,6 +99,13 @@ def wins(a: mx.array, b: mx.array) -> mx.array:
     return (a > b).astype(mx.float32) + 0.5 * (a == b).astype(mx.float32)
 
 
+def _cuts(items: int, parts: int) -> list:
+    """``items`` cut into up to ``parts`` consecutive, nearly equal, non-empty ranges."""
+    parts = max(1, min(parts, items))
+    bounds = [round(i * items / parts) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 class Objective(Protocol):
     """What the trainer asks of an objective; one class per ``method.objective``.
 
@@ -86,6 +117,9 @@ class Objective(Protocol):
         needs_reference: Whether :meth:`prepare` computes reference values before training.
         on_policy: Whether it makes its own rows each update from the policy (:meth:`rollout`).
         stats: Names of the summed statistics :meth:`loss` returns (the first is the loss sum).
+        rollout_seconds: This rank's seconds in :meth:`rollout` making the current update's rows, before any
+            collective (``parallel.balance`` adds them to the measured compute).
+        nll: The run's :class:`TokenLoss`, which its losses use (an instance's: given to its constructor).
     """
 
     name: str
@@ -95,6 +129,7 @@ class Objective(Protocol):
     needs_reference: bool
     on_policy: bool
     stats: tuple
+    rollout_seconds: float
 
     @classmethod
     def rows_per_item(cls, method) -> int:
@@ -116,9 +151,10 @@ class Objective(Protocol):
     def batch(self, split, indices, rank: int, world_size: int, rows: int, pad_multiple: int):
         """This rank's batch of the global batch ``indices`` (validation and evaluation)."""
 
-    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict, stage=None) -> dict:
         """Before training, with the model as loaded: reference values, or what rollouts need; returns what
-        every rank must agree on. A collective where it computes over ranks (``needs_reference``)."""
+        every rank must agree on. A collective where it computes over ranks (``needs_reference``); ``stage``: this
+        rank's stage of a pipeline (``trainer.run.stages.Stage``), whose forward runs through every stage."""
 
     def rollout(self, model, take, step: int, hosted: int = 1) -> list:
         """The micro-batches update ``step`` trains on. ``take()`` gives the stream's next ones (each global
@@ -128,6 +164,10 @@ class Objective(Protocol):
     def resumable_after(self, step: int) -> bool:
         """Whether a checkpoint after update ``step`` resumes exactly (an on-policy objective that reuses a
         generation across updates can only resume between generations); the loop saves and stops there."""
+
+    def split(self, batch, parts: int) -> list:
+        """``batch`` cut into up to ``parts`` batches of whole items (a pipeline's micro-batches); global counts
+        stay the whole batch's."""
 
     def arrays(self, batch) -> tuple:
         """The batch's arrays :meth:`loss` takes after ``model`` and ``scales``."""
@@ -150,11 +190,13 @@ class Objective(Protocol):
     def validation_note(self, record: dict) -> str:
         """What the line after a validation says besides the loss (``, preference accuracy 93.0%``)."""
 
-    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members) -> dict:
+    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members,
+                 score=None) -> dict:
         """One validation's ``metrics.jsonl`` record (``val_loss`` first), over the nominal ranks' batches
-        (``members``: a ``Membership``), so it scores the same rows however many ranks run. A collective."""
+        (``members``: a ``Membership``), so it scores the same rows however many ranks run; ``score``: how a
+        batch is scored where the model is not whole (a pipeline stage). A collective."""
 
-    def evaluate(self, world, model, tokenizer, split, cfg) -> dict:
+    def evaluate(self, world, model, tokenizer, split, cfg, stage=None) -> dict:
         """``mlx-dp eval``'s result on a split. A collective."""
 
     def describe(self, result: dict) -> str:
@@ -171,6 +213,7 @@ class ObjectiveBase:
 
     needs_reference = False
     on_policy = False
+    rollout_seconds = 0.0  # this rank's seconds making the current update's rows (an on-policy objective's)
 
     def __init__(self, method, nll: TokenLoss | None = None):
         self.method = method
@@ -187,11 +230,22 @@ class ObjectiveBase:
     def row_length(cls, cfg) -> int:
         return cfg.data.max_seq_length
 
-    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict, stage=None) -> dict:
         return {}
 
     def rollout(self, model, take, step: int, hosted: int = 1) -> list:
         return take()
+
+    def split(self, batch, parts: int) -> list:
+        """Consecutive rows (an item is a row)."""
+        from dataclasses import replace
+
+        cuts = _cuts(batch.inputs.shape[0], parts)
+        real = len(batch.indices)
+        return [replace(batch, inputs=batch.inputs[a:b], targets=batch.targets[a:b], mask=batch.mask[a:b],
+                        segments=None if batch.segments is None else batch.segments[a:b],
+                        tokens=int(batch.mask[a:b].sum()), indices=batch.indices[min(a, real):min(b, real)])
+                for a, b in cuts]
 
     def resumable_after(self, step: int) -> bool:
         return True

@@ -17,14 +17,15 @@ model that cannot tell the two answers apart scores 50%.
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..data.pair_batches import PairStream, make_pair_batch
 from ..data.pairs import load_pair_splits
 from .. import log
 from ..errors import ConfigError
 from ..parallel import digest
-from .base import ObjectiveBase, sequence_logps, wins
-from .evaluate import evaluate_pairs
+from .base import ObjectiveBase, _cuts, sequence_logps, wins
+from .evaluate import evaluate_pairs, through
 
 
 def log1mexp(x: mx.array) -> mx.array:
@@ -54,6 +55,10 @@ class Preference(ObjectiveBase):
                               "trains on whole pairs, so set data.packing=false")
 
     def load(self, data, tokenizer, splits: tuple, show_progress: bool) -> dict:
+        if data.streaming:
+            raise ConfigError(f"data.streaming streams next-token rows (method.objective=sft); {self.name} trains "
+                              "on pairs whose batches and reference values are planned over the whole set, so set "
+                              "data.streaming=false")
         return load_pair_splits(data, tokenizer, splits, show_progress=show_progress)
 
     def stream(self, split, per_rank: int, rank: int, world_size: int, seed: int, pad_multiple: int, **options):
@@ -65,6 +70,18 @@ class Preference(ObjectiveBase):
     def arrays(self, batch) -> tuple:
         return (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask), mx.array(batch.reference),
                 mx.array(batch.valid))
+
+    def split(self, batch, parts: int) -> list:
+        """Whole pairs: each part keeps its pairs' chosen rows first and their rejected rows after, as a batch."""
+        from dataclasses import replace
+
+        rows, out = batch.inputs.shape[0] // 2, []
+        for a, b in _cuts(rows, parts):
+            pick = np.r_[a:b, rows + a:rows + b]
+            out.append(replace(batch, inputs=batch.inputs[pick], targets=batch.targets[pick], mask=batch.mask[pick],
+                               reference=batch.reference[pick], valid=batch.valid[a:b], pairs=int(batch.valid[a:b].sum()),
+                               tokens=int(batch.mask[pick].sum())))
+        return out
 
     def counts(self, micro_batches: list) -> dict:
         return {"pairs": sum(b.global_pairs for b in micro_batches),
@@ -96,13 +113,15 @@ class Preference(ObjectiveBase):
     def validation_note(self, record: dict) -> str:
         return f", preference accuracy {record['val_preference_accuracy']:.1%}"
 
-    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members) -> dict:
-        result = evaluate_pairs(world, model, split, self, per_rank, pad_multiple, max_batches, members=members)
+    def validate(self, world, model, split, per_rank: int, pad_multiple: int, max_batches, members,
+                 score=None) -> dict:
+        result = evaluate_pairs(world, model, split, self, per_rank, pad_multiple, max_batches, members=members,
+                                score=score)
         return {f"val_{k}": v for k, v in result.items() if k not in ("pairs", "batches")}
 
-    def evaluate(self, world, model, tokenizer, split, cfg) -> dict:
+    def evaluate(self, world, model, tokenizer, split, cfg, stage=None) -> dict:
         result = evaluate_pairs(world, model, split, self, cfg.eval.batch_size or cfg.training.batch_size,
-                                cfg.data.pad_multiple, cfg.eval.max_batches)
+                                cfg.data.pad_multiple, cfg.eval.max_batches, **through(stage, self))
         return {"objective": self.name, **result}
 
     def describe(self, result: dict) -> str:
@@ -131,11 +150,11 @@ class DPO(Preference):
             raise ConfigError(f"method.beta must be positive with method.objective=dpo (it scales the reward "
                               f"margin; 0 would teach nothing), got {self.method.beta}")
 
-    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict) -> dict:
+    def prepare(self, world, model, tokenizer, splits: dict, cache_dir, settings: dict, stage=None) -> dict:
         """Every split's reference log-probs (the model before tuning), cached; agreed on by every rank."""
         from . import reference
 
-        found = reference.attach(world, model, splits, cache_dir, settings, nll=self.nll)
+        found = reference.attach(world, model, splits, cache_dir, settings, nll=self.nll, stage=stage)
         for name, how in found.items():
             log.info(f"reference log-probs of the {name} pairs: {how['reference']} ({how['file']})")
         return {"reference log-probs": digest(*[splits[name].reference.tobytes() for name in sorted(found)])}

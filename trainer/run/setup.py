@@ -19,8 +19,8 @@ from ..config.load import Config
 from ..data.balance import Balancer
 from ..data.batches import BatchStream, batches_per_epoch
 from ..data.membership import Membership
-from ..errors import DataError, UserError
-from ..model import fused
+from ..errors import ConfigError, DataError, UserError
+from ..model import chunked, fused, heads
 from ..model.attention import resolve_block, use_blocks
 from ..model.checkpointing import checkpoint_blocks
 from ..model.load import adapter_config, apply_method, backward_order, count_parameters, load_base, \
@@ -33,9 +33,10 @@ from ..state.progress import TrainingState
 from ..step.optimizer import build_optimizer
 from ..step.step import Step
 from ..step.updates import make_update
-from ..env import restart_env
+from ..env import restart_env, runtime
 from .hooks import RunOptions
 from .resume import Resumed, restore
+from .stages import make_stage, pipeline_step
 
 
 def versions() -> dict:
@@ -76,11 +77,17 @@ class Run:
         return trainable_parameters(self.model)
 
 
-def planned_steps(cfg: Config, num_samples: int, world_size: int) -> int:
-    """Optimizer updates of the run: ``training.steps``, or what ``training.epochs`` amounts to."""
+def planned_steps(cfg: Config, num_samples: int | None, world_size: int) -> int:
+    """Optimizer updates of the run: ``training.steps``, or what ``training.epochs`` amounts to.
+
+    ``num_samples`` is ``None`` for a stream of unknown length (``data.streaming`` without ``data.stream_rows``).
+    """
     t = cfg.training
     if t.steps is not None:
         return t.steps
+    if num_samples is None:
+        raise ConfigError(f"training.epochs={t.epochs:g} needs the length of the training set, which a stream does "
+                          "not know before reading it: set training.steps, or data.stream_rows (its rows)")
     micro_per_epoch = batches_per_epoch(num_samples, t.batch_size * world_size)
     return max(1, math.ceil(t.epochs * micro_per_epoch / t.grad_accumulation))
 
@@ -102,38 +109,40 @@ def build_run(cfg: Config, world: World, resume=None, options: RunOptions | None
             ``None`` (every rank runs).
     """
     options = options or RunOptions()
-    members = membership or Membership.of(world.rank, world.size)
+    pipeline = cfg.parallel.pipeline
+    # A pipeline is one replica whose stages read the same batches: the data plan of one process.
+    members = Membership.of(0, 1) if pipeline else membership or Membership.of(world.rank, world.size)
     if members.degraded:
         log.info(members.describe())
     log.info(f"resolved recipe:\n{cfg.to_yaml()}")
     _prepare_run_dir(cfg, world)
-    model, tokenizer, adapter_cfg, objective = _load_model(cfg)
+    model, tokenizer, adapter_cfg, objective = _load_model(cfg, lazy=pipeline)
+    stage = make_stage(cfg, world, model) if pipeline else None  # only this stage's blocks are read from disk
     splits = _load_data(cfg, world, tokenizer, objective, members.nominal)
     state = _fresh_state(cfg, splits["train"], members.nominal)
-    _check_enough_data(cfg, objective, splits["train"], state)  # before any long pass over the data
-    reference = _prepare_objective(cfg, world, model, tokenizer, splits, objective)  # before a checkpoint loads
+    _check_enough_data(cfg, objective, splits["train"], state, world.size if pipeline else 0)  # before long passes
+    reference = _prepare_objective(cfg, world, model, tokenizer, splits, objective, stage)  # before a checkpoint
     t = cfg.training
     stream = objective.stream(splits["train"], t.batch_size, members.hosted[0], members.nominal, t.seed,
-                              cfg.data.pad_multiple, prefetch=cfg.data.prefetch, hosted=members.hosted)
+                              cfg.data.pad_multiple, prefetch=cfg.data.prefetch, hosted=members.hosted,
+                              world=None if pipeline else world)
     optimizer = build_optimizer(t, state.total_steps)
     balancer, saved_optimizer, resumed = _balancer(cfg, world, members.nominal), None, None
+    trainable = trainable_parameters(model) if stage is None else stage.shapes()
     if resume is not None:
         # The optimizer state goes in place in _build_step, before mx.compile captures it.
         state, saved_optimizer, resumed = restore(cfg, world, cfg.checkpoint.run_dir, resume, model, stream, state,
-                                                  trainable_parameters(model), state.dataset, allow_changes)
+                                                  trainable, state.dataset, allow_changes)
         balancer = _restored_balancer(balancer, state, world, members.nominal)
-    balancer.timed = cfg.logging.compute_timings and world.size > 1
+    balancer.timed = cfg.logging.compute_timings and world.size > 1 and not pipeline
     # Speeds are measured per running rank and the split is per nominal rank: while ranks are
     # missing, keep the split as it is (it changes how rows are dealt, never the update).
     balancer.frozen = members.degraded
-    # Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights.
-    check_agreement(world, {
-        "recipe": state.recipe_digest, **versions(), "dataset": state.dataset,
-        "nominal ranks": f"{members.nominal} ({members.size} running)",
-        "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable_parameters(model).items()]),
-        "trainable values": _weights_digest(model), **reference,
-    })
-    step = _build_step(cfg, world, model, splits["train"], objective, optimizer, saved_optimizer, options)
+    _agree(world, state, members, trainable, None if stage else model, reference)
+    if stage is None:
+        step = _build_step(cfg, world, model, splits["train"], objective, optimizer, saved_optimizer, options)
+    else:
+        step = pipeline_step(cfg, world, model, objective, optimizer, saved_optimizer, stage, state.step)
     return Run(cfg=cfg, world=world, run_dir=cfg.checkpoint.run_dir, model=model, tokenizer=tokenizer,
                adapter_config=adapter_cfg, objective=objective, splits=splits, stream=stream, optimizer=optimizer,
                step=step, state=state, balancer=balancer, options=options, resumed=resumed, membership=members)
@@ -154,18 +163,20 @@ def _prepare_run_dir(cfg: Config, world: World) -> None:
 
 def _fresh_state(cfg: Config, train, nominal: int) -> TrainingState:
     t = cfg.training
+    # An epoch's items: a mix's epoch size, packed rows, or a stream's given rows (None: unknown)
+    items = train.epoch_items(t.seed)
     return TrainingState(world_size=nominal, batch_size=t.batch_size, grad_accumulation=t.grad_accumulation,
-                         total_steps=planned_steps(cfg, len(train), nominal), versions=versions(),
+                         total_steps=planned_steps(cfg, items, nominal), versions=versions(),
                          recipe_digest=digest(cfg.to_yaml()), dataset=train.fingerprint(), job=restart_env().job)
 
 
-def _load_model(cfg: Config):
+def _load_model(cfg: Config, lazy: bool = False):
     """The base model with the recipe's method applied, and the objective computed with this run's kernels.
 
     Identical adapters on every rank come from the seed.
     """
     health.phase("loading the model", watched=False)  # a download can take any time
-    model, tokenizer, _ = load_base(cfg.model)
+    model, tokenizer, _ = load_base(cfg.model, lazy=lazy)  # lazy: a pipeline stage reads its own blocks
     apply_method(model, cfg.method, cfg.training.seed)
     # mlx_lm.load hands the model over in eval mode, where dropout does nothing: train in training mode,
     # as mlx-lm's trainer does (model.train()), so method.dropout acts. Evaluation switches back and forth.
@@ -179,29 +190,90 @@ def _load_model(cfg: Config):
     swiglu = fused.use_fused(model, on)
     if on:
         log.info(f"fused exp: loss, attention{', SwiGLU' if swiglu else ''} (training.fused_exp)")
-    objective = make_objective(cfg, TokenLoss(fused=on))
+    objective = make_objective(cfg, TokenLoss(fused=on, chunked=_chunked_loss(cfg, model, lazy)))
     return model, tokenizer, adapter_config(cfg.method, cfg.model.path, len(model.layers)), objective
+
+
+def _agree(world: World, state, members: Membership, trainable: dict, model, reference: dict) -> None:
+    """Nothing has been sent yet: stop here unless every rank holds the same recipe, data and weights
+    (``model`` None: a pipeline's stages hold different weights; they agree on every stage's names and shapes)."""
+    check_agreement(world, {
+        "recipe": state.recipe_digest, **versions(), "dataset": state.dataset,
+        "nominal ranks": f"{members.nominal} ({members.size} running)",
+        "trainable shapes": digest(*[f"{k}{v.shape}{v.dtype}" for k, v in trainable.items()]),
+        **({"trainable values": _weights_digest(model)} if model is not None else {}), **reference,
+    })
+
+
+def _chunked_loss(cfg: Config, model, lazy: bool) -> bool:
+    """Whether the loss goes a chunk of tokens at a time (``training.chunked_loss``), its split checked once.
+
+    The split of the model into trunk and head is checked against the model's own logits on a few
+    tokens (exactly equal: the same ops); a model that fails, or whose head cannot be opened, keeps
+    the plain loss, and the log says so. A pipeline's model is not whole yet (``lazy``): each stage's
+    loss asks for itself, and a stage whose head is not its own keeps the plain loss.
+    """
+    if not cfg.training.chunked_loss:
+        return False
+    if lazy:
+        return True
+    split = heads.split_head(model)
+    why = None if split is not None else "its output head is not one the chunked loss can open"
+    if split is not None:
+        model.eval()
+        try:
+            heads.verify_split(model, split, mx.arange(1, 9)[None])
+        except ValueError as error:
+            why = str(error)
+        finally:
+            model.train()
+    if why is not None:
+        log.info(f"loss: the plain cross-entropy, holding the logits ({type(model).__module__}: {why})")
+        return False
+    vocab = model(mx.arange(1, 9)[None]).shape[-1]  # a shape: nothing is computed
+    log.info(f"loss: chunked, {chunked.default_chunk_tokens(vocab)} tokens at a time (training.chunked_loss)")
+    return True
 
 
 def _load_data(cfg: Config, world: World, tokenizer, objective: Objective, nominal: int) -> dict:
     """Tokenized splits; rank 0 fills the tokenization cache, the others then read it."""
     health.phase("loading data", watched=False)  # tokenizing a large dataset can take any time
+    if cfg.data.streaming and cfg.parallel.balance != "off" and nominal > 1:
+        raise ConfigError("parallel.balance splits each global micro-batch between ranks, but with data.streaming "
+                          "each rank reads its own share; set parallel.balance=off")
     splits = world.rank0_first(lambda: objective.load(cfg.data, tokenizer, ("train", "valid"), world.is_main))
-    for note in splits["train"].notes:
-        log.info(f"{splits['train'].source}: {note}")
+    train = splits["train"]
+    for note in train.notes:
+        log.info(f"{train.source}: {note}")
     if "valid" not in splits:
         log.info("no validation split: skipping validation")
-    if cfg.data.packing:
+    if train.mix is not None:  # the counts of every epoch, said at start and kept in metrics.jsonl
+        _record_mix(cfg, world, train.mix, objective.items)
+    if cfg.data.packing and not cfg.data.streaming:
         from ..data.packing import outlook
 
-        warning = outlook(splits["train"], cfg.training.batch_size * nominal, cfg.data.pad_multiple,
-                          blocked=resolve_block(cfg.training.attention_block) > 0)
+        warning = outlook(train.epoch_view(cfg.training.seed, 0)[0], cfg.training.batch_size * nominal,
+                          cfg.data.pad_multiple, blocked=resolve_block(cfg.training.attention_block) > 0)
         if warning:
             log.warn(warning)
     return splits
 
 
-def _prepare_objective(cfg: Config, world: World, model, tokenizer, splits: dict, objective: Objective) -> dict:
+def _record_mix(cfg: Config, world: World, plan, items: str) -> None:
+    """Print ``data.mix``'s counts per epoch, and append them to ``metrics.jsonl`` (rank 0)."""
+    import json
+    import time
+
+    from ..state.rundir import open_append
+
+    log.info(plan.describe(items))
+    if world.is_main:
+        with open_append(cfg.checkpoint.run_dir / "metrics.jsonl") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **plan.record()}) + "\n")
+
+
+def _prepare_objective(cfg: Config, world: World, model, tokenizer, splits: dict, objective: Objective,
+                       stage=None) -> dict:
     """What the objective computes or keeps before training (DPO's reference log-probs), as agreement items."""
     if objective.needs_reference:
         # The reference pass sums values over ranks, item by item: first make sure every rank holds the same
@@ -209,7 +281,8 @@ def _prepare_objective(cfg: Config, world: World, model, tokenizer, splits: dict
         check_agreement(world, {"recipe": digest(cfg.to_yaml()), **versions(),
                                 **{f"{name} data": split.fingerprint() for name, split in sorted(splits.items())}})
         health.phase("reference log-probs", watched=False)  # one forward pass over the data
-    return objective.prepare(world, model, tokenizer, splits, cfg.data.cache_dir, reference_settings(cfg))
+    return objective.prepare(world, model, tokenizer, splits, cfg.data.cache_dir, reference_settings(cfg),
+                             stage=stage)
 
 
 def reference_settings(cfg: Config, training: bool = True) -> dict:
@@ -217,27 +290,32 @@ def reference_settings(cfg: Config, training: bool = True) -> dict:
 
     ``training=False``: ``mlx-dp eval``, which runs MLX's own attention and loss.
     """
-    from ..tools import fastblas
-
     settings = {"attention_block": resolve_block(cfg.training.attention_block) if training else 0,
                 "fused_exp": fused.resolve(cfg.training.fused_exp) if training else False,
-                "pad_multiple": cfg.data.pad_multiple, "blas": fastblas.active()}
+                "pad_multiple": cfg.data.pad_multiple, "blas": runtime("blas", "mlx")}
     return settings
 
 
-def _check_enough_data(cfg: Config, objective: Objective, train, state: TrainingState) -> None:
+def _check_enough_data(cfg: Config, objective: Objective, train, state: TrainingState, stages: int = 0) -> None:
     t = cfg.training
-    if len(train) < state.global_batch:
+    items = train.epoch_items(t.seed)  # None: a stream of unknown length
+    world = f"{state.world_size} rank(s)" if not stages else f"one replica in {stages} pipeline stage(s)"
+    if items is None:
+        log.info(f"world: {world}; global batch = {t.batch_size} x {state.world_size} x "
+                 f"{t.grad_accumulation} = {state.global_batch} {objective.unit} per update; training "
+                 f"{objective.items} streamed from {train.source} (length unknown); {state.total_steps} updates")
+        return
+    if items < state.global_batch:
         smaller = [f"lower {key}" for key, value in (("training.batch_size", t.batch_size),
                                                       ("training.grad_accumulation", t.grad_accumulation)) if value > 1]
         raise DataError(
-            f"the training set {train.source} has {len(train)} usable {objective.items}, fewer than one global batch "
+            f"the training set {train.source} has {items} usable {objective.items}, fewer than one global batch "
             f"of {state.global_batch} (training.batch_size={t.batch_size} x {state.world_size} ranks x "
             f"grad_accumulation={t.grad_accumulation}); "
             + ", ".join(smaller + [f"add {objective.items}"] + (["run on fewer ranks"] if state.world_size > 1 else [])))
-    log.info(f"world: {state.world_size} rank(s); global batch = {t.batch_size} x {state.world_size} x "
-             f"{t.grad_accumulation} = {state.global_batch} {objective.unit} per update; {len(train)} training "
-             f"{objective.items}; {state.total_steps} updates")
+    log.info(f"world: {world}; global batch = {t.batch_size} x {state.world_size} x "
+             f"{t.grad_accumulation} = {state.global_batch} {objective.unit} per update; {items} training "
+             f"{objective.items}{' an epoch' if train.mix is not None else ''}; {state.total_steps} updates")
 
 
 def _balancer(cfg: Config, world: World, nominal: int) -> Balancer:

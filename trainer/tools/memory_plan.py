@@ -19,8 +19,11 @@ applied, so weight, adapter and optimizer bytes are counted exactly:
   (the worst case; a preference objective's batch_size counts pairs, each two
   rows), per layer ``34 b s h`` bytes without gradient
   checkpointing (Korthikanti et al., 2022, half precision, fused attention)
-  or ``2 b s h`` with it plus one layer's ``34 b s h``, plus the logits in
-  fp32 twice (``8 b s V``).
+  or ``2 b s h`` with it plus one layer's ``34 b s h``, plus the loss's
+  logits: fp32 twice (``8 b s V``) for the plain loss, or with
+  ``training.chunked_loss`` (when the model's head splits) the chunks MLX
+  allocates ahead, about 16 of ``trainer.model.chunked``'s 64 MiB
+  (measured: docs/RESULTS.md, "The chunked loss"), whichever is less.
 
 DPO adds nothing here: its reference log-probs are computed before training
 and cached (``trainer.objectives.reference``), so even a full fine-tune holds no
@@ -60,8 +63,22 @@ class Estimate:
 
 def model_bytes(cfg) -> tuple[int, int, dict]:
     """(weight bytes, trainable bytes, text config) of a recipe's model with its method applied; lazy."""
-    import mlx.nn as nn
     from mlx.utils import tree_flatten
+
+    from . import archs
+
+    from ..model.heads import split_head
+
+    model, config = built_model(cfg)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    # "splits": the chunked loss can open the model's head (training.chunked_loss then holds no whole logits)
+    return weights, trainable, dict(archs.text_config(config), splits=split_head(model) is not None)
+
+
+def built_model(cfg) -> tuple:
+    """(model, config.json) of a recipe's model with its method applied, built lazily (nothing evaluated)."""
+    import mlx.nn as nn
 
     from ..model.load import apply_method
     from ..library import resolve
@@ -80,9 +97,7 @@ def model_bytes(cfg) -> tuple[int, int, dict]:
         q = config.get("quantization") or {}
         nn.quantize(model, group_size=q.get("group_size", 64), bits=q.get("bits", 4))
     apply_method(model, cfg.method, cfg.training.seed)
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    return weights, trainable, archs.text_config(config)
+    return model, config
 
 
 def row_length(cfg) -> int:
@@ -116,7 +131,20 @@ def estimate(cfg, world_size: int, sharded: bool, sizes=None) -> Estimate:
     h, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
     per_layer = 34 * b * s * h
     stored = per_layer + 2 * b * s * h * layers if cfg.training.grad_checkpoint else per_layer * layers
-    return Estimate(weights, trainable, optimizer, stored + 8 * b * s * vocab)
+    return Estimate(weights, trainable, optimizer, stored + logits_bytes(cfg, b * s, vocab, text.get("splits", False)))
+
+
+LOOKAHEAD_CHUNKS = 16  # chunks of logits MLX's eval loop allocates ahead of the computation (trainer.model.chunked)
+
+
+def logits_bytes(cfg, tokens: int, vocab: int, splits: bool) -> int:
+    """The loss's logits for ``tokens`` tokens: two fp32 copies, or the chunked loss's look-ahead of chunks."""
+    from ..model.chunked import default_chunk_tokens
+
+    whole = 8 * tokens * vocab
+    if not (cfg.training.chunked_loss and splits):
+        return whole
+    return min(whole, LOOKAHEAD_CHUNKS * default_chunk_tokens(vocab) * vocab * 4)
 
 
 def table(recipes: list) -> str:
