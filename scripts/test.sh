@@ -9,4 +9,11 @@ if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 .venv/bin/python -m pytest -q -m "not e2e"
-exec .venv/bin/python -m pytest -q -m e2e --durations=15  # the slowest, for whoever trims the tier
+# The e2e tier in two parts. Tests that time nothing run two at a time, a test file per worker (a module's
+# shared runs happen once); then the tests marked serial (tests/conftest.py: SERIAL_FILES, and any test marked
+# @pytest.mark.serial) run alone, so that no neighbour's load decides a watchdog, a CPU share or a speed ratio.
+# Both parts always run; the slowest durations are for whoever trims the tier.
+status=0
+.venv/bin/python -m pytest -q -m "e2e and not serial" -n 2 --dist loadfile --durations=15 || status=$?
+.venv/bin/python -m pytest -q -m "e2e and serial" --durations=15 || status=$?
+exit "$status"

@@ -4,7 +4,12 @@ the files a run writes, small synthetic data.
 Two tiers. Tests marked ``e2e`` start real processes (``mlx-dp`` commands,
 ``mlx-dp launch`` or mlx.launch on loopback, network namespaces); nothing of
 MLX is mocked there. Every other test runs in this process, in about two
-minutes: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both.
+minutes: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both, the
+e2e tier two tests at a time (pytest-xdist, a file per worker) except the
+tests marked ``serial``, which run alone afterwards: every test of
+:data:`SERIAL_FILES`, and any other marked ``@pytest.mark.serial``. A test
+that times something (a watchdog or heartbeat, a CPU cap or share, a speed
+ratio) belongs there, so that a neighbour's load cannot make it fail.
 The lab (``scripts/lab``) is importable as ``lab``.
 """
 
@@ -59,6 +64,37 @@ sys.meta_path.insert(0, _Hidden())
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: starts real processes (the end-to-end tier; -m 'not e2e' skips it)")
+    config.addinivalue_line("markers", "serial: times something, so never runs beside another test (scripts/test.sh)")
+
+
+# Files whose tests time something (watchdogs, heartbeats, CPU caps and shares, speed ratios): all serial.
+SERIAL_FILES = {"test_bench_scaling.py", "test_connect.py", "test_elastic.py", "test_failures.py",
+                "test_hardening.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py",
+                "test_launch.py", "test_launch_ssh.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_of_its_own_per_worker():
+    """Under pytest-xdist, each worker's processes get a TMPDIR of their own, kept between runs.
+
+    MLX compiles its CPU kernels into ``$TMPDIR/mlx``, and a process that starts checks every file there
+    (``trainer.tools.runtime.check_mlx_kernels``): a kernel another worker's job is compiling right then
+    can vanish under that check. A worker's own jobs start one test at a time.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        import tempfile
+
+        own = Path(tempfile.gettempdir()) / f"mlx-dp-tests-{os.geteuid()}-{worker}"
+        own.mkdir(mode=0o700, exist_ok=True)
+        os.environ["TMPDIR"] = str(own)
+    yield
 
 
 def without_matplotlib(tmp_path: Path) -> dict:

@@ -197,8 +197,13 @@ def test_mlx_kernels_in_a_folder_another_user_made_are_not_loaded(tmp_path):
     line = one_error_line(result)
     assert f"refusing to load MLX's compiled kernels from {tmp / 'mlx'}" in line and "belongs to nobody" in line
     shutil.rmtree(tmp / "mlx")
-    result = mlx_dp("train", str(tiny_recipe(tmp_path, training={"steps": 1})), env={"TMPDIR": str(tmp)})
+    # Any command that loads a recipe makes the folder (prepare_runtime); eval then has MLX compile and load
+    # its kernels there. Not train: with an empty folder MLX builds every kernel of a training step with
+    # g++ first, a minute on a 2-core machine, for the same check.
+    result = mlx_dp("eval", str(tiny_recipe(tmp_path)), "--checkpoint", "none", "eval.max_batches=1",
+                    env={"TMPDIR": str(tmp)})
     assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp / "mlx").rglob("*.so")), "MLX compiled and loaded its kernels from the new folder"
     assert (tmp / "mlx").stat().st_mode & 0o077 == 0, "made private when missing"
 
 

@@ -78,6 +78,14 @@ OUT_OF_RANGE = {
     "data.prefetch": Valid("true or false: both are settings"),
     "data.pack_length": [1, 129],  # the tiny recipe's max_seq_length is 128
     "data.cache_dir": "",
+    "data.mix": [With([], "data.path=null"), With([{"path": "a.jsonl", "wieght": 3}], "data.path=null"),
+                 With([{"weight": 1}], "data.path=null"), With([{"path": "a.jsonl", "weight": 0}], "data.path=null"),
+                 With([{"path": "a.jsonl", "hf_dataset": {"path": "x/y"}}], "data.path=null"),
+                 [{"path": "a.jsonl"}]],  # beside data.path
+    "data.epoch_size": [0, 2**31, 10],  # 10: without data.mix
+    "data.streaming": Valid("true or false: both are settings"),
+    "data.stream_rows": [0, 2**31, 10],  # 10: without data.streaming
+    "data.stream_window": [0, 2**31],
     "training.batch_size": [0, 2**31],
     "training.grad_accumulation": 0,
     "training.steps": [0, -1, 2**31],
@@ -98,6 +106,7 @@ OUT_OF_RANGE = {
     "training.fused_exp": "on",
     "training.clear_cache_threshold": [-2, 2**63, "never"],
     "training.skip_nonfinite": Valid("true or false: both are settings"),
+    "training.chunked_loss": Valid("true or false: both are settings"),
     "training.seed": [-1, 2**64, 2**70],
     "eval.every": [-1, 2**31],
     "eval.at_start": Valid("true or false: both are settings"),
@@ -128,6 +137,9 @@ OUT_OF_RANGE = {
     "parallel.peer_silence_s": [0, 1e12],
     "parallel.allow_world_size_change": Valid("true or false: both are settings"),
     "parallel.shard_optimizer": Valid("true or false: both are settings"),
+    "parallel.pipeline": Valid("true or false: both are settings"),
+    "parallel.pipeline_microbatches": [0, 2**31],
+    "parallel.stage_layers": [[], [0, 3]],
     "parallel.balance": [[], [1, 0], [2, -1]],
 }
 KEYS = [key for key, _, _ in describe_keys()]

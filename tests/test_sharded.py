@@ -58,6 +58,7 @@ CLIP = ["training.max_grad_norm=0.05"]  # small enough that every update is clip
 
 
 CASES = {"full": FULL, "full-clipped": FULL + CLIP, "lora-clipped": ["training.grad_accumulation=2", *CLIP]}
+YARDSTICK = ("full-clipped", "lora-clipped")  # the cases compared within float noise (exact ones need no yardstick)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
@@ -69,8 +70,8 @@ def equivalence(request, tmp_path_factory):
     for name, extra in CASES.items():
         for sharded in ("false", "true"):
             entries.append([recipe, *extra, f"parallel.shard_optimizer={sharded}", f"checkpoint.dir={tmp}/{name}-{sharded}"])
-        # a genuinely different run, the yardstick for float noise under Adam
-        entries.append([recipe, *extra, "training.seed=1", f"checkpoint.dir={tmp}/{name}-seed1"])
+        if name in YARDSTICK:  # a genuinely different run, the yardstick for float noise under Adam
+            entries.append([recipe, *extra, "training.seed=1", f"checkpoint.dir={tmp}/{name}-seed1"])
     (tmp / "spec.json").write_text(json.dumps(entries))
     out = launch(n, [PYTHON, TRAIN, str(tmp / "spec.json")])
     assert "optimizer state sharded over" in out.stdout
