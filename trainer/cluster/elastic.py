@@ -283,13 +283,13 @@ class _Launch:
         if failure.final:  # the failing rank recorded its own cause in status.json
             self.output.say(f"not restarting: {failure.final}")
             return self.status
+        if attempt == self.restarts:  # none left: that is the reason, whether or not the failure repeats
+            self.output.say(f"giving up after {self.restarts} restart(s); the last failure: {failure.cause}")
+            return self.status
         if repeated:
             why = "the same failure twice with no checkpoint saved in between, so a restart would fail again"
             self._record("failed", f"mlx-dp launch stopped restarting: {why}; the last failure: {failure.cause}")
             self.output.say(f"not restarting: {why}; the last failure: {failure.cause}")
-            return self.status
-        if attempt == self.restarts:
-            self.output.say(f"giving up after {self.restarts} restart(s); the last failure: {failure.cause}")
             return self.status
         self.cause, self.avoid = failure.cause, set(failure.blamed) if failure.connecting else set()
         wait = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)

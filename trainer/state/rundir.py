@@ -92,6 +92,8 @@ def is_run_folder(run_dir: Path) -> bool:
         names = set(os.listdir(run_dir))
     except FileNotFoundError:
         return True
+    except NotADirectoryError as e:  # it, or a folder above it, is a file
+        raise CheckpointError(f"checkpoint.dir {run_dir} is not writable: {e.strerror}") from None
     return not names or bool(names & set(MARKERS))
 
 
