@@ -279,7 +279,7 @@ def _prepare_objective(cfg: Config, world: World, model, tokenizer, splits: dict
         # The reference pass sums values over ranks, item by item: first make sure every rank holds the same
         # recipe and data, or ranks with different data would wait on each other's sums without end.
         check_agreement(world, {"recipe": digest(cfg.to_yaml()), **versions(),
-                                **{f"{name} data": split.fingerprint() for name, split in sorted(splits.items())}})
+                                **{f"{name} {objective.items}": split.fingerprint() for name, split in sorted(splits.items())}})
         health.phase("reference log-probs", watched=False)  # one forward pass over the data
     return objective.prepare(world, model, tokenizer, splits, cfg.data.cache_dir, reference_settings(cfg),
                              stage=stage)
