@@ -30,10 +30,14 @@ from typing import Callable, NamedTuple, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-try:  # mlx-lm's adapters; the head is LoRA-wrapped only when method.keys names it
+
+def _lora() -> tuple:
+    """mlx-lm's adapter classes (the head is LoRA-wrapped only when method.keys names it), imported when a head
+    is first opened: ``mlx_lm.tuner`` pulls in transformers, seconds that commands which never train should
+    not pay."""
     from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
-except ImportError:  # pragma: no cover - mlx-lm is a dependency of the product
-    LoRALinear = LoRAEmbedding = ()
+
+    return LoRALinear, LoRAEmbedding
 
 
 # ---------------------------------------------------------------------------- the head
@@ -85,9 +89,10 @@ def _supported(module: nn.Module) -> bool:
     kind = type(module)
     if kind in _PLAIN:
         return True
-    if LoRALinear and kind is LoRALinear:
+    LoRALinear, LoRAEmbedding = _lora()
+    if kind is LoRALinear:
         return type(module.linear) in (nn.Linear, nn.QuantizedLinear)
-    if LoRAEmbedding and kind is LoRAEmbedding:
+    if kind is LoRAEmbedding:
         return type(module.embedding) in (nn.Embedding, nn.QuantizedEmbedding)
     return False
 
@@ -107,14 +112,15 @@ def _projections(module: nn.Module, x: mx.array):
         quant = (module.group_size, module.bits, module.mode)
         bias_trainable = bias is not None and _trainable(module, "bias")
         return [Projection(x, "quantized", arrays, quant=quant)], (bias, bias_trainable)
-    if LoRALinear and kind is LoRALinear:
+    LoRALinear, LoRAEmbedding = _lora()
+    if kind is LoRALinear:
         # LoRALinear: linear(x) + scale * (dropout(x) @ A) @ B. The rank-r input goes through
         # autodiff (A and the dropout), the vocabulary-wide product through the chunked loss.
         base = _projections(module.linear, x)
         low = Projection(module.dropout(x) @ module.lora_a, "dense", (module.lora_b,), scale=module.scale,
                          transposed=True, trainable=_trainable(module, "lora_b"))
         return base[0] + [low], base[1]
-    if LoRAEmbedding and kind is LoRAEmbedding:
+    if kind is LoRAEmbedding:
         # LoRAEmbedding.as_linear: embedding.as_linear(x) + scale * (dropout(x) @ B.T) @ A.T
         base = _projections(module.embedding, x)
         low = Projection(module.dropout(x) @ module.lora_b.T, "dense", (module.lora_a,), scale=module.scale,
