@@ -252,7 +252,7 @@ def test_a_hostfile_sets_the_world_size_and_mlx_dp_launch(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One real run with matplotlib hidden and the stock BLAS: tiny recipe at 1 and 2 ranks under
+    """One real run with matplotlib hidden: tiny recipe at 1 and 2 ranks under
     mlx-dp launch, one round, 20 measured updates (long enough to sample the launcher's CPU)."""
     out = tmp_path_factory.mktemp("scaling")
     result = mlx_dp("bench", "scaling", RECIPE, "-n", "2", "--steps", "20", "--warmup", "2", "--rounds", "1",

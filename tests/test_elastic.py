@@ -280,7 +280,7 @@ def test_ranks_standing_in_for_missing_ones_train_what_the_full_job_trains(tmp_p
     sections = {"method": {"type": "lora", "rank": 4, "scale": 4.0, "dropout": 0.1},
                 "training": {"steps": 6, "batch_size": 2, "grad_accumulation": 2, "optimizer": "sgd",
                              "momentum": 0.9, "learning_rate": 0.05},
-                "eval": {"every": 3, "max_batches": 2}}  # a subset of the validation rows: the same one
+                "eval": {"every": 3, "at_start": True, "max_batches": 2}}  # a subset of the validation rows: the same one
     two = _uninterrupted(tmp_path, n=2, parallel={"balance": [1.0, 2.0]}, **sections)
     alone = _recipe(tmp_path / "alone", parallel={"balance": [1.0, 2.0]}, **sections)
     result = run([MLX_DP, "train", str(alone)], env={"MLX_DP_NOMINAL_RANKS": "2", "MLX_DP_PRESENT": "0"})

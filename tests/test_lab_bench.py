@@ -15,12 +15,13 @@ KEYS = {"step_time_s", "exposed_comm_fraction", "hidden_comm_ratio", "busbw_rati
 
 @pytest.mark.e2e
 def test_bench_comm_end_to_end(tmp_path):
-    # the stock BLAS (conftest unsets MLX_DP_BLAS) and no matplotlib: progress, an estimate, no traceback
+    # the stock BLAS (MLX_DP_BLAS=mlx) and no matplotlib: progress, an estimate, no traceback
     out = tmp_path / "comm.json"
     result = lab("bench", "comm", "-n", "2", "--arch", "qwen3-0.6b", "--layers", "1", "--width-divisor", "8",
                     "--seq", "16", "--steps", "2", "--warmup", "1", "--sweep-reps", "1", "--sweep-max-mb", "4",
                     "--json", str(out), timeout=600,
-                    env={"MLX_DP_CACHE": str(tmp_path / "cache"), **without_matplotlib(tmp_path)})
+                    env={"MLX_DP_CACHE": str(tmp_path / "cache"), "MLX_DP_BLAS": "mlx",
+                         **without_matplotlib(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     if sys.platform.startswith("linux"):

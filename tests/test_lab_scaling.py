@@ -113,7 +113,7 @@ def test_link_without_root_is_a_clear_error(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One real run with matplotlib hidden and the stock BLAS: tiny recipe at 1 and 2 ranks under
+    """One real run with matplotlib hidden: tiny recipe at 1 and 2 ranks under
     mlx-dp launch, one round, 3 measured updates, vs mlx_lm.lora."""
     out = tmp_path_factory.mktemp("scaling")
     result = lab("bench", "scaling", RECIPE, "-n", "2", "--launcher", "mlx-dp", "--steps", "3", "--warmup", "1",

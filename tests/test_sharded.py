@@ -89,8 +89,10 @@ def test_sharded_adamw_is_the_unsharded_update(equivalence):
     worst = max(np.abs(one[k] - two[k]).max() for k in one)
     if n == 2:  # element-wise AdamW on the same summed gradients: the same bits
         assert worst == 0.0, worst
-    else:  # three addends summed in another order
-        assert worst <= 1e-5 * max(np.abs(v).max() for v in one.values()), worst
+    else:  # three addends summed in another order, then Adam's division by sqrt(v) over every update:
+        # float32 noise (seen: 1.1e-5 of the largest weight with the chunked loss, whose head gradient is
+        # itself a sum over chunks); a wrong shard or a missed addend is orders of magnitude more
+        assert worst <= 4e-5 * max(np.abs(v).max() for v in one.values()), worst
 
 
 @pytest.mark.parametrize("method", ["full-clipped", "lora-clipped"])

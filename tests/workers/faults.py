@@ -19,6 +19,13 @@ separated by ``;``, each ``kind:rank=R:step=S[:seconds=T]`` (rank defaults to 0)
   (``parallel.balance: auto``), from update S on (a fake, deterministic speed).
 """
 
+# First, before anything here imports MLX: the command's runtime loads the OpenBLAS shim when MLX_DP_BLAS asks
+# (tests/conftest.py asks for e2e tests), and it can only do that before mlx.core is imported.
+from trainer.tools import fastblas  # noqa: E402
+
+fastblas.maybe_enable()
+
+
 import dataclasses
 import os
 import signal

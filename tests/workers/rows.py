@@ -11,6 +11,13 @@ the rows' ids; ``segments``: the samples in each packed row). SPEC is
 ``faults.py``'s (``-`` for none).
 """
 
+# First, before anything here imports MLX: the command's runtime loads the OpenBLAS shim when MLX_DP_BLAS asks
+# (tests/conftest.py asks for e2e tests), and it can only do that before mlx.core is imported.
+from trainer.tools import fastblas  # noqa: E402
+
+fastblas.maybe_enable()
+
+
 import json
 import sys
 from pathlib import Path
