@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: fine-tune the built-in tiny model on one process and on two (mlx-dp launch),
 # show what changed, and compare throughput; then show what stock mlx.launch costs on the same
-# work, and run the side-by-side scaling benchmark. About 10 minutes on a 2-core Linux box.
+# work, and run the side-by-side scaling benchmark. About 3 minutes on a 2-core Linux box.
 #
 # On Linux this opts in to the two CPU speed-ups (each is said at start): fp32 matmul through OpenBLAS
 # (MLX_DP_BLAS=openblas; the mlx[cpu] wheel's own BLAS is ~15x slower) and vector flags for MLX's fused
