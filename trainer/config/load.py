@@ -23,8 +23,9 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError, short
+from .rules import _suggest
 from .schema import (HF_DATASET_KEYS, SECTION_CLASSES, CheckpointConfig, Config, DataConfig, EvalConfig,
-                     LoggingConfig, MethodConfig, ModelConfig, ParallelConfig, TrainingConfig, _suggest)
+                     LoggingConfig, MethodConfig, ModelConfig, ParallelConfig, TrainingConfig)
 
 
 # A recipe holds a few hundred values; nested aliases ("billion laughs") can
