@@ -35,7 +35,6 @@ Usage::
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -66,11 +65,13 @@ def parse_args(argv):
 
 
 def rss_kb(text: str) -> int:
-    """``Maximum resident set size (kbytes)`` of ``/usr/bin/time -v``'s report."""
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    if match is None:
+    """``Maximum resident set size (kbytes)`` of ``/usr/bin/time -v``'s report (``bench pipeline``'s parser)."""
+    from lab.bench.pipeline import parse_time_v
+
+    rss = parse_time_v(text)["max_rss_bytes"]
+    if rss is None:
         raise ValueError("no 'Maximum resident set size' line in /usr/bin/time -v's output")
-    return int(match.group(1))
+    return rss // 1024
 
 
 def alternating(variants, rounds: int) -> list:
