@@ -50,7 +50,6 @@ def _hermetic_env(tmp_path_factory):
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["WANDB_MODE"] = "offline"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ.pop("MLX_DP_BLAS", None)
     yield
 
 
@@ -90,6 +89,10 @@ sys.meta_path.insert(0, _Hidden())
 
 
 def pytest_configure(config):
+    # The BLAS of the processes a test starts is the tests' choice (pytest_runtest_setup), never the caller's.
+    # (Not in a session fixture: that runs after the first test's setup hook and undid its choice.)
+    for key in ("MLX_DP_BLAS", "MLX_DP_BLAS_THREADS"):
+        os.environ.pop(key, None)
     config.addinivalue_line("markers", "e2e: starts real processes (the end-to-end tier; -m 'not e2e' skips it)")
     config.addinivalue_line("markers", "serial: times something, so never runs beside another test (scripts/test.sh)")
 
