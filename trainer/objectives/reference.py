@@ -56,8 +56,7 @@ CHUNK_PAIRS = 32  # pairs per reference batch; fixed, so every value is computed
 
 def _adapted_classes() -> dict:
     """mlx-lm's adapter layers and the attribute holding each one's base layer."""
-    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
-    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+    from ..model.tuner import DoRAEmbedding, DoRALinear, LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
     return {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linear", LoRAEmbedding: "embedding",
             DoRAEmbedding: "embedding"}
