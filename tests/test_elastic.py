@@ -274,6 +274,7 @@ def test_ctrl_c_during_the_backoff_stops_everything(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.untimed  # compares weights; no watchdog or restart is timed
 def test_ranks_standing_in_for_missing_ones_train_what_the_full_job_trains(tmp_path):
     """1 rank for 2, and 2 ranks for 3, with dropout, accumulation and an uneven split, against the full job."""
     # SGD, as tests/test_equivalence.py: Adam can flip the sign of an element whose gradient is about zero.
@@ -321,6 +322,7 @@ def test_a_time_based_cadence_saves_on_every_rank_together(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.untimed  # compares weights; no watchdog or restart is timed
 def test_ranks_with_disks_of_their_own_resume_from_rank_0s_checkpoint(tmp_path):
     """A desk cluster without a shared folder: each rank's ``~`` is its own (HOME), and only rank 0's holds
     checkpoints. Rank 0 picks, sends its copy to rank 1, and the resumed run is the uninterrupted one."""
@@ -344,6 +346,7 @@ def test_ranks_with_disks_of_their_own_resume_from_rank_0s_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.untimed  # compares bytes; nothing is timed
 def test_broadcast_bytes_delivers_rank_0s_bytes_to_every_rank_in_chunks():
     assert worker_result(3, "broadcast_check.py", timeout=120) == {"sizes": [0, 1, 4321, 10_000], "ranks": 3}
 

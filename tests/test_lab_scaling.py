@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from conftest import ROOT, lab, without_matplotlib
+from conftest import ROOT, _openblas_env, lab, without_matplotlib
 from lab.bench import scaling as lab_scaling
 from lab.bench import scaling_mlx_lm
 from trainer.config.load import load_config
@@ -163,7 +163,7 @@ def test_slow_rank_and_balance_auto_end_to_end(tmp_path):
         pytest.skip(reason)
     result = lab("bench", "scaling", RECIPE, "-n", "2", "--steps", "4", "--warmup", "4", "--rounds", "1",
                  "--max-extra-rounds", "0", "--no-skip", "--slow", "1=0.3", "--json", str(tmp_path / "balance.json"),
-                 "training.batch_size=4", timeout=400)
+                 "training.batch_size=4", timeout=400, env=_openblas_env())  # the same split on either BLAS, sooner
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads((tmp_path / "balance.json").read_text())
     assert doc["launchers"] == ["mlx-dp launch"] and doc["slow"] == {"1": 0.3}  # mlx.launch cannot be capped

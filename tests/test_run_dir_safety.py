@@ -9,6 +9,7 @@ import pytest
 
 from conftest import mlx_dp, one_error_line, read_metrics, read_status, tiny_recipe
 from trainer.state.rundir import RUN_FILES
+from trainer.tools import fastblas
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -33,7 +34,10 @@ def test_the_root_and_a_home_directory_are_refused_whatever_the_flags(tmp_path):
     (home / "notes").mkdir(parents=True)
     (home / "notes" / "todo.txt").write_text("mine")
     before = _snapshot(home)
-    refused = mlx_dp("train", recipe, "checkpoint.dir=~/", "--overwrite", env={"HOME": str(home)})  # YAML: ~ is null
+    # (mlx-dp's own cache stays where it was: with MLX_DP_BLAS=openblas it holds the shim, ~/.cache/mlx-dp by design)
+    cache = {"MLX_DP_CACHE": str(fastblas.cache_dir())}
+    refused = mlx_dp("train", recipe, "checkpoint.dir=~/", "--overwrite",  # (YAML: a bare ~ is null)
+                     env={"HOME": str(home), **cache})
     assert refused.returncode == 2
     assert "is a home directory; give a folder of its own inside it" in one_error_line(refused)
     assert _snapshot(home) == before, "nothing was written into the home directory"
