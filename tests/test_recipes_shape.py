@@ -11,7 +11,7 @@ Kept cheap for a 2-core CI machine without changing what each run exercises:
 the data are the first rows of the shipped sets (2 updates of batch 1 on 2 ranks
 and one validation batch read a handful; DPO computes its reference log-probs
 over the whole train split, so a short split keeps that pass short), and a
-QLoRA base is its architecture at a quarter of the width (``width_divisor``:
+QLoRA base is its architecture at an eighth of the width (``width_divisor``:
 head_dim, the GQA ratio, qk-norm and the 4-bit quantization stay), because
 MLX's CPU quantized matmul is slow enough at full width to cost more than all
 the other recipes together; the same architecture at full width is trained by
@@ -29,7 +29,7 @@ from trainer.tools.recipes import all_recipes
 
 REAL = [p for p in all_recipes() if not load_config(p).model.path.startswith("builtin:")]
 PARAM_BUDGET = 200e6  # keep each reduced model small enough for a 2-core CI machine
-QUANTIZED_WIDTH_DIVISOR = 4  # a 4-bit base at a quarter of its width (see the module docstring)
+QUANTIZED_WIDTH_DIVISOR = 8  # a 4-bit base at an eighth of its width (see the module docstring)
 ROWS = {"train": 16, "valid": 4, "test": 4}  # rows per split; 2 updates read 4 train rows, validation 2
 
 
