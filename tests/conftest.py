@@ -6,7 +6,7 @@ Two tiers. Tests marked ``e2e`` start real processes (``mlx-dp`` commands,
 MLX is mocked there. Every other test runs in this process, in about a
 minute: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both, the
 e2e tier in three parts: tests that time nothing two at a time (pytest-xdist,
-a file per worker), beside the rest at idle CPU weight where a cgroup allows;
+a file per worker), beside the rest at low CPU weight where a cgroup allows;
 the tests marked ``serial`` one at a time (every test of :data:`SERIAL_FILES`
 but those marked ``untimed``, and any other marked ``@pytest.mark.serial``): a
 test that times a watchdog, a heartbeat or a restart belongs there, so that
