@@ -5,14 +5,12 @@ Two tiers. Tests marked ``e2e`` start real processes (``mlx-dp`` commands,
 ``mlx-dp launch`` or mlx.launch on loopback, network namespaces); nothing of
 MLX is mocked there. Every other test runs in this process, in about a
 minute: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both, the
-e2e tier in three parts: tests that time nothing two at a time (pytest-xdist,
-a file per worker), beside the rest at low CPU weight where a cgroup allows;
-the tests marked ``serial`` one at a time (every test of :data:`SERIAL_FILES`
-but those marked ``untimed``, and any other marked ``@pytest.mark.serial``): a
-test that times a watchdog, a heartbeat or a restart belongs there, so that
-an equal neighbour's load cannot make it fail; and the tests marked ``alone``
-(:data:`ALONE_FILES`: benchmarks that measure CPU shares, other load and speed
-ratios) last, with the machine to themselves.
+e2e tier two tests at a time (pytest-xdist, a file per worker) except the
+tests marked ``serial``, which run alone afterwards: every test of
+:data:`SERIAL_FILES` but those marked ``untimed``, and any other marked
+``@pytest.mark.serial``. A test that times something (a watchdog or
+heartbeat, a CPU cap or share, a speed ratio) belongs there, so that a
+neighbour's load cannot make it fail.
 The lab (``scripts/lab``) is importable as ``lab``.
 """
 
@@ -98,7 +96,6 @@ def pytest_configure(config):
         os.environ.pop(key, None)
     config.addinivalue_line("markers", "e2e: starts real processes (the end-to-end tier; -m 'not e2e' skips it)")
     config.addinivalue_line("markers", "serial: times something, so never runs beside another test (scripts/test.sh)")
-    config.addinivalue_line("markers", "alone: measures the machine's load, so runs with nothing beside it")
     config.addinivalue_line("markers", "untimed: times nothing, though its file's tests are serial")
 
 
@@ -107,16 +104,11 @@ def pytest_configure(config):
 SERIAL_FILES = {"test_bench_scaling.py", "test_connect.py", "test_elastic.py", "test_failures.py",
                 "test_hardening.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py",
                 "test_launch.py", "test_launch_ssh.py"}
-# Benchmarks' tests: they read the machine's other load and CPU shares, so they run with nothing beside them.
-ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in ALONE_FILES:
-            item.add_marker(pytest.mark.alone)
-            item.add_marker(pytest.mark.serial)
-        elif item.path.name in SERIAL_FILES and not item.get_closest_marker("untimed"):
+        if item.path.name in SERIAL_FILES and not item.get_closest_marker("untimed"):
             item.add_marker(pytest.mark.serial)
 
 
