@@ -97,7 +97,7 @@ def detect_format(columns: list[str], cfg: DataConfig, source: Source) -> str:
 
 def _processor(fmt: str, tokenizer, cfg: DataConfig):
     """mlx-lm's own dataset class for the format; we only use its ``process(row)``."""
-    from ..model.tuner import ChatDataset, CompletionsDataset, TextDataset
+    from ..tuner import ChatDataset, CompletionsDataset, TextDataset
 
     if fmt == "completion":
         return CompletionsDataset([], tokenizer, cfg.prompt_feature, cfg.completion_feature, cfg.mask_prompt)

@@ -35,7 +35,7 @@ def _lora() -> tuple:
     """mlx-lm's adapter classes (the head is LoRA-wrapped only when method.keys names it), imported when a head
     is first opened: ``mlx_lm.tuner`` pulls in transformers, seconds that commands which never train should
     not pay."""
-    from .tuner import LoRAEmbedding, LoRALinear
+    from ..tuner import LoRAEmbedding, LoRALinear
 
     return LoRALinear, LoRAEmbedding
 

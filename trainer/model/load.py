@@ -101,7 +101,7 @@ def apply_method(model: nn.Module, method: MethodConfig, seed: int) -> None:
         method (MethodConfig): lora, dora or full, with its settings.
         seed (int): Seed for adapter initialisation.
     """
-    from .tuner import linear_to_lora_layers
+    from ..tuner import linear_to_lora_layers
 
     layers = model.layers
     if method.num_layers > len(layers):
@@ -140,7 +140,7 @@ def adapter_config(method: MethodConfig, model_path: str, num_model_layers: int)
 
 def has_adapters(model: nn.Module) -> bool:
     """Whether ``model`` trains mlx-lm adapters (LoRA, DoRA), whose base is the model with them off."""
-    from .tuner import DoRAEmbedding, DoRALinear, LoRAEmbedding, LoRALinear, LoRASwitchLinear
+    from ..tuner import DoRAEmbedding, DoRALinear, LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
     kinds = (LoRALinear, LoRASwitchLinear, DoRALinear, LoRAEmbedding, DoRAEmbedding)
     return any(isinstance(m, kinds) for _, m in model.named_modules())

@@ -56,7 +56,7 @@ CHUNK_PAIRS = 32  # pairs per reference batch; fixed, so every value is computed
 
 def _adapted_classes() -> dict:
     """mlx-lm's adapter layers and the attribute holding each one's base layer."""
-    from ..model.tuner import DoRAEmbedding, DoRALinear, LoRAEmbedding, LoRALinear, LoRASwitchLinear
+    from ..tuner import DoRAEmbedding, DoRALinear, LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
     return {LoRALinear: "linear", LoRASwitchLinear: "linear", DoRALinear: "linear", LoRAEmbedding: "embedding",
             DoRAEmbedding: "embedding"}
