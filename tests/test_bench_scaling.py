@@ -287,7 +287,13 @@ def test_end_to_end_writes_table_and_json_and_says_how_to_get_the_chart(bench_ru
     assert two["rank_spread_s"] > 0, "two ranks never finish an update at the same instant"
     assert two["global_batch"] == 2 * one["global_batch"] == 8
     assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / (2 * one["tokens_per_s"]))
-    assert two["valid"] and two["scaling_efficiency"] < 1.0, "2 ranks on this machine's cores cannot beat 2x"
+    # The speed itself is the machine's business (a busy 1-rank round can make 2 ranks look above 2x);
+    # the bench's rule is not: above 100% from one round is never reported as a result.
+    if two["scaling_efficiency"] > 1.0:
+        assert not two["valid"] and "from one round, whose noise is unknown" in two["invalid_reason"]
+        assert "2 ranks: not a result" in result.stdout
+    else:
+        assert two["valid"] and two["invalid_reason"] is None and "not a result" not in result.stdout
     assert not (out / "scaling.png").exists() and str(out / "scaling.json") in result.stdout
 
 
