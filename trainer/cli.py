@@ -338,4 +338,17 @@ def main(argv: list[str] | None = None, options=None) -> None:
         sys.exit(130)
     except BrokenPipeError:  # e.g. `mlx-dp recipes keys | head`
         sys.exit(0)
+    if args.command == "train" and code > 128:
+        _settled(code)  # (stopped by a signal, saved)
     sys.exit(code)
+
+
+def _settled(code: int) -> None:
+    """A run stopped by a signal is saved and its status final: another Ctrl-C, SIGTERM or SIGHUP while the
+    interpreter shuts down is ignored, so the process ends with ``code`` (``128 + signal``). The run's own
+    handlers are gone by then; Python's would raise a KeyboardInterrupt, and late in shutdown, where Python has
+    put back the system's default, the process would die by SIGINT instead. (An ignored signal stays ignored
+    through shutdown, which takes a moment.)
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
