@@ -57,12 +57,12 @@ def _hermetic_env(tmp_path_factory):
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """The processes an e2e test starts multiply fp32 matrices on OpenBLAS where its shim builds: the same
-    maths, about 2.5x less time per tiny run on this CPU (CI's parallel part: 11.9 -> 10.1 minutes). (Before
-    its fixtures, so a module's shared runs get it too.) Not the serial tests: they mostly wait (watchdogs,
-    restarts, links going down), and some compare runs across hosts that must all use the same BLAS. MLX's
-    own BLAS, the product's default, stays under test: the fast tier runs in this process on it, the serial
-    tests start their processes on it, and an e2e test that needs it says so (MLX_DP_BLAS=mlx)."""
-    if item.get_closest_marker("e2e") and not item.get_closest_marker("serial"):
+    maths, about 2.5x less time per tiny run on this CPU (CI's parallel part: 11.9 -> 10.1 minutes), and 5x
+    less CPU for a 2-rank run of 30 updates, which the serial tests run many of. (Before its fixtures, so a
+    module's shared runs get it too; the ssh cluster passes it on to its hosts, lab.sshcluster.PASSED_ON.)
+    MLX's own BLAS, the product's default, stays under test: the fast tier runs in this process on it, and
+    an e2e test that needs it says so (MLX_DP_BLAS=mlx)."""
+    if item.get_closest_marker("e2e"):
         os.environ.update(_openblas_env())  # (a test that passes env= of its own still wins)
     else:  # an in-process test loads the recipe's runtime itself, after MLX was imported: never the shim
         for key in ("MLX_DP_BLAS", "MLX_DP_BLAS_THREADS"):

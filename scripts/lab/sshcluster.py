@@ -53,7 +53,7 @@ SSH_CONFIG = """Host *
 """
 # What the remote ranks need from this environment (sshd gives them a clean one).
 PASSED_ON = ("HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE", "TOKENIZERS_PARALLELISM",
-             "MLX_DP_CACHE")
+             "MLX_DP_CACHE", "MLX_DP_BLAS", "MLX_DP_BLAS_THREADS")
 
 
 def check_permitted() -> str | None:
