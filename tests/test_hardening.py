@@ -214,18 +214,32 @@ def test_mlx_kernels_in_a_folder_another_user_made_are_not_loaded(tmp_path):
 # ---------------------------------------------------------------------------- status.json
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process still runs (a zombie waiting for its reaper has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_status_carries_the_step_and_a_killed_launcher_reads_as_lost(tmp_path):
     proc = _launch(tmp_path, "training.steps=100000")
     run_dir = tmp_path / "run"
     try:
         wait_for_step(run_dir, 5, [proc], timeout=240)
-        time.sleep(6)  # one heartbeat
+        deadline = time.monotonic() + 30
+        while read_status(run_dir)["step"] <= 5 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the next heartbeat (every few seconds) writes the step reached since
         record = read_status(run_dir)
         assert record["state"] == "running" and record["step"] > 5 and record["heartbeat"] > time.time() - 10
+        ranks = list(trainer_pids(proc.pid).values())
+        assert len(ranks) == 2, ranks
         os.kill(proc.pid, signal.SIGKILL)  # the launcher, outright: its ranks die with it
         proc.wait()
-        time.sleep(2)
-        assert trainer_pids(proc.pid) == {}
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in ranks), "a rank outlived its killed launcher"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

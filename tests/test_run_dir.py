@@ -11,7 +11,7 @@ import pytest
 
 from conftest import (launched, mlx_dp, mlx_dp_command, one_error_line, read_status, small_tmpfs, tiny_recipe,
                       wait_for_step)
-from trainer.state.checkpoint import clean_stale_temporaries
+from trainer.state.checkpoint import clean_stale_temporaries, process_alive
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 
@@ -96,3 +96,21 @@ def test_a_full_disk_while_saving_is_one_line_and_a_failed_status(tmp_path, smal
     leftovers = [p.name for p in run_dir.rglob(".*") if "tmp" in p.name or "write-test" in p.name]
     assert leftovers == [], leftovers
     assert not (run_dir / "run.lock").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="zombies are told apart through /proc")
+def test_a_process_that_ended_but_is_not_yet_reaped_is_not_alive():
+    # a rank whose launcher was killed outright stays a zombie until something reaps it; it writes nothing
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert process_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never ended"
+            time.sleep(0.01)
+        assert not process_alive(child.pid), "ended, though its exit status is not collected yet"
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid)

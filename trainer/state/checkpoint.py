@@ -109,14 +109,21 @@ def describe_os_error(e: OSError, directory: Path) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (``True`` when unsure)."""
+    """Whether a process ``pid`` runs on this machine (``True`` when unsure).
+
+    A zombie has ended (only its parent has yet to collect its exit status): a rank whose launcher was
+    killed outright lingers so until something reaps it, and it writes nothing any more.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # EPERM: it exists, owned by someone else
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): it exists
         return True
-    return True
 
 
 def clean_stale_temporaries(run_dir: Path, max_age_s: float = STALE_TEMP_S) -> list[str]:
