@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv and run the tests (what CI runs): the fast in-process tier first (about a minute),
+# Set up .venv and run the tests (what CI runs): the fast in-process tier first (about half a minute),
 # then the end-to-end tier of real processes (marked e2e). Extra arguments go to one pytest run instead,
 # e.g. ./scripts/test.sh -m "not e2e" or ./scripts/test.sh -k resume.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-.venv/bin/python -m pytest -q -m "not e2e"
+.venv/bin/python -m pytest -q -m "not e2e" -n 2  # in-process tests, two at a time (60 s -> 35 s here)
 # The e2e tier in two parts. Tests that time nothing run two at a time, a test file per worker (a module's
 # shared runs happen once); then the tests marked serial (tests/conftest.py: SERIAL_FILES, and any test marked
 # @pytest.mark.serial) run alone, so that no neighbour's load decides a watchdog, a CPU share or a speed ratio.

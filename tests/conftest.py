@@ -106,10 +106,19 @@ SERIAL_FILES = {"test_bench_scaling.py", "test_connect.py", "test_elastic.py", "
                 "test_launch.py", "test_launch_ssh.py"}
 
 
+# The e2e files that take longest on two xdist workers (seconds of a worker, --durations on 2 cores), run
+# first: under --dist loadfile a worker takes the next file as it frees up, so a long file taken last would
+# leave the other worker idle at the end.
+LONGEST_FIRST = {"test_recipes_shape.py": 152, "test_preference_train.py": 72, "test_sharded.py": 61,
+                 "test_pipeline.py": 61, "test_grpo.py": 54, "test_elastic.py": 47, "test_eval_export.py": 47,
+                 "test_inputs.py": 46, "test_run_dir_safety.py": 41, "test_train.py": 38}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SERIAL_FILES and not item.get_closest_marker("untimed"):
             item.add_marker(pytest.mark.serial)
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0) if item.get_closest_marker("e2e") else 0)
 
 
 @pytest.fixture(scope="session", autouse=True)
