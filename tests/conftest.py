@@ -5,7 +5,7 @@ Two tiers. Tests marked ``e2e`` start real processes (``mlx-dp`` commands,
 ``mlx-dp launch`` or mlx.launch on loopback, network namespaces); nothing of
 MLX is mocked there. Every other test runs in this process, in about a
 minute: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both, the
-e2e tier two tests at a time (pytest-xdist, a file per worker) except the
+fast tier two at a time, the e2e tier two tests at a time (pytest-xdist, a file per worker) except the
 tests marked ``serial``, which run alone afterwards: every test of
 :data:`SERIAL_FILES` but those marked ``untimed``, and any other marked
 ``@pytest.mark.serial``. A test that times something (a watchdog or

@@ -91,7 +91,7 @@ def test_the_heartbeat_channel_is_private_and_survives_strangers(tmp_path):
     proc = _launch(tmp_path, timeout_s=10, env={"MLX_DP_BLAS": "mlx"})
     run_dir = tmp_path / "run"
     try:
-        wait_for_step(run_dir, 30, [proc], timeout=240)
+        wait_for_step(run_dir, 10, [proc], timeout=240)
         ranks = trainer_pids(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
         listening = _listening(list(ranks.values()))
@@ -109,7 +109,7 @@ def test_the_heartbeat_channel_is_private_and_survives_strangers(tmp_path):
         attacker = subprocess.Popen([PYTHON, str(WORKERS / "stranger.py"), "attack", str(target)])
         rates = {"sink": [], "hub": []}
         try:
-            step = 30
+            step = 10
             for _ in range(3):
                 for name in ("sink", "hub"):
                     _point(target, ports[name])
