@@ -8,7 +8,6 @@ tests/test_lab_scaling.py.
 """
 
 import json
-import os
 
 import pytest
 
@@ -251,11 +250,12 @@ def test_a_hostfile_sets_the_world_size_and_mlx_dp_launch(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     """One real run with matplotlib hidden: tiny recipe at 1 and 2 ranks under
-    mlx-dp launch, one round, 20 measured updates (long enough to sample the launcher's CPU)."""
+    mlx-dp launch, one round, 20 measured updates, on MLX's own BLAS: long enough there to sample the
+    launcher's CPU every half second (on OpenBLAS 20 updates took under a second, and sometimes no sample)."""
     out = tmp_path_factory.mktemp("scaling")
     result = mlx_dp("bench", "scaling", RECIPE, "-n", "2", "--steps", "20", "--warmup", "2", "--rounds", "1",
                     "--max-extra-rounds", "0", "--json", str(out / "scaling.json"), "--keep", str(out / "runs"),
-                    "training.batch_size=4", timeout=600, env=without_matplotlib(out))
+                    "training.batch_size=4", timeout=600, env={**without_matplotlib(out), "MLX_DP_BLAS": "mlx"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads((out / "scaling.json").read_text()), out
 
@@ -271,12 +271,11 @@ def test_end_to_end_writes_table_and_json_and_says_how_to_get_the_chart(bench_ru
     assert "pip install 'mlx-dp[plot]'" in lines[chart]
     assert "[bench] 2/2: round 1, world size 2, mlx-dp launch, mlx-dp" in result.stdout
     assert "effic." in result.stdout and "launcher CPU while ranks trained" in result.stdout
-    blas = os.environ.get("MLX_DP_BLAS") or "mlx"  # the tests' choice (conftest), OpenBLAS where its shim builds
-    assert doc["blas"] == blas and doc["machine"]["cpu_count"] >= 1 and doc["launchers"] == ["mlx-dp launch"]
+    assert doc["blas"] == "mlx" and doc["machine"]["cpu_count"] >= 1 and doc["launchers"] == ["mlx-dp launch"]
     assert doc["rounds"] == 1 and doc["blas_threads_per_rank"] == 1
     assert [(r["world_size"], r["launcher"]) for r in doc["results"]] == [(1, "mlx-dp launch"), (2, "mlx-dp launch")]
     for r in doc["results"]:
-        assert r["blas"] == blas and r["steps_measured"] == 20 and r["blas_threads_per_rank"] == 1
+        assert r["blas"] == "mlx" and r["steps_measured"] == 20 and r["blas_threads_per_rank"] == 1
         assert r["tokens_per_s"] > 0 and r["step_time_median_s"] > 0 and r["scaling_efficiency"] > 0
         peaks = r["peak_memory_gb_per_rank"]
         assert len(peaks) == r["world_size"] and all(m > 0 for m in peaks)

@@ -211,7 +211,8 @@ def test_a_killed_rank_is_restarted_and_the_training_is_exactly_the_uninterrupte
 @pytest.mark.e2e
 def test_a_stopped_rank_is_ended_by_the_watchdog_and_the_job_restarts(tmp_path):
     recipe = _recipe(tmp_path)
-    proc = _start(["-n", "2", "--restarts", "1"], recipe)
+    # rank 1 holds update 13 for 1.5 s (on every attempt): the job cannot finish before the SIGSTOP lands
+    proc = _start(["-n", "2", "--restarts", "1"], recipe, faults="stall:rank=1:step=13:seconds=1.5")
     wait_for_step(tmp_path / "run", 10, [proc], timeout=240)
     stopped_at = time.monotonic()
     os.kill(trainer_pids(proc.pid)[1], signal.SIGSTOP)
