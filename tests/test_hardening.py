@@ -21,6 +21,7 @@ import pytest
 
 from conftest import (MLX_DP, PYTHON, ROOT, WORKERS, descendants, mlx_dp, one_error_line, read_metrics, read_status,
                       run, small_tmpfs, tiny_recipe, trainer_pids, wait_for_step)
+from trainer.state.checkpoint import process_alive
 
 pytestmark = pytest.mark.e2e  # every test here starts real processes
 NOBODY = 65534
@@ -214,14 +215,6 @@ def test_mlx_kernels_in_a_folder_another_user_made_are_not_loaded(tmp_path):
 # ---------------------------------------------------------------------------- status.json
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process still runs (a zombie waiting for its reaper has ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_status_carries_the_step_and_a_killed_launcher_reads_as_lost(tmp_path):
     proc = _launch(tmp_path, "training.steps=100000")
     run_dir = tmp_path / "run"
@@ -237,9 +230,9 @@ def test_status_carries_the_step_and_a_killed_launcher_reads_as_lost(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the launcher, outright: its ranks die with it
         proc.wait()
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in ranks) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(pid) for pid in ranks), "a rank outlived its killed launcher"
+        assert not any(process_alive(pid) for pid in ranks), "a rank outlived its killed launcher"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
