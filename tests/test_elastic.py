@@ -156,6 +156,11 @@ def _recipe(tmp_path, name="recipe.yaml", **sections):
     return tiny_recipe(tmp_path, name, **merged)
 
 
+# Rank 1 holds update 13 for 1.5 s, on every attempt: a test that acts on the job after update 10 (of 30) does so
+# before update 20 however fast an update is. The pause changes no number.
+HOLD_UPDATE_13 = "stall:rank=1:step=13:seconds=1.5"
+
+
 def _start(args: list[str], recipe, faults: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([MLX_DP, "launch", "--grace", "5", *args, "--", *mlx_dp_command(faults), "train",
                              str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -190,9 +195,7 @@ def _assert_same(weights, reference, rounding: bool = False):
 @pytest.mark.e2e
 def test_a_killed_rank_is_restarted_and_the_training_is_exactly_the_uninterrupted_one(tmp_path):
     recipe = _recipe(tmp_path)
-    # rank 1 holds update 13 for 1.5 s (on every attempt), so the kill lands after checkpoint 10 and before 20
-    # however fast an update is; the pause changes no number
-    proc = _start(["-n", "2", "--restarts", "2"], recipe, faults="stall:rank=1:step=13:seconds=1.5")
+    proc = _start(["-n", "2", "--restarts", "2"], recipe, faults=HOLD_UPDATE_13)  # killed between checkpoints 10, 20
     wait_for_step(tmp_path / "run", 12, [proc], timeout=240)
     os.kill(trainer_pids(proc.pid)[1], signal.SIGKILL)
     out, err = _finish(proc)
@@ -211,8 +214,7 @@ def test_a_killed_rank_is_restarted_and_the_training_is_exactly_the_uninterrupte
 @pytest.mark.e2e
 def test_a_stopped_rank_is_ended_by_the_watchdog_and_the_job_restarts(tmp_path):
     recipe = _recipe(tmp_path)
-    # rank 1 holds update 13 for 1.5 s (on every attempt): the job cannot finish before the SIGSTOP lands
-    proc = _start(["-n", "2", "--restarts", "1"], recipe, faults="stall:rank=1:step=13:seconds=1.5")
+    proc = _start(["-n", "2", "--restarts", "1"], recipe, faults=HOLD_UPDATE_13)  # cannot finish before the SIGSTOP
     wait_for_step(tmp_path / "run", 10, [proc], timeout=240)
     stopped_at = time.monotonic()
     os.kill(trainer_pids(proc.pid)[1], signal.SIGSTOP)
