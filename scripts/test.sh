@@ -9,11 +9,14 @@ if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 .venv/bin/python -m pytest -q -m "not e2e" -n 2  # in-process tests, two at a time (60 s -> 35 s here)
-# The e2e tier in two parts. Tests that time nothing run two at a time, a test file per worker (a module's
-# shared runs happen once); then the tests marked serial (tests/conftest.py: SERIAL_FILES, and any test marked
-# @pytest.mark.serial) run alone, so that no neighbour's load decides a watchdog, a CPU share or a speed ratio.
-# Both parts always run; the slowest durations are for whoever trims the tier.
+# The e2e tier in three parts (tests/conftest.py says which test goes where). Tests that time nothing run two
+# at a time, a test file per worker (a module's shared runs happen once); then the tests marked serial, which
+# time a deadline (a watchdog, a peer's silence) and mostly wait, two at a time beside each other only; then
+# the tests marked alone, which measure a speed or a CPU share or take the machine's network, one at a time,
+# so that no neighbour's load decides what they measure. All parts always run; the slowest durations are for
+# whoever trims the tier.
 status=0
-.venv/bin/python -m pytest -q -m "e2e and not serial" -n 2 --dist loadfile --durations=15 || status=$?
-.venv/bin/python -m pytest -q -m "e2e and serial" --durations=15 || status=$?
+.venv/bin/python -m pytest -q -m "e2e and not serial and not alone" -n 2 --dist loadfile --durations=15 || status=$?
+.venv/bin/python -m pytest -q -m "e2e and serial and not alone" -n 2 --dist loadfile --durations=10 || status=$?
+.venv/bin/python -m pytest -q -m "e2e and alone" --durations=10 || status=$?
 exit "$status"

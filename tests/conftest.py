@@ -5,12 +5,20 @@ Two tiers. Tests marked ``e2e`` start real processes (``mlx-dp`` commands,
 ``mlx-dp launch`` or mlx.launch on loopback, network namespaces); nothing of
 MLX is mocked there. Every other test runs in this process, in about a
 minute: ``pytest -m "not e2e"``. ``./scripts/test.sh`` (CI) runs both, the
-fast tier two at a time, the e2e tier two tests at a time (pytest-xdist, a file per worker) except the
-tests marked ``serial``, which run alone afterwards: every test of
-:data:`SERIAL_FILES` but those marked ``untimed``, and any other marked
-``@pytest.mark.serial``. A test that times something (a watchdog or
-heartbeat, a CPU cap or share, a speed ratio) belongs there, so that a
-neighbour's load cannot make it fail.
+fast tier two at a time, the e2e tier in three parts:
+
+- the tests that time nothing, two at a time (pytest-xdist, a file per worker);
+- then the tests marked ``serial``, which time a deadline (a watchdog, a peer's
+  silence, a bound on how long a stop takes): every test of :data:`SERIAL_FILES`
+  but those marked ``untimed``, and any other marked ``@pytest.mark.serial``.
+  They run two at a time too, but only beside each other: such a test mostly
+  waits (about 1.1 cores of 2 alone), so its neighbour is never the CPU-bound
+  parallel part, and every bound they assert is seconds wide;
+- then the tests marked ``alone``, which run with nothing beside them: a test
+  that measures a speed ratio, a CPU cap or share, or a launcher's CPU, or that
+  takes the machine's network namespaces and sshd (:data:`ALONE_FILES`, and any
+  other marked ``@pytest.mark.alone``). A neighbour's load could decide what
+  they measure.
 The lab (``scripts/lab``) is importable as ``lab``.
 """
 
@@ -95,15 +103,18 @@ def pytest_configure(config):
     for key in ("MLX_DP_BLAS", "MLX_DP_BLAS_THREADS"):
         os.environ.pop(key, None)
     config.addinivalue_line("markers", "e2e: starts real processes (the end-to-end tier; -m 'not e2e' skips it)")
-    config.addinivalue_line("markers", "serial: times something, so never runs beside another test (scripts/test.sh)")
+    config.addinivalue_line("markers", "serial: times a deadline, so runs only beside another such test (scripts/test.sh)")
+    config.addinivalue_line("markers", "alone: measures a speed, a CPU share or takes the machine's network, so "
+                                       "never runs beside another test (scripts/test.sh)")
     config.addinivalue_line("markers", "untimed: times nothing, though its file's tests are serial")
 
 
-# Files whose tests time something (watchdogs, heartbeats, CPU caps and shares, speed ratios): serial, but for
-# a test marked untimed (it times nothing and may run beside others).
-SERIAL_FILES = {"test_bench_scaling.py", "test_connect.py", "test_elastic.py", "test_failures.py",
-                "test_hardening.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py",
-                "test_launch.py", "test_launch_ssh.py"}
+# Files whose tests time a deadline (watchdogs, peer silence, how long a stop takes): serial, but for a test
+# marked untimed (it times nothing and may run beside anything) or alone.
+SERIAL_FILES = {"test_connect.py", "test_elastic.py", "test_failures.py", "test_hardening.py", "test_launch.py"}
+# Files whose tests measure speeds, CPU shares and caps, or take network namespaces and sshd: alone.
+ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py",
+               "test_launch_ssh.py"}
 
 
 # The e2e files that take longest on two xdist workers (seconds of a worker, --durations on 2 cores), run
@@ -116,7 +127,11 @@ LONGEST_FIRST = {"test_recipes_shape.py": 152, "test_preference_train.py": 72, "
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SERIAL_FILES and not item.get_closest_marker("untimed"):
+        if item.get_closest_marker("untimed") or item.get_closest_marker("alone"):
+            continue
+        if item.path.name in ALONE_FILES:
+            item.add_marker(pytest.mark.alone)
+        elif item.path.name in SERIAL_FILES:
             item.add_marker(pytest.mark.serial)
     items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0) if item.get_closest_marker("e2e") else 0)
 

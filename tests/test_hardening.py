@@ -85,6 +85,7 @@ def _point(target: Path, port: str) -> None:
     os.replace(target.parent / "target.new", target)
 
 
+@pytest.mark.alone  # a speed ratio: training with a stranger at a sink against at the hub
 def test_the_heartbeat_channel_is_private_and_survives_strangers(tmp_path):
     # On MLX's own BLAS, where an update of the tiny model takes about 0.4 s here. On OpenBLAS (25 ms) the
     # stranger at the hub cost about a quarter of the updates/s (0.72x the sink's; likely rank 0's hub thread

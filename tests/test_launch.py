@@ -111,6 +111,7 @@ def test_environment_prefix_stdin_and_one_rank():
 
 
 @pytest.mark.e2e
+@pytest.mark.alone  # the launcher's share of a core
 def test_the_launcher_sleeps_while_ranks_run():
     # mlx.launch's relay busy-polls (about 1.4 cores on 2); this one blocks in read().
     body = "for i in range(6):\n    print('tick', i, flush=True)\n    time.sleep(0.5)"
@@ -220,6 +221,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.e2e
+@pytest.mark.alone  # a rank's share of a core
 def test_the_labs_slow_caps_a_local_rank_at_its_share_of_a_core():
     from lab.cpulimit import check_permitted
 
