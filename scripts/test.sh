@@ -12,8 +12,8 @@ fi
 # The e2e tier in three parts (tests/conftest.py says which test goes where). Tests that time nothing run two
 # at a time, a test file per worker (a module's shared runs happen once); then the tests marked serial, which
 # time a deadline (a watchdog, a peer's silence) and mostly wait, two at a time beside each other only; then
-# the tests marked alone, which measure a speed or a CPU share or take the machine's network, one at a time,
-# so that no neighbour's load decides what they measure. All parts always run; the slowest durations are for
+# the tests marked alone, which measure a speed or a CPU share or shape a network link, one at a time, so
+# that no neighbour's load decides what they measure. All parts always run; the slowest durations are for
 # whoever trims the tier.
 status=0
 .venv/bin/python -m pytest -q -m "e2e and not serial and not alone" -n 2 --dist loadfile --durations=15 || status=$?

@@ -16,8 +16,8 @@ fast tier two at a time, the e2e tier in three parts:
   parallel part, and every bound they assert is seconds wide;
 - then the tests marked ``alone``, which run with nothing beside them: a test
   that measures a speed ratio, a CPU cap or share, or a launcher's CPU, or that
-  takes the machine's network namespaces and sshd (:data:`ALONE_FILES`, and any
-  other marked ``@pytest.mark.alone``). A neighbour's load could decide what
+  shapes the links of network namespaces (:data:`ALONE_FILES`, and any other
+  marked ``@pytest.mark.alone``). A neighbour's load could decide what
   they measure.
 The lab (``scripts/lab``) is importable as ``lab``.
 """
@@ -104,17 +104,18 @@ def pytest_configure(config):
         os.environ.pop(key, None)
     config.addinivalue_line("markers", "e2e: starts real processes (the end-to-end tier; -m 'not e2e' skips it)")
     config.addinivalue_line("markers", "serial: times a deadline, so runs only beside another such test (scripts/test.sh)")
-    config.addinivalue_line("markers", "alone: measures a speed, a CPU share or takes the machine's network, so "
+    config.addinivalue_line("markers", "alone: measures a speed or a CPU share, or shapes a link, so "
                                        "never runs beside another test (scripts/test.sh)")
     config.addinivalue_line("markers", "untimed: times nothing, though its file's tests are serial")
 
 
 # Files whose tests time a deadline (watchdogs, peer silence, how long a stop takes): serial, but for a test
 # marked untimed (it times nothing and may run beside anything) or alone.
-SERIAL_FILES = {"test_connect.py", "test_elastic.py", "test_failures.py", "test_hardening.py", "test_launch.py"}
-# Files whose tests measure speeds, CPU shares and caps, or take network namespaces and sshd: alone.
-ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py",
-               "test_launch_ssh.py"}
+SERIAL_FILES = {"test_connect.py", "test_elastic.py", "test_failures.py", "test_hardening.py", "test_launch.py",
+                "test_launch_ssh.py"}
+# Files whose tests measure speeds, CPU shares and caps, or shape the namespaces' links (netem): alone. (The ssh
+# cluster's namespaces, named by pid on a subnet of their own, live beside anything; its bounds are deadlines.)
+ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py"}
 
 
 # The e2e files that take longest on two xdist workers (seconds of a worker, --durations on 2 cores), run
@@ -123,6 +124,15 @@ ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py"
 LONGEST_FIRST = {"test_recipes_shape.py": 152, "test_preference_train.py": 72, "test_sharded.py": 61,
                  "test_pipeline.py": 61, "test_grpo.py": 54, "test_elastic.py": 47, "test_eval_export.py": 47,
                  "test_inputs.py": 46, "test_run_dir_safety.py": 41, "test_train.py": 38}
+# The same for the serial part's files (their serial tests, one at a time on 2 cores).
+LONGEST_FIRST_SERIAL = {"test_elastic.py": 89, "test_launch_ssh.py": 65, "test_failures.py": 64,
+                        "test_hardening.py": 37, "test_launch.py": 30, "test_connect.py": 24}
+
+
+def _longest_first(item) -> int:
+    if not item.get_closest_marker("e2e"):
+        return 0
+    return -(LONGEST_FIRST_SERIAL if item.get_closest_marker("serial") else LONGEST_FIRST).get(item.path.name, 0)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,7 +143,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.alone)
         elif item.path.name in SERIAL_FILES:
             item.add_marker(pytest.mark.serial)
-    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0) if item.get_closest_marker("e2e") else 0)
+    items.sort(key=_longest_first)
 
 
 @pytest.fixture(scope="session", autouse=True)
