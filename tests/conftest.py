@@ -9,7 +9,8 @@ fast tier two at a time, the e2e tier in three parts:
 
 - the tests that time nothing, two at a time (pytest-xdist, a file per worker);
 - then the tests marked ``serial``, which time a deadline (a watchdog, a peer's
-  silence, a bound on how long a stop takes): every test of :data:`SERIAL_FILES`
+  silence, a bound on how long a stop takes), or run a benchmark whose figures
+  they check for shape, never for speed: every test of :data:`SERIAL_FILES`
   but those marked ``untimed``, and any other marked ``@pytest.mark.serial``.
   They run two at a time too, but only beside each other: such a test mostly
   waits (about 1.1 cores of 2 alone), so its neighbour is never the CPU-bound
@@ -109,13 +110,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "untimed: times nothing, though its file's tests are serial")
 
 
-# Files whose tests time a deadline (watchdogs, peer silence, how long a stop takes): serial, but for a test
-# marked untimed (it times nothing and may run beside anything) or alone.
-SERIAL_FILES = {"test_connect.py", "test_elastic.py", "test_failures.py", "test_hardening.py", "test_launch.py",
-                "test_launch_ssh.py"}
+# Files whose tests time a deadline (watchdogs, peer silence, how long a stop takes), or run a benchmark whose
+# figures they only check for shape (a bench end to end): serial, but for a test marked untimed (it times
+# nothing and may run beside anything) or alone.
+SERIAL_FILES = {"test_bench_scaling.py", "test_connect.py", "test_elastic.py", "test_failures.py", "test_hardening.py",
+                "test_lab_bench.py", "test_launch.py", "test_launch_ssh.py"}
 # Files whose tests measure speeds, CPU shares and caps, or shape the namespaces' links (netem): alone. (The ssh
 # cluster's namespaces, named by pid on a subnet of their own, live beside anything; its bounds are deadlines.)
-ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py", "test_lab_scaling.py"}
+ALONE_FILES = {"test_lab_netem.py", "test_lab_scaling.py"}
 
 
 # The e2e files that take longest on two xdist workers (seconds of a worker, --durations on 2 cores), run
@@ -124,9 +126,10 @@ ALONE_FILES = {"test_bench_scaling.py", "test_lab_bench.py", "test_lab_netem.py"
 LONGEST_FIRST = {"test_recipes_shape.py": 152, "test_preference_train.py": 72, "test_sharded.py": 61,
                  "test_pipeline.py": 61, "test_grpo.py": 54, "test_elastic.py": 47, "test_eval_export.py": 47,
                  "test_inputs.py": 46, "test_run_dir_safety.py": 41, "test_train.py": 38}
-# The same for the serial part's files (their serial tests, one at a time on 2 cores).
+# The same for the serial part's files (seconds of their serial tests, run one at a time on 2 cores).
 LONGEST_FIRST_SERIAL = {"test_elastic.py": 89, "test_launch_ssh.py": 65, "test_failures.py": 64,
-                        "test_hardening.py": 37, "test_launch.py": 30, "test_connect.py": 24}
+                        "test_hardening.py": 37, "test_launch.py": 30, "test_connect.py": 24,
+                        "test_bench_scaling.py": 19, "test_lab_scaling.py": 16, "test_lab_bench.py": 12}
 
 
 def _longest_first(item) -> int:
@@ -137,8 +140,8 @@ def _longest_first(item) -> int:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("untimed") or item.get_closest_marker("alone"):
-            continue
+        if any(item.get_closest_marker(name) for name in ("untimed", "serial", "alone")):
+            continue  # the test's own marker wins over its file's
         if item.path.name in ALONE_FILES:
             item.add_marker(pytest.mark.alone)
         elif item.path.name in SERIAL_FILES:

@@ -140,6 +140,7 @@ def test_every_world_size_gets_the_same_blas_threads(monkeypatch):
 
 
 @pytest.mark.e2e
+@pytest.mark.alone  # a spinner must get over half a core
 def test_the_launchers_own_cpu_is_read_from_the_system():
     import subprocess
     import sys

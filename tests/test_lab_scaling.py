@@ -125,6 +125,7 @@ def bench_run(tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.serial  # the bench's figures are checked for shape, never for speed
 def test_communication_skipped_prices_what_nothing_hid(bench_run):
     result, doc, _ = bench_run
     assert "[bench] 3/4: round 1, world size 2, mlx-dp launch, mlx-dp, communication skipped" in result.stdout
@@ -137,6 +138,7 @@ def test_communication_skipped_prices_what_nothing_hid(bench_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.serial  # the bench's figures are checked for shape, never for speed
 def test_vs_mlx_lm_reports_the_ratio_and_both_final_losses(bench_run):
     result, doc, out = bench_run
     assert doc["vs_mlx_lm_tokens_per_s_ratio"] > 0

@@ -111,7 +111,6 @@ def test_environment_prefix_stdin_and_one_rank():
 
 
 @pytest.mark.e2e
-@pytest.mark.alone  # the launcher's share of a core
 def test_the_launcher_sleeps_while_ranks_run():
     # mlx.launch's relay busy-polls (about 1.4 cores on 2); this one blocks in read().
     body = "for i in range(6):\n    print('tick', i, flush=True)\n    time.sleep(0.5)"
